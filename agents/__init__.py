@@ -1,0 +1,1 @@
+"""Simulated electric vehicles: battery and charger physics, drivers, and their MQTT runtime."""

@@ -1,0 +1,100 @@
+"""Battery and charger physics of DESIGN.md, vectorised over a fleet.
+
+Everything here is pure: numpy arrays in, arrays out, one element per vehicle.
+Units are kW, kWh and seconds; power > 0 charges the vehicle, < 0 discharges it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+
+# Energies closer than this to a bound count as on it, so float rounding never
+# turns "exactly at the floor" into "below the floor, charge flat out".
+ENERGY_TOL_KWH = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Batteries:
+    """Static parameters of a fleet's batteries and chargers, one element per vehicle."""
+
+    capacity_kwh: Array
+    max_charge_kw: Array
+    max_discharge_kw: Array
+    charge_efficiency: Array
+    discharge_efficiency: Array
+    min_soc: Array
+    target_soc: Array
+
+    def __len__(self) -> int:
+        return int(self.capacity_kwh.shape[0])
+
+
+def energy_floor(bat: Batteries, departure: Array, at: float | Array) -> Array:
+    """The driver's floor E_min(at): the least energy from which the target is still reachable.
+
+    ``departure`` is epoch seconds, NaN when unknown (then only the reserve min_soc holds).
+    """
+    reserve = bat.min_soc * bat.capacity_kwh
+    to_go_h = np.maximum(0.0, departure - at) / 3600.0
+    reachable = (
+        bat.target_soc * bat.capacity_kwh - bat.max_charge_kw * bat.charge_efficiency * to_go_h
+    )
+    return np.where(np.isnan(departure), reserve, np.maximum(reserve, reachable))
+
+
+def feasible_range(
+    bat: Batteries, energy: Array, departure: Array, now: float, window_s: float
+) -> tuple[Array, Array]:
+    """Power range [p_lo, p_hi] each vehicle can hold for ``window_s`` from ``now``.
+
+    Holding any power in the range keeps the vehicle at or above its floor for the whole
+    window (the floor is convex in time and the energy path linear, so the ends suffice)
+    and below full. A vehicle under its floor gets p_lo > 0: it must charge.
+    """
+    h = window_s / 3600.0
+    cap = bat.capacity_kwh
+    floor_end = energy_floor(bat, departure, now + window_s)
+    spare = energy - floor_end
+    can_give = np.minimum(
+        bat.max_discharge_kw, np.maximum(spare, 0.0) * bat.discharge_efficiency / h
+    )
+    must_take = np.minimum(bat.max_charge_kw, np.maximum(-spare, 0.0) / (bat.charge_efficiency * h))
+    p_lo = np.where(spare >= -ENERGY_TOL_KWH, -can_give, must_take)
+    room = np.maximum(cap - energy, 0.0) / (bat.charge_efficiency * h)
+    p_hi = np.maximum(p_lo, np.minimum(bat.max_charge_kw, room))
+    return p_lo, p_hi
+
+
+def baseline_power(bat: Batteries, energy: Array, step_s: float) -> Array:
+    """Plain charging: full power toward the target until it is reached, then nothing."""
+    need = bat.target_soc * bat.capacity_kwh - energy
+    rate = need / (bat.charge_efficiency * step_s / 3600.0)
+    return np.clip(rate, 0.0, bat.max_charge_kw)
+
+
+def protect(
+    bat: Batteries, energy: Array, departure: Array, now: float, step_s: float, wanted: Array
+) -> Array:
+    """The power each vehicle will actually hold for the next step, given what it is asked.
+
+    A vehicle never goes beyond its own limits: it clips ``wanted`` to its feasible range
+    for the step, and one already below its floor charges flat out whatever it is asked.
+    """
+    p_lo, p_hi = feasible_range(bat, energy, departure, now, step_s)
+    below = energy < energy_floor(bat, departure, now) - ENERGY_TOL_KWH
+    return np.where(below, p_hi, np.clip(wanted, p_lo, p_hi))
+
+
+def step_energy(bat: Batteries, energy: Array, power: Array, step_s: float) -> Array:
+    """Stored energy after holding ``power`` for ``step_s``: charging stores P·h·eta_ch,
+    discharging takes P·h/eta_dis."""
+    h = step_s / 3600.0
+    delta = np.where(
+        power >= 0.0, power * h * bat.charge_efficiency, power * h / bat.discharge_efficiency
+    )
+    return np.clip(energy + delta, 0.0, bat.capacity_kwh)

@@ -1,0 +1,198 @@
+"""The agents' MQTT runtime: a simulated fleet that reports telemetry and obeys setpoints.
+
+Two ways to connect, as real fleets do:
+
+* ``per-vehicle``: one MQTT connection per vehicle, each with its own last will; realistic,
+  and right for small fleets.
+* ``multiplexed``: a few connections carry many vehicles' topics, as an OEM telematics
+  bridge does. A dropped bridge has no per-vehicle will: the aggregator notices the
+  silence (stale telemetry) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Literal
+
+import aiomqtt
+import structlog
+from pydantic import ValidationError
+
+from agents.fleet import SimFleet
+from agents.telemetry import status_payload, telemetry_payloads
+from broker.clock import Clock
+from broker.errors import TransportError
+from broker.link import MqttLink, Outgoing
+from broker.models import Setpoint, to_epoch
+from broker.settings import Settings
+
+Mode = Literal["per-vehicle", "multiplexed"]
+
+
+class AgentRuntime:
+    """Runs a :class:`SimFleet` against a broker until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        clock: Clock,
+        fleet: SimFleet,
+        mode: Mode = "per-vehicle",
+        connections: int = 4,
+        client_prefix: str = "v2g-agent",
+        logger: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        if mode not in ("per-vehicle", "multiplexed"):
+            raise ValueError(f"mode must be per-vehicle or multiplexed, got {mode!r}")
+        self.settings = settings
+        self.clock = clock
+        self.fleet = fleet
+        self.mode = mode
+        self.topics = settings.topics
+        self.log = logger or structlog.get_logger("agents")
+        self.rejected: Counter[str] = Counter()
+        self.setpoints_received = 0
+        self.ticks = 0
+        t = self.topics
+        if mode == "per-vehicle":
+            self.links = [
+                MqttLink(
+                    settings=settings,
+                    client_id=f"{client_prefix}-{vid}",
+                    handler=self.on_message,
+                    subscriptions=[(t.setpoint(vid), 1)],
+                    will=self._will_of(vid),
+                    birth=self._birth_of([vid]),
+                    logger=self.log,
+                )
+                for vid in fleet.ids
+            ]
+            self._link_of = list(range(len(fleet.ids)))
+        else:
+            k = max(1, min(connections, len(fleet.ids) or 1))
+            self._link_of = [i % k for i in range(len(fleet.ids))]
+            self.links = [
+                MqttLink(
+                    settings=settings,
+                    client_id=f"{client_prefix}-mux{j}",
+                    handler=self.on_message,
+                    subscriptions=[(t.all_setpoints, 1)] if j == 0 else [],
+                    birth=self._birth_of(fleet.ids[j::k]),
+                    logger=self.log,
+                )
+                for j in range(k)
+            ]
+
+    def _will_of(self, vid: str) -> Callable[[], Outgoing]:
+        # Made at each connect, so the will carries the time of the connection it guards.
+        def will() -> Outgoing:
+            return Outgoing(
+                self.topics.vehicle_status(vid),
+                status_payload(vid, False, self.clock.now()),
+                1,
+                True,
+            )
+
+        return will
+
+    def _birth_of(self, ids: list[str]) -> Callable[[], list[Outgoing]]:
+        def birth() -> list[Outgoing]:
+            now = self.clock.now()
+            return [
+                Outgoing(self.topics.vehicle_status(v), status_payload(v, True, now), 1, True)
+                for v in ids
+            ]
+
+        return birth
+
+    def on_message(self, message: aiomqtt.Message) -> None:
+        """A setpoint for one of our vehicles: validate it and hand it to the fleet."""
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        topic = str(message.topic)
+        try:
+            sp = Setpoint.model_validate_json(payload)
+        except ValidationError as err:
+            self.rejected["schema"] += 1
+            self.log.warning(
+                "setpoint_rejected", topic=topic[:120], error=str(err.errors()[0].get("msg"))
+            )
+            return
+        if topic != self.topics.setpoint(sp.vehicle_id):
+            self.rejected["identity"] += 1
+            return
+        index = self.fleet.index.get(sp.vehicle_id)
+        if index is None:
+            return  # another agent process's vehicle
+        self.setpoints_received += 1
+        self.fleet.set_setpoint(index, sp.power_kw, to_epoch(sp.valid_until))
+
+    async def run(self) -> None:
+        """Connect every link, then tick and report until cancelled; go offline cleanly."""
+        async with asyncio.TaskGroup() as tg:
+            for i, link in enumerate(self.links):
+                tg.create_task(link.run(), name=f"agent-link-{i}")
+            try:
+                await self._tick_loop()
+            finally:
+                # The links are still up here; the task group closes them after this.
+                await self._say_offline()
+
+    async def _tick_loop(self) -> None:
+        timeout = self.settings.publish_timeout_s * 3
+        await asyncio.gather(*(link.wait_connected(timeout) for link in self.links))
+        self.log.info(
+            "agents_connected", vehicles=len(self.fleet), mode=self.mode, links=len(self.links)
+        )
+        interval = self.settings.telemetry_interval_s
+        next_t = self.clock.now()
+        while True:
+            await self.tick(self.clock.now())
+            next_t += interval
+            now = self.clock.now()
+            if next_t < now:
+                next_t = now
+            await self.clock.sleep(next_t - now)
+
+    async def tick(self, now: float) -> None:
+        """Advance the fleet to ``now`` and publish every vehicle's telemetry."""
+        dep = self.fleet.tick(now)
+        self.ticks += 1
+        if dep.short:
+            self.log.warning(
+                "drivers_short", count=dep.short, vehicles=",".join(dep.short_ids[:20])
+            )
+        payloads = telemetry_payloads(self.fleet, now)
+        per_link: list[list[Outgoing]] = [[] for _ in self.links]
+        t = self.topics
+        for i, (vid, body) in enumerate(zip(self.fleet.ids, payloads, strict=True)):
+            per_link[self._link_of[i]].append(Outgoing(t.telemetry(vid), body, qos=0))
+        await asyncio.gather(
+            *(
+                link.publish_many(msgs)
+                for link, msgs in zip(self.links, per_link, strict=True)
+                if msgs
+            )
+        )
+
+    async def _say_offline(self) -> None:
+        """A clean disconnect suppresses the will, so say offline explicitly."""
+        now = self.clock.now()
+        t = self.topics
+        for link, ids in self._ids_per_link():
+            if not link.connected:
+                continue
+            msgs = [
+                Outgoing(t.vehicle_status(v), status_payload(v, False, now), 1, True) for v in ids
+            ]
+            with contextlib.suppress(TimeoutError, TransportError):
+                await asyncio.wait_for(link.publish_many(msgs), timeout=5.0)
+
+    def _ids_per_link(self) -> list[tuple[MqttLink, list[str]]]:
+        groups: list[list[str]] = [[] for _ in self.links]
+        for i, vid in enumerate(self.fleet.ids):
+            groups[self._link_of[i]].append(vid)
+        return list(zip(self.links, groups, strict=True))

@@ -1,0 +1,57 @@
+"""Telemetry and status payloads for a whole simulated fleet at once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+
+from agents.fleet import SimFleet
+from broker.models import VehicleStatus, from_epoch
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def telemetry_payloads(fleet: SimFleet, now: float) -> list[bytes]:
+    """One Telemetry JSON payload per vehicle, in fleet order.
+
+    Formatted directly rather than through the pydantic model: this runs for every vehicle
+    every interval. A unit test holds it to the model (every payload validates and
+    round-trips).
+    """
+    bat = fleet.bat
+    ts = _iso(now)
+    soc = np.clip(fleet.soc(), 0.0, 1.0).tolist()
+    power = fleet.power.tolist()
+    plugged = fleet.plugged.tolist()
+    departure = fleet.departure.tolist()
+    seq = fleet.seq.tolist()
+    cap, mch, mdis = (
+        bat.capacity_kwh.tolist(),
+        bat.max_charge_kw.tolist(),
+        bat.max_discharge_kw.tolist(),
+    )
+    ech, edis = bat.charge_efficiency.tolist(), bat.discharge_efficiency.tolist()
+    mins, tgt = bat.min_soc.tolist(), bat.target_soc.tolist()
+    out = []
+    for i, vid in enumerate(fleet.ids):
+        dep = f'"{_iso(departure[i])}"' if plugged[i] else "null"
+        out.append(
+            (
+                f'{{"vehicle_id":"{vid}","seq":{seq[i]},"ts":"{ts}",'
+                f'"plugged_in":{"true" if plugged[i] else "false"},"soc":{soc[i]:.6f},'
+                f'"capacity_kwh":{cap[i]!r},"power_kw":{power[i]:.4f},'
+                f'"max_charge_kw":{mch[i]!r},"max_discharge_kw":{mdis[i]!r},'
+                f'"charge_efficiency":{ech[i]!r},"discharge_efficiency":{edis[i]!r},'
+                f'"min_soc":{mins[i]!r},"target_soc":{tgt[i]!r},"departure":{dep}}}'
+            ).encode()
+        )
+    fleet.seq += 1
+    return out
+
+
+def status_payload(vehicle_id: str, online: bool, now: float) -> bytes:
+    """The retained status (birth or will) of one vehicle."""
+    return VehicleStatus(vehicle_id=vehicle_id, online=online, ts=from_epoch(now)).to_json()

@@ -1,0 +1,420 @@
+"""The dispatcher: admits grid requests, splits them over the fleet each control step,
+and keeps the books (requested, delivered and baseline energy).
+
+Pure and synchronous: it is handed the fleet view and the time, and returns the
+setpoints and messages to send. The service around it does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from agents.battery import Array, baseline_power
+from aggregator.allocation import allocate
+from aggregator.capability import vehicle_ranges
+from aggregator.fleet_state import FleetView
+from broker.models import (
+    SIGNAL_SERVICES,
+    ActiveDispatch,
+    DispatchProgress,
+    DispatchRequest,
+    DispatchResult,
+    ResultStatus,
+    from_epoch,
+    to_epoch,
+)
+
+# A vehicle whose reported power is off its setpoint by more than this (after it had
+# time to act on it) is drifting: the others are asked to cover for it.
+DRIFT_TOL_KW = 0.5
+# Setpoints that moved less than this are not sent again (until they near expiry).
+RESEND_DEADBAND_KW = 0.05
+# How many finished requests are remembered, so that a repeated request_id gets the
+# same answer instead of a second dispatch.
+REMEMBERED_ANSWERS = 10_000
+
+
+@dataclass(slots=True)
+class Dispatch:
+    """One admitted request and its running books."""
+
+    request: DispatchRequest
+    start: float
+    end: float
+    state: Literal["scheduled", "active"] = "scheduled"
+    allocated_kw: float = 0.0
+    shortfall_kw: float = 0.0
+    vehicles: int = 0
+    requested_kwh: float = 0.0
+    delivered_kwh: float = 0.0
+    baseline_kwh: float = 0.0
+    delivered_kw: float = 0.0
+    baseline_kw: float = 0.0
+    last_t: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def requested_kw(self) -> float:
+        assert self.request.power_kw is not None
+        return self.request.power_kw
+
+    def to_record(self) -> dict[str, Any]:
+        record = {k: getattr(self, k) for k in _BOOK_FIELDS}
+        record["request"] = self.request.model_dump(mode="json")
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Dispatch:
+        request = DispatchRequest.model_validate(record["request"])
+        return cls(request=request, **{k: record[k] for k in _BOOK_FIELDS})
+
+
+_BOOK_FIELDS = (
+    "start",
+    "end",
+    "state",
+    "allocated_kw",
+    "shortfall_kw",
+    "vehicles",
+    "requested_kwh",
+    "delivered_kwh",
+    "baseline_kwh",
+    "delivered_kw",
+    "baseline_kw",
+    "last_t",
+)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one control step decided: setpoints (by fleet row) and messages."""
+
+    rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    power_kw: Array = field(default_factory=lambda: np.zeros(0))
+    valid_until: Array = field(default_factory=lambda: np.zeros(0))
+    request_id: str = ""
+    release_rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    results: list[DispatchResult] = field(default_factory=list)
+    progress: list[DispatchProgress] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Admits requests and turns the active one into per-vehicle setpoints."""
+
+    def __init__(
+        self,
+        *,
+        control_step_s: float = 5.0,
+        setpoint_ttl_s: float = 30.0,
+        max_request_kw: float = 1_000_000.0,
+        max_duration_s: float = 7 * 86_400.0,
+        settle_s: float | None = None,
+    ) -> None:
+        self.control_step_s = control_step_s
+        self.setpoint_ttl_s = setpoint_ttl_s
+        self.max_request_kw = max_request_kw
+        self.max_duration_s = max_duration_s
+        # A vehicle acts on a setpoint at its next telemetry tick: judge drift after that.
+        self.settle_s = control_step_s if settle_s is None else settle_s
+        self.dispatches: dict[str, Dispatch] = {}
+        self.answers: OrderedDict[str, DispatchResult] = OrderedDict()
+        self._terms: dict[str, DispatchRequest] = {}
+        self._sent_kw: Array = np.zeros(0)
+        self._sent_until: Array = np.zeros(0)
+        self._sent_at: Array = np.zeros(0)
+
+    # -- admission -------------------------------------------------------------------
+    def submit(self, req: DispatchRequest, now: float, view: FleetView) -> DispatchResult:
+        """Answer a request: accepted, partial (with the shortfall) or rejected (with why).
+
+        A request_id seen before gets its latest answer again, with no second dispatch.
+        """
+        seen = self._terms.get(req.request_id)
+        if seen is not None:
+            if seen != req:
+                return self._result(
+                    req.request_id,
+                    "rejected",
+                    now,
+                    reason="request_id already used with different terms; use a new id",
+                    requested_kw=req.power_kw,
+                    remember=False,
+                )
+            return self.answers[req.request_id]
+        self._terms[req.request_id] = req
+        problem = self._check(req, now)
+        if problem is not None:
+            return self._result(
+                req.request_id, "rejected", now, reason=problem, requested_kw=req.power_kw
+            )
+        start = now if req.start is None else max(now, to_epoch(req.start))
+        d = Dispatch(request=req, start=start, end=start + req.duration_s)
+        clash = next(
+            (o for o in self.dispatches.values() if o.start < d.end and d.start < o.end), None
+        )
+        if clash is not None:
+            return self._result(
+                req.request_id,
+                "rejected",
+                now,
+                reason=(
+                    f"overlaps request {clash.request_id} ({from_epoch(clash.start):%H:%M:%S}-"
+                    f"{from_epoch(clash.end):%H:%M:%S}Z); one request at a time: cancel it"
+                    " or choose another window"
+                ),
+                requested_kw=req.power_kw,
+            )
+        self.dispatches[req.request_id] = d
+        if start <= now + self.control_step_s:
+            return self._admit(d, now, view)
+        lo, hi = vehicle_ranges(view, now, req.duration_s)
+        d.allocated_kw = min(max(d.requested_kw, float(lo.sum())), float(hi.sum()))
+        return self._result(
+            d.request_id,
+            "accepted",
+            now,
+            reason=f"scheduled for {from_epoch(start).isoformat()}; admission is checked again at start",
+            requested_kw=d.requested_kw,
+            allocated_kw=d.allocated_kw,
+            vehicles=len(view),
+        )
+
+    def _check(self, req: DispatchRequest, now: float) -> str | None:
+        """Why a request is malformed or absurd, or None if it is fine."""
+        if req.service in SIGNAL_SERVICES:
+            return (
+                f"service {req.service.value} follows a signal and is not offered by this"
+                " aggregator yet; send a power_kw request (e.g. service manual)"
+            )
+        power = req.power_kw or 0.0
+        if abs(power) > self.max_request_kw:
+            return f"power_kw {power:.0f} is beyond the platform limit of ±{self.max_request_kw:.0f} kW"
+        if req.duration_s > self.max_duration_s:
+            return f"duration_s {req.duration_s:.0f} is longer than the limit of {self.max_duration_s:.0f} s"
+        if req.start is not None:
+            start = to_epoch(req.start)
+            if start < now - self.control_step_s:
+                return (
+                    f"start {req.start.isoformat()} is {now - start:.0f} s in the past;"
+                    " omit start for now, or give a future time"
+                )
+            if start > now + self.max_duration_s:
+                return f"start {req.start.isoformat()} is too far ahead (limit {self.max_duration_s:.0f} s)"
+        return None
+
+    def _admit(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        d.state = "active"
+        d.last_t = now
+        lo, hi = vehicle_ranges(view, now, max(d.end - now, self.control_step_s))
+        lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
+        d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
+        d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
+        d.vehicles = len(view)
+        self._sent_until[:] = -np.inf  # a new request: every vehicle gets a fresh setpoint
+        if d.shortfall_kw <= 1e-6:
+            return self._result(
+                d.request_id,
+                "accepted",
+                now,
+                requested_kw=d.requested_kw,
+                allocated_kw=d.allocated_kw,
+                vehicles=d.vehicles,
+            )
+        side = "import" if d.requested_kw > hi_sum else "export"
+        return self._result(
+            d.request_id,
+            "partial",
+            now,
+            reason=(
+                f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW for {d.end - now:.0f} s;"
+                f" {side} limited to {d.allocated_kw:.1f} kW"
+            ),
+            requested_kw=d.requested_kw,
+            allocated_kw=d.allocated_kw,
+            shortfall_kw=d.shortfall_kw,
+            vehicles=d.vehicles,
+        )
+
+    def cancel(self, request_id: str, now: float) -> DispatchResult | None:
+        """Stop a request; returns its ``cancelled`` result, or None if it is not running."""
+        d = self.dispatches.pop(request_id, None)
+        if d is None:
+            return None
+        return self._close(d, now, "cancelled", reason="cancelled by the operator")
+
+    # -- control step ----------------------------------------------------------------
+    def step(self, now: float, view: FleetView, n_rows: int) -> StepOutput:
+        """Advance every request to ``now`` and decide the setpoints for the next step."""
+        self._fit(n_rows)
+        out = StepOutput()
+        measured = float(view.power.sum())
+        base = float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
+        for d in list(self.dispatches.values()):
+            if d.state == "active":
+                self._book(d, min(now, d.end), measured, base)
+                if now >= d.end - 1e-9:
+                    del self.dispatches[d.request_id]
+                    out.results.append(self._close(d, now, "completed"))
+            elif now >= d.start:
+                answer = self._admit(d, now, view)
+                if answer.status != "accepted":
+                    out.results.append(answer)
+                d.delivered_kw, d.baseline_kw = measured, base
+        active = next((d for d in self.dispatches.values() if d.state == "active"), None)
+        if active is None:
+            live = np.flatnonzero(self._sent_until > now)
+            if live.size:
+                out.release_rows = live
+                self._sent_until[live] = -np.inf
+            return out
+        self._plan(active, now, view, out)
+        out.progress.append(self._progress(active, now))
+        return out
+
+    def _book(self, d: Dispatch, t: float, measured: float, base: float) -> None:
+        """Add the interval since the last step to the books (trapezoid on measured power)."""
+        assert d.last_t is not None
+        dt_h = max(0.0, t - d.last_t) / 3600.0
+        d.requested_kwh += d.requested_kw * dt_h
+        d.delivered_kwh += 0.5 * (d.delivered_kw + measured) * dt_h
+        d.baseline_kwh += 0.5 * (d.baseline_kw + base) * dt_h
+        d.delivered_kw, d.baseline_kw, d.last_t = measured, base, t
+
+    def _plan(self, d: Dispatch, now: float, view: FleetView, out: StepOutput) -> None:
+        rows = view.rows
+        lo, hi = vehicle_ranges(view, now, max(d.end - now, self.control_step_s))
+        alloc = allocate(d.requested_kw, lo, hi)
+        power = alloc.power
+        # Vehicles that were told a power, had time to act, and hold another: assume they
+        # stay where they are and let the rest cover the gap.
+        told = self._sent_until[rows] > now
+        settled = view.ts >= self._sent_at[rows] + self.settle_s
+        drifting = told & settled & (np.abs(view.power - self._sent_kw[rows]) > DRIFT_TOL_KW)
+        if drifting.any() and not drifting.all():
+            held = np.clip(view.power[drifting], lo[drifting], hi[drifting])
+            rest = ~drifting
+            cover = allocate(d.requested_kw - float(held.sum()), lo[rest], hi[rest])
+            power = power.copy()
+            power[rest] = cover.power
+            alloc_total = float(held.sum()) + cover.total_kw
+        else:
+            alloc_total = alloc.total_kw
+        d.allocated_kw = alloc_total
+        d.shortfall_kw = abs(d.requested_kw - alloc_total)
+        d.vehicles = len(view)
+        until = min(now + self.setpoint_ttl_s, d.end)
+        sent_until = self._sent_until[rows]
+        changed = np.abs(power - self._sent_kw[rows]) > RESEND_DEADBAND_KW
+        expiring = (sent_until - now < 0.5 * self.setpoint_ttl_s) & (sent_until < d.end - 1e-9)
+        due = changed | expiring
+        send = rows[due]
+        self._sent_kw[send] = power[due]
+        self._sent_until[send] = until
+        self._sent_at[send] = now
+        out.rows, out.power_kw = send, power[due]
+        out.valid_until = np.full(send.shape[0], until)
+        out.request_id = d.request_id
+
+    def _progress(self, d: Dispatch, now: float) -> DispatchProgress:
+        return DispatchProgress(
+            request_id=d.request_id,
+            ts=from_epoch(now),
+            requested_kw=d.requested_kw,
+            allocated_kw=round(d.allocated_kw, 3),
+            delivered_kw=round(d.delivered_kw, 3),
+            baseline_kw=round(d.baseline_kw, 3),
+            requested_kwh=round(d.requested_kwh, 4),
+            delivered_kwh=round(d.delivered_kwh, 4),
+            vehicles=d.vehicles,
+            elapsed_s=round(max(0.0, now - d.start), 3),
+            remaining_s=round(max(0.0, d.end - now), 3),
+        )
+
+    def active(self) -> list[ActiveDispatch]:
+        """The running requests, for fleet status."""
+        return [
+            ActiveDispatch(
+                request_id=d.request_id,
+                service=d.request.service.value,
+                requested_kw=d.requested_kw,
+                allocated_kw=round(d.allocated_kw, 3),
+                delivered_kw=round(d.delivered_kw, 3),
+                delivered_kwh=round(d.delivered_kwh, 4),
+            )
+            for d in self.dispatches.values()
+            if d.state == "active"
+        ]
+
+    # -- books -----------------------------------------------------------------------
+    def _close(
+        self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None
+    ) -> DispatchResult:
+        return self._result(
+            d.request_id,
+            status,
+            now,
+            reason=reason,
+            requested_kw=d.requested_kw,
+            allocated_kw=d.allocated_kw,
+            shortfall_kw=d.shortfall_kw,
+            vehicles=d.vehicles,
+            delivered_kwh=round(d.delivered_kwh, 4),
+            requested_kwh=round(d.requested_kwh, 4),
+            baseline_kwh=round(d.baseline_kwh, 4),
+        )
+
+    def _result(
+        self,
+        request_id: str,
+        status: ResultStatus,
+        now: float,
+        *,
+        remember: bool = True,
+        **fields: Any,
+    ) -> DispatchResult:
+        for key in ("allocated_kw", "shortfall_kw"):
+            if key in fields:
+                fields[key] = round(fields[key], 3)
+        result = DispatchResult(request_id=request_id, status=status, ts=from_epoch(now), **fields)
+        if remember:
+            self.answers[request_id] = result
+            self.answers.move_to_end(request_id)
+            while len(self.answers) > REMEMBERED_ANSWERS:
+                old, _ = self.answers.popitem(last=False)
+                self._terms.pop(old, None)
+        return result
+
+    def _fit(self, n_rows: int) -> None:
+        have = self._sent_kw.shape[0]
+        if n_rows > have:
+            grow = max(n_rows, 2 * have) - have
+            self._sent_kw = np.concatenate([self._sent_kw, np.zeros(grow)])
+            self._sent_until = np.concatenate([self._sent_until, np.full(grow, -np.inf)])
+            self._sent_at = np.concatenate([self._sent_at, np.full(grow, -np.inf)])
+
+    # -- persistence -----------------------------------------------------------------
+    def to_records(self) -> list[dict[str, Any]]:
+        return [d.to_record() for d in self.dispatches.values()]
+
+    def restore(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            d = Dispatch.from_record(record)
+            self.dispatches[d.request_id] = d
+            self._terms[d.request_id] = d.request
+            self._result(
+                d.request_id,
+                "accepted",
+                d.start,
+                reason="restored after a restart",
+                requested_kw=d.requested_kw,
+                allocated_kw=d.allocated_kw,
+                vehicles=d.vehicles,
+            )

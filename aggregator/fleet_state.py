@@ -1,0 +1,208 @@
+"""Fleet state as numpy columns, one row per vehicle ever seen, in arrival order.
+
+Rows are never removed or reordered, so a row index is a stable handle for a vehicle
+for the life of the process (and across restarts, through the state store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from agents.battery import Array, Batteries
+from broker.models import Telemetry, to_epoch
+
+FLOAT_COLUMNS = (
+    "capacity_kwh",
+    "max_charge_kw",
+    "max_discharge_kw",
+    "charge_efficiency",
+    "discharge_efficiency",
+    "min_soc",
+    "target_soc",
+    "soc",
+    "power_kw",
+    "departure",
+    "last_ts",
+    "status_ts",
+)
+BOOL_COLUMNS = ("plugged", "online")
+INT_COLUMNS = ("last_seq",)
+
+_DEFAULTS: dict[str, float] = {
+    "charge_efficiency": 1.0,
+    "discharge_efficiency": 1.0,
+    "capacity_kwh": 1.0,
+    "departure": np.nan,
+    "last_ts": -np.inf,
+    "status_ts": -np.inf,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    """The vehicles that count right now (plugged in, online, fresh), as dense arrays."""
+
+    rows: NDArray[np.intp]  # their row in FleetState
+    batteries: Batteries
+    energy: Array
+    departure: Array
+    power: Array
+    ts: Array  # when each vehicle last reported
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
+class FleetState:
+    """Latest known state of every vehicle, as columns."""
+
+    def __init__(self, initial_capacity: int = 1024) -> None:
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self._cap = max(1, initial_capacity)
+        self.cols: dict[str, np.ndarray] = {}
+        for name in FLOAT_COLUMNS:
+            self.cols[name] = np.full(self._cap, _DEFAULTS.get(name, 0.0))
+        for name in BOOL_COLUMNS:
+            self.cols[name] = np.zeros(self._cap, dtype=bool)
+        for name in INT_COLUMNS:
+            self.cols[name] = np.full(self._cap, -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def col(self, name: str) -> np.ndarray:
+        """The live part of a column (a view: no copy)."""
+        return self.cols[name][: len(self.ids)]
+
+    def row_of(self, vehicle_id: str) -> int:
+        """The row of ``vehicle_id``, adding a row the first time it is seen."""
+        row = self.index.get(vehicle_id)
+        if row is None:
+            row = len(self.ids)
+            if row == self._cap:
+                self._grow(self._cap * 2)
+            self.ids.append(vehicle_id)
+            self.index[vehicle_id] = row
+        return row
+
+    def _grow(self, capacity: int) -> None:
+        for name, arr in self.cols.items():
+            fill = _DEFAULTS.get(name, -1 if name in INT_COLUMNS else 0)
+            bigger = np.full(capacity, fill, dtype=arr.dtype)
+            bigger[: self._cap] = arr
+            self.cols[name] = bigger
+        self._cap = capacity
+
+    def apply_telemetry(self, batch: Sequence[Telemetry]) -> tuple[int, int]:
+        """Fold a batch of telemetry into the columns; returns (applied, stale).
+
+        A message older than what the row holds (by ts, then seq) is stale: replays and
+        reordering never move a vehicle back in time.
+        """
+        if not batch:
+            return 0, 0
+        ordered = sorted(batch, key=lambda t: to_epoch(t.ts))
+        rows = np.fromiter((self.row_of(t.vehicle_id) for t in ordered), np.intp, len(ordered))
+        ts = np.fromiter((to_epoch(t.ts) for t in ordered), float, len(ordered))
+        seq = np.fromiter((t.seq for t in ordered), np.int64, len(ordered))
+        last_ts = self.cols["last_ts"][rows]
+        last_seq = self.cols["last_seq"][rows]
+        fresh = (ts > last_ts) | ((ts == last_ts) & (seq > last_seq))
+        keep = np.flatnonzero(fresh)
+        if keep.size:
+            r = rows[keep]
+            picked = [ordered[i] for i in keep]
+            for name in (
+                "capacity_kwh",
+                "max_charge_kw",
+                "max_discharge_kw",
+                "charge_efficiency",
+                "discharge_efficiency",
+                "min_soc",
+                "target_soc",
+                "soc",
+                "power_kw",
+            ):
+                self.cols[name][r] = np.fromiter(
+                    (getattr(t, name) for t in picked), float, len(picked)
+                )
+            self.cols["departure"][r] = np.fromiter(
+                (np.nan if t.departure is None else to_epoch(t.departure) for t in picked),
+                float,
+                len(picked),
+            )
+            self.cols["plugged"][r] = np.fromiter((t.plugged_in for t in picked), bool, len(picked))
+            self.cols["last_ts"][r] = ts[keep]
+            self.cols["last_seq"][r] = seq[keep]
+            # Telemetry newer than the last status (a birth) says the vehicle is alive.
+            alive = ts[keep] > self.cols["status_ts"][r]
+            self.cols["online"][r[alive]] = True
+        return int(keep.size), int(len(ordered) - keep.size)
+
+    def apply_status(self, vehicle_id: str, online: bool, ts: float) -> None:
+        """Record a status (birth or last will) in arrival order.
+
+        A will carries the time its connection was made, older than the telemetry before
+        it, so statuses are not ordered by ts: the broker's order is the truth.
+        """
+        row = self.row_of(vehicle_id)
+        self.cols["status_ts"][row] = max(ts, self.cols["status_ts"][row])
+        self.cols["online"][row] = online
+
+    def mark_offline(self, rows: NDArray[np.intp]) -> None:
+        self.cols["online"][rows] = False
+
+    def active_mask(self, now: float, stale_after_s: float) -> NDArray[np.bool_]:
+        """Plugged in, online and heard from within ``stale_after_s``: stale counts as unknown."""
+        fresh = (now - self.col("last_ts")) <= stale_after_s
+        mask: NDArray[np.bool_] = self.col("plugged") & self.col("online") & fresh
+        return mask
+
+    def view(self, now: float, stale_after_s: float) -> FleetView:
+        """Dense arrays of the active vehicles, ready for the physics."""
+        rows = np.flatnonzero(self.active_mask(now, stale_after_s))
+        c = self.cols
+        cap = c["capacity_kwh"][rows]
+        bat = Batteries(
+            capacity_kwh=cap,
+            max_charge_kw=c["max_charge_kw"][rows],
+            max_discharge_kw=c["max_discharge_kw"][rows],
+            charge_efficiency=c["charge_efficiency"][rows],
+            discharge_efficiency=c["discharge_efficiency"][rows],
+            min_soc=c["min_soc"][rows],
+            target_soc=c["target_soc"][rows],
+        )
+        return FleetView(
+            rows,
+            bat,
+            c["soc"][rows] * cap,
+            c["departure"][rows],
+            c["power_kw"][rows],
+            c["last_ts"][rows],
+        )
+
+    def counts(self, now: float, stale_after_s: float) -> tuple[int, int]:
+        """(vehicles online and fresh, of which plugged in)."""
+        fresh = (now - self.col("last_ts")) <= stale_after_s
+        online = self.col("online") & fresh
+        return int(online.sum()), int((online & self.col("plugged")).sum())
+
+    # Persistence: plain arrays in, plain arrays out.
+    def snapshot(self) -> tuple[list[str], dict[str, np.ndarray]]:
+        return list(self.ids), {name: self.col(name).copy() for name in self.cols}
+
+    @classmethod
+    def restore(cls, ids: list[str], columns: dict[str, np.ndarray]) -> FleetState:
+        state = cls(initial_capacity=max(1024, 2 * len(ids)))
+        for vid in ids:
+            state.row_of(vid)
+        n = len(ids)
+        for name, arr in columns.items():
+            if name in state.cols and arr.shape[0] == n:
+                state.cols[name][:n] = arr
+        return state

@@ -1,0 +1,353 @@
+"""The aggregator process: the thin async edge around fleet state and the dispatcher.
+
+Messages are validated as they arrive and queued; everything else happens once per
+control step, in order: fold telemetry → admit requests → allocate → publish setpoints,
+results, progress, capability, status → persist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import aiomqtt
+import numpy as np
+import structlog
+from pydantic import ValidationError
+
+from aggregator.capability import envelope, vehicle_ranges
+from aggregator.dispatch import Dispatcher, StepOutput
+from aggregator.fleet_state import FleetState
+from aggregator.status import fleet_status, log_fields
+from aggregator.store import Snapshot, StateStore
+from broker.clock import Clock
+from broker.errors import InvalidMessage, TransportError
+from broker.link import MqttLink, Outgoing
+from broker.models import (
+    Capability,
+    DispatchRequest,
+    DispatchResult,
+    FleetStatus,
+    Setpoint,
+    Telemetry,
+    VehicleStatus,
+    from_epoch,
+    to_epoch,
+)
+from broker.settings import Settings
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+LOG_PAYLOAD_CHARS = 200
+
+
+@dataclass(slots=True)
+class StepReport:
+    """What one control step did, for logs, tests and the demo."""
+
+    now: float
+    status: FleetStatus
+    capability: Capability
+    setpoints_sent: int
+    results: list[DispatchResult]
+    step_ms: float
+
+
+@dataclass(slots=True)
+class Inbox:
+    telemetry: list[Telemetry] = field(default_factory=list)
+    status: list[VehicleStatus] = field(default_factory=list)
+    requests: list[DispatchRequest] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+
+
+class AggregatorService:
+    """Pools telemetry, dispatches requests and reports fleet status over MQTT."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        clock: Clock,
+        store: StateStore,
+        client_id: str = "v2g-aggregator",
+        logger: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = store
+        self.topics = settings.topics
+        self.log = logger or structlog.get_logger("aggregator")
+        self.state = FleetState()
+        self.dispatcher = Dispatcher(
+            control_step_s=settings.control_step_s,
+            setpoint_ttl_s=settings.setpoint_ttl_s,
+            max_request_kw=settings.max_request_kw,
+            max_duration_s=settings.max_request_duration_s,
+        )
+        self.rejected: Counter[str] = Counter()
+        self.accepted = 0
+        self.degraded = False
+        self.inbox = Inbox()
+        self.reports: asyncio.Queue[StepReport] | None = None
+        self.last_report: StepReport | None = None
+        self._last_log_wall = 0.0
+        self._last_reject_log: dict[str, float] = {}
+        self.link = MqttLink(
+            settings=settings,
+            client_id=client_id,
+            handler=self.on_message,
+            subscriptions=[
+                (self.topics.all_telemetry, 0),
+                (self.topics.all_vehicle_status, 1),
+                (self.topics.dispatch_requests, 1),
+                (self.topics.all_cancels, 1),
+            ],
+            logger=self.log,
+        )
+
+    # -- inbound ---------------------------------------------------------------------
+    def on_message(self, message: aiomqtt.Message) -> None:
+        """Validate one message and queue it; bad input is counted and logged, never raised."""
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        try:
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise InvalidMessage("size", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+            kind, ident = self.topics.parse(topic)
+            if kind == "telemetry":
+                t = _decode(Telemetry, payload)
+                _same_vehicle(ident, t.vehicle_id)
+                self.inbox.telemetry.append(t)
+            elif kind == "status":
+                if not payload:  # a cleared retained status
+                    return
+                s = _decode(VehicleStatus, payload)
+                _same_vehicle(ident, s.vehicle_id)
+                self.inbox.status.append(s)
+            elif kind == "requests":
+                self.inbox.requests.append(_decode(DispatchRequest, payload))
+            elif kind == "cancel":
+                self.inbox.cancels.append(ident)
+            else:
+                return  # our own results and progress, echoed back by a wide subscription
+            self.accepted += 1
+        except InvalidMessage as err:
+            self._reject(err, topic, payload)
+
+    def _reject(self, err: InvalidMessage, topic: str, payload: bytes) -> None:
+        self.rejected[err.reason] += 1
+        now = time.monotonic()
+        # One line per reason per second: a flood of garbage must not flood the log.
+        if now - self._last_reject_log.get(err.reason, 0.0) >= 1.0:
+            self._last_reject_log[err.reason] = now
+            self.log.warning(
+                "message_rejected",
+                reason=err.reason,
+                detail=err.detail[:300],
+                topic=topic[:120],
+                payload=payload[:LOG_PAYLOAD_CHARS].decode("utf-8", "replace"),
+                rejected_total=self.rejected[err.reason],
+            )
+
+    # -- the loop --------------------------------------------------------------------
+    async def run(self) -> None:
+        """Restore state, then serve until cancelled."""
+        await self.restore()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.link.run(), name="aggregator-mqtt")
+            tg.create_task(self._control_loop(), name="aggregator-control")
+
+    async def restore(self) -> None:
+        try:
+            snap = await self.store.load()
+        except TransportError as err:
+            self.degraded = True
+            self.log.error("state_restore_failed", error=str(err))
+            return
+        if snap is None:
+            self.log.info("state_empty", note="starting with an empty fleet")
+            return
+        self.state = FleetState.restore(snap.ids, snap.columns)
+        self.dispatcher.restore(snap.dispatches)
+        self.log.info(
+            "state_restored",
+            vehicles=len(snap.ids),
+            dispatches=len(snap.dispatches),
+            saved_at=from_epoch(snap.saved_at).isoformat() if snap.saved_at else None,
+        )
+
+    async def _control_loop(self) -> None:
+        await self.link.wait_connected(self.settings.publish_timeout_s * 3)
+        step = self.settings.control_step_s
+        next_t = self.clock.now()
+        while True:
+            report = await self.step()
+            if self.reports is not None:
+                self.reports.put_nowait(report)
+            next_t += step
+            now = self.clock.now()
+            if next_t < now:  # fell behind: do not try to catch up with a burst
+                next_t = now
+            await self.clock.sleep(next_t - now)
+
+    async def step(self) -> StepReport:
+        """One control step; see the module docstring for the order."""
+        wall0 = time.perf_counter()
+        now = self.clock.now()
+        inbox, self.inbox = self.inbox, Inbox()
+        # Telemetry first: a will that arrived after a vehicle's last report must win.
+        applied, stale = self.state.apply_telemetry(inbox.telemetry)
+        for s in inbox.status:
+            self.state.apply_status(s.vehicle_id, s.online, to_epoch(s.ts))
+        if stale:
+            self.rejected["stale"] += stale
+        view = self.state.view(now, self.settings.stale_s)
+        answers: list[DispatchResult] = []
+        for req in inbox.requests:
+            answers.append(self.dispatcher.submit(req, now, view))
+        for rid in inbox.cancels:
+            cancelled = self.dispatcher.cancel(rid, now)
+            if cancelled is not None:
+                answers.append(cancelled)
+        out = self.dispatcher.step(now, view, len(self.state))
+        answers.extend(out.results)
+        windows = envelope(view, now)
+        lo, hi = vehicle_ranges(view, now, self.settings.control_step_s)
+        online, plugged = self.state.counts(now, self.settings.stale_s)
+        status = fleet_status(
+            now=now,
+            online=online,
+            plugged=plugged,
+            view=view,
+            capability=windows[0],
+            available_charge_kw=float(np.maximum(hi, 0.0).sum()),
+            available_discharge_kw=float(np.maximum(-lo, 0.0).sum()),
+            dispatches=self.dispatcher.active(),
+            degraded=self.degraded,
+            rejected=self.rejected,
+        )
+        capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
+        sent = await self._publish(now, out, answers, capability, status)
+        await self._persist(now)
+        report = StepReport(
+            now, status, capability, sent, answers, (time.perf_counter() - wall0) * 1e3
+        )
+        self.last_report = report
+        self._log_step(report, applied)
+        return report
+
+    async def _publish(
+        self,
+        now: float,
+        out: StepOutput,
+        answers: list[DispatchResult],
+        capability: Capability,
+        status: FleetStatus,
+    ) -> int:
+        t = self.topics
+        ids = self.state.ids
+        issued = from_epoch(now)
+        msgs = [
+            Outgoing(
+                t.setpoint(ids[row]),
+                Setpoint(
+                    vehicle_id=ids[row],
+                    request_id=out.request_id,
+                    power_kw=round(float(p), 3),
+                    issued_at=issued,
+                    valid_until=from_epoch(float(until)),
+                ).to_json(),
+                qos=1,
+            )
+            for row, p, until in zip(
+                out.rows.tolist(), out.power_kw.tolist(), out.valid_until.tolist(), strict=True
+            )
+        ]
+        # Released vehicles get a setpoint that is already over: they go back to plain charging.
+        release_until = from_epoch(now + 1e-3)
+        msgs += [
+            Outgoing(
+                t.setpoint(ids[row]),
+                Setpoint(
+                    vehicle_id=ids[row],
+                    request_id="release",
+                    power_kw=0.0,
+                    issued_at=issued,
+                    valid_until=release_until,
+                ).to_json(),
+                qos=1,
+            )
+            for row in out.release_rows.tolist()
+        ]
+        msgs += [Outgoing(t.dispatch_result(a.request_id), a.to_json(), qos=1) for a in answers]
+        msgs += [
+            Outgoing(t.dispatch_progress(p.request_id), p.to_json(), qos=0) for p in out.progress
+        ]
+        msgs.append(Outgoing(t.fleet_capability, capability.to_json(), qos=1, retain=True))
+        msgs.append(Outgoing(t.fleet_status, status.to_json(), qos=1, retain=True))
+        for a in answers:
+            self.log.info(
+                "dispatch_result",
+                request_id=a.request_id,
+                status=a.status,
+                requested_kw=a.requested_kw,
+                allocated_kw=a.allocated_kw,
+                shortfall_kw=a.shortfall_kw,
+                delivered_kwh=a.delivered_kwh,
+                reason=a.reason,
+            )
+        try:
+            return await self.link.publish_many(msgs)
+        except TransportError as err:
+            self.log.warning("publish_failed", error=str(err))
+            return 0
+
+    async def _persist(self, now: float) -> None:
+        ids, columns = self.state.snapshot()
+        snap = Snapshot(ids, columns, self.dispatcher.to_records(), saved_at=now)
+        try:
+            await self.store.save(snap)
+        except TransportError as err:
+            if not self.degraded:
+                self.log.error("state_save_failed", error=str(err), note="running from memory")
+            self.degraded = True
+            return
+        if self.degraded:
+            self.log.info("state_save_recovered")
+        self.degraded = False
+
+    def _log_step(self, report: StepReport, applied: int) -> None:
+        wall = time.monotonic()
+        if wall - self._last_log_wall < self.settings.status_every_wall_s and not report.results:
+            return
+        self._last_log_wall = wall
+        self.log.info(
+            "fleet_status",
+            **log_fields(report.status),
+            setpoints=report.setpoints_sent,
+            telemetry=applied,
+            step_ms=round(report.step_ms, 1),
+        )
+
+
+M = TypeVar("M", Telemetry, VehicleStatus, DispatchRequest)
+
+
+def _decode(model: type[M], payload: bytes) -> M:
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        kind = "json" if first.get("type") == "json_invalid" else "schema"
+        raise InvalidMessage(kind, f"{model.__name__}.{where}: {first.get('msg')}") from None
+
+
+def _same_vehicle(topic_id: str, payload_id: str) -> None:
+    if topic_id != payload_id:
+        raise InvalidMessage(
+            "identity", f"topic names vehicle {topic_id!r} but payload says {payload_id!r}"
+        )

@@ -1,0 +1,59 @@
+"""Fleet status: the summary published every control step and logged as one line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aggregator.fleet_state import FleetView
+from broker.models import ActiveDispatch, CapabilityWindow, FleetStatus, from_epoch
+
+
+def fleet_status(
+    *,
+    now: float,
+    online: int,
+    plugged: int,
+    view: FleetView,
+    capability: CapabilityWindow,
+    available_charge_kw: float,
+    available_discharge_kw: float,
+    dispatches: list[ActiveDispatch],
+    degraded: bool,
+    rejected: dict[str, int],
+) -> FleetStatus:
+    """Build the FleetStatus message from the step's view and envelope."""
+    return FleetStatus(
+        ts=from_epoch(now),
+        vehicles_online=online,
+        vehicles_plugged_in=plugged,
+        energy_kwh=round(float(view.energy.sum()), 3),
+        power_kw=round(float(view.power.sum()), 3),
+        capability=capability,
+        available_charge_kw=round(available_charge_kw, 3),
+        available_discharge_kw=round(available_discharge_kw, 3),
+        dispatches=dispatches,
+        degraded=degraded,
+        rejected=dict(rejected),
+    )
+
+
+def log_fields(status: FleetStatus) -> dict[str, Any]:
+    """The status as flat key=value fields for one log line."""
+    fields: dict[str, Any] = {
+        "sim_time": status.ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "online": status.vehicles_online,
+        "plugged": status.vehicles_plugged_in,
+        "energy_kwh": round(status.energy_kwh, 1),
+        "power_kw": round(status.power_kw, 1),
+    }
+    if status.capability is not None:
+        fields["cap15_kw"] = (
+            f"{status.capability.min_power_kw:.0f}..{status.capability.max_power_kw:.0f}"
+        )
+    for d in status.dispatches:
+        fields[f"req[{d.request_id}]"] = f"{d.requested_kw:.0f}/{d.delivered_kw:.0f}kW"
+    if status.degraded:
+        fields["degraded"] = True
+    if status.rejected:
+        fields["rejected"] = sum(status.rejected.values())
+    return fields

@@ -1,0 +1,101 @@
+"""Settings every process reads: flags, then ``V2G_*`` environment variables, then defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.topics import Topics
+
+
+class Settings(BaseSettings):
+    """One settings object per process; every timing value is here so tests can shrink it."""
+
+    model_config = SettingsConfigDict(env_prefix="V2G_", extra="ignore", validate_default=True)
+
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    topic_prefix: str = "v2g"
+    redis_prefix: str = "v2g"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    client_id: str | None = None
+
+    speed: float = Field(1.0, gt=0.0, description="simulated seconds per wall second")
+    clock_anchor: float | None = Field(
+        None, description="wall epoch at which simulated time equals sim_start"
+    )
+    sim_start: float | None = Field(None, description="simulated epoch at clock_anchor")
+
+    telemetry_interval_s: float = Field(5.0, gt=0.0)
+    control_step_s: float = Field(5.0, gt=0.0)
+    stale_after_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="silence after which a vehicle counts as unknown;"
+        " default 3 telemetry intervals",
+    )
+    setpoint_ttl_s: float = Field(30.0, gt=0.0)
+    status_every_wall_s: float = Field(5.0, gt=0.0)
+    keepalive_s: int = Field(15, ge=2)
+    reconnect_min_s: float = Field(0.2, gt=0.0)
+    reconnect_max_s: float = Field(10.0, gt=0.0)
+    publish_timeout_s: float = Field(10.0, gt=0.0)
+    max_request_kw: float = Field(1_000_000.0, gt=0.0)
+    max_request_duration_s: float = Field(7 * 86_400.0, gt=0.0)
+    log_format: Literal["kv", "json"] = "kv"
+    log_level: str = "info"
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_has_no_wildcards(cls, v: str) -> str:
+        if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"topic prefix {v!r} must be non-empty, without '+', '#' or edge '/'")
+        return v
+
+    @property
+    def stale_s(self) -> float:
+        """Silence (simulated s) after which a vehicle's data counts as unknown, not as zero."""
+        return self.stale_after_s or 3.0 * self.telemetry_interval_s
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def mqtt_target(self) -> MqttTarget:
+        return MqttTarget.parse(self.broker_url, self)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttTarget:
+    """Where and how to connect, parsed from ``mqtt://[user:pass@]host[:port]`` or ``mqtts://``."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str, settings: Settings | None = None) -> MqttTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} has no host; e.g. mqtt://127.0.0.1:1883")
+        tls = parts.scheme in ("mqtts", "ssl")
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if settings is not None:
+            user = settings.username or user
+            if settings.password is not None:
+                password = settings.password.get_secret_value()
+            tls = tls or settings.tls_ca_file is not None
+        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls, user, password)

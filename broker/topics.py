@@ -1,0 +1,107 @@
+"""Topic names of the wire contract (DESIGN.md), built and parsed in one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from broker.errors import InvalidMessage
+
+# Ids travel inside topic levels, so they must not contain MQTT wildcards or separators.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid vehicle or request id, else raise ValueError."""
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(
+            f"{what} {value[:80]!r} is not valid: use 1-64 letters, digits, '_', '.', ':' or '-'"
+            " (no '/', '+', '#' or spaces)"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic of the contract under one configurable prefix (default ``v2g``)."""
+
+    prefix: str = "v2g"
+
+    def telemetry(self, vehicle_id: str) -> str:
+        return f"{self.prefix}/vehicles/{vehicle_id}/telemetry"
+
+    def vehicle_status(self, vehicle_id: str) -> str:
+        return f"{self.prefix}/vehicles/{vehicle_id}/status"
+
+    def setpoint(self, vehicle_id: str) -> str:
+        return f"{self.prefix}/vehicles/{vehicle_id}/setpoint"
+
+    @property
+    def dispatch_requests(self) -> str:
+        return f"{self.prefix}/dispatch/requests"
+
+    def dispatch_result(self, request_id: str) -> str:
+        return f"{self.prefix}/dispatch/{request_id}/result"
+
+    def dispatch_progress(self, request_id: str) -> str:
+        return f"{self.prefix}/dispatch/{request_id}/progress"
+
+    def dispatch_cancel(self, request_id: str) -> str:
+        return f"{self.prefix}/dispatch/{request_id}/cancel"
+
+    @property
+    def fleet_status(self) -> str:
+        return f"{self.prefix}/fleet/status"
+
+    @property
+    def fleet_capability(self) -> str:
+        return f"{self.prefix}/fleet/capability"
+
+    # Subscription filters.
+    @property
+    def all_telemetry(self) -> str:
+        return f"{self.prefix}/vehicles/+/telemetry"
+
+    @property
+    def all_vehicle_status(self) -> str:
+        return f"{self.prefix}/vehicles/+/status"
+
+    @property
+    def all_setpoints(self) -> str:
+        return f"{self.prefix}/vehicles/+/setpoint"
+
+    @property
+    def all_cancels(self) -> str:
+        return f"{self.prefix}/dispatch/+/cancel"
+
+    @property
+    def all_results(self) -> str:
+        return f"{self.prefix}/dispatch/+/result"
+
+    def parse(self, topic: str) -> tuple[str, str]:
+        """Split a contract topic into (kind, id).
+
+        kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
+        ``requests`` (id: ""), ``result``, ``progress``, ``cancel`` (id: request).
+        Raises InvalidMessage(reason="topic") for anything else.
+        """
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            raise InvalidMessage("topic", f"{topic[:120]!r} is outside prefix {self.prefix!r}")
+        parts = topic[len(head) :].split("/")
+        if parts == ["dispatch", "requests"]:
+            return "requests", ""
+        if (len(parts) == 3 and parts[0] == "vehicles" and parts[2] in _VEHICLE_KINDS) or (
+            len(parts) == 3 and parts[0] == "dispatch" and parts[2] in _DISPATCH_KINDS
+        ):
+            kind, ident = parts[2], parts[1]
+        else:
+            raise InvalidMessage("topic", f"{topic[:120]!r} is not a contract topic")
+        if not _ID_RE.fullmatch(ident):
+            raise InvalidMessage("topic", f"id {ident[:80]!r} in topic is not a valid id")
+        return kind, ident
+
+
+_VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})
+_DISPATCH_KINDS = frozenset({"result", "progress", "cancel"})

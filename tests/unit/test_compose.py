@@ -1,0 +1,173 @@
+"""The deployment files agree with the code: docker-compose.yml, the Mosquitto config and ACL.
+
+No Docker engine or broker is needed; the files are parsed and checked against
+``broker.settings.Settings`` and ``broker.topics.Topics``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from broker.settings import MqttTarget, Settings
+from broker.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+MOSQUITTO_DIR = ROOT / "broker" / "mosquitto"
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(doc, dict), "docker-compose.yml must be a mapping"
+    svcs = doc.get("services")
+    assert isinstance(svcs, dict), "docker-compose.yml has no services mapping"
+    return svcs
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a dict, whether written as a mapping or as KEY=VALUE list."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def depends_on(service: dict[str, Any]) -> list[str]:
+    deps = service.get("depends_on") or []
+    return list(deps) if isinstance(deps, list) else list(deps.keys())
+
+
+def read_directives(path: Path) -> dict[str, list[str]]:
+    """Mosquitto config or ACL lines as {keyword: [rest of line, ...]}, comments dropped."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        out[key].append(value.strip())
+    return out
+
+
+# --- docker-compose.yml ------------------------------------------------------
+
+
+def test_compose_defines_broker_store_aggregator_and_agents(services: dict[str, Any]) -> None:
+    assert {"mosquitto", "redis", "aggregator", "agents"} <= services.keys()
+
+
+def test_compose_runs_servers_from_images_and_platform_from_the_repo_build(
+    services: dict[str, Any],
+) -> None:
+    assert str(services["mosquitto"].get("image", "")).startswith("eclipse-mosquitto:2")
+    assert str(services["redis"].get("image", "")).startswith("redis:7")
+    for name in ("aggregator", "agents"):
+        assert services[name].get("build"), f"{name} must be built from the repo"
+    assert services["aggregator"]["command"][0] == "aggregator"
+    assert services["agents"]["command"][0] == "agents"
+
+
+def test_aggregator_reaches_broker_and_redis_by_service_name(services: dict[str, Any]) -> None:
+    env = env_of(services["aggregator"])
+    broker = MqttTarget.parse(env["V2G_BROKER_URL"])
+    assert broker.host == "mosquitto"
+    assert broker.host in services
+    redis_url = urlsplit(env["V2G_REDIS_URL"])
+    assert redis_url.scheme == "redis"
+    assert redis_url.hostname == "redis"
+    assert redis_url.hostname in services
+
+
+def test_agents_reach_broker_by_service_name(services: dict[str, Any]) -> None:
+    env = env_of(services["agents"])
+    assert MqttTarget.parse(env["V2G_BROKER_URL"]).host == "mosquitto"
+
+
+def test_every_depends_on_target_is_a_defined_service(services: dict[str, Any]) -> None:
+    for name, svc in services.items():
+        for dep in depends_on(svc):
+            assert dep in services, f"{name} depends on undefined service {dep!r}"
+    assert set(depends_on(services["aggregator"])) >= {"mosquitto", "redis"}
+    assert "mosquitto" in depends_on(services["agents"])
+
+
+def test_mounted_mosquitto_config_exists_in_the_repo(services: dict[str, Any]) -> None:
+    mounts = [str(v) for v in services["mosquitto"].get("volumes", [])]
+    config_mounts = [m for m in mounts if ":/mosquitto/config/mosquitto.conf" in m]
+    assert len(config_mounts) == 1, f"no mosquitto.conf mount in {mounts}"
+    source = config_mounts[0].split(":", 1)[0]
+    assert (ROOT / source).is_file(), f"mounted config {source} is not in the repo"
+
+
+def test_published_server_ports_bind_loopback_only(services: dict[str, Any]) -> None:
+    for name in ("mosquitto", "redis"):
+        for port in services[name].get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_every_v2g_variable_in_compose_is_a_settings_field(services: dict[str, Any]) -> None:
+    seen = 0
+    for name, svc in services.items():
+        env = {k: v for k, v in env_of(svc).items() if k.startswith("V2G_")}
+        for key in env:
+            assert key[4:].lower() in Settings.model_fields, f"{name}: {key} is not a setting"
+        seen += len(env)
+        # The values must also pass the settings' own validation (e.g. log_format).
+        Settings(**{k[4:].lower(): v for k, v in env.items()})
+    assert seen > 0
+
+
+# --- broker/mosquitto ------------------------------------------------------------
+
+
+def test_production_broker_requires_login_acl_and_persists_queued_messages() -> None:
+    conf = read_directives(MOSQUITTO_DIR / "mosquitto.conf")
+    assert conf["allow_anonymous"] == ["false"]
+    assert conf["persistence"] == ["true"]
+    assert len(conf["acl_file"]) == 1
+    assert conf["acl_file"][0]
+    assert len(conf["password_file"]) == 1
+    assert conf["password_file"][0]
+    assert len(conf["autosave_interval"]) == 1
+    assert 0 < int(conf["autosave_interval"][0]) <= 30
+
+
+def test_production_broker_plain_listener_is_loopback_only() -> None:
+    conf = read_directives(MOSQUITTO_DIR / "mosquitto.conf")
+    assert conf["listener"] == ["1883 127.0.0.1"]
+
+
+def test_acl_vehicle_grants_are_the_contract_topics_scoped_to_the_username() -> None:
+    acl = read_directives(MOSQUITTO_DIR / "acl")
+    topics = Topics("v2g")
+    assert sorted(acl["pattern"]) == sorted(
+        [
+            f"write {topics.telemetry('%u')}",
+            f"write {topics.vehicle_status('%u')}",
+            f"read {topics.setpoint('%u')}",
+        ]
+    )
+
+
+def test_acl_grants_topics_only_inside_user_blocks() -> None:
+    # A "topic" line before the first "user" line would apply to anonymous clients.
+    current_user = None
+    grants: dict[str, list[str]] = defaultdict(list)
+    for raw in (MOSQUITTO_DIR / "acl").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("user "):
+            current_user = line.split(" ", 1)[1]
+        elif line.startswith("topic "):
+            assert current_user is not None, f"{line!r} is granted outside a user block"
+            grants[current_user].append(line.split(" ", 1)[1])
+    assert grants["aggregator"] == ["readwrite v2g/#"]
+    operator = grants["operator"]
+    assert "write v2g/dispatch/requests" in operator
+    assert not any(g.startswith(("write", "readwrite")) and "vehicles" in g for g in operator)

@@ -1,0 +1,425 @@
+"""The ``v2g`` command line. ``v2g --help`` lists the commands, ``v2g CMD --help`` their flags.
+
+Every command reads its settings from flags, then ``V2G_*`` environment variables, then
+defaults (DESIGN.md, "Configuration").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import structlog
+import typer
+from pydantic import ValidationError
+
+from broker.errors import V2GError
+from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus, Service
+from broker.settings import Settings
+from v2g import logs
+
+app = typer.Typer(
+    help=(
+        "V2G fleet aggregation: simulated EVs, an aggregator and a dispatcher over MQTT.\n\n"
+        "Sign convention: power_kw > 0 charges the vehicles (grid import), < 0 discharges"
+        " them into the grid (export)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Broker = Annotated[
+    str | None,
+    typer.Option("--broker", help="MQTT broker URL [env V2G_BROKER_URL; mqtt://127.0.0.1:1883]"),
+]
+Redis = Annotated[
+    str | None,
+    typer.Option("--redis", help="Redis URL [env V2G_REDIS_URL; redis://127.0.0.1:6379/0]"),
+]
+Prefix = Annotated[
+    str | None, typer.Option("--topic-prefix", help="topic prefix [env V2G_TOPIC_PREFIX; v2g]")
+]
+Speed = Annotated[
+    float | None,
+    typer.Option(
+        "--speed", help="simulated seconds per wall second, same for every process [env V2G_SPEED]"
+    ),
+]
+LogFormat = Annotated[
+    str | None, typer.Option("--log-format", help="kv (logfmt) or json [env V2G_LOG_FORMAT]")
+]
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Flags win over V2G_* variables, which win over defaults."""
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(p) for p in first["loc"])
+        _fail(
+            f"bad setting {name}: {first['msg']} (flag --{name.replace('_', '-')} or V2G_{name.upper()})"
+        )
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _clock(settings: Settings) -> Any:
+    from broker.clock import SimClock, day_anchor
+
+    anchor = settings.clock_anchor
+    if anchor is None and settings.speed != 1.0:
+        anchor = day_anchor()
+    return SimClock(speed=settings.speed, wall_anchor=anchor, sim_anchor=settings.sim_start)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return None
+    except V2GError as err:
+        _fail(str(err), 1)
+    except ExceptionGroup as group:  # from a TaskGroup: report our own errors plainly
+        ours = group.subgroup(V2GError)
+        if ours is None:
+            raise
+        _fail(str(_first_leaf(ours)), 1)
+
+
+def _first_leaf(err: BaseException) -> BaseException:
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    return err
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'900', '900s', '15m', '1.5h' -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration; use e.g. 900, 900s, 15m or 1h")
+    value, unit = float(m.group(1)), m.group(2) or "s"
+    return value * {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}[unit]
+
+
+def parse_start(text: str) -> datetime:
+    """An ISO 8601 time with a zone ('2026-11-26T18:00:00Z'), or '+10m' from now."""
+    if text.startswith("+"):
+        return datetime.now(UTC).replace(microsecond=0) + timedelta(
+            seconds=parse_duration(text[1:])
+        )
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a time; use ISO 8601 with a zone or +15m"
+        ) from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter(f"{text!r} has no time zone; add Z or +00:00")
+    return moment
+
+
+@app.command()
+def demo(
+    count: Annotated[int, typer.Option(min=1, max=2000, help="vehicles in the fleet")] = 200,
+    seed: Annotated[int, typer.Option(help="fleet seed: the same seed, the same fleet")] = 1,
+    speed: Annotated[float, typer.Option(min=1.0, help="clock acceleration")] = 30.0,
+    minutes: Annotated[
+        float, typer.Option(min=1.0, help="simulated length of each request")
+    ] = 10.0,
+    mode: Annotated[
+        str, typer.Option(help="per-vehicle or multiplexed connections")
+    ] = "multiplexed",
+    interval: Annotated[
+        float, typer.Option(min=1.0, help="telemetry and control step, simulated s")
+    ] = 15.0,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="use this broker instead of the embedded one")
+    ] = None,
+    redis: Annotated[
+        str | None, typer.Option("--redis", help="persist to this Redis instead of memory")
+    ] = None,
+    topic_prefix: Prefix = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Run the whole loop on embedded defaults (no servers needed) and print a summary."""
+    from v2g.demo import run_demo
+
+    if mode not in ("per-vehicle", "multiplexed"):
+        raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
+    settings = _settings(
+        broker_url=broker,
+        redis_url=redis,
+        topic_prefix=topic_prefix or f"v2g-demo-{uuid.uuid4().hex[:6]}",
+        speed=speed,
+        log_format=log_format,
+        log_level="warning",
+        status_every_wall_s=3600.0,
+        # The embedded broker moves ~2k msg/s: report and steer every 15 simulated s.
+        telemetry_interval_s=interval,
+        control_step_s=interval,
+    )
+    _run(
+        run_demo(
+            settings,
+            count=count,
+            seed=seed,
+            request_minutes=minutes,
+            use_broker=broker is not None,
+            use_redis=redis is not None,
+            mode=mode,  # type: ignore[arg-type]
+        )
+    )
+
+
+@app.command("broker")
+def broker_cmd(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+) -> None:
+    """Run the embedded development broker (amqtt). Use Mosquitto in production."""
+    from broker.embedded import EmbeddedBroker
+
+    logs.configure()
+    log = structlog.get_logger("broker")
+
+    async def serve() -> None:
+        async with EmbeddedBroker(host=host, port=port) as b:
+            log.info("broker_listening", url=b.url, note="development broker; Ctrl-C stops it")
+            await asyncio.Event().wait()
+
+    _run(serve())
+
+
+@app.command()
+def aggregator(
+    broker: Broker = None,
+    redis: Redis = None,
+    topic_prefix: Prefix = None,
+    speed: Speed = None,
+    memory: Annotated[
+        bool, typer.Option("--memory", help="keep state in memory, not Redis")
+    ] = False,
+    log_format: LogFormat = None,
+) -> None:
+    """Run the aggregator: fleet state, capability, dispatch and fleet status."""
+    from aggregator.service import AggregatorService
+    from aggregator.store import MemoryStore, RedisStore, StateStore
+
+    settings = _settings(
+        broker_url=broker,
+        redis_url=redis,
+        topic_prefix=topic_prefix,
+        speed=speed,
+        log_format=log_format,
+    )
+    store: StateStore = (
+        MemoryStore() if memory else RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    )
+    service = AggregatorService(settings=settings, clock=_clock(settings), store=store)
+    structlog.get_logger("aggregator").info(
+        "aggregator_starting",
+        broker=settings.broker_url,
+        store="memory" if memory else settings.redis_url,
+        prefix=settings.topic_prefix,
+        speed=settings.speed,
+    )
+    _run(service.run())
+
+
+@app.command()
+def agents(
+    count: Annotated[int, typer.Option(min=1, help="vehicles to simulate")] = 50,
+    seed: Annotated[int, typer.Option(help="fleet seed")] = 1,
+    mode: Annotated[
+        str, typer.Option(help="per-vehicle (one connection each) or multiplexed")
+    ] = "per-vehicle",
+    connections: Annotated[int, typer.Option(min=1, help="connections in multiplexed mode")] = 4,
+    id_prefix: Annotated[str, typer.Option(help="vehicle ids are PREFIX-0000, ...")] = "ev",
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+    speed: Speed = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Run N simulated vehicles that report telemetry and follow setpoints."""
+    from agents.fleet import SimFleet
+    from agents.profiles import generate_fleet
+    from agents.runtime import AgentRuntime
+
+    if mode not in ("per-vehicle", "multiplexed"):
+        raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
+    settings = _settings(
+        broker_url=broker, topic_prefix=topic_prefix, speed=speed, log_format=log_format
+    )
+    clock = _clock(settings)
+    fleet = SimFleet(
+        generate_fleet(count, seed, id_prefix=id_prefix),
+        clock.now(),
+        step_s=settings.telemetry_interval_s,
+    )
+    runtime = AgentRuntime(
+        settings=settings,
+        clock=clock,
+        fleet=fleet,
+        mode=mode,  # type: ignore[arg-type]
+        connections=connections,
+    )
+    _run(runtime.run())
+
+
+@app.command("dispatch")
+def dispatch_cmd(
+    power: Annotated[
+        float, typer.Option("--power", help="fleet net kW: + charge (import), - discharge (export)")
+    ],
+    duration: Annotated[str, typer.Option("--duration", help="e.g. 900, 15m, 1h")] = "15m",
+    service: Annotated[Service, typer.Option("--service", help="grid service")] = Service.MANUAL,
+    start: Annotated[
+        str | None, typer.Option("--start", help="ISO time with zone, or +10m; default now")
+    ] = None,
+    request_id: Annotated[
+        str | None, typer.Option("--id", help="request id; default a fresh one")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="priority")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="follow progress until the request ends")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="give up after this many wall seconds")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print messages as JSON lines")] = False,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+    speed: Speed = None,
+) -> None:
+    """Send a dispatch request and print the answer (and progress with --wait)."""
+    from v2g import operator
+
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix, speed=speed)
+    seconds = parse_duration(duration)
+    try:
+        req = DispatchRequest(
+            request_id=request_id or f"req-{uuid.uuid4().hex[:10]}",
+            service=service,
+            power_kw=power,
+            start=parse_start(start) if start else None,
+            duration_s=seconds,
+            priority=priority,
+        )
+    except ValidationError as err:
+        _fail(f"invalid request: {err.errors()[0]['msg']}")
+    if wait:
+        timeout = max(timeout, seconds / settings.speed + 60.0)
+
+    def on_result(r: DispatchResult) -> None:
+        if as_json:
+            typer.echo(r.model_dump_json())
+            return
+        line = f"{r.request_id} {r.status}: allocated {r.allocated_kw:+.1f} kW, shortfall {r.shortfall_kw:.1f} kW, {r.vehicles} vehicles"
+        if r.delivered_kwh is not None:
+            line += f", delivered {r.delivered_kwh:+.2f} kWh of {r.requested_kwh or 0:+.2f} kWh requested"
+        if r.reason:
+            line += f" ({r.reason})"
+        typer.echo(line)
+
+    def on_progress(p: DispatchProgress) -> None:
+        if as_json:
+            typer.echo(p.model_dump_json())
+            return
+        typer.echo(
+            f"  {p.ts:%H:%M:%S} requested {p.requested_kw:+.1f} kW delivered {p.delivered_kw:+.1f} kW"
+            f" | {p.delivered_kwh:+.2f}/{p.requested_kwh:+.2f} kWh | {p.remaining_s:.0f} s left"
+        )
+
+    try:
+        result = _run(
+            operator.dispatch(
+                settings,
+                req,
+                wait=wait,
+                timeout_s=timeout,
+                on_result=on_result,
+                on_progress=on_progress,
+            )
+        )
+    except TimeoutError:
+        _fail(
+            f"no answer for {req.request_id} within {timeout:.0f} s; is the aggregator running?", 1
+        )
+    if result is not None and result.status == "rejected":
+        raise typer.Exit(1)
+
+
+@app.command("cancel")
+def cancel_cmd(
+    request_id: Annotated[str, typer.Argument(help="the request to cancel")],
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+) -> None:
+    """Cancel a running dispatch request."""
+    from v2g import operator
+
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
+    _run(operator.cancel(settings, request_id))
+    typer.echo(f"cancel sent for {request_id}")
+
+
+@app.command()
+def status(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing each new status")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw FleetStatus JSON")] = False,
+    timeout: Annotated[float, typer.Option(help="wait this long for a retained status")] = 5.0,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+) -> None:
+    """Print the fleet status (retained on v2g/fleet/status); --follow keeps going."""
+    from v2g import operator
+
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
+
+    def show(s: FleetStatus) -> None:
+        if as_json:
+            typer.echo(s.model_dump_json())
+            return
+        cap = (
+            f" cap15={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f}kW"
+            if s.capability
+            else ""
+        )
+        line = (
+            f"{s.ts:%Y-%m-%dT%H:%M:%SZ} online={s.vehicles_online} plugged={s.vehicles_plugged_in}"
+            f" energy={s.energy_kwh:.1f}kWh power={s.power_kw:+.1f}kW{cap}"
+        )
+        for d in s.dispatches:
+            line += f" [{d.request_id} req={d.requested_kw:+.0f} got={d.delivered_kw:+.0f}kW]"
+        typer.echo(line)
+
+    seen = _run(operator.follow_status(settings, follow=follow, timeout_s=timeout, on_status=show))
+    if not seen and not follow:
+        _fail(
+            f"no fleet status on {settings.topics.fleet_status} within {timeout:.0f} s; is the aggregator running?",
+            1,
+        )
+
+
+def main() -> None:
+    """Entry point of the ``v2g`` console script."""
+    with contextlib.suppress(BrokenPipeError):
+        app()
+
+
+if __name__ == "__main__":
+    main()

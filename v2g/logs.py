@@ -1,0 +1,38 @@
+"""Structured logs: one event a line, logfmt (key=value) or JSON, on stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(fmt: str = "kv", level: str = "info") -> None:
+    """Set up structlog for the process; call once, first thing."""
+    lvl = logging.getLevelNamesMapping().get(level.upper())
+    if lvl is None:
+        raise ValueError(f"log level {level!r} is not one of debug, info, warning, error")
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.processors.LogfmtRenderer(
+            key_order=["ts", "level", "event"], drop_missing=True
+        )
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Library loggers (aiomqtt, amqtt) speak only when something is wrong.
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    )

@@ -1,0 +1,110 @@
+"""The grid operator's side: send a dispatch request and follow it; read fleet status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiomqtt
+
+from broker.errors import TransportError
+from broker.link import MqttLink
+from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus
+from broker.settings import Settings
+
+FINAL = frozenset({"completed", "cancelled", "rejected"})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    topic: str
+    payload: bytes
+
+
+@contextlib.asynccontextmanager
+async def operator_link(
+    settings: Settings, subscriptions: list[tuple[str, int]], *, connect_timeout: float = 10.0
+) -> AsyncIterator[tuple[MqttLink, asyncio.Queue[Event]]]:
+    """A connected link whose messages land in a queue; closed when the block ends."""
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def handler(m: aiomqtt.Message) -> None:
+        payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
+        queue.put_nowait(Event(str(m.topic), bytes(payload)))
+
+    link = MqttLink(
+        settings=settings,
+        client_id=f"v2g-operator-{uuid.uuid4().hex[:8]}",
+        handler=handler,
+        subscriptions=subscriptions,
+    )
+    task = asyncio.create_task(link.run(), name="operator-mqtt")
+    try:
+        waiter = asyncio.create_task(link.wait_connected(connect_timeout))
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:  # the link died first (e.g. bad credentials): surface why
+            waiter.cancel()
+            task.result()
+        await waiter
+        yield link, queue
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TransportError):
+            await task
+
+
+async def dispatch(
+    settings: Settings,
+    request: DispatchRequest,
+    *,
+    wait: bool,
+    timeout_s: float,
+    on_result: Callable[[DispatchResult], None],
+    on_progress: Callable[[DispatchProgress], None] | None = None,
+) -> DispatchResult:
+    """Publish a request and return its answer; with ``wait``, follow it to its end."""
+    t = settings.topics
+    rid = request.request_id
+    subs = [(t.dispatch_result(rid), 1), (t.dispatch_progress(rid), 0)]
+    async with operator_link(settings, subs) as (link, queue):
+        await link.publish(t.dispatch_requests, request.to_json(), qos=1)
+        last: DispatchResult | None = None
+        async with asyncio.timeout(timeout_s):
+            while True:
+                ev = await queue.get()
+                # Match topics exactly: some brokers (amqtt) deliver beyond the filter.
+                if ev.topic == t.dispatch_result(rid):
+                    last = DispatchResult.model_validate_json(ev.payload)
+                    on_result(last)
+                    if not wait or last.status in FINAL:
+                        return last
+                elif ev.topic == t.dispatch_progress(rid) and on_progress is not None:
+                    on_progress(DispatchProgress.model_validate_json(ev.payload))
+
+
+async def cancel(settings: Settings, request_id: str) -> None:
+    """Ask the aggregator to cancel a running request."""
+    async with operator_link(settings, []) as (link, _):
+        await link.publish(settings.topics.dispatch_cancel(request_id), b"{}", qos=1)
+
+
+async def follow_status(
+    settings: Settings, *, follow: bool, timeout_s: float, on_status: Callable[[FleetStatus], None]
+) -> int:
+    """Print the retained fleet status, and with ``follow`` every new one; returns how many."""
+    seen = 0
+    async with operator_link(settings, [(settings.topics.fleet_status, 1)]) as (_, queue):
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), None if follow else timeout_s)
+            except TimeoutError:
+                return seen
+            if not ev.payload or ev.topic != settings.topics.fleet_status:
+                continue
+            on_status(FleetStatus.model_validate_json(ev.payload))
+            seen += 1
+            if not follow:
+                return seen
