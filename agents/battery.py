@@ -53,21 +53,33 @@ def feasible_range(
     """Power range [p_lo, p_hi] each vehicle can hold for ``window_s`` from ``now``.
 
     Holding any power in the range keeps the vehicle at or above its floor for the whole
-    window (the floor is convex in time and the energy path linear, so the ends suffice)
-    and below full. A vehicle under its floor gets p_lo > 0: it must charge.
+    window and below full. The floor is convex up to departure and flat after it, so
+    checking the window's end and the departure (when it falls inside) covers every
+    moment in between. A vehicle under its floor gets p_lo > 0: it must charge.
     """
+    p_lo = _least_power(bat, energy, departure, now, window_s)
+    dep_in = np.nan_to_num(departure - now, nan=0.0)
+    inside = (dep_in > 0.0) & (dep_in < window_s)
+    if inside.any():
+        at_dep = _least_power(bat, energy, departure, now, np.where(inside, dep_in, window_s))
+        p_lo = np.maximum(p_lo, at_dep)
     h = window_s / 3600.0
-    cap = bat.capacity_kwh
-    floor_end = energy_floor(bat, departure, now + window_s)
-    spare = energy - floor_end
+    room = np.maximum(bat.capacity_kwh - energy, 0.0) / (bat.charge_efficiency * h)
+    p_hi = np.maximum(p_lo, np.minimum(bat.max_charge_kw, room))
+    return p_lo, p_hi
+
+
+def _least_power(
+    bat: Batteries, energy: Array, departure: Array, now: float, span_s: float | Array
+) -> Array:
+    """The lowest constant power that leaves the vehicle on its floor at now + span_s."""
+    h = np.asarray(span_s) / 3600.0
+    spare = energy - energy_floor(bat, departure, now + np.asarray(span_s))
     can_give = np.minimum(
         bat.max_discharge_kw, np.maximum(spare, 0.0) * bat.discharge_efficiency / h
     )
     must_take = np.minimum(bat.max_charge_kw, np.maximum(-spare, 0.0) / (bat.charge_efficiency * h))
-    p_lo = np.where(spare >= -ENERGY_TOL_KWH, -can_give, must_take)
-    room = np.maximum(cap - energy, 0.0) / (bat.charge_efficiency * h)
-    p_hi = np.maximum(p_lo, np.minimum(bat.max_charge_kw, room))
-    return p_lo, p_hi
+    return np.where(spare >= -ENERGY_TOL_KWH, -can_give, must_take)
 
 
 def baseline_power(bat: Batteries, energy: Array, step_s: float) -> Array:

@@ -243,11 +243,15 @@ class Dispatcher:
             vehicles=d.vehicles,
         )
 
-    def cancel(self, request_id: str, now: float) -> DispatchResult | None:
-        """Stop a request; returns its ``cancelled`` result, or None if it is not running."""
+    def cancel(self, request_id: str, now: float, view: FleetView) -> DispatchResult | None:
+        """Stop a request, books closed at ``now``; returns its ``cancelled`` result, or
+        None if it is not running (unknown, or already over)."""
         d = self.dispatches.pop(request_id, None)
         if d is None:
             return None
+        if d.state == "active":
+            base = float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
+            self._book(d, min(now, d.end), float(view.power.sum()), base)
         return self._close(d, now, "cancelled", reason="cancelled by the operator")
 
     # -- control step ----------------------------------------------------------------
@@ -316,9 +320,12 @@ class Dispatcher:
         expiring = (sent_until - now < 0.5 * self.setpoint_ttl_s) & (sent_until < d.end - 1e-9)
         due = changed | expiring
         send = rows[due]
+        # Settling restarts only for a new or materially different setpoint: a refresh or a
+        # nudge below the drift tolerance must not hide a vehicle that holds another power.
+        moved = ~(sent_until[due] > now) | (np.abs(power[due] - self._sent_kw[send]) > DRIFT_TOL_KW)
         self._sent_kw[send] = power[due]
         self._sent_until[send] = until
-        self._sent_at[send] = now
+        self._sent_at[send[moved]] = now
         out.rows, out.power_kw = send, power[due]
         out.valid_until = np.full(send.shape[0], until)
         out.request_id = d.request_id

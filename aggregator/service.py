@@ -209,7 +209,7 @@ class AggregatorService:
         for req in inbox.requests:
             answers.append(self.dispatcher.submit(req, now, view))
         for rid in inbox.cancels:
-            cancelled = self.dispatcher.cancel(rid, now)
+            cancelled = self.dispatcher.cancel(rid, now, view)
             if cancelled is not None:
                 answers.append(cancelled)
         out = self.dispatcher.step(now, view, len(self.state))

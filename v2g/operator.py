@@ -69,7 +69,7 @@ async def dispatch(
     t = settings.topics
     rid = request.request_id
     subs = [(t.dispatch_result(rid), 1), (t.dispatch_progress(rid), 0)]
-    async with operator_link(settings, subs) as (link, queue):
+    async with operator_link(settings, subs, connect_timeout=min(timeout_s, 10.0)) as (link, queue):
         await link.publish(t.dispatch_requests, request.to_json(), qos=1)
         last: DispatchResult | None = None
         async with asyncio.timeout(timeout_s):
@@ -96,7 +96,8 @@ async def follow_status(
 ) -> int:
     """Print the retained fleet status, and with ``follow`` every new one; returns how many."""
     seen = 0
-    async with operator_link(settings, [(settings.topics.fleet_status, 1)]) as (_, queue):
+    subs = [(settings.topics.fleet_status, 1)]
+    async with operator_link(settings, subs, connect_timeout=min(timeout_s, 10.0)) as (_, queue):
         while True:
             try:
                 ev = await asyncio.wait_for(queue.get(), None if follow else timeout_s)

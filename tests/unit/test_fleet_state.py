@@ -1,0 +1,82 @@
+"""Fleet state folds telemetry in order, never moves back in time, and restores exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from aggregator.fleet_state import FleetState
+from broker.models import Telemetry
+from tests.unit.test_wire import GOOD
+
+T = 1_795_716_000.0  # 2026-11-26T18:00:00Z, GOOD's ts
+
+
+def tel(
+    vid: str = "ev-0001", seq: int = 1, ts: str = "2026-11-26T18:00:00Z", **kw: object
+) -> Telemetry:
+    return Telemetry.model_validate_json(
+        json.dumps(dict(GOOD, vehicle_id=vid, seq=seq, ts=ts, **kw))
+    )
+
+
+def test_latest_report_wins_and_replays_are_counted_stale() -> None:
+    s = FleetState()
+    applied, stale = s.apply_telemetry(
+        [tel(seq=2, ts="2026-11-26T18:00:05Z", soc=0.6), tel(seq=1, soc=0.5)]
+    )
+    assert (applied, stale) == (2, 0)
+    assert s.col("soc")[0] == 0.6  # ordered by time, not arrival
+    applied, stale = s.apply_telemetry([tel(seq=1, soc=0.1), tel(seq=2, ts="2026-11-26T18:00:05Z")])
+    assert (applied, stale) == (0, 2)
+    assert s.col("soc")[0] == 0.6
+
+
+def test_rows_are_stable_as_the_fleet_grows_past_its_capacity() -> None:
+    s = FleetState(initial_capacity=2)
+    s.apply_telemetry([tel(f"ev-{i}", soc=i / 10) for i in range(7)])
+    assert len(s) == 7
+    assert s.index["ev-3"] == 3
+    assert s.col("soc")[3] == 0.3
+    assert np.isnan(s.col("departure")).sum() == 0
+
+
+def test_view_holds_only_plugged_online_fresh_vehicles() -> None:
+    s = FleetState()
+    s.apply_telemetry(
+        [
+            tel("ev-a"),
+            tel("ev-b", plugged_in=False, departure=None),
+            tel("ev-c"),
+            tel("ev-old", ts="2026-11-26T17:00:00Z"),
+        ]
+    )
+    s.apply_status("ev-c", False, T - 60)  # a will: made at connect time, older than its data
+    view = s.view(T + 5, 15.0)
+    assert [s.ids[r] for r in view.rows] == ["ev-a"]
+    assert view.energy[0] == 0.5 * 60
+    assert s.counts(T + 5, 15.0) == (2, 1)  # ev-a and ev-b online and fresh
+
+
+def test_new_telemetry_after_a_will_brings_the_vehicle_back() -> None:
+    s = FleetState()
+    s.apply_status("ev-a", True, T - 10)
+    s.apply_telemetry([tel("ev-a")])
+    s.apply_status("ev-a", False, T - 10)
+    assert not s.col("online")[0]
+    s.apply_telemetry([tel("ev-a", seq=2, ts="2026-11-26T18:00:05Z")])
+    assert s.col("online")[0]
+
+
+def test_snapshot_restores_every_column() -> None:
+    s = FleetState()
+    s.apply_telemetry([tel(f"ev-{i}", soc=i / 10) for i in range(5)])
+    s.apply_status("ev-2", False, T)
+    ids, cols = s.snapshot()
+    r = FleetState.restore(ids, cols)
+    assert r.ids == s.ids
+    for name in cols:
+        assert np.array_equal(r.col(name), s.col(name), equal_nan=True), name
+    r.apply_telemetry([tel("ev-new")])
+    assert r.index["ev-new"] == 5

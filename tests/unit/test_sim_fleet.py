@@ -1,0 +1,85 @@
+"""A simulated fleet obeys its drivers whatever it is asked to do."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents.battery import ENERGY_TOL_KWH, energy_floor
+from agents.fleet import SimFleet
+from agents.profiles import generate_fleet, sessions_at
+
+DAY0 = 1_795_651_200.0  # 2026-11-26T00:00:00Z
+
+
+def test_same_seed_gives_the_same_fleet_and_another_seed_another() -> None:
+    a, b, c = generate_fleet(50, 7), generate_fleet(50, 7), generate_fleet(50, 8)
+    assert a.ids == b.ids
+    assert np.array_equal(a.batteries.capacity_kwh, b.batteries.capacity_kwh)
+    assert np.array_equal(a.arrival_tod_s, b.arrival_tod_s)
+    assert not np.array_equal(a.arrival_tod_s, c.arrival_tod_s)
+
+
+def test_profiles_are_realistic_mixes() -> None:
+    p = generate_fleet(2000, 1)
+    assert set(np.unique(p.batteries.capacity_kwh)) <= {40.0, 52.0, 58.0, 64.0, 77.0, 82.0, 100.0}
+    assert p.batteries.max_charge_kw.min() >= 7.0
+    assert (p.batteries.max_charge_kw > 22.0).mean() < 0.2  # some DC, mostly AC
+    assert {"home", "workplace", "depot"} == set(p.pattern)
+    home = np.array([k == "home" for k in p.pattern])
+    arrival_h = p.arrival_tod_s / 3600.0
+    assert 16.5 < np.median(arrival_h[home]) < 20.5  # home cars come back in the evening
+    work = np.array([k == "workplace" for k in p.pattern])
+    assert 7.0 < np.median(arrival_h[work]) < 10.0
+    assert np.all((p.stay_s >= 3600.0) & (p.stay_s <= 23 * 3600.0))
+
+
+def test_sessions_contain_or_follow_now() -> None:
+    p = generate_fleet(300, 3)
+    now = DAY0 + 13 * 3600.0
+    arrival, departure = sessions_at(p, now)
+    assert np.all(departure > now)
+    assert np.all(arrival < departure)
+    assert np.all(arrival - now < 86_400.0)
+
+
+def test_unplugged_vehicles_draw_nothing_and_plug_in_at_arrival() -> None:
+    fleet = SimFleet(generate_fleet(100, 2), DAY0 + 12 * 3600.0, step_s=60.0)
+    assert np.all(fleet.power[~fleet.plugged] == 0.0)
+    waiting = ~fleet.plugged
+    t = float(fleet.arrival[waiting].min()) + 1.0
+    fleet.tick(t)
+    first = int(np.argmin(np.where(waiting, fleet.arrival, np.inf)))
+    assert fleet.plugged[first]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    start_h=st.floats(0.0, 24.0),
+    pushes=st.lists(st.floats(-60.0, 60.0), min_size=1, max_size=12),
+)
+def test_no_setpoint_can_leave_a_driver_short_or_push_a_car_below_its_floor(
+    seed: int, start_h: float, pushes: list[float]
+) -> None:
+    fleet = SimFleet(generate_fleet(60, seed), DAY0 + start_h * 3600.0, step_s=300.0)
+    bat = fleet.bat
+    t = fleet.now
+    # Cars that arrived hopeless are excused; everyone at or above the floor must stay there.
+    ok = fleet.energy >= energy_floor(bat, fleet.departure, t) - ENERGY_TOL_KWH
+    for k in range(288):  # a day in 5-minute steps, setpoints changing all the time
+        wanted = pushes[k % len(pushes)]
+        fleet.setpoint_kw[:] = wanted
+        fleet.setpoint_until[:] = t + 600.0
+        t += 300.0
+        was_plugged = fleet.plugged.copy()
+        fleet.tick(t)
+        floor = energy_floor(bat, fleet.departure, t)
+        new = ~was_plugged & fleet.plugged  # a new session: judged afresh from its arrival
+        ok = np.where(new, fleet.energy >= floor - ENERGY_TOL_KWH, ok)
+        held = fleet.plugged & ok
+        assert np.all(fleet.energy[held] >= floor[held] - 1e-6), f"below floor at step {k}"
+        assert np.all(fleet.energy <= bat.capacity_kwh + 1e-9)
+    assert fleet.short == 0, f"{fleet.short} drivers left short: {fleet.short_ids[:5]}"
+    assert fleet.departed > 0
