@@ -22,15 +22,15 @@ windows = st.sampled_from([5.0, 60.0, 900.0, 3600.0, 14_400.0])
 
 
 def one(**kw: float) -> Batteries:
-    base = dict(
-        capacity_kwh=60.0,
-        max_charge_kw=11.0,
-        max_discharge_kw=11.0,
-        charge_efficiency=0.9,
-        discharge_efficiency=0.9,
-        min_soc=0.2,
-        target_soc=0.8,
-    )
+    base = {
+        "capacity_kwh": 60.0,
+        "max_charge_kw": 11.0,
+        "max_discharge_kw": 11.0,
+        "charge_efficiency": 0.9,
+        "discharge_efficiency": 0.9,
+        "min_soc": 0.2,
+        "target_soc": 0.8,
+    }
     base.update(kw)
     return Batteries(**{k: np.array([v]) for k, v in base.items()})
 

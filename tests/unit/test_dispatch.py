@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 import numpy as np
@@ -240,6 +241,6 @@ def test_envelope_covers_the_standard_windows_and_narrows_with_length() -> None:
     _, state = fleet_and_state()
     windows = envelope(state.view(T0, 15.0), T0)
     assert [w.duration_s for w in windows] == list(WINDOWS_S)
-    for a, b in zip(windows, windows[1:], strict=False):
+    for a, b in itertools.pairwise(windows):
         assert b.min_power_kw >= a.min_power_kw - 1e-6  # longer window, less to export
     assert windows[0].min_power_kw < 0 < windows[0].max_power_kw
