@@ -55,7 +55,8 @@ def feasible_range(
     Holding any power in the range keeps the vehicle at or above its floor for the whole
     window and below full. The floor is convex up to departure and flat after it, so
     checking the window's end and the departure (when it falls inside) covers every
-    moment in between. A vehicle under its floor gets p_lo > 0: it must charge.
+    moment in between. A vehicle that will be under its floor at the end gets p_lo > 0:
+    it must charge; one already under it now charges flat out (p_lo = p_hi).
     """
     p_lo = _least_power(bat, energy, departure, now, window_s)
     dep_in = np.nan_to_num(departure - now, nan=0.0)
@@ -66,7 +67,10 @@ def feasible_range(
     h = window_s / 3600.0
     room = np.maximum(bat.capacity_kwh - energy, 0.0) / (bat.charge_efficiency * h)
     p_hi = np.maximum(p_lo, np.minimum(bat.max_charge_kw, room))
-    return p_lo, p_hi
+    # Under the floor already: the car charges flat out on its own (see protect), so
+    # that is all it can be counted on for.
+    below = energy < energy_floor(bat, departure, now) - ENERGY_TOL_KWH
+    return np.where(below, p_hi, p_lo), p_hi
 
 
 def _least_power(

@@ -18,11 +18,12 @@ class Allocation:
     shortfall_kw: float
 
 
-def allocate(target_kw: float, lo: Array, hi: Array) -> Allocation:
+def allocate(target_kw: float, lo: Array, hi: Array, ref: Array | None = None) -> Allocation:
     """Split ``target_kw`` of fleet net power over vehicles with ranges [lo, hi].
 
-    Every vehicle starts from its reference, idle (0 kW) clipped into its range, so a
-    vehicle that must charge keeps charging and nobody cycles without need. The gap to
+    Every vehicle starts from its reference clipped into its range: by default idle
+    (0 kW), so a vehicle that must charge keeps charging and nobody cycles without need;
+    in a running dispatch, what it was last told, so a steady request moves little. The gap to
     the target is then shared in proportion to each vehicle's headroom toward the bound
     in the target's direction: one multiply, never beyond a limit, and the sum is the
     target exactly when the fleet can reach it (else the nearest bound; the shortfall
@@ -30,7 +31,7 @@ def allocate(target_kw: float, lo: Array, hi: Array) -> Allocation:
     """
     if not np.isfinite(target_kw):
         raise ValueError(f"target must be finite, got {target_kw}")
-    ref = np.clip(0.0, lo, hi)
+    ref = np.clip(0.0 if ref is None else ref, lo, hi)
     lo_sum, hi_sum, ref_sum = float(lo.sum()), float(hi.sum()), float(ref.sum())
     reachable = min(max(target_kw, lo_sum), hi_sum)
     if reachable >= ref_sum:

@@ -295,39 +295,63 @@ class Dispatcher:
     def _plan(self, d: Dispatch, now: float, view: FleetView, out: StepOutput) -> None:
         rows = view.rows
         lo, hi = vehicle_ranges(view, now, max(d.end - now, self.control_step_s))
-        alloc = allocate(d.requested_kw, lo, hi)
-        power = alloc.power
+        sent = self._sent_kw[rows]
+        live = self._sent_until[rows] > now
+        # Allocate as moves from what each vehicle was last told, so a steady request
+        # does not churn every setpoint every step.
+        ref = np.where(live, sent, 0.0)
         # Vehicles that were told a power, had time to act, and hold another: assume they
         # stay where they are and let the rest cover the gap.
-        told = self._sent_until[rows] > now
         settled = view.ts >= self._sent_at[rows] + self.settle_s
-        drifting = told & settled & (np.abs(view.power - self._sent_kw[rows]) > DRIFT_TOL_KW)
+        drifting = live & settled & (np.abs(view.power - sent) > DRIFT_TOL_KW)
         if drifting.any() and not drifting.all():
-            held = np.clip(view.power[drifting], lo[drifting], hi[drifting])
+            # What they actually draw now is the best guess for the next step, even out of
+            # their range for the window (a car under its floor charges flat out).
+            held = view.power[drifting]
             rest = ~drifting
-            cover = allocate(d.requested_kw - float(held.sum()), lo[rest], hi[rest])
-            power = power.copy()
+            cover = allocate(d.requested_kw - float(held.sum()), lo[rest], hi[rest], ref[rest])
+            power = np.clip(ref, lo, hi)
             power[rest] = cover.power
-            alloc_total = float(held.sum()) + cover.total_kw
+            total = float(held.sum()) + cover.total_kw
         else:
-            alloc_total = alloc.total_kw
-        d.allocated_kw = alloc_total
-        d.shortfall_kw = abs(d.requested_kw - alloc_total)
+            alloc = allocate(d.requested_kw, lo, hi, ref)
+            power, total = alloc.power, alloc.total_kw
+        d.allocated_kw = total
+        d.shortfall_kw = abs(d.requested_kw - total)
         d.vehicles = len(view)
-        until = min(now + self.setpoint_ttl_s, d.end)
-        sent_until = self._sent_until[rows]
-        changed = np.abs(power - self._sent_kw[rows]) > RESEND_DEADBAND_KW
-        expiring = (sent_until - now < 0.5 * self.setpoint_ttl_s) & (sent_until < d.end - 1e-9)
-        due = changed | expiring
+
+        step = power - sent
+        until_now = self._sent_until[rows]
+        # Refreshes go round-robin, one slice of the fleet a step, so that a long request
+        # costs about N / slices messages a step rather than bursts of the whole fleet.
+        slices = max(
+            1, int((self.setpoint_ttl_s - 2.0 * self.control_step_s) // self.control_step_s)
+        )
+        turn = (rows + int(round(now / self.control_step_s))) % slices == 0
+        expiring = (turn | (until_now - now < 1.5 * self.control_step_s)) & (
+            until_now < d.end - 1e-9
+        )
+        due = ~live | (np.abs(step) > RESEND_DEADBAND_KW) | expiring
+        # Moves under the deadband are held back, but never so many that the fleet would
+        # be told a total off the allocation: then the largest of them go out too.
+        miss = total - float(np.where(due, power, sent).sum())
+        tol = max(RESEND_DEADBAND_KW, 1e-3 * abs(total))
+        if abs(miss) > tol:
+            toward = ~due & (np.sign(step) == np.sign(miss))
+            idx = np.flatnonzero(toward)
+            order = idx[np.argsort(-np.abs(step[idx]))]
+            covered = np.cumsum(np.abs(step[order]))
+            k = int(np.searchsorted(covered, abs(miss) - tol) + 1)
+            due[order[:k]] = True
         send = rows[due]
+        until = np.full(send.shape[0], min(now + self.setpoint_ttl_s, d.end))
         # Settling restarts only for a new or materially different setpoint: a refresh or a
         # nudge below the drift tolerance must not hide a vehicle that holds another power.
-        moved = ~(sent_until[due] > now) | (np.abs(power[due] - self._sent_kw[send]) > DRIFT_TOL_KW)
+        fresh = ~live[due] | (np.abs(step[due]) > DRIFT_TOL_KW)
         self._sent_kw[send] = power[due]
         self._sent_until[send] = until
-        self._sent_at[send[moved]] = now
-        out.rows, out.power_kw = send, power[due]
-        out.valid_until = np.full(send.shape[0], until)
+        self._sent_at[send[fresh]] = now
+        out.rows, out.power_kw, out.valid_until = send, power[due], until
         out.request_id = d.request_id
 
     def _progress(self, d: Dispatch, now: float) -> DispatchProgress:

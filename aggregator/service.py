@@ -93,6 +93,7 @@ class AggregatorService:
         self.inbox = Inbox()
         self.reports: asyncio.Queue[StepReport] | None = None
         self.last_report: StepReport | None = None
+        self.last_output: StepOutput | None = None
         self._last_log_wall = 0.0
         self._last_reject_log: dict[str, float] = {}
         self.link = MqttLink(
@@ -213,6 +214,7 @@ class AggregatorService:
             if cancelled is not None:
                 answers.append(cancelled)
         out = self.dispatcher.step(now, view, len(self.state))
+        self.last_output = out
         answers.extend(out.results)
         windows = envelope(view, now)
         lo, hi = vehicle_ranges(view, now, self.settings.control_step_s)

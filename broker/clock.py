@@ -66,3 +66,23 @@ def day_anchor(now: float | None = None) -> float:
     """00:00 UTC of the current day: the default anchor of an accelerated clock."""
     t = time.time() if now is None else now
     return t - (t % 86_400.0)
+
+
+class ManualClock:
+    """A clock that moves only when told: for tests and benchmarks."""
+
+    def __init__(self, start: float) -> None:
+        self._now = start
+
+    @property
+    def speed(self) -> float:
+        return 1.0
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+
+    async def sleep(self, sim_seconds: float) -> None:
+        await asyncio.sleep(0)

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         description="silence after which a vehicle counts as unknown;"
         " default 3 telemetry intervals",
     )
-    setpoint_ttl_s: float = Field(30.0, gt=0.0)
+    setpoint_ttl_s: float = Field(60.0, gt=0.0)
     status_every_wall_s: float = Field(5.0, gt=0.0)
     keepalive_s: int = Field(15, ge=2)
     reconnect_min_s: float = Field(0.2, gt=0.0)

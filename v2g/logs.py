@@ -36,3 +36,6 @@ def configure(fmt: str = "kv", level: str = "info") -> None:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
     )
+    # aiomqtt warns on every publish while more than 10 are pending: a burst of setpoints
+    # is exactly that, by design.
+    logging.getLogger("aiomqtt").setLevel(logging.ERROR)

@@ -1,0 +1,277 @@
+"""How many vehicles one aggregator holds with its control step under 1 s.
+
+Measures, side by side in one run (this machine is shared and noisy, so read ratios):
+
+* the control step's computation (fold telemetry, envelope, allocation, status) at
+  N vehicles, against the 1 s budget;
+* telemetry decoding through the pydantic contract models, against bare ``json.loads``;
+* setpoint publishing (QoS 1) through our MQTT link, against Mosquitto's own C client
+  ``mosquitto_pub`` sending the same number of messages to the same broker;
+* a whole step with every vehicle's setpoint changed (the worst case) at N.
+
+Needs Mosquitto on 127.0.0.1:1883 (loopback only). Prints a table and writes JSON to
+bench/results/control_step.json.
+
+    .venv/bin/python bench/control_step.py [--sizes 1000,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agents.fleet import SimFleet
+from agents.profiles import generate_fleet
+from agents.telemetry import telemetry_payloads
+from aggregator.service import AggregatorService
+from aggregator.store import MemoryStore
+from broker.clock import ManualClock
+from broker.link import MqttLink, Outgoing
+from broker.models import DispatchRequest, Telemetry
+from broker.settings import Settings
+from v2g import logs
+
+T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC, most home cars plugged in
+BUDGET_MS = 1000.0
+Row = dict[str, Any]
+
+
+def best_of(fn: Any, repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` runs, in seconds: the least disturbed by neighbours."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_decode(n: int) -> Row:
+    fleet = SimFleet(generate_fleet(n, 1), T0)
+    payloads = telemetry_payloads(fleet, T0)
+    ours = best_of(lambda: [Telemetry.model_validate_json(p) for p in payloads])
+    ref = best_of(lambda: [json.loads(p) for p in payloads])
+    return row(
+        "telemetry decode (pydantic contract)", n, n / ours, n / ref, "msg/s", "json.loads", None
+    )
+
+
+def row(
+    metric: str,
+    n: int,
+    value: float,
+    ref: float | None,
+    unit: str,
+    ref_name: str,
+    target: float | None,
+    lower_is_better: bool = False,
+) -> Row:
+    ratio = (value / ref) if ref else None
+    ok = None if target is None else (value <= target if lower_is_better else value >= target)
+    return {
+        "metric": metric,
+        "vehicles": n,
+        "value": round(value, 2),
+        "unit": unit,
+        "reference": None if ref is None else round(ref, 2),
+        "reference_is": ref_name,
+        "ratio": None if ratio is None else round(ratio, 3),
+        "target": target,
+        "pass": ok,
+    }
+
+
+async def make_service(n: int, prefix: str) -> tuple[AggregatorService, SimFleet]:
+    settings = Settings(topic_prefix=prefix, control_step_s=5.0, log_level="warning")
+    clock = ManualClock(T0)
+    svc = AggregatorService(
+        settings=settings, clock=clock, store=MemoryStore(), client_id=f"bench-{prefix}"
+    )
+    fleet = SimFleet(generate_fleet(n, 1), T0)
+    return svc, fleet
+
+
+async def bench_step(n: int) -> list[Row]:
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    svc, fleet = await make_service(n, prefix)
+    task = asyncio.create_task(svc.link.run())
+    try:
+        await svc.link.wait_connected(10)
+        svc.inbox.telemetry = [
+            Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, svc.clock.now())
+        ]
+        await svc.step()  # warm: the fleet is known
+        cap = svc.last_report.capability.windows[0] if svc.last_report else None
+        assert cap is not None
+        # Compute only: no request active, so no setpoints to send.
+        svc.inbox.telemetry = [
+            Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, svc.clock.now())
+        ]
+        t = time.perf_counter()
+        await svc.step()
+        compute_ms = (time.perf_counter() - t) * 1e3
+        # Worst case: a new request, every plugged-in vehicle gets a new setpoint.
+        svc.inbox.requests = [
+            DispatchRequest(request_id="bench", power_kw=0.5 * cap.min_power_kw, duration_s=3600)
+        ]
+        t = time.perf_counter()
+        rep = await svc.step()
+        full_ms = (time.perf_counter() - t) * 1e3
+        sent = rep.setpoints_sent
+        # Steady state: the fleet follows its setpoints, reports, and the loop goes on.
+        steady_ms, steady_sent = [], []
+        for _ in range(6):
+            out = svc.last_output
+            assert out is not None
+            for row_, p, until in zip(out.rows, out.power_kw, out.valid_until, strict=True):
+                fleet.set_setpoint(fleet.index[svc.state.ids[row_]], float(p), float(until))
+            fleet.tick(fleet.now + 5.0)
+            svc.clock.advance(5.0)  # type: ignore[attr-defined]
+            svc.inbox.telemetry = [
+                Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, fleet.now)
+            ]
+            t = time.perf_counter()
+            rep = await svc.step()
+            steady_ms.append((time.perf_counter() - t) * 1e3)
+            steady_sent.append(rep.setpoints_sent)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return [
+        row(
+            "control step, computation",
+            n,
+            compute_ms,
+            BUDGET_MS,
+            "ms",
+            "1 s budget",
+            BUDGET_MS,
+            True,
+        ),
+        row(
+            f"control step, all {sent} setpoints new",
+            n,
+            full_ms,
+            BUDGET_MS,
+            "ms",
+            "1 s budget",
+            BUDGET_MS,
+            True,
+        ),
+        row(
+            f"control step, steady (~{int(np.median(steady_sent))} sent)",
+            n,
+            float(np.median(steady_ms)),
+            BUDGET_MS,
+            "ms",
+            "1 s budget",
+            BUDGET_MS,
+            True,
+        ),
+    ]
+
+
+async def bench_publish(n: int) -> Row:
+    """Our link's QoS 1 publish rate against mosquitto_pub's, same count, same broker."""
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    settings = Settings(topic_prefix=prefix, log_level="warning")
+    link = MqttLink(settings=settings, client_id=f"bench-pub-{prefix}")
+    task = asyncio.create_task(link.run())
+    body = b'{"vehicle_id":"ev-0001","request_id":"r","power_kw":-7.4,"issued_at":"2026-11-26T21:00:00Z","valid_until":"2026-11-26T21:00:30Z"}'
+    try:
+        await link.wait_connected(10)
+        msgs = [Outgoing(f"{prefix}/vehicles/ev-{i}/setpoint", body, qos=1) for i in range(n)]
+        t = time.perf_counter()
+        await link.publish_many(msgs)
+        ours = n / (time.perf_counter() - t)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    ref = None
+    if shutil.which("mosquitto_pub"):
+        lines = (body.decode() + "\n") * n
+        t = time.perf_counter()
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "1883",
+                "-q",
+                "1",
+                "-t",
+                f"{prefix}/ref",
+                "-l",
+            ],
+            input=lines.encode(),
+            check=True,
+            timeout=300,
+        )
+        ref = n / (time.perf_counter() - t)
+    return row("setpoint publish, QoS 1", n, ours, ref, "msg/s", "mosquitto_pub (C)", None)
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'metric':<40} {'N':>7} {'value':>12} {'unit':<6} {'reference':>12} {'ratio':>7} {'target':>8} {'pass':>5}  reference is"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ref = "" if r["reference"] is None else f"{r['reference']:.1f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        target = "" if r["target"] is None else f"{r['target']:.0f}"
+        ok = "" if r["pass"] is None else ("yes" if r["pass"] else "NO")
+        print(
+            f"{r['metric']:<40} {r['vehicles']:>7} {r['value']:>12.1f} {r['unit']:<6} {ref:>12} {ratio:>7} {target:>8} {ok:>5}  {r['reference_is']}"
+        )
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="1000,10000,100000", help="fleet sizes, comma-separated")
+    ap.add_argument("--out", default="bench/results/control_step.json")
+    args = ap.parse_args()
+    logs.configure(level="warning")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows: list[Row] = []
+    for n in sizes:
+        print(f"... N={n}", file=sys.stderr, flush=True)
+        rows.append(bench_decode(min(n, 20_000)))
+        rows.extend(await bench_step(n))
+        rows.append(await bench_publish(min(n, 20_000)))
+    print_table(rows)
+    for kind in ("all", "steady"):
+        within = [
+            r["vehicles"]
+            for r in rows
+            if r["metric"].startswith(f"control step, {kind}") and r["pass"]
+        ]
+        print(
+            f"largest fleet measured with a {kind} step under 1 s: {max(within) if within else 'none'}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}, indent=2
+        )
+    )
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
