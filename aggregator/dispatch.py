@@ -327,7 +327,7 @@ class Dispatcher:
         slices = max(
             1, int((self.setpoint_ttl_s - 2.0 * self.control_step_s) // self.control_step_s)
         )
-        turn = (rows + int(round(now / self.control_step_s))) % slices == 0
+        turn = (rows + round(now / self.control_step_s)) % slices == 0
         expiring = (turn | (until_now - now < 1.5 * self.control_step_s)) & (
             until_now < d.end - 1e-9
         )

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agents.battery import Array, Batteries
-from broker.models import Telemetry, to_epoch
+from broker.models import Telemetry
 
 FLOAT_COLUMNS = (
     "capacity_kwh",
@@ -30,6 +30,19 @@ FLOAT_COLUMNS = (
     "status_ts",
 )
 BOOL_COLUMNS = ("plugged", "online")
+# Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
+_TELEMETRY_COLUMNS = (
+    "capacity_kwh",
+    "max_charge_kw",
+    "max_discharge_kw",
+    "charge_efficiency",
+    "discharge_efficiency",
+    "min_soc",
+    "target_soc",
+    "soc",
+    "power_kw",
+    "departure",
+)
 INT_COLUMNS = ("last_seq",)
 
 _DEFAULTS: dict[str, float] = {
@@ -106,43 +119,46 @@ class FleetState:
         """
         if not batch:
             return 0, 0
-        ordered = sorted(batch, key=lambda t: to_epoch(t.ts))
-        rows = np.fromiter((self.row_of(t.vehicle_id) for t in ordered), np.intp, len(ordered))
-        ts = np.fromiter((to_epoch(t.ts) for t in ordered), float, len(ordered))
-        seq = np.fromiter((t.seq for t in ordered), np.int64, len(ordered))
+        # One pass over the Python objects, then array work only.
+        table = np.array(
+            [
+                (
+                    t.ts.timestamp(),
+                    t.seq,
+                    t.capacity_kwh,
+                    t.max_charge_kw,
+                    t.max_discharge_kw,
+                    t.charge_efficiency,
+                    t.discharge_efficiency,
+                    t.min_soc,
+                    t.target_soc,
+                    t.soc,
+                    t.power_kw,
+                    np.nan if t.departure is None else t.departure.timestamp(),
+                    t.plugged_in,
+                )
+                for t in batch
+            ],
+            dtype=float,
+        )
+        rows = np.fromiter((self.row_of(t.vehicle_id) for t in batch), np.intp, len(batch))
+        order = np.argsort(table[:, 0], kind="stable")  # oldest first: the newest write wins
+        table, rows = table[order], rows[order]
+        ts, seq = table[:, 0], table[:, 1].astype(np.int64)
         last_ts = self.cols["last_ts"][rows]
-        last_seq = self.cols["last_seq"][rows]
-        fresh = (ts > last_ts) | ((ts == last_ts) & (seq > last_seq))
+        fresh = (ts > last_ts) | ((ts == last_ts) & (seq > self.cols["last_seq"][rows]))
         keep = np.flatnonzero(fresh)
         if keep.size:
-            r = rows[keep]
-            picked = [ordered[i] for i in keep]
-            for name in (
-                "capacity_kwh",
-                "max_charge_kw",
-                "max_discharge_kw",
-                "charge_efficiency",
-                "discharge_efficiency",
-                "min_soc",
-                "target_soc",
-                "soc",
-                "power_kw",
-            ):
-                self.cols[name][r] = np.fromiter(
-                    (getattr(t, name) for t in picked), float, len(picked)
-                )
-            self.cols["departure"][r] = np.fromiter(
-                (np.nan if t.departure is None else to_epoch(t.departure) for t in picked),
-                float,
-                len(picked),
-            )
-            self.cols["plugged"][r] = np.fromiter((t.plugged_in for t in picked), bool, len(picked))
+            r, t = rows[keep], table[keep]
+            for j, name in enumerate(_TELEMETRY_COLUMNS, start=2):
+                self.cols[name][r] = t[:, j]
+            self.cols["plugged"][r] = t[:, -1] > 0.5
             self.cols["last_ts"][r] = ts[keep]
             self.cols["last_seq"][r] = seq[keep]
             # Telemetry newer than the last status (a birth) says the vehicle is alive.
             alive = ts[keep] > self.cols["status_ts"][r]
             self.cols["online"][r[alive]] = True
-        return int(keep.size), int(len(ordered) - keep.size)
+        return int(keep.size), int(len(batch) - keep.size)
 
     def apply_status(self, vehicle_id: str, online: bool, ts: float) -> None:
         """Record a status (birth or last will) in arrival order.
