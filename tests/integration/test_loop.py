@@ -1,0 +1,683 @@
+"""The whole loop against real Mosquitto and real Redis: agents, aggregator, operator.
+
+Each test runs on its own topic and Redis prefix (see conftest.py) with a x10 clock:
+a control step and a telemetry interval are 5 simulated seconds, half a wall second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from aggregator.dispatch import Dispatch
+from aggregator.fleet_state import FleetState
+from aggregator.service import StepReport
+from aggregator.store import RedisStore, Snapshot
+from broker.clock import SimClock
+from broker.link import MqttLink
+from broker.models import (
+    Capability,
+    DispatchProgress,
+    DispatchRequest,
+    DispatchResult,
+    FleetStatus,
+    Setpoint,
+    Telemetry,
+    VehicleStatus,
+    from_epoch,
+)
+from broker.settings import Settings
+from v2g import operator
+
+from .harness import HOST, MQTT_PORT, SIM_START, Loop, eventually, make_aggregator
+
+pytestmark = pytest.mark.integration
+
+TOL = 0.02  # tracking tolerance: 2 % of the request
+SETTLE_STEPS = 3  # the fleet must be on target within this many control steps
+HOLD_STEPS = 4  # ... and stay there for this many more
+
+
+# -- helpers ------------------------------------------------------------------------------
+def on_target(power_kw: float, target_kw: float) -> bool:
+    return abs(power_kw - target_kw) <= TOL * abs(target_kw)
+
+
+async def track(loop: Loop, target_kw: float, what: str) -> list[float]:
+    """The next SETTLE_STEPS + HOLD_STEPS measured fleet powers; asserts the fleet reaches
+    the target within SETTLE_STEPS steps and then stays on it."""
+    powers = [(await loop.next_report()).status.power_kw for _ in range(SETTLE_STEPS + HOLD_STEPS)]
+    first = next((k for k, p in enumerate(powers) if on_target(p, target_kw)), None)
+    assert first is not None and first < SETTLE_STEPS, (
+        f"{what}: fleet power {powers} kW did not come within {TOL:.0%} of {target_kw} kW"
+        f" within {SETTLE_STEPS} control steps"
+    )
+    off = [p for p in powers[first:] if not on_target(p, target_kw)]
+    assert not off, f"{what}: fleet left the {TOL:.0%} band around {target_kw} kW: {powers}"
+    return powers
+
+
+async def request(
+    settings: Settings, req: DispatchRequest, timeout_s: float = 10.0
+) -> DispatchResult:
+    """Send a request over MQTT with the operator client and return the first answer."""
+    return await operator.dispatch(
+        settings, req, wait=False, timeout_s=timeout_s, on_result=lambda _: None
+    )
+
+
+async def discharge_half(
+    loop: Loop, request_id: str, duration_s: float, *, capability: Capability | None = None
+) -> tuple[float, DispatchResult, StepReport]:
+    """Ask over MQTT for half of the fleet's 900 s export capability; returns the power,
+    the answer and the report of the step that accepted it."""
+    cap = capability or loop.aggregator.last_report.capability  # type: ignore[union-attr]
+    win = next(w for w in cap.windows if w.duration_s == 900.0)
+    assert win.min_power_kw < -50.0, f"the fleet has no export capability to test with: {win}"
+    power = round(0.5 * win.min_power_kw, 1)
+    loop.drain()
+    req = DispatchRequest(request_id=request_id, power_kw=power, duration_s=duration_s)
+    answer = await request(loop.settings, req)
+    assert answer.status == "accepted", answer
+    assert answer.shortfall_kw == 0.0
+    assert answer.allocated_kw == pytest.approx(power, abs=1e-3)
+    accepted = await loop.wait_for(
+        f"the acceptance of {request_id}",
+        lambda r: any(a.request_id == request_id and a.status == "accepted" for a in r.results),
+    )
+    return power, answer, accepted
+
+
+@contextlib.asynccontextmanager
+async def spy(settings: Settings, *filters: str) -> AsyncIterator[asyncio.Queue[operator.Event]]:
+    """A separate MQTT client whose messages on ``filters`` land in a queue."""
+    async with operator.operator_link(settings, [(f, 1) for f in filters]) as (_, queue):
+        yield queue
+
+
+async def next_event(
+    queue: asyncio.Queue[operator.Event], ok: Callable[[operator.Event], bool], timeout: float
+) -> operator.Event:
+    async with asyncio.timeout(timeout):
+        while True:
+            ev = await queue.get()
+            if ok(ev):
+                return ev
+
+
+def drain_events(queue: asyncio.Queue[operator.Event]) -> list[operator.Event]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+def biggest_discharger(loop: Loop) -> tuple[str, int]:
+    """The plugged-in vehicle that exports the most right now: (id, index in the SimFleet)."""
+    fleet = loop.fleet
+    power = np.where(fleet.plugged, fleet.power, np.inf)
+    i = int(np.argmin(power))
+    assert power[i] < 0, f"no vehicle is discharging: {fleet.power}"
+    return fleet.ids[i], i
+
+
+# -- the closed loop ----------------------------------------------------------------------
+async def test_fifty_vehicles_on_their_own_connections_track_a_discharge_within_2pct(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    async with loop_factory(count=50, seed=7, mode="per-vehicle") as loop:
+        assert len(loop.agents.links) == 50
+        report = await loop.wait_all_online()
+        assert report.status.vehicles_plugged_in > 20
+        # The operator's view: the retained capability and status topics.
+        async with spy(
+            settings, settings.topics.fleet_capability, settings.topics.fleet_status
+        ) as events:
+            ev = await next_event(events, lambda e: "capability" in e.topic and bool(e.payload), 5)
+            capability = Capability.model_validate_json(ev.payload)
+            assert [w.duration_s for w in capability.windows] == [900, 1800, 3600, 7200, 14400]
+
+            rid = f"peak-{uuid.uuid4().hex[:8]}"
+            power, answer, _ = await discharge_half(loop, rid, 900.0, capability=capability)
+            assert answer.vehicles == report.status.vehicles_plugged_in
+            await track(loop, power, "discharge")
+
+            # What went over the wire agrees: the published fleet status and progress.
+            drain_events(events)
+            ev = await next_event(events, lambda e: e.topic == settings.topics.fleet_status, 5)
+            status = FleetStatus.model_validate_json(ev.payload)
+            assert on_target(status.power_kw, power), status
+            assert [d.request_id for d in status.dispatches] == [rid]
+            assert on_target(status.dispatches[0].delivered_kw, power), status.dispatches
+
+        # And the physical truth in the simulator: what plugged-in vehicles draw now.
+        fleet = loop.fleet
+        assert on_target(float(fleet.power[fleet.plugged].sum()), power)
+
+
+async def test_progress_reports_delivered_power_on_target(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    async with loop_factory(count=30, seed=11, mode="multiplexed", connections=3) as loop:
+        await loop.wait_all_online()
+        rid = f"dr-{uuid.uuid4().hex[:8]}"
+        async with spy(settings, settings.topics.dispatch_progress(rid)) as events:
+            power, *_ = await discharge_half(loop, rid, 600.0)
+            await track(loop, power, "discharge (multiplexed)")
+            drain_events(events)
+            ev = await next_event(events, lambda e: e.topic.endswith("/progress"), 5)
+            progress = DispatchProgress.model_validate_json(ev.payload)
+            assert progress.requested_kw == power
+            assert on_target(progress.delivered_kw, power), progress
+            assert progress.delivered_kwh < 0 and progress.requested_kwh < 0
+            assert progress.elapsed_s > 0 and progress.remaining_s < 600.0
+
+
+async def test_unplugged_vehicle_is_dropped_and_the_others_pick_up_its_share(
+    loop_factory: Callable[..., Any], settings: Settings, clock: SimClock
+) -> None:
+    async with loop_factory(count=30, seed=3, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online()
+        power, *_ = await discharge_half(loop, f"unplug-{uuid.uuid4().hex[:8]}", 900.0)
+        await track(loop, power, "before the unplug")
+
+        vid, i = biggest_discharger(loop)
+        share = float(loop.fleet.power[i])
+        assert abs(share) > TOL * abs(power), "the victim's share must matter for the test"
+        agg = loop.aggregator
+        row = agg.state.index[vid]
+        plugged_before = agg.last_report.status.vehicles_plugged_in  # type: ignore[union-attr]
+
+        async with spy(settings, settings.topics.setpoint(vid)) as setpoints:
+            loop.fleet.departure[i] = clock.now()  # the driver leaves now
+            dropped = await loop.wait_for(
+                f"{vid} unplugged", lambda r: not agg.state.cols["plugged"][row], timeout=5
+            )
+            assert dropped.status.vehicles_plugged_in == plugged_before - 1
+            assert row not in agg.state.view(dropped.now, settings.stale_s).rows
+            await track(loop, power, "after the unplug")
+
+            late = [
+                sp
+                for sp in (Setpoint.model_validate_json(e.payload) for e in drain_events(setpoints))
+                if sp.issued_at >= from_epoch(dropped.now)
+            ]
+            assert late == [], f"{vid} got setpoints after it unplugged: {late}"
+        assert not loop.fleet.plugged[i]
+        assert loop.fleet.power[i] == 0.0
+
+
+async def test_vehicle_whose_connection_dies_is_taken_out_by_its_last_will(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    async with loop_factory(count=20, seed=5, mode="per-vehicle") as loop:
+        await loop.wait_all_online()
+        power, *_ = await discharge_half(loop, f"will-{uuid.uuid4().hex[:8]}", 900.0)
+        await track(loop, power, "before the drop")
+
+        vid, i = biggest_discharger(loop)
+        agg = loop.aggregator
+        row = agg.state.index[vid]
+        link = loop.agents.links[i]
+        task = next(t for t in asyncio.all_tasks() if t.get_name() == f"agent-link-{i}")
+        async with spy(settings, settings.topics.vehicle_status(vid)) as statuses:
+            drain_events(statuses)  # the retained birth
+            # Drop the TCP connection without an MQTT DISCONNECT, and keep it down.
+            assert link._client is not None
+            sock = link._client._client.socket()
+            assert isinstance(sock, socket.socket)
+            sock.shutdown(socket.SHUT_RDWR)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                async with asyncio.timeout(5):
+                    await task
+
+            ev = await next_event(statuses, lambda e: b'"online":false' in e.payload, 5)
+            will = VehicleStatus.model_validate_json(ev.payload)
+            assert will.vehicle_id == vid
+            assert not link.connected
+
+            gone = await loop.wait_for(
+                "the online count to drop",
+                lambda r: r.status.vehicles_online == len(loop.fleet) - 1,
+            )
+        # Taken out by the will (the status), not by silence: its telemetry is still fresh.
+        assert not agg.state.cols["online"][row]
+        assert gone.now - agg.state.cols["last_ts"][row] <= settings.stale_s
+        await track(loop, power, "after the drop")
+
+
+async def test_restarted_aggregator_restores_fleet_and_dispatch_from_redis_and_completes_it(
+    loop_factory: Callable[..., Any], settings: Settings, test_id: str, clock: SimClock
+) -> None:
+    duration_s = 100.0
+    async with loop_factory(count=20, seed=9, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online()
+        rid = f"restart-{uuid.uuid4().hex[:8]}"
+        results: list[DispatchResult] = []
+        win = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
+        power = round(0.5 * win.min_power_kw, 1)
+        req = DispatchRequest(request_id=rid, power_kw=power, duration_s=duration_s)
+        follower = loop.tg.create_task(
+            operator.dispatch(settings, req, wait=True, timeout_s=30, on_result=results.append)
+        )
+        await loop.wait_for("the acceptance", lambda r: any(a.request_id == rid for a in r.results))
+        await track(loop, power, "before the restart")
+        old = loop.aggregator
+        ids_before = list(old.state.ids)
+        await loop.stop("aggregator")
+
+        store2 = RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+        try:
+            fresh = make_aggregator(settings, clock, store2, test_id, "agg2")
+            await fresh.restore()
+            # Before any telemetry: the fleet and the running request come from Redis.
+            assert fresh.inbox.telemetry == []
+            assert len(fresh.state) == 20
+            assert fresh.state.ids == ids_before
+            assert rid in fresh.dispatcher.dispatches
+            restored = fresh.dispatcher.dispatches[rid]
+            assert restored.state == "active"
+            assert restored.requested_kw == power
+            assert restored.requested_kwh < 0 and restored.delivered_kwh < 0
+
+            loop.aggregator = fresh
+            await loop.half_step_after_agents()
+            restarted_at = clock.now()
+            loop.start("aggregator", fresh.run())
+            await track(loop, power, "after the restart")
+            async with asyncio.timeout(duration_s / settings.speed + 15):
+                final = await follower
+        finally:
+            await store2.close()
+
+    assert final.status == "completed", results
+    assert [r.status for r in results] == ["accepted", "completed"]
+    # The books cover the whole window, the restart gap included ...
+    assert final.requested_kwh == pytest.approx(power * duration_s / 3600.0, abs=2e-3)
+    # ... and went on from what was restored: the energy delivered after the restart adds to
+    # what was delivered before (the fleet was on target for most of what remained).
+    assert final.delivered_kwh is not None
+    after_kwh = final.delivered_kwh - restored.delivered_kwh
+    assert after_kwh < 0.8 * power * (restored.end - restarted_at) / 3600.0
+
+
+async def test_malformed_telemetry_is_rejected_counted_by_reason_and_service_keeps_running(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    t = settings.topics
+    good = Telemetry(
+        vehicle_id="ghost-1",
+        seq=1,
+        ts=from_epoch(SIM_START),
+        plugged_in=True,
+        soc=0.5,
+        capacity_kwh=60.0,
+        power_kw=0.0,
+        max_charge_kw=11.0,
+        max_discharge_kw=11.0,
+        charge_efficiency=0.92,
+        discharge_efficiency=0.92,
+        min_soc=0.2,
+        target_soc=0.8,
+    ).model_dump(mode="json")
+
+    def body(**changes: Any) -> bytes:
+        return json.dumps({**good, **changes}).encode()
+
+    bad: list[tuple[str, bytes, str]] = [
+        (t.telemetry("ghost-1"), b'{"vehicle_id": "ghost-1", "seq": ', "json"),
+        (t.telemetry("ghost-1"), body(soc="0.5"), "schema"),
+        (t.telemetry("ghost-1"), body().replace(b'"soc": 0.5', b'"soc": NaN'), "schema"),
+        (t.telemetry("ghost-2"), body(), "identity"),
+        # Wildcard-looking ids: no broker takes '+' or '#' in a topic, but a payload can say so.
+        (t.telemetry("ghost-1"), body(vehicle_id="ghost-+"), "schema"),
+        (t.telemetry("ghost-1"), body(vehicle_id="#"), "schema"),
+        (t.telemetry("ghost!1"), body(vehicle_id="ghost!1"), "topic"),
+        (t.telemetry("ghost-1"), body(padding="x" * 70_000), "size"),
+    ]
+    assert b"NaN" in bad[2][1]
+    expected: dict[str, int] = {}
+    for _, _, reason in bad:
+        expected[reason] = expected.get(reason, 0) + 1
+
+    async with loop_factory(count=5, seed=2, mode="multiplexed", connections=1) as loop:
+        await loop.wait_all_online()
+        agg = loop.aggregator
+        assert not agg.rejected
+        async with aiomqtt.Client(
+            HOST, MQTT_PORT, identifier=f"itest-raw-{uuid.uuid4().hex[:8]}"
+        ) as raw:
+            for topic, payload, _ in bad:
+                await raw.publish(topic, payload, qos=1)
+
+        counted = await loop.wait_for(
+            f"rejections {expected}",
+            lambda r: all(r.status.rejected.get(k, 0) >= n for k, n in expected.items()),
+            timeout=5,
+        )
+        assert {k: agg.rejected[k] for k in expected} == expected
+        assert {k: counted.status.rejected[k] for k in expected} == expected
+        assert not any(v.startswith("ghost") for v in agg.state.ids)
+
+        # The published, retained fleet status carries the same counts.
+        async with spy(settings, t.fleet_status) as events:
+            ev = await next_event(events, lambda e: bool(e.payload), 5)
+            published = FleetStatus.model_validate_json(ev.payload)
+        assert {k: published.rejected.get(k) for k in expected} == expected
+
+        # The service is alive: later steps happen and the fleet still reports in.
+        later = await loop.wait_for(
+            "a later step with the fleet online",
+            lambda r: r.now > counted.now and r.status.vehicles_online == 5,
+        )
+        assert later.status.rejected == counted.status.rejected
+        assert not loop.tasks["aggregator"].done()
+
+
+async def test_absurd_dispatch_requests_are_rejected_with_a_reason(
+    loop_factory: Callable[..., Any], settings: Settings, clock: SimClock
+) -> None:
+    async with loop_factory(count=5, seed=4) as loop:
+        await loop.wait_all_online()
+        now, hour = from_epoch(clock.now()), timedelta(hours=1)
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"power_kw": -2e6, "duration_s": 900.0}, "beyond the platform limit"),
+            ({"power_kw": -10.0, "duration_s": 900.0, "start": now - 2 * hour}, "in the past"),
+            ({"power_kw": -10.0, "duration_s": 30 * 86_400.0}, "longer than the limit"),
+            ({"power_kw": -10.0, "duration_s": 900.0, "start": now + 720 * hour}, "too far ahead"),
+        ]
+        for i, (terms, why) in enumerate(cases):
+            rid = f"absurd-{i}-{uuid.uuid4().hex[:6]}"
+            answer = await request(
+                settings, DispatchRequest.model_validate({"request_id": rid, **terms})
+            )
+            assert answer.request_id == rid
+            assert answer.status == "rejected", answer
+            assert answer.reason is not None and why in answer.reason, answer.reason
+        assert loop.aggregator.dispatcher.dispatches == {}
+        report = await loop.next_report()
+        assert report.status.dispatches == []
+
+
+async def test_cancel_stops_a_running_request_with_cancelled_and_delivered_energy(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    async with loop_factory(count=20, seed=6, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online()
+        baseline_kw = loop.aggregator.last_report.status.power_kw  # type: ignore[union-attr]
+        rid = f"cancel-{uuid.uuid4().hex[:8]}"
+        t = settings.topics
+        async with spy(settings, t.dispatch_result(rid), t.dispatch_progress(rid)) as events:
+            power, _, accepted = await discharge_half(loop, rid, 900.0)
+            await track(loop, power, "before the cancel")
+            await operator.cancel(settings, rid)
+            stopped = await loop.wait_for(
+                "the cancel", lambda r: any(a.status == "cancelled" for a in r.results), 5
+            )
+            progress: list[DispatchProgress] = []
+            async with asyncio.timeout(5):
+                while True:
+                    ev = await events.get()
+                    if ev.topic == t.dispatch_progress(rid):
+                        progress.append(DispatchProgress.model_validate_json(ev.payload))
+                    elif b'"cancelled"' in ev.payload:
+                        done = DispatchResult.model_validate_json(ev.payload)
+                        break
+        assert done.status == "cancelled"
+        assert done.reason == "cancelled by the operator"
+        assert rid not in loop.aggregator.dispatcher.dispatches
+        # The books close at the cancel: requested from acceptance to cancel, and delivered
+        # as the last progress plus one more step on target.
+        assert done.requested_kwh == pytest.approx(
+            power * (stopped.now - accepted.now) / 3600.0, abs=1e-3
+        )
+        last = max(progress, key=lambda p: p.ts)
+        step_h = (stopped.now - last.ts.timestamp()) / 3600.0
+        assert 0 < step_h * 3600.0 <= 2 * settings.control_step_s
+        assert done.delivered_kwh is not None
+        assert done.delivered_kwh < 0
+        assert done.delivered_kwh == pytest.approx(
+            last.delivered_kwh + power * step_h, abs=TOL * abs(power) * step_h + 1e-3
+        )
+
+        # Released: no active dispatch, and the vehicles go back to plain charging.
+        back = await loop.wait_for(
+            "the fleet back to plain charging",
+            lambda r: not r.status.dispatches and r.status.power_kw > 0,
+        )
+        assert back.status.power_kw == pytest.approx(baseline_kw, rel=0.25)
+        assert not np.any(loop.fleet.setpoint_until > loop.clock.now())
+
+
+# -- the state store ----------------------------------------------------------------------
+async def test_redis_store_round_trips_a_snapshot_exactly(
+    store: RedisStore, settings: Settings, redis_url: str
+) -> None:
+    rng = np.random.default_rng(42)
+    n = 257
+    ids = [f"ev-{k:04d}" for k in range(n - 2)] + ["oem:fleet.A_1", "x" * 64]
+    floats = rng.normal(size=n)
+    floats[:4] = [np.nan, np.inf, -np.inf, -0.0]
+    columns: dict[str, np.ndarray] = {
+        "f8": floats,
+        "f4": rng.normal(size=n).astype(np.float32),
+        "be_f8": floats.astype(">f8"),
+        "bool": rng.random(n) < 0.5,
+        "i8": rng.integers(-(2**62), 2**62, size=n, dtype=np.int64),
+        "i4": rng.integers(-(2**31), 2**31 - 1, size=n, dtype=np.int32),
+        "u2": rng.integers(0, 2**16, size=n, dtype=np.uint16),
+        "u1": rng.integers(0, 256, size=n, dtype=np.uint8),
+    }
+    req = DispatchRequest(
+        request_id="rt-1",
+        service="peak_shaving",  # type: ignore[arg-type]
+        power_kw=-123.456,
+        start=from_epoch(1_717_448_400.25),
+        duration_s=900.0,
+        priority=3,
+    )
+    d = Dispatch(request=req, start=1_717_448_400.25, end=1_717_449_300.25, state="active")
+    d.delivered_kwh, d.requested_kwh, d.last_t = -1.0 / 3.0, -0.1234567890123, 1_717_448_410.5
+    records = [d.to_record(), {"unicode": "Δ kW ≥ 0", "nested": [1, 2.5, None, {"a": True}]}]
+    snap = Snapshot(ids, columns, records, saved_at=1_717_448_412.123456)
+    await store.save(snap)
+
+    other = RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    try:
+        loaded = await other.load()
+    finally:
+        await other.close()
+    assert loaded is not None
+    assert loaded.ids == ids
+    assert loaded.saved_at == snap.saved_at
+    assert loaded.columns.keys() == columns.keys()
+    for name, arr in columns.items():
+        got = loaded.columns[name]
+        assert got.dtype == arr.dtype, name
+        assert got.shape == arr.shape, name
+        assert got.tobytes() == arr.tobytes(), name  # bit for bit, NaN and -0.0 included
+        assert got.flags.writeable, name
+    assert loaded.dispatches == records
+    back = Dispatch.from_record(loaded.dispatches[0])
+    assert back == d
+
+    # One hash per prefix; a smaller snapshot replaces the whole of the old one.
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.type(store.key) == b"hash"
+        await store.save(Snapshot([], {}, [], saved_at=1.0))
+        fields = await client.hkeys(store.key)  # type: ignore[misc]
+        assert not [f for f in fields if f.startswith(b"col:")]
+    finally:
+        await client.aclose()
+    empty = await store.load()
+    assert empty is not None
+    assert (empty.ids, empty.columns, empty.dispatches, empty.saved_at) == ([], {}, [], 1.0)
+
+    nothing = RedisStore(settings.redis_url, prefix=f"{settings.redis_prefix}:never-written")
+    try:
+        assert await nothing.load() is None
+    finally:
+        await nothing.close()
+
+
+async def test_fleet_state_survives_a_round_trip_through_redis(store: RedisStore) -> None:
+    state = FleetState(initial_capacity=4)
+    batch = [
+        Telemetry(
+            vehicle_id=f"ev-{k}",
+            seq=k,
+            ts=from_epoch(1_717_448_400.0 + k),
+            plugged_in=k % 3 != 0,
+            soc=0.1 * k,
+            capacity_kwh=40.0 + k,
+            power_kw=-3.5 * k,
+            max_charge_kw=11.0,
+            max_discharge_kw=7.4,
+            charge_efficiency=0.93,
+            discharge_efficiency=0.91,
+            min_soc=0.2,
+            target_soc=0.8,
+            departure=None if k % 2 else from_epoch(1_717_480_000.0 + k),
+        )
+        for k in range(10)
+    ]
+    assert state.apply_telemetry(batch) == (10, 0)
+    state.apply_status("ev-3", False, 1_717_448_500.0)
+    ids, columns = state.snapshot()
+    await store.save(Snapshot(ids, columns, [], saved_at=1_717_448_500.0))
+    loaded = await store.load()
+    assert loaded is not None
+    again = FleetState.restore(loaded.ids, loaded.columns)
+    assert again.ids == state.ids and again.index == state.index
+    for name in state.cols:
+        np.testing.assert_array_equal(again.col(name), state.col(name), err_msg=name)
+    assert not again.col("online")[again.index["ev-3"]]
+
+
+# -- the connection helper ----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateBroker:
+    """A Mosquitto of our own on a free loopback port, to kill and restart at will."""
+
+    port: int
+    conf: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 5.0) -> None:
+        assert self.proc is None
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.2):
+                return
+            time.sleep(0.02)
+        pytest.fail(f"private mosquitto did not listen on {self.port}: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        """kill -9, no goodbye to anyone."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} {HOST}\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+    )
+    broker = PrivateBroker(port, conf, tmp_path / "mosquitto.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+
+
+async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restarts(
+    private_broker: PrivateBroker, settings: Settings
+) -> None:
+    cfg = settings.model_copy(update={"broker_url": private_broker.url})
+    topic = f"{cfg.topic_prefix}/echo"
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def handler(m: aiomqtt.Message) -> None:
+        got.put_nowait(bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
+
+    link = MqttLink(
+        settings=cfg,
+        client_id=f"itest-link-{uuid.uuid4().hex[:8]}",
+        handler=handler,
+        subscriptions=[(f"{topic}/#", 1)],
+    )
+
+    async def publish(payload: bytes) -> None:
+        async with aiomqtt.Client(
+            HOST, private_broker.port, identifier=f"pub-{uuid.uuid4().hex}"
+        ) as c:
+            await c.publish(f"{topic}/x", payload, qos=1)
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(link.run(), name="link-under-test")
+        try:
+            await link.wait_connected(5)
+            await publish(b"before")
+            async with asyncio.timeout(5):
+                assert await got.get() == b"before"
+
+            private_broker.kill()
+            await eventually(lambda: not link.connected, "the link to notice", timeout=5)
+            assert link.stats.disconnects >= 1
+            assert await link.publish(f"{topic}/x", b"lost", qos=0) is False
+            assert link.stats.dropped_offline == 1
+
+            await asyncio.to_thread(private_broker.start)  # same port, empty broker
+            await link.wait_connected(10)
+            assert link.stats.connects == 2
+            # A fresh broker knows no subscriptions: only a resubscribe brings this in.
+            await publish(b"after")
+            async with asyncio.timeout(5):
+                assert await got.get() == b"after"
+            assert link.stats.received == 2
+            assert link.stats.handler_errors == 0
+        finally:
+            task.cancel()
+    assert task.cancelled()
+    assert not link.connected
