@@ -15,21 +15,6 @@ from numpy.typing import NDArray
 from agents.battery import Array, Batteries
 from broker.models import Telemetry
 
-FLOAT_COLUMNS = (
-    "capacity_kwh",
-    "max_charge_kw",
-    "max_discharge_kw",
-    "charge_efficiency",
-    "discharge_efficiency",
-    "min_soc",
-    "target_soc",
-    "soc",
-    "power_kw",
-    "departure",
-    "last_ts",
-    "status_ts",
-)
-BOOL_COLUMNS = ("plugged", "online")
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
 _TELEMETRY_COLUMNS = (
     "capacity_kwh",
@@ -43,6 +28,8 @@ _TELEMETRY_COLUMNS = (
     "power_kw",
     "departure",
 )
+FLOAT_COLUMNS = (*_TELEMETRY_COLUMNS, "last_ts", "status_ts")
+BOOL_COLUMNS = ("plugged", "online")
 INT_COLUMNS = ("last_seq",)
 
 _DEFAULTS: dict[str, float] = {

@@ -149,36 +149,21 @@ async def bench_step(n: int) -> list[Row]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    budget = {
+        "unit": "ms",
+        "ref": BUDGET_MS,
+        "ref_name": "1 s budget",
+        "target": BUDGET_MS,
+        "lower_is_better": True,
+    }
     return [
-        row(
-            "control step, computation",
-            n,
-            compute_ms,
-            BUDGET_MS,
-            "ms",
-            "1 s budget",
-            BUDGET_MS,
-            True,
-        ),
-        row(
-            f"control step, all {sent} setpoints new",
-            n,
-            full_ms,
-            BUDGET_MS,
-            "ms",
-            "1 s budget",
-            BUDGET_MS,
-            True,
-        ),
+        row("control step, computation", n, compute_ms, **budget),
+        row(f"control step, all {sent} setpoints new", n, full_ms, **budget),
         row(
             f"control step, steady (~{int(np.median(steady_sent))} sent)",
             n,
             float(np.median(steady_ms)),
-            BUDGET_MS,
-            "ms",
-            "1 s budget",
-            BUDGET_MS,
-            True,
+            **budget,
         ),
     ]
 
