@@ -122,8 +122,10 @@ class Dispatcher:
         self.setpoint_ttl_s = setpoint_ttl_s
         self.max_request_kw = max_request_kw
         self.max_duration_s = max_duration_s
-        # A vehicle acts on a setpoint at its next telemetry tick: judge drift after that.
-        self.settle_s = control_step_s if settle_s is None else settle_s
+        # A vehicle acts on a setpoint at its next tick, and a burst of setpoints takes a
+        # while to go out: judge drift only after two steps, or cars that simply have not
+        # heard yet look like cars that will not follow.
+        self.settle_s = 2.0 * control_step_s if settle_s is None else settle_s
         self.dispatches: dict[str, Dispatch] = {}
         self.answers: OrderedDict[str, DispatchResult] = OrderedDict()
         self._terms: dict[str, DispatchRequest] = {}
