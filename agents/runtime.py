@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from agents.fleet import SimFleet
 from agents.telemetry import status_payload, telemetry_payloads
-from broker.clock import Clock
+from broker.clock import Clock, raise_if_cancelled
 from broker.errors import TransportError
 from broker.link import MqttLink, Outgoing
 from broker.models import Setpoint, to_epoch
@@ -56,6 +56,8 @@ class AgentRuntime:
         self.log = logger or structlog.get_logger("agents")
         self.rejected: Counter[str] = Counter()
         self.setpoints_received = 0
+        self.react_wall_s = 0.05
+        self._heard = asyncio.Event()
         self.ticks = 0
         t = self.topics
         if mode == "per-vehicle":
@@ -129,17 +131,40 @@ class AgentRuntime:
             return  # another agent process's vehicle
         self.setpoints_received += 1
         self.fleet.set_setpoint(index, sp.power_kw, to_epoch(sp.valid_until))
+        self._heard.set()
 
     async def run(self) -> None:
         """Connect every link, then tick and report until cancelled; go offline cleanly."""
         async with asyncio.TaskGroup() as tg:
             for i, link in enumerate(self.links):
                 tg.create_task(link.run(), name=f"agent-link-{i}")
+            tg.create_task(self._react_loop(), name="agent-react")
             try:
                 await self._tick_loop()
             finally:
                 # The links are still up here; the task group closes them after this.
                 await self._say_offline()
+
+    async def _react_loop(self) -> None:
+        """Act on new setpoints within ~50 ms, as a charger does, not at the next report.
+
+        Setpoints that arrive together are applied together: one vectorised tick (no
+        telemetry) per burst.
+        """
+        while True:
+            await self._heard.wait()
+            await asyncio.sleep(self.react_wall_s)
+            self._heard.clear()
+            self._advance(self.clock.now())
+
+    def _advance(self, now: float) -> float:
+        now = max(now, self.fleet.now)  # the wall clock may step back a little
+        dep = self.fleet.tick(now)
+        if dep.short:
+            self.log.warning(
+                "drivers_short", count=dep.short, vehicles=",".join(dep.short_ids[:20])
+            )
+        return now
 
     async def _tick_loop(self) -> None:
         timeout = self.settings.publish_timeout_s * 3
@@ -151,6 +176,7 @@ class AgentRuntime:
         next_t = self.clock.now()
         while True:
             await self.tick(self.clock.now())
+            raise_if_cancelled()
             next_t += interval
             now = self.clock.now()
             if next_t < now:
@@ -159,12 +185,8 @@ class AgentRuntime:
 
     async def tick(self, now: float) -> None:
         """Advance the fleet to ``now`` and publish every vehicle's telemetry."""
-        dep = self.fleet.tick(now)
+        now = self._advance(now)
         self.ticks += 1
-        if dep.short:
-            self.log.warning(
-                "drivers_short", count=dep.short, vehicles=",".join(dep.short_ids[:20])
-            )
         payloads = telemetry_payloads(self.fleet, now)
         per_link: list[list[Outgoing]] = [[] for _ in self.links]
         t = self.topics
@@ -189,7 +211,8 @@ class AgentRuntime:
                 Outgoing(t.vehicle_status(v), status_payload(v, False, now), 1, True) for v in ids
             ]
             with contextlib.suppress(TimeoutError, TransportError):
-                await asyncio.wait_for(link.publish_many(msgs), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    await link.publish_many(msgs)
 
     def _ids_per_link(self) -> list[tuple[MqttLink, list[str]]]:
         groups: list[list[str]] = [[] for _ in self.links]

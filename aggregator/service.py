@@ -23,7 +23,7 @@ from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import Snapshot, StateStore
-from broker.clock import Clock
+from broker.clock import Clock, raise_if_cancelled
 from broker.errors import InvalidMessage, TransportError
 from broker.link import MqttLink, Outgoing
 from broker.models import (
@@ -186,6 +186,7 @@ class AggregatorService:
         next_t = self.clock.now()
         while True:
             report = await self.step()
+            raise_if_cancelled()
             if self.reports is not None:
                 self.reports.put_nowait(report)
             next_t += step

@@ -12,6 +12,18 @@ import time
 from typing import Protocol
 
 
+def raise_if_cancelled() -> None:
+    """Stop a loop whose cancellation a library swallowed on the way.
+
+    On Python 3.11 a cancel that lands just as a timeout expires can come back as a
+    TimeoutError (asyncio.wait_for, libraries built on it); a loop that handles
+    TimeoutError would then run for ever. Long-lived loops call this once a turn.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Clock(Protocol):
     """What the runtimes need of a clock: the time, and a way to wait for simulated time."""
 

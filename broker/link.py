@@ -85,8 +85,11 @@ class MqttLink:
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the link is up, or raise TransportError after ``timeout`` seconds."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can turn a cancellation
+        # that lands as it times out into a TimeoutError, and the task never stops.
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
         except TimeoutError:
             raise TransportError(
                 f"no connection to the broker at {self.settings.broker_url} after {timeout:.1f}s;"

@@ -100,7 +100,8 @@ async def follow_status(
     async with operator_link(settings, subs, connect_timeout=min(timeout_s, 10.0)) as (_, queue):
         while True:
             try:
-                ev = await asyncio.wait_for(queue.get(), None if follow else timeout_s)
+                async with asyncio.timeout(None if follow else timeout_s):
+                    ev = await queue.get()
             except TimeoutError:
                 return seen
             if not ev.payload or ev.topic != settings.topics.fleet_status:

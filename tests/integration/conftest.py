@@ -140,7 +140,8 @@ async def retained_cleanup(settings: Settings) -> AsyncIterator[None]:
         async with asyncio.timeout(5.0):
             while True:
                 try:
-                    m = await asyncio.wait_for(anext(aiter(c.messages)), 0.3)
+                    async with asyncio.timeout(0.3):
+                        m = await anext(aiter(c.messages))
                 except TimeoutError:
                     break
                 if m.retain and m.payload:
