@@ -88,7 +88,14 @@ class AggregatorService:
             max_duration_s=settings.max_request_duration_s,
         )
         self.rejected: Counter[str] = Counter()
+        # received == accepted + ignored + every rejection but "stale" (found at the fold).
+        self.received = 0
         self.accepted = 0
+        self.ignored = 0
+        # Per vehicle, per wall second: five reports per telemetry interval of wall time.
+        per_interval = settings.telemetry_interval_s / settings.speed
+        self._rate_limit = max(10, int(5.0 / per_interval))
+        self._rate: dict[str, tuple[float, int]] = {}
         self.degraded = False
         self.inbox = Inbox()
         self.reports: asyncio.Queue[StepReport] | None = None
@@ -112,6 +119,7 @@ class AggregatorService:
     # -- inbound ---------------------------------------------------------------------
     def on_message(self, message: aiomqtt.Message) -> None:
         """Validate one message and queue it; bad input is counted and logged, never raised."""
+        self.received += 1
         topic = str(message.topic)
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         try:
@@ -119,11 +127,13 @@ class AggregatorService:
                 raise InvalidMessage("size", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
             kind, ident = self.topics.parse(topic)
             if kind == "telemetry":
+                self._within_rate(ident)
                 t = _decode(Telemetry, payload)
                 _same_vehicle(ident, t.vehicle_id)
                 self.inbox.telemetry.append(t)
             elif kind == "status":
                 if not payload:  # a cleared retained status
+                    self.ignored += 1
                     return
                 s = _decode(VehicleStatus, payload)
                 _same_vehicle(ident, s.vehicle_id)
@@ -133,10 +143,23 @@ class AggregatorService:
             elif kind == "cancel":
                 self.inbox.cancels.append(ident)
             else:
-                return  # our own results and progress, echoed back by a wide subscription
+                self.ignored += 1  # our own results and progress, echoed by a wide subscription
+                return
             self.accepted += 1
         except InvalidMessage as err:
             self._reject(err, topic, payload)
+
+    def _within_rate(self, vehicle_id: str) -> None:
+        """A vehicle may report a few times per telemetry interval, not flood the service."""
+        now = time.monotonic()
+        start, count = self._rate.get(vehicle_id, (now, 0))
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= self._rate_limit:
+            raise InvalidMessage("rate", f"vehicle {vehicle_id} sent over {self._rate_limit} msg/s")
+        if len(self._rate) > 1_000_000:  # a flood of made-up ids must not grow memory for ever
+            self._rate.clear()
+        self._rate[vehicle_id] = (start, count + 1)
 
     def _reject(self, err: InvalidMessage, topic: str, payload: bytes) -> None:
         self.rejected[err.reason] += 1
