@@ -11,6 +11,7 @@ import contextlib
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
@@ -413,6 +414,68 @@ def status(
             f"no fleet status on {settings.topics.fleet_status} within {timeout:.0f} s; is the aggregator running?",
             1,
         )
+
+
+@app.command()
+def provision(
+    out: Annotated[
+        Path, typer.Option("--out", help="directory for passwd, credentials.json and certs/")
+    ],
+    vehicles: Annotated[
+        str | None, typer.Option(help="comma-separated vehicle ids, e.g. ev-0000,ev-0001")
+    ] = None,
+    count: Annotated[
+        int | None, typer.Option(min=0, help="or: this many vehicles, named PREFIX-0000...")
+    ] = None,
+    id_prefix: Annotated[str, typer.Option(help="vehicle id prefix for --count")] = "ev",
+    operator: Annotated[
+        str, typer.Option(help="operator username ('' for none); the ACL grants 'operator'")
+    ] = "operator",
+    aggregator: Annotated[
+        str, typer.Option(help="aggregator username ('' for none); the ACL grants 'aggregator'")
+    ] = "aggregator",
+    certs: Annotated[
+        bool, typer.Option("--certs", help="also a throwaway CA, server and client certificates")
+    ] = False,
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="new passwords for users that already have one")
+    ] = False,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            help="URL printed for clients [mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883]",
+        ),
+    ] = None,
+) -> None:
+    """Create broker logins: DIR/passwd (mosquitto_passwd), DIR/credentials.json (0600), and
+    with --certs DIR/certs/. Prints each vehicle's V2G_* connection settings. Vehicle
+    usernames are their vehicle ids, as the ACL's %u patterns require."""
+    from v2g import provision as prov
+
+    try:
+        ids = prov.vehicle_ids(vehicles, count, id_prefix)
+        done = prov.provision(
+            out,
+            ids,
+            aggregator=aggregator or None,
+            operator=operator or None,
+            certs=certs,
+            rotate=rotate,
+        )
+    except (prov.ProvisionError, ValueError) as err:
+        raise _fail(str(err), 1) from None
+    url = broker or ("mqtts://127.0.0.1:8883" if certs else "mqtt://127.0.0.1:1883")
+    for cred in done.all:
+        typer.echo(f"# {cred.username} ({cred.role})")
+        for line in prov.env_lines(cred, url, done.certs):
+            typer.echo(line)
+        typer.echo("")
+    typer.echo(
+        f"# {len(done.created)} created, {len(done.kept)} kept; password file {done.passwd_file},"
+        f" credentials {done.credentials_file} (0600)",
+        err=True,
+    )
 
 
 def main() -> None:
