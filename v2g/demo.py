@@ -9,7 +9,6 @@ with a summary of requested vs delivered energy and any driver left short.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore, RedisStore, StateStore
 from broker.clock import SimClock, day_anchor
 from broker.embedded import EmbeddedBroker
-from broker.models import DispatchProgress, DispatchRequest, DispatchResult
+from broker.models import DispatchRequest, DispatchResult
 from broker.settings import Settings
 from v2g import operator
 
@@ -125,16 +124,12 @@ async def _script(
                 flush=True,
             )
 
-        def on_progress(p: DispatchProgress) -> None:
-            return None
-
         result = await operator.dispatch(
             settings,
             req,
             wait=True,
             timeout_s=duration_s / settings.speed + 60,
             on_result=on_result,
-            on_progress=on_progress,
         )
         outcomes.append(Outcome(rid, label, power, result))
     return outcomes
@@ -180,9 +175,3 @@ def _summary(outcomes: list[Outcome], fleet: SimFleet, wall_s: float, out: TextI
         file=out,
     )
     print(f"  wall time: {wall_s:.1f} s", file=out, flush=True)
-
-
-def main_sync(**kwargs: object) -> list[Outcome]:
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(run_demo(**kwargs))  # type: ignore[arg-type]
-    return []
