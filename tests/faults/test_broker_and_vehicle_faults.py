@@ -1,0 +1,198 @@
+"""Faults in the loop: the broker killed and restarted under a running dispatch, and a
+vehicle process killed outright (its last will must take it out of the fleet at once).
+
+Reuses the integration fixtures and helpers (real Mosquitto on 127.0.0.1:1883 and Redis
+on :6379, a private Mosquitto of the test's own to kill), each test on its own prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+
+from aggregator.service import StepReport
+from aggregator.store import MemoryStore, RedisStore
+from broker.clock import SimClock
+from broker.settings import Settings
+from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
+    clock,
+    mqtt_url,
+    redis_url,
+    retained_cleanup,
+    settings,
+    test_id,
+)
+from tests.integration.harness import STEP_WALL_S, eventually, running_loop
+from tests.integration.test_loop import (  # noqa: F401  (private_broker is a fixture)
+    PrivateBroker,
+    discharge_half,
+    next_event,
+    on_target,
+    private_broker,
+    spy,
+)
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = Path(sys.executable).parent
+DOWN_WALL_S = 2.0  # how long the broker stays dead
+RECOVER_STEPS = 10  # control steps allowed from the restart to back on target
+HOLD_STEPS = 3  # ... after which the fleet must stay on target
+
+
+def memory() -> RedisStore:
+    """A MemoryStore where the harness's signature says RedisStore (same interface)."""
+    return cast(RedisStore, MemoryStore())
+
+
+async def test_dispatch_survives_a_broker_killed_and_restarted(
+    private_broker: PrivateBroker,  # noqa: F811
+    settings: Settings,  # noqa: F811
+    clock: SimClock,  # noqa: F811
+    test_id: str,  # noqa: F811
+) -> None:
+    cfg = settings.model_copy(
+        update={"broker_url": private_broker.url, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
+    )
+    async with running_loop(
+        cfg, clock, memory(), test_id, count=20, seed=7, mode="multiplexed", connections=2
+    ) as loop:
+        fleet = loop.fleet
+        floor = fleet.bat.min_soc * fleet.bat.capacity_kwh
+        above_floor = fleet.energy >= floor
+        await loop.wait_all_online()
+        rid = f"fault-{test_id}"
+        power, _, _ = await discharge_half(loop, rid, duration_s=900.0)
+        await loop.wait_for(
+            f"the fleet on {power} kW", lambda r: on_target(r.status.power_kw, power)
+        )
+
+        links = [loop.aggregator.link, *loop.agents.links]
+        assert all(link.stats.connects == 1 for link in links)
+        private_broker.kill()
+        await asyncio.sleep(DOWN_WALL_S)
+        await asyncio.to_thread(private_broker.start)  # same port, empty broker
+        restarted, restarted_sim = time.monotonic(), clock.now()
+        loop.drain()
+
+        def recovered(r: StepReport) -> bool:
+            status = r.status
+            return (
+                r.now >= restarted_sim  # a step begun before the restart knows nothing new
+                and all(link.stats.connects >= 2 for link in links)
+                and [d.request_id for d in status.dispatches] == [rid]
+                and on_target(status.power_kw, power)
+            )
+
+        report = await loop.wait_for(
+            "every link back and the fleet on target again",
+            recovered,
+            timeout=RECOVER_STEPS * STEP_WALL_S,
+        )
+        back_s = time.monotonic() - restarted
+        print(
+            f"\nbroker restart -> fleet back within 2% of {power} kW in {back_s:.2f} s wall"
+            f" ({back_s / STEP_WALL_S:.1f} control steps); measured {report.status.power_kw} kW"
+        )
+        held = [(await loop.next_report()).status for _ in range(HOLD_STEPS)]
+        off = [s.power_kw for s in held if not on_target(s.power_kw, power)]
+        assert not off, f"the fleet left the 2% band around {power} kW after recovering: {off}"
+        assert all([d.request_id for d in s.dispatches] == [rid] for s in held)
+        assert rid in loop.aggregator.dispatcher.dispatches
+        assert all(link.stats.connects >= 2 for link in links), [
+            link.stats.connects for link in links
+        ]
+        low = fleet.plugged & above_floor & (fleet.energy < floor - 1e-6)
+        assert not low.any(), f"below their min_soc floor: {np.array(fleet.ids)[low].tolist()}"
+
+
+async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
+    settings: Settings,  # noqa: F811
+    test_id: str,  # noqa: F811
+    retained_cleanup: None,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Real time everywhere (speed 1, sim == wall), so the subprocess's timestamps agree
+    # with the aggregator's clock; a short control step so statuses are folded quickly.
+    cfg = settings.model_copy(
+        update={"speed": 1.0, "telemetry_interval_s": 1.0, "control_step_s": 0.5}
+    )
+    clock = SimClock(speed=1.0)  # noqa: F811
+    victim = "victim-0000"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("V2G_")}
+    env |= {
+        "V2G_TELEMETRY_INTERVAL_S": "1",
+        "V2G_KEEPALIVE_S": str(cfg.keepalive_s),
+        "V2G_RECONNECT_MIN_S": "0.05",
+        "V2G_RECONNECT_MAX_S": "0.5",
+    }
+    cmd = [
+        str(VENV_BIN / "v2g"),
+        "agents",
+        "--count",
+        "1",
+        "--mode",
+        "per-vehicle",
+        "--id-prefix",
+        "victim",
+        "--broker",
+        cfg.broker_url,
+        "--topic-prefix",
+        cfg.topic_prefix,
+        "--speed",
+        "1",
+    ]
+    log = tmp_path / "victim.log"
+    async with running_loop(cfg, clock, memory(), test_id, count=3, seed=3) as loop:
+        await loop.wait_all_online()
+        state = loop.aggregator.state
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+        try:
+
+            def online() -> bool:
+                row = state.index.get(victim)
+                return row is not None and bool(state.col("online")[row])
+
+            try:
+                await eventually(online, f"the aggregator to see {victim} online", timeout=20.0)
+            except BaseException:
+                print(log.read_text(errors="replace"))
+                raise
+            row = state.index[victim]
+            async with spy(cfg, cfg.topics.vehicle_status(victim)) as events:
+                # The retained birth comes first; the will is the first "online": false after it.
+                await next_event(events, lambda e: b'"online":true' in e.payload, timeout=5.0)
+                will = asyncio.create_task(
+                    next_event(events, lambda e: b'"online":false' in e.payload, timeout=5.0)
+                )
+                proc.kill()  # kill -9: no goodbye; the broker publishes the will
+                killed = time.monotonic()
+                await will
+                will_s = time.monotonic() - killed
+                await eventually(
+                    lambda: not state.col("online")[row], f"{victim} to go offline", timeout=5.0
+                )
+                offline_s = time.monotonic() - killed
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            async with asyncio.timeout(5.0):
+                await proc.wait()
+        print(
+            f"\nkill -9 of {victim} -> offline in the aggregator in {offline_s:.3f} s wall"
+            f" (will seen by a spy client within {will_s:.3f} s)"
+        )
+        assert will_s < 1.0
+        assert offline_s < 1.0 + cfg.control_step_s / cfg.speed
+        others = [state.index[v] for v in loop.fleet.ids]
+        assert state.col("online")[others].all(), "the other vehicles must stay online"
