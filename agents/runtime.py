@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Literal
 
 import aiomqtt
+import numpy as np
 import structlog
+from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from agents.fleet import SimFleet
@@ -30,6 +32,8 @@ from broker.models import Setpoint, to_epoch
 from broker.settings import Settings
 
 Mode = Literal["per-vehicle", "multiplexed"]
+# A change of power larger than this is reported at once, not at the next interval.
+REPORT_ON_CHANGE_KW = 0.01
 
 
 class AgentRuntime:
@@ -146,16 +150,21 @@ class AgentRuntime:
                 await self._say_offline()
 
     async def _react_loop(self) -> None:
-        """Act on new setpoints within ~50 ms, as a charger does, not at the next report.
+        """Act on new setpoints within ~50 ms, as a charger does, not at the next report,
+        and report at once the vehicles whose power changed (report on change), so the
+        aggregator's meter knows when each change happened.
 
-        Setpoints that arrive together are applied together: one vectorised tick (no
-        telemetry) per burst.
+        Setpoints that arrive together are applied together: one vectorised tick per burst.
         """
         while True:
             await self._heard.wait()
             await asyncio.sleep(self.react_wall_s)
             self._heard.clear()
-            self._advance(self.clock.now())
+            before = self.fleet.power.copy()
+            now = self._advance(self.clock.now())
+            changed = np.flatnonzero(np.abs(self.fleet.power - before) > REPORT_ON_CHANGE_KW)
+            if changed.size:
+                await self._publish_telemetry(now, changed)
 
     def _advance(self, now: float) -> float:
         now = max(now, self.fleet.now)  # the wall clock may step back a little
@@ -187,11 +196,15 @@ class AgentRuntime:
         """Advance the fleet to ``now`` and publish every vehicle's telemetry."""
         now = self._advance(now)
         self.ticks += 1
-        payloads = telemetry_payloads(self.fleet, now)
+        await self._publish_telemetry(now, np.arange(len(self.fleet)))
+
+    async def _publish_telemetry(self, now: float, rows: NDArray[np.intp]) -> None:
+        payloads = telemetry_payloads(self.fleet, now, rows)
         per_link: list[list[Outgoing]] = [[] for _ in self.links]
         t = self.topics
-        for i, (vid, body) in enumerate(zip(self.fleet.ids, payloads, strict=True)):
-            per_link[self._link_of[i]].append(Outgoing(t.telemetry(vid), body, qos=0))
+        ids = self.fleet.ids
+        for i, body in zip(rows.tolist(), payloads, strict=True):
+            per_link[self._link_of[i]].append(Outgoing(t.telemetry(ids[i]), body, qos=0))
         await asyncio.gather(
             *(
                 link.publish_many(msgs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agents.fleet import SimFleet
 from broker.models import VehicleStatus, from_epoch
@@ -14,8 +15,10 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def telemetry_payloads(fleet: SimFleet, now: float) -> list[bytes]:
-    """One Telemetry JSON payload per vehicle, in fleet order.
+def telemetry_payloads(
+    fleet: SimFleet, now: float, rows: NDArray[np.intp] | None = None
+) -> list[bytes]:
+    """One Telemetry JSON payload per vehicle (or per vehicle in ``rows``), in fleet order.
 
     Formatted directly rather than through the pydantic model: this runs for every vehicle
     every interval. A unit test holds it to the model (every payload validates and
@@ -36,7 +39,10 @@ def telemetry_payloads(fleet: SimFleet, now: float) -> list[bytes]:
     ech, edis = bat.charge_efficiency.tolist(), bat.discharge_efficiency.tolist()
     mins, tgt = bat.min_soc.tolist(), bat.target_soc.tolist()
     out = []
-    for i, vid in enumerate(fleet.ids):
+    picked = range(len(fleet.ids)) if rows is None else rows.tolist()
+    ids = fleet.ids
+    for i in picked:
+        vid = ids[i]
         dep = f'"{_iso(departure[i])}"' if plugged[i] else "null"
         out.append(
             (
@@ -48,7 +54,10 @@ def telemetry_payloads(fleet: SimFleet, now: float) -> list[bytes]:
                 f'"min_soc":{mins[i]!r},"target_soc":{tgt[i]!r},"departure":{dep}}}'
             ).encode()
         )
-    fleet.seq += 1
+    if rows is None:
+        fleet.seq += 1
+    else:
+        fleet.seq[rows] += 1
     return out
 
 

@@ -56,6 +56,7 @@ class Dispatch:
     delivered_kw: float = 0.0
     baseline_kw: float = 0.0
     last_t: float | None = None
+    meter_start: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -74,7 +75,7 @@ class Dispatch:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Dispatch:
         request = DispatchRequest.model_validate(record["request"])
-        return cls(request=request, **{k: record[k] for k in _BOOK_FIELDS})
+        return cls(request=request, **{k: record[k] for k in _BOOK_FIELDS if k in record})
 
 
 _BOOK_FIELDS = (
@@ -90,6 +91,7 @@ _BOOK_FIELDS = (
     "delivered_kw",
     "baseline_kw",
     "last_t",
+    "meter_start",
 )
 
 
@@ -215,6 +217,7 @@ class Dispatcher:
     def _admit(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         d.state = "active"
         d.last_t = now
+        d.meter_start = view.meter_kwh
         lo, hi = vehicle_ranges(view, now, max(d.end - now, self.control_step_s))
         lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
         d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
@@ -253,7 +256,7 @@ class Dispatcher:
             return None
         if d.state == "active":
             base = float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
-            self._book(d, min(now, d.end), float(view.power.sum()), base)
+            self._book(d, min(now, d.end), view, now, base)
         return self._close(d, now, "cancelled", reason="cancelled by the operator")
 
     # -- control step ----------------------------------------------------------------
@@ -265,7 +268,7 @@ class Dispatcher:
         base = float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
         for d in list(self.dispatches.values()):
             if d.state == "active":
-                self._book(d, min(now, d.end), measured, base)
+                self._book(d, min(now, d.end), view, now, base)
                 if now >= d.end - 1e-9:
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
@@ -285,12 +288,18 @@ class Dispatcher:
         out.progress.append(self._progress(active, now))
         return out
 
-    def _book(self, d: Dispatch, t: float, measured: float, base: float) -> None:
-        """Add the interval since the last step to the books (trapezoid on measured power)."""
+    def _book(self, d: Dispatch, t: float, view: FleetView, now: float, base: float) -> None:
+        """Bring the books to ``t`` (<= now): delivered energy off the fleet meter, the
+        baseline (a model, not a measurement) by trapezoid between steps."""
         assert d.last_t is not None
+        measured = float(view.power.sum())
+        # The meter reads at now; a request that ended between steps stops at its end.
+        meter = view.meter_kwh - measured * max(0.0, now - t) / 3600.0
+        if d.meter_start is None:  # books from before the meter: continue from them
+            d.meter_start = meter - d.delivered_kwh
         dt_h = max(0.0, t - d.last_t) / 3600.0
         d.requested_kwh += d.requested_kw * dt_h
-        d.delivered_kwh += 0.5 * (d.delivered_kw + measured) * dt_h
+        d.delivered_kwh = meter - d.meter_start
         d.baseline_kwh += 0.5 * (d.baseline_kw + base) * dt_h
         d.delivered_kw, d.baseline_kw, d.last_t = measured, base, t
 

@@ -28,7 +28,9 @@ _TELEMETRY_COLUMNS = (
     "power_kw",
     "departure",
 )
-FLOAT_COLUMNS = (*_TELEMETRY_COLUMNS, "last_ts", "status_ts")
+# meter_kwh: each vehicle's energy through its charger (signed, + in), integrated from
+# its reports, each power held from its ts to the next report's.
+FLOAT_COLUMNS = (*_TELEMETRY_COLUMNS, "last_ts", "status_ts", "meter_kwh")
 BOOL_COLUMNS = ("plugged", "online")
 INT_COLUMNS = ("last_seq",)
 
@@ -52,6 +54,7 @@ class FleetView:
     departure: Array
     power: Array
     ts: Array  # when each vehicle last reported
+    meter_kwh: float = 0.0  # the fleet meter: energy through every charger so far
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -137,6 +140,7 @@ class FleetState:
         keep = np.flatnonzero(fresh)
         if keep.size:
             r, t = rows[keep], table[keep]
+            self._meter(r, ts[keep], t[:, 2 + _TELEMETRY_COLUMNS.index("power_kw")], t[:, -1] > 0.5)
             for j, name in enumerate(_TELEMETRY_COLUMNS, start=2):
                 self.cols[name][r] = t[:, j]
             self.cols["plugged"][r] = t[:, -1] > 0.5
@@ -146,6 +150,32 @@ class FleetState:
             alive = ts[keep] > self.cols["status_ts"][r]
             self.cols["online"][r[alive]] = True
         return int(keep.size), int(len(batch) - keep.size)
+
+    def _meter(
+        self, rows: NDArray[np.intp], ts: Array, power: Array, plugged: NDArray[np.bool_]
+    ) -> None:
+        """Add to each vehicle's meter the energy since its previous report (rows in ts order,
+        a vehicle possibly more than once)."""
+        by_row = np.argsort(rows, kind="stable")
+        r, t, p, g = rows[by_row], ts[by_row], power[by_row], plugged[by_row]
+        first = np.ones(r.shape[0], dtype=bool)
+        first[1:] = r[1:] != r[:-1]
+        prev_ts = np.where(first, self.cols["last_ts"][r], np.roll(t, 1))
+        prev_p = np.where(first, self.cols["power_kw"][r], np.roll(p, 1))
+        prev_g = np.where(first, self.cols["plugged"][r], np.roll(g, 1))
+        gap = np.where(np.isfinite(prev_ts), np.maximum(t - prev_ts, 0.0), 0.0)
+        np.add.at(self.cols["meter_kwh"], r, np.where(prev_g, prev_p * gap / 3600.0, 0.0))
+
+    def meter_reading(self, now: float, stale_after_s: float) -> float:
+        """The fleet meter at ``now``: what every charger has passed, in kWh, signed.
+
+        Vehicles heard from recently are assumed to hold their last reported power
+        until now; stale ones add nothing beyond their last report.
+        """
+        active = self.active_mask(now, stale_after_s)
+        since = np.maximum(now - self.col("last_ts"), 0.0)
+        extra = np.where(active, self.col("power_kw") * since / 3600.0, 0.0)
+        return float(self.col("meter_kwh").sum() + extra.sum())
 
     def apply_status(self, vehicle_id: str, online: bool, ts: float) -> None:
         """Record a status (birth or last will) in arrival order.
@@ -187,6 +217,7 @@ class FleetState:
             c["departure"][rows],
             c["power_kw"][rows],
             c["last_ts"][rows],
+            self.meter_reading(now, stale_after_s),
         )
 
     def counts(self, now: float, stale_after_s: float) -> tuple[int, int]:

@@ -38,9 +38,9 @@ async def test_demo_runs_both_requests_to_completion_on_embedded_defaults() -> N
         assert r.status == "completed", text
         assert (o.requested_kw < 0) == (o.label == "discharge")
         assert r.requested_kwh is not None and r.delivered_kwh is not None
-        # Only twelve 15-s steps, and the books sample power at steps: the first interval
-        # is booked half at the fleet's earlier draw although cars switched in ~50 ms.
-        assert r.delivered_kwh == pytest.approx(r.requested_kwh, rel=0.4), text
+        # Delivered energy comes off the fleet meter; cars switch within ~50 ms of their
+        # setpoints and report the change at once, so even three minutes book closely.
+        assert r.delivered_kwh == pytest.approx(r.requested_kwh, rel=0.1), text
         assert r.shortfall_kw == 0.0
     assert "left short: 0" in text
     assert "(embedded)" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from aggregator.fleet_state import FleetState
 from broker.models import Telemetry
@@ -80,3 +81,27 @@ def test_snapshot_restores_every_column() -> None:
         assert np.array_equal(r.col(name), s.col(name), equal_nan=True), name
     r.apply_telemetry([tel("ev-new")])
     assert r.index["ev-new"] == 5
+
+
+def test_meter_integrates_each_report_until_the_next_one() -> None:
+    s = FleetState()
+    s.apply_telemetry([tel(power_kw=-10.0)])
+    # Two reports of one car in one batch, out of order: 36 s at -10 kW, then 36 s at 20.
+    s.apply_telemetry(
+        [
+            tel(seq=3, ts="2026-11-26T18:01:12Z", power_kw=0.0),
+            tel(seq=2, ts="2026-11-26T18:00:36Z", power_kw=20.0),
+        ]
+    )
+    assert s.col("meter_kwh")[0] == pytest.approx(-10.0 * 36 / 3600 + 20.0 * 36 / 3600)
+    assert s.col("power_kw")[0] == 0.0
+
+
+def test_meter_reading_holds_the_last_power_of_fresh_cars_only() -> None:
+    s = FleetState()
+    s.apply_telemetry([tel("ev-a", power_kw=-36.0), tel("ev-b", power_kw=7.2, plugged_in=False)])
+    assert s.meter_reading(T + 100, 200.0) == pytest.approx(-36.0 * 100 / 3600)
+    assert s.meter_reading(T + 1000, 200.0) == pytest.approx(0.0)  # stale: unknown, not held
+    # An unplugged car's charger passes nothing, whatever it last said.
+    s.apply_telemetry([tel("ev-b", seq=2, ts="2026-11-26T18:01:40Z", power_kw=0.0)])
+    assert s.col("meter_kwh")[1] == 0.0
