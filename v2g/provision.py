@@ -293,6 +293,12 @@ def _run(args: list[str], what: str) -> None:
         raise ProvisionError(f"{what} failed (exit {done.returncode}): {' '.join(detail[-3:])}")
 
 
+def _ec_key(ossl: str, key: Path, what: str) -> None:
+    """A P-256 private key at ``key``."""
+    cmd = [ossl, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    _run([*cmd, "-out", str(key)], f"openssl genpkey ({what})")
+
+
 def make_ca(cert_dir: Path, cn: str = "v2g throwaway CA") -> tuple[Path, Path]:
     """A self-signed CA (P-256 key, CERT_DAYS days): returns (ca.crt, ca.key)."""
     ossl = openssl_path()
@@ -301,19 +307,7 @@ def make_ca(cert_dir: Path, cn: str = "v2g throwaway CA") -> tuple[Path, Path]:
     conf = cert_dir / "ca.cnf"
     conf.write_text(_CA_CONF.format(cn=cn))
     key, crt = cert_dir / "ca.key", cert_dir / "ca.crt"
-    _run(
-        [
-            ossl,
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            str(key),
-        ],
-        "openssl genpkey (CA)",
-    )
+    _ec_key(ossl, key, "CA")
     key.chmod(0o600)
     _run(
         [
@@ -356,19 +350,7 @@ def make_leaf(
             san="subjectAltName = IP:127.0.0.1, DNS:localhost" if server else "",
         )
     )
-    _run(
-        [
-            ossl,
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            str(key),
-        ],
-        f"openssl genpkey ({name})",
-    )
+    _ec_key(ossl, key, name)
     key.chmod(0o600)
     _run(
         [ossl, "req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={cn}"],
