@@ -365,6 +365,10 @@ class Dispatcher:
         out.rows, out.power_kw, out.valid_until = send, power[due], until
         out.request_id = d.request_id
 
+    def unsend(self, rows: NDArray[np.intp]) -> None:
+        """These setpoints never reached the broker: decide and send them again next step."""
+        self._sent_until[rows] = -np.inf
+
     def _progress(self, d: Dispatch, now: float) -> DispatchProgress:
         return DispatchProgress(
             request_id=d.request_id,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -98,6 +98,8 @@ class AggregatorService:
         self._rate: dict[str, tuple[float, int]] = {}
         self.degraded = False
         self.inbox = Inbox()
+        self._owed: deque[Outgoing] = deque(maxlen=100_000)
+        self._owed_logged = False
         self.reports: asyncio.Queue[StepReport] | None = None
         self.last_report: StepReport | None = None
         self.last_output: StepOutput | None = None
@@ -308,7 +310,6 @@ class AggregatorService:
             )
             for row in out.release_rows.tolist()
         ]
-        msgs += [Outgoing(t.dispatch_result(a.request_id), a.to_json(), qos=1) for a in answers]
         msgs += [
             Outgoing(t.dispatch_progress(p.request_id), p.to_json(), qos=0) for p in out.progress
         ]
@@ -325,10 +326,24 @@ class AggregatorService:
                 delivered_kwh=a.delivered_kwh,
                 reason=a.reason,
             )
+        results = [Outgoing(t.dispatch_result(a.request_id), a.to_json(), qos=1) for a in answers]
+        if not self.link.connected:
+            # The broker is away: keep steering from memory rather than wait for it. Results
+            # are owed and go out first once it is back; setpoints are decided afresh then.
+            self._owed.extend(results)
+            self.dispatcher.unsend(out.rows)
+            if not self._owed_logged:
+                self.log.warning("broker_unreachable", owed_results=len(self._owed))
+                self._owed_logged = True
+            return 0
+        owed, self._owed = list(self._owed), deque(maxlen=self._owed.maxlen)
+        self._owed_logged = False
         try:
-            return await self.link.publish_many(msgs)
+            return await self.link.publish_many([*owed, *results, *msgs]) - len(owed)
         except TransportError as err:
-            self.log.warning("publish_failed", error=str(err))
+            self._owed.extend(owed + results)
+            self.dispatcher.unsend(out.rows)
+            self.log.warning("publish_failed", error=str(err), owed_results=len(self._owed))
             return 0
 
     async def _persist(self, now: float) -> None:
