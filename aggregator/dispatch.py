@@ -255,8 +255,7 @@ class Dispatcher:
         if d is None:
             return None
         if d.state == "active":
-            base = float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
-            self._book(d, min(now, d.end), view, now, base)
+            self._book(d, min(now, d.end), view, now, self._baseline(view))
         return self._close(d, now, "cancelled", reason="cancelled by the operator")
 
     # -- control step ----------------------------------------------------------------
@@ -265,7 +264,7 @@ class Dispatcher:
         self._fit(n_rows)
         out = StepOutput()
         measured = float(view.power.sum())
-        base = float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
+        base = self._baseline(view)
         for d in list(self.dispatches.values()):
             if d.state == "active":
                 self._book(d, min(now, d.end), view, now, base)
@@ -287,6 +286,10 @@ class Dispatcher:
         self._plan(active, now, view, out)
         out.progress.append(self._progress(active, now))
         return out
+
+    def _baseline(self, view: FleetView) -> float:
+        """What the active fleet would draw now with plain charging."""
+        return float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
 
     def _book(self, d: Dispatch, t: float, view: FleetView, now: float, base: float) -> None:
         """Bring the books to ``t`` (<= now): delivered energy off the fleet meter, the

@@ -187,9 +187,6 @@ class FleetState:
         self.cols["status_ts"][row] = max(ts, self.cols["status_ts"][row])
         self.cols["online"][row] = online
 
-    def mark_offline(self, rows: NDArray[np.intp]) -> None:
-        self.cols["online"][rows] = False
-
     def active_mask(self, now: float, stale_after_s: float) -> NDArray[np.bool_]:
         """Plugged in, online and heard from within ``stale_after_s``: stale counts as unknown."""
         fresh = (now - self.col("last_ts")) <= stale_after_s

@@ -65,14 +65,6 @@ class SimClock:
     async def sleep(self, sim_seconds: float) -> None:
         await asyncio.sleep(max(0.0, sim_seconds) / self._speed)
 
-    async def sleep_until(self, sim_time: float) -> None:
-        """Wait until simulated time reaches ``sim_time``."""
-        await self.sleep(sim_time - self.now())
-
-    def wall_seconds(self, sim_seconds: float) -> float:
-        """How long ``sim_seconds`` of simulated time takes on the wall clock."""
-        return sim_seconds / self._speed
-
 
 def day_anchor(now: float | None = None) -> float:
     """00:00 UTC of the current day: the default anchor of an accelerated clock."""

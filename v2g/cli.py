@@ -18,6 +18,7 @@ import structlog
 import typer
 from pydantic import ValidationError
 
+from broker.clock import SimClock, day_anchor
 from broker.errors import V2GError
 from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus, Service
 from broker.settings import Settings
@@ -75,9 +76,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     raise typer.Exit(code)
 
 
-def _clock(settings: Settings) -> Any:
-    from broker.clock import SimClock, day_anchor
-
+def _clock(settings: Settings) -> SimClock:
+    """The shared platform clock: processes given the same settings agree on the time."""
     anchor = settings.clock_anchor
     if anchor is None and settings.speed != 1.0:
         anchor = day_anchor()
