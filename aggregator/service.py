@@ -41,6 +41,7 @@ from broker.settings import Settings
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 LOG_PAYLOAD_CHARS = 200
+SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
 
 
 @dataclass(slots=True)
@@ -349,8 +350,18 @@ class AggregatorService:
     async def _persist(self, now: float) -> None:
         ids, columns = self.state.snapshot()
         snap = Snapshot(ids, columns, self.dispatcher.to_records(), saved_at=now)
+        # A save torn by cancellation can leave a half-used Redis connection behind; let
+        # the write finish (it is one MULTI/EXEC, bounded by the store's timeout) first.
+        save = asyncio.ensure_future(self.store.save(snap))
         try:
-            await self.store.save(snap)
+            await asyncio.shield(save)
+        except asyncio.CancelledError:
+            await asyncio.wait({save}, timeout=SAVE_GRACE_S)
+            if not save.done():
+                save.cancel()
+            elif not save.cancelled():
+                save.exception()  # retrieved, so a failure is not reported as unhandled
+            raise
         except TransportError as err:
             if not self.degraded:
                 self.log.error("state_save_failed", error=str(err), note="running from memory")
