@@ -1,8 +1,8 @@
 """Faults in the loop: the broker killed and restarted under a running dispatch, and a
 vehicle process killed outright (its last will must take it out of the fleet at once).
 
-Reuses the integration fixtures and helpers (real Mosquitto on 127.0.0.1:1883 and Redis
-on :6379, a private Mosquitto of the test's own to kill), each test on its own prefix.
+Each test runs on a Mosquitto (production persistence settings) and a Redis of its own on
+free loopback ports (see conftest.py), reusing the integration fixtures and helpers.
 """
 
 from __future__ import annotations
@@ -21,23 +21,16 @@ from aggregator.service import StepReport
 from aggregator.store import MemoryStore, RedisStore
 from broker.clock import SimClock
 from broker.settings import Settings
+from tests.conftest import Recorder
 from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
     clock,
-    mqtt_url,
-    redis_url,
-    retained_cleanup,
     settings,
     test_id,
 )
 from tests.integration.harness import STEP_WALL_S, eventually, running_loop
-from tests.integration.test_loop import (  # noqa: F401  (private_broker is a fixture)
-    PrivateBroker,
-    discharge_half,
-    next_event,
-    on_target,
-    private_broker,
-    spy,
-)
+from tests.integration.test_loop import discharge_half, next_event, on_target, spy
+
+from .servers import Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +46,13 @@ def memory() -> RedisStore:
 
 
 async def test_dispatch_survives_a_broker_killed_and_restarted(
-    private_broker: PrivateBroker,  # noqa: F811
+    mosquitto: Mosquitto,
     settings: Settings,  # noqa: F811
     clock: SimClock,  # noqa: F811
     test_id: str,  # noqa: F811
+    figure: Recorder,
 ) -> None:
-    cfg = settings.model_copy(
-        update={"broker_url": private_broker.url, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
-    )
+    cfg = settings.model_copy(update={"reconnect_min_s": 0.05, "reconnect_max_s": 0.5})
     async with running_loop(
         cfg, clock, memory(), test_id, count=20, seed=7, mode="multiplexed", connections=2
     ) as loop:
@@ -76,9 +68,9 @@ async def test_dispatch_survives_a_broker_killed_and_restarted(
 
         links = [loop.aggregator.link, *loop.agents.links]
         assert all(link.stats.connects == 1 for link in links)
-        private_broker.kill()
+        mosquitto.kill()
         await asyncio.sleep(DOWN_WALL_S)
-        await asyncio.to_thread(private_broker.start)  # same port, empty broker
+        await asyncio.to_thread(mosquitto.start)  # same port, its persisted state
         restarted, restarted_sim = time.monotonic(), clock.now()
         loop.drain()
 
@@ -101,6 +93,12 @@ async def test_dispatch_survives_a_broker_killed_and_restarted(
             f"\nbroker restart -> fleet back within 2% of {power} kW in {back_s:.2f} s wall"
             f" ({back_s / STEP_WALL_S:.1f} control steps); measured {report.status.power_kw} kW"
         )
+        figure(
+            "broker kill -9, 2 s down: restart -> fleet on target",
+            back_s,
+            "s wall",
+            limit=f"<= {RECOVER_STEPS * STEP_WALL_S:g} s",
+        )
         held = [(await loop.next_report()).status for _ in range(HOLD_STEPS)]
         off = [s.power_kw for s in held if not on_target(s.power_kw, power)]
         assert not off, f"the fleet left the 2% band around {power} kW after recovering: {off}"
@@ -116,8 +114,8 @@ async def test_dispatch_survives_a_broker_killed_and_restarted(
 async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
     settings: Settings,  # noqa: F811
     test_id: str,  # noqa: F811
-    retained_cleanup: None,  # noqa: F811
     tmp_path: Path,
+    figure: Recorder,
 ) -> None:
     # Real time everywhere (speed 1, sim == wall), so the subprocess's timestamps agree
     # with the aggregator's clock; a short control step so statuses are folded quickly.
@@ -192,6 +190,7 @@ async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
             f"\nkill -9 of {victim} -> offline in the aggregator in {offline_s:.3f} s wall"
             f" (will seen by a spy client within {will_s:.3f} s)"
         )
+        figure("vehicle kill -9 -> offline in the aggregator", offline_s, "s wall", limit="< 1 s")
         assert will_s < 1.0
         assert offline_s < 1.0 + cfg.control_step_s / cfg.speed
         others = [state.index[v] for v in loop.fleet.ids]

@@ -136,7 +136,7 @@ def test_production_broker_requires_login_acl_and_persists_queued_messages() -> 
     assert len(conf["password_file"]) == 1
     assert conf["password_file"][0]
     assert len(conf["autosave_interval"]) == 1
-    assert 0 < int(conf["autosave_interval"][0]) <= 30
+    assert 0 < int(conf["autosave_interval"][0]) <= 5  # queued QoS 1 survives a crash
 
 
 def test_production_broker_plain_listener_is_loopback_only() -> None:
