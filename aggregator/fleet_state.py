@@ -173,9 +173,10 @@ class FleetState:
         until now; stale ones add nothing beyond their last report.
         """
         active = self.active_mask(now, stale_after_s)
-        since = np.maximum(now - self.col("last_ts"), 0.0)
-        extra = np.where(active, self.col("power_kw") * since / 3600.0, 0.0)
-        return float(self.col("meter_kwh").sum() + extra.sum())
+        # Only active rows: one known by its status alone has no ts, and 0 kW x inf is NaN.
+        since = np.maximum(now - self.col("last_ts")[active], 0.0)
+        extra = float(np.dot(self.col("power_kw")[active], since)) / 3600.0
+        return float(self.col("meter_kwh").sum()) + extra
 
     def apply_status(self, vehicle_id: str, online: bool, ts: float) -> None:
         """Record a status (birth or last will) in arrival order.

@@ -8,15 +8,19 @@ free loopback ports (see conftest.py), reusing the integration fixtures and help
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 import pytest
 
+from aggregator.fleet_state import FleetState
 from aggregator.service import StepReport
 from aggregator.store import MemoryStore, RedisStore
 from broker.clock import SimClock
@@ -111,19 +115,19 @@ async def test_dispatch_survives_a_broker_killed_and_restarted(
         assert not low.any(), f"below their min_soc floor: {np.array(fleet.ids)[low].tolist()}"
 
 
-async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
-    tmp_path: Path,
-    figure: Recorder,
-) -> None:
-    # Real time everywhere (speed 1, sim == wall), so the subprocess's timestamps agree
-    # with the aggregator's clock; a short control step so statuses are folded quickly.
-    cfg = settings.model_copy(
+def real_time(base: Settings) -> Settings:
+    """Real time everywhere (speed 1, sim == wall), so a subprocess's timestamps agree with
+    the aggregator's clock; a short control step so statuses are folded quickly."""
+    return base.model_copy(
         update={"speed": 1.0, "telemetry_interval_s": 1.0, "control_step_s": 0.5}
     )
-    clock = SimClock(speed=1.0)  # noqa: F811
-    victim = "victim-0000"
+
+
+@contextlib.asynccontextmanager
+async def victim_process(
+    cfg: Settings, log: Path, name: str = "victim"
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """One vehicle in a process of its own (``v2g agents``), to kill or freeze by PID."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("V2G_")}
     env |= {
         "V2G_TELEMETRY_INTERVAL_S": "1",
@@ -139,7 +143,7 @@ async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
         "--mode",
         "per-vehicle",
         "--id-prefix",
-        "victim",
+        name,
         "--broker",
         cfg.broker_url,
         "--topic-prefix",
@@ -147,45 +151,65 @@ async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
         "--speed",
         "1",
     ]
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+        async with asyncio.timeout(5.0):
+            await proc.wait()
+
+
+async def wait_online(state: FleetState, vid: str, log: Path) -> int:
+    def online() -> bool:
+        row = state.index.get(vid)
+        return row is not None and bool(state.col("online")[row])
+
+    try:
+        await eventually(online, f"the aggregator to see {vid} online", timeout=20.0)
+    except BaseException:
+        print(log.read_text(errors="replace"))  # noqa: ASYNC240  (a failing test's last words)
+        raise
+    return state.index[vid]
+
+
+async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
+    settings: Settings,  # noqa: F811
+    test_id: str,  # noqa: F811
+    tmp_path: Path,
+    figure: Recorder,
+) -> None:
+    cfg = real_time(settings)
+    clock = SimClock(speed=1.0)  # noqa: F811
+    victim = "victim-0000"
     log = tmp_path / "victim.log"
-    async with running_loop(cfg, clock, memory(), test_id, count=3, seed=3) as loop:
+    async with (
+        running_loop(cfg, clock, memory(), test_id, count=3, seed=3) as loop,
+        victim_process(cfg, log) as proc,
+    ):
         await loop.wait_all_online()
         state = loop.aggregator.state
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+        row = await wait_online(state, victim, log)
+        async with spy(cfg, cfg.topics.vehicle_status(victim)) as events:
+            # The retained birth comes first; the will is the first "online": false after it.
+            await next_event(events, lambda e: b'"online":true' in e.payload, timeout=5.0)
+            will = asyncio.create_task(
+                next_event(events, lambda e: b'"online":false' in e.payload, timeout=5.0)
             )
-        try:
-
-            def online() -> bool:
-                row = state.index.get(victim)
-                return row is not None and bool(state.col("online")[row])
-
-            try:
-                await eventually(online, f"the aggregator to see {victim} online", timeout=20.0)
-            except BaseException:
-                print(log.read_text(errors="replace"))
-                raise
-            row = state.index[victim]
-            async with spy(cfg, cfg.topics.vehicle_status(victim)) as events:
-                # The retained birth comes first; the will is the first "online": false after it.
-                await next_event(events, lambda e: b'"online":true' in e.payload, timeout=5.0)
-                will = asyncio.create_task(
-                    next_event(events, lambda e: b'"online":false' in e.payload, timeout=5.0)
-                )
-                proc.kill()  # kill -9: no goodbye; the broker publishes the will
-                killed = time.monotonic()
-                await will
-                will_s = time.monotonic() - killed
-                await eventually(
-                    lambda: not state.col("online")[row], f"{victim} to go offline", timeout=5.0
-                )
-                offline_s = time.monotonic() - killed
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            async with asyncio.timeout(5.0):
-                await proc.wait()
+            proc.kill()  # kill -9: no goodbye; the broker publishes the will
+            killed = time.monotonic()
+            await will
+            will_s = time.monotonic() - killed
+            await eventually(
+                lambda: not state.col("online")[row], f"{victim} to go offline", timeout=5.0
+            )
+            offline_s = time.monotonic() - killed
         print(
             f"\nkill -9 of {victim} -> offline in the aggregator in {offline_s:.3f} s wall"
             f" (will seen by a spy client within {will_s:.3f} s)"
@@ -195,3 +219,67 @@ async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
         assert offline_s < 1.0 + cfg.control_step_s / cfg.speed
         others = [state.index[v] for v in loop.fleet.ids]
         assert state.col("online")[others].all(), "the other vehicles must stay online"
+
+
+async def test_a_frozen_vehicle_is_counted_out_within_one_and_a_half_keepalives(
+    settings: Settings,  # noqa: F811
+    test_id: str,  # noqa: F811
+    tmp_path: Path,
+    figure: Recorder,
+) -> None:
+    """SIGSTOP: the process holds its socket open and says nothing.
+
+    The aggregator counts a vehicle silent for longer than its stale limit as unknown
+    (out of the fleet's online count and of every allocation) without waiting for the
+    broker; the broker's keepalive check then publishes the will. Mosquitto 2.0 sweeps
+    keepalives every few seconds, so the will comes 1.5 x k to ~1.5 x k + 5 s after the
+    last packet: the aggregator's own silence rule is what meets the bound.
+    """
+    cfg = real_time(settings).model_copy(update={"keepalive_s": 4, "control_step_s": 0.25})
+    limit_s = 1.5 * cfg.keepalive_s + 2.0
+    assert cfg.stale_s < 1.5 * cfg.keepalive_s  # what the aggregator's silence rule relies on
+    clock = SimClock(speed=1.0)  # noqa: F811
+    victim = "frozen-0000"
+    log = tmp_path / "frozen.log"
+    async with (
+        running_loop(cfg, clock, memory(), test_id, count=3, seed=3) as loop,
+        victim_process(cfg, log, name="frozen") as proc,
+    ):
+        await loop.wait_all_online()
+        state = loop.aggregator.state
+        row = await wait_online(state, victim, log)
+        n = len(loop.fleet) + 1
+        await loop.wait_for("all four counted online", lambda r: r.status.vehicles_online == n)
+        async with spy(cfg, cfg.topics.vehicle_status(victim)) as events:
+            await next_event(events, lambda e: b'"online":true' in e.payload, timeout=5.0)
+            will = asyncio.create_task(
+                next_event(events, lambda e: b'"online":false' in e.payload, timeout=limit_s + 8)
+            )
+            proc.send_signal(signal.SIGSTOP)
+            frozen = time.monotonic()
+            loop.drain()
+            await loop.wait_for(
+                f"{victim} counted out",
+                lambda r: r.status.vehicles_online == n - 1,
+                timeout=limit_s + 3.0,
+            )
+            out_s = time.monotonic() - frozen
+            await will
+            will_s = time.monotonic() - frozen
+            await eventually(
+                lambda: not state.col("online")[row], f"{victim} marked offline", timeout=5.0
+            )
+        proc.send_signal(signal.SIGCONT)
+        print(f"\nfrozen vehicle: counted out after {out_s:.2f} s, will after {will_s:.2f} s")
+        figure(
+            f"vehicle frozen (SIGSTOP), keepalive {cfg.keepalive_s} s -> counted out",
+            out_s,
+            "s wall",
+            limit=f"<= {limit_s:g} s",
+        )
+        figure("... and its will published by Mosquitto 2.0", will_s, "s wall", limit="")
+        assert out_s <= limit_s
+        others = [state.index[v] for v in loop.fleet.ids]
+        assert state.col("online")[others].all(), "the other vehicles must stay online"
+        # Thawed, it finds its connection gone, reconnects and is back online.
+        await wait_online(state, victim, log)
