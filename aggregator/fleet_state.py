@@ -169,14 +169,17 @@ class FleetState:
     def meter_reading(self, now: float, stale_after_s: float) -> float:
         """The fleet meter at ``now``: what every charger has passed, in kWh, signed.
 
-        Vehicles heard from recently are assumed to hold their last reported power
-        until now; stale ones add nothing beyond their last report.
+        A vehicle is assumed to hold its last reported power for at most
+        ``stale_after_s`` after that report, then to be unknown. So a restarted
+        aggregator, whose restored rows are all stale at first, reads no less than it
+        did before it stopped, and the books it keeps from the meter stay continuous.
         """
-        active = self.active_mask(now, stale_after_s)
-        # Only active rows: one known by its status alone has no ts, and 0 kW x inf is NaN.
-        since = np.maximum(now - self.col("last_ts")[active], 0.0)
-        extra = float(np.dot(self.col("power_kw")[active], since)) / 3600.0
-        return float(self.col("meter_kwh").sum()) + extra
+        c = self.cols
+        # Rows known by their status alone have no ts: 0 kW x inf would be NaN.
+        held = c["plugged"] & c["online"] & np.isfinite(c["last_ts"])
+        since = np.clip(now - c["last_ts"][held], 0.0, stale_after_s)
+        extra = float(np.dot(c["power_kw"][held], since)) / 3600.0
+        return float(c["meter_kwh"].sum()) + extra
 
     def apply_status(self, vehicle_id: str, online: bool, ts: float) -> None:
         """Record a status (birth or last will) in arrival order.

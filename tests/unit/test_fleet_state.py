@@ -97,11 +97,15 @@ def test_meter_integrates_each_report_until_the_next_one() -> None:
     assert s.col("power_kw")[0] == 0.0
 
 
-def test_meter_reading_holds_the_last_power_of_fresh_cars_only() -> None:
+def test_meter_reading_holds_the_last_power_up_to_the_stale_limit_only() -> None:
     s = FleetState()
     s.apply_telemetry([tel("ev-a", power_kw=-36.0), tel("ev-b", power_kw=7.2, plugged_in=False)])
     assert s.meter_reading(T + 100, 200.0) == pytest.approx(-36.0 * 100 / 3600)
-    assert s.meter_reading(T + 1000, 200.0) == pytest.approx(0.0)  # stale: unknown, not held
+    # Stale: unknown beyond the limit, not held for ever, and never taken back.
+    assert s.meter_reading(T + 1000, 200.0) == pytest.approx(-36.0 * 200 / 3600)
+    assert s.meter_reading(T + 5000, 200.0) == s.meter_reading(T + 1000, 200.0)
+    s.apply_status("ev-a", False, T + 300)  # its will: nothing held after it
+    assert s.meter_reading(T + 1000, 200.0) == pytest.approx(0.0)
     # An unplugged car's charger passes nothing, whatever it last said.
     s.apply_telemetry([tel("ev-b", seq=2, ts="2026-11-26T18:01:40Z", power_kw=0.0)])
     assert s.col("meter_kwh")[1] == 0.0
