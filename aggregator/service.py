@@ -98,6 +98,8 @@ class AggregatorService:
         self._rate_limit = max(10, int(5.0 / per_interval))
         self._rate: dict[str, tuple[float, int]] = {}
         self.degraded = False
+        self._saving: asyncio.Task[None] | None = None
+        self.saves_skipped = 0
         self.inbox = Inbox()
         self._owed: deque[Outgoing] = deque(maxlen=100_000)
         self._owed_logged = False
@@ -183,9 +185,12 @@ class AggregatorService:
     async def run(self) -> None:
         """Restore state, then serve until cancelled."""
         await self.restore()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.link.run(), name="aggregator-mqtt")
-            tg.create_task(self._control_loop(), name="aggregator-control")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name="aggregator-mqtt")
+                tg.create_task(self._control_loop(), name="aggregator-control")
+        finally:
+            await self._finish_save()
 
     async def restore(self) -> None:
         try:
@@ -260,7 +265,7 @@ class AggregatorService:
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         sent = await self._publish(now, out, answers, capability, status)
-        await self._persist(now)
+        self._persist(now)
         report = StepReport(
             now, status, capability, sent, answers, (time.perf_counter() - wall0) * 1e3
         )
@@ -347,29 +352,38 @@ class AggregatorService:
             self.log.warning("publish_failed", error=str(err), owed_results=len(self._owed))
             return 0
 
-    async def _persist(self, now: float) -> None:
+    def _persist(self, now: float) -> None:
+        """Start writing a snapshot, unless the last one is still being written (then the
+        next step's, newer, goes instead): a slow or frozen Redis never holds up a step."""
+        if self._saving is not None and not self._saving.done():
+            self.saves_skipped += 1
+            return
         ids, columns = self.state.snapshot()
         snap = Snapshot(ids, columns, self.dispatcher.to_records(), saved_at=now)
-        # A save torn by cancellation can leave a half-used Redis connection behind; let
-        # the write finish (it is one MULTI/EXEC, bounded by the store's timeout) first.
-        save = asyncio.ensure_future(self.store.save(snap))
+        self._saving = asyncio.create_task(self._save(snap), name="aggregator-save")
+
+    async def _save(self, snap: Snapshot) -> None:
         try:
-            await asyncio.shield(save)
-        except asyncio.CancelledError:
-            await asyncio.wait({save}, timeout=SAVE_GRACE_S)
-            if not save.done():
-                save.cancel()
-            elif not save.cancelled():
-                save.exception()  # retrieved, so a failure is not reported as unhandled
-            raise
+            await self.store.save(snap)
         except TransportError as err:
             if not self.degraded:
                 self.log.error("state_save_failed", error=str(err), note="running from memory")
             self.degraded = True
             return
         if self.degraded:
-            self.log.info("state_save_recovered")
+            self.log.info("state_save_recovered", saved_at=round(snap.saved_at, 3))
         self.degraded = False
+
+    async def _finish_save(self) -> None:
+        """Let a snapshot write in flight end (bounded) before the service goes: one torn
+        by cancellation can leave a half-used Redis connection behind."""
+        save = self._saving
+        if save is None or save.done():
+            return
+        await asyncio.wait({save}, timeout=SAVE_GRACE_S)
+        if not save.done():
+            save.cancel()
+            await asyncio.wait({save}, timeout=1.0)
 
     def _log_step(self, report: StepReport, applied: int) -> None:
         wall = time.monotonic()
