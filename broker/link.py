@@ -48,11 +48,16 @@ class LinkStats:
     received: int = 0
     handler_errors: int = 0
     dropped_offline: int = 0
+    connected_at: float = 0.0  # time.monotonic() of the last successful connect
 
 
 def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
-    """Capped exponential backoff with full jitter: spreads a reconnect storm out."""
-    ceiling = minimum
+    """Capped exponential backoff with jitter: spreads a reconnect storm out.
+
+    Even the first delay is drawn from [minimum, 2 x minimum]: clients that lost the
+    broker at the same instant must not all come back at the same instant.
+    """
+    ceiling = min(maximum, 2.0 * minimum)
     while True:
         yield random.uniform(minimum, ceiling)
         ceiling = min(maximum, ceiling * 2.0)
@@ -137,6 +142,7 @@ class MqttLink:
                     for msg in self.birth():
                         await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                     self.stats.connects += 1
+                    self.stats.connected_at = time.monotonic()
                     self._connected.set()
                     delays = backoff_delays(
                         self.settings.reconnect_min_s, self.settings.reconnect_max_s
