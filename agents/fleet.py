@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, Batteries, baseline_power, protect, step_energy
+from agents.battery import Array, Batteries, baseline_power, energy_floor, protect, step_energy
+from agents.faults import Misbehaviour
 from agents.profiles import DAY_S, FleetProfile, sessions_at
 
 # A driver counts as short only when the platform cost them energy: the departure
@@ -25,12 +26,20 @@ class Departures:
     count: int
     short: int
     short_ids: list[str]
+    early: int = 0  # of ``count``, how many left before their announced departure
 
 
 class SimFleet:
     """The state of every simulated vehicle, advanced in lock-step by :meth:`tick`."""
 
-    def __init__(self, profile: FleetProfile, start: float, *, step_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        profile: FleetProfile,
+        start: float,
+        *,
+        step_s: float = 5.0,
+        faults: Misbehaviour | None = None,
+    ) -> None:
         n = len(profile.ids)
         self.profile = profile
         self.ids = profile.ids
@@ -45,11 +54,19 @@ class SimFleet:
         self.setpoint_kw: Array = np.zeros(n)
         self.setpoint_until: Array = np.full(n, -np.inf)
         self.reachable: Array = self._reachable(start)
+        # Where each session started, for judging a driver who leaves early.
+        self.plug_t: Array = np.full(n, start)
+        self.plug_energy: Array = self.energy.copy()
         self.seq: NDArray[np.int64] = np.zeros(n, dtype=np.int64)
         self.departed = 0
+        self.left_early = 0
         self.short = 0
         self.short_ids: list[str] = []
-        self._decide(start, step_s)
+        self.faults = Misbehaviour.none(n)
+        self.clock_stopped_at: Array = np.full(n, np.nan)
+        if faults is not None:
+            self.misbehave(faults)
+        self._decide(start, np.inf)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -60,6 +77,18 @@ class SimFleet:
         hours = np.maximum(self.departure - now, 0.0) / 3600.0
         gain = bat.max_charge_kw * bat.charge_efficiency * hours
         return np.minimum(bat.target_soc * bat.capacity_kwh, self.energy + gain)
+
+    def misbehave(self, faults: Misbehaviour) -> None:
+        """Give the vehicles faults from now on (see :mod:`agents.faults`)."""
+        if len(faults) != len(self.ids):
+            raise ValueError(f"faults for {len(faults)} vehicles, the fleet has {len(self.ids)}")
+        self.faults = faults
+        self.clock_stopped_at = np.where(faults.clock_frozen, self.now, np.nan)
+
+    def leave_at(self) -> Array:
+        """When each vehicle really unplugs: its announced departure, or earlier if it
+        leaves early (never before it arrived)."""
+        return np.maximum(self.arrival, self.departure - self.faults.early_leave_s)
 
     def departure_or_nan(self) -> Array:
         """Announced departure of plugged-in vehicles; NaN for those on the road."""
@@ -80,17 +109,31 @@ class SimFleet:
             self.energy = step_energy(self.bat, self.energy, self.power, dt)
         self.now = now
         out = self._events(now)
-        self._decide(now, self.step_s)
+        self._decide(now, dt)
         return out
 
     def _events(self, now: float) -> Departures:
         bat = self.bat
-        leaving = self.plugged & (self.departure <= now)
+        leaving = self.plugged & (self.leave_at() <= now)
         n_leave = int(leaving.sum())
         short_ids: list[str] = []
-        n_short = 0
+        n_short = n_early = 0
         if n_leave:
-            short = leaving & (self.energy < self.reachable - SHORT_TOL_KWH)
+            early = leaving & (now < self.departure)
+            n_early = int(early.sum())
+            # A driver who leaves before the departure they announced was only promised
+            # the floor for that departure, and never less than plain charging so far.
+            plain = np.minimum(
+                bat.target_soc * bat.capacity_kwh,
+                self.plug_energy
+                + bat.max_charge_kw * bat.charge_efficiency * (now - self.plug_t) / 3600.0,
+            )
+            owed = np.where(
+                early,
+                np.minimum(plain, energy_floor(bat, self.departure, now)),
+                self.reachable,
+            )
+            short = leaving & (self.energy < owed - SHORT_TOL_KWH)
             n_short = int(short.sum())
             short_ids = [self.ids[i] for i in np.flatnonzero(short)]
             self.plugged = self.plugged & ~leaving
@@ -105,15 +148,32 @@ class SimFleet:
                 arriving, self.profile.arrival_soc * bat.capacity_kwh, self.energy
             )
             self.reachable = np.where(arriving, self._reachable(now), self.reachable)
+            self.plug_t = np.where(arriving, now, self.plug_t)
+            self.plug_energy = np.where(arriving, self.energy, self.plug_energy)
         self.departed += n_leave
+        self.left_early += n_early
         self.short += n_short
         self.short_ids.extend(short_ids)
-        return Departures(n_leave, n_short, short_ids)
+        return Departures(n_leave, n_short, short_ids, n_early)
 
-    def _decide(self, now: float, step_s: float) -> None:
+    def _decide(self, now: float, dt: float) -> None:
+        """Choose the power to hold until the next tick; ``dt`` is the time since the last."""
         bat = self.bat
+        step_s = self.step_s
+        f = self.faults
         following = now < self.setpoint_until
-        wanted = np.where(following, self.setpoint_kw, baseline_power(bat, self.energy, step_s))
+        wanted = np.where(
+            following, self.setpoint_kw * f.follow_ratio, baseline_power(bat, self.energy, step_s)
+        )
+        slow = f.lag_s > 0.0
+        if slow.any() and np.isfinite(dt):  # a fleet just made starts where it wants
+            # A slow charger crosses its whole range (full charge to full discharge) in
+            # lag_s; it starts from what it held, or from 0 if it just plugged in.
+            span = bat.max_charge_kw + bat.max_discharge_kw
+            reach = span * dt / np.where(slow, f.lag_s, 1.0)
+            moved = self.power + np.clip(wanted - self.power, -reach, reach)
+            wanted = np.where(slow, moved, wanted)
+        # Protection comes after the faults: a misbehaving car still guards its driver.
         held = protect(bat, self.energy, self.departure, now, step_s, wanted)
         self.power = np.where(self.plugged, held, 0.0)
 

@@ -179,7 +179,11 @@ class AgentRuntime:
         timeout = self.settings.publish_timeout_s * 3
         await asyncio.gather(*(link.wait_connected(timeout) for link in self.links))
         self.log.info(
-            "agents_connected", vehicles=len(self.fleet), mode=self.mode, links=len(self.links)
+            "agents_connected",
+            vehicles=len(self.fleet),
+            mode=self.mode,
+            links=len(self.links),
+            misbehaving=int(self.fleet.faults.misbehaving().sum()),
         )
         interval = self.settings.telemetry_interval_s
         next_t = self.clock.now()

@@ -25,7 +25,14 @@ def telemetry_payloads(
     round-trips).
     """
     bat = fleet.bat
-    ts = _iso(now)
+    stamp = _iso(now)
+    # A vehicle with a wrong clock stamps its own time; the rest share one string.
+    own = np.where(
+        fleet.faults.clock_frozen, fleet.clock_stopped_at, now + fleet.faults.clock_skew_s
+    )
+    ts = [stamp] * len(fleet.ids)
+    for i in np.flatnonzero(own != now).tolist():
+        ts[i] = _iso(float(own[i]))
     soc = np.clip(fleet.soc(), 0.0, 1.0).tolist()
     power = fleet.power.tolist()
     plugged = fleet.plugged.tolist()
@@ -46,7 +53,7 @@ def telemetry_payloads(
         dep = f'"{_iso(departure[i])}"' if plugged[i] else "null"
         out.append(
             (
-                f'{{"vehicle_id":"{vid}","seq":{seq[i]},"ts":"{ts}",'
+                f'{{"vehicle_id":"{vid}","seq":{seq[i]},"ts":"{ts[i]}",'
                 f'"plugged_in":{"true" if plugged[i] else "false"},"soc":{soc[i]:.6f},'
                 f'"capacity_kwh":{cap[i]!r},"power_kw":{power[i]:.4f},'
                 f'"max_charge_kw":{mch[i]!r},"max_discharge_kw":{mdis[i]!r},'

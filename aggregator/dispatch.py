@@ -34,6 +34,14 @@ from broker.models import (
 DRIFT_TOL_KW = 0.5
 # Setpoints that moved less than this are not sent again (until they near expiry).
 RESEND_DEADBAND_KW = 0.05
+# Each vehicle's follow ratio (what it draws / what it was told) is learned as an
+# exponentially weighted mean: a new sample moves it by this share.
+FOLLOW_ALPHA = 0.5
+# Below this many kW asked, a ratio sample is mostly rounding: none is taken.
+FOLLOW_MIN_ASK_KW = 1.0
+# A vehicle that follows less than this is not steered through its ratio (a setpoint
+# divided by almost nothing): it is held at what it draws, like a drifting one.
+FOLLOW_MIN_RATIO = 0.1
 # How many finished requests are remembered, so that a repeated request_id gets the
 # same answer instead of a second dispatch.
 REMEMBERED_ANSWERS = 10_000
@@ -134,6 +142,39 @@ class Dispatcher:
         self._sent_kw: Array = np.zeros(0)
         self._sent_until: Array = np.zeros(0)
         self._sent_at: Array = np.zeros(0)
+        # Per fleet row: the learned follow ratio and the report it was last learned from.
+        self._ratio: Array = np.zeros(0)
+        self._ratio_ts: Array = np.zeros(0)
+        # Feasible ranges already computed for the current view, by (now, window):
+        # admission and planning in the same control step ask for the same ones.
+        self._ranges_view: FleetView | None = None
+        self._ranges_memo: dict[tuple[float, float], tuple[Array, Array]] = {}
+
+    def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
+        """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
+        self._fit(int(rows.max()) + 1 if rows.size else 0)
+        return self._ratio[rows].copy()
+
+    def _ranges(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
+        """``vehicle_ranges``, computed once per view, time and window (read-only arrays)."""
+        if view is not self._ranges_view:
+            self._ranges_view, self._ranges_memo = view, {}
+        key = (now, window_s)
+        got = self._ranges_memo.get(key)
+        if got is None:
+            lo, hi = vehicle_ranges(view, now, window_s)
+            lo.flags.writeable = hi.flags.writeable = False
+            got = self._ranges_memo[key] = (lo, hi)
+        return got
+
+    def _usable(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
+        """Each vehicle's range for the window as it will be delivered: its feasible range
+        scaled by its follow ratio, so a car that draws half of what it is told counts
+        for half its headroom and the others are asked for the rest."""
+        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+        lo, hi = self._ranges(view, now, window_s)
+        r = self._ratio[view.rows]
+        return r * lo, r * hi
 
     # -- admission -------------------------------------------------------------------
     def submit(self, req: DispatchRequest, now: float, view: FleetView) -> DispatchResult:
@@ -179,7 +220,7 @@ class Dispatcher:
         self.dispatches[req.request_id] = d
         if start <= now + self.control_step_s:
             return self._admit(d, now, view)
-        lo, hi = vehicle_ranges(view, now, req.duration_s)
+        lo, hi = self._usable(view, now, req.duration_s)
         d.allocated_kw = min(max(d.requested_kw, float(lo.sum())), float(hi.sum()))
         return self._result(
             d.request_id,
@@ -218,7 +259,7 @@ class Dispatcher:
         d.state = "active"
         d.last_t = now
         d.meter_start = view.meter_kwh
-        lo, hi = vehicle_ranges(view, now, max(d.end - now, self.control_step_s))
+        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
         lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
         d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
         d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
@@ -262,6 +303,7 @@ class Dispatcher:
     def step(self, now: float, view: FleetView, n_rows: int) -> StepOutput:
         """Advance every request to ``now`` and decide the setpoints for the next step."""
         self._fit(n_rows)
+        self._learn(now, view)
         out = StepOutput()
         measured = float(view.power.sum())
         base = self._baseline(view)
@@ -306,30 +348,68 @@ class Dispatcher:
         d.baseline_kwh += 0.5 * (d.baseline_kw + base) * dt_h
         d.delivered_kw, d.baseline_kw, d.last_t = measured, base, t
 
+    def _learn(self, now: float, view: FleetView) -> None:
+        """Fold each fresh report of a vehicle that had time to act on its setpoint into
+        its follow ratio. Only reports count: a vehicle that went quiet (stale, so not in
+        the view) is unknown, not a vehicle that delivered nothing."""
+        rows = view.rows
+        sent = self._sent_kw[rows]
+        ok = (
+            (self._sent_until[rows] > now)
+            & (view.ts >= self._sent_at[rows] + self.settle_s)
+            & (view.ts > self._ratio_ts[rows])
+            & (np.abs(sent) >= FOLLOW_MIN_ASK_KW)
+        )
+        if not ok.any():
+            return
+        # A car that holds back because its own limits say so (its floor, a full
+        # battery) is not misbehaving: judge it only on setpoints it could follow.
+        lo, hi = self._ranges(view, now, self.control_step_s)
+        ok &= (sent >= lo - DRIFT_TOL_KW) & (sent <= hi + DRIFT_TOL_KW)
+        r = rows[ok]
+        sample = np.clip(view.power[ok] / sent[ok], 0.0, 1.0)
+        # The first sample is the estimate; later ones are averaged in.
+        first = ~np.isfinite(self._ratio_ts[r])
+        self._ratio[r] = np.where(
+            first, sample, self._ratio[r] + FOLLOW_ALPHA * (sample - self._ratio[r])
+        )
+        self._ratio_ts[r] = view.ts[ok]
+
     def _plan(self, d: Dispatch, now: float, view: FleetView, out: StepOutput) -> None:
         rows = view.rows
-        lo, hi = vehicle_ranges(view, now, max(d.end - now, self.control_step_s))
+        lo, hi = self._ranges(view, now, max(d.end - now, self.control_step_s))
         sent = self._sent_kw[rows]
         live = self._sent_until[rows] > now
+        ratio = self._ratio[rows]
+        # The allocation is made in delivered kW (what each car will draw, its setpoint
+        # times its ratio), then turned back into setpoints: a partial follower is told
+        # more, up to its limits, and what it still cannot give falls to the others.
+        steered = ratio >= FOLLOW_MIN_RATIO
+        gain = np.where(steered, ratio, 1.0)
         # Allocate as moves from what each vehicle was last told, so a steady request
         # does not churn every setpoint every step.
         ref = np.where(live, sent, 0.0)
-        # Vehicles that were told a power, had time to act, and hold another: assume they
-        # stay where they are and let the rest cover the gap.
+        # Vehicles that were told a power, had time to act, and hold another than their
+        # ratio says: assume they stay where they are and let the rest cover the gap.
         settled = view.ts >= self._sent_at[rows] + self.settle_s
-        drifting = live & settled & (np.abs(view.power - sent) > DRIFT_TOL_KW)
+        drifting = live & settled & (np.abs(view.power - gain * sent) > DRIFT_TOL_KW)
+        drifting |= live & ~steered
         if drifting.any() and not drifting.all():
             # What they actually draw now is the best guess for the next step, even out of
             # their range for the window (a car under its floor charges flat out).
             held = view.power[drifting]
             rest = ~drifting
-            cover = allocate(d.requested_kw - float(held.sum()), lo[rest], hi[rest], ref[rest])
+            g = gain[rest]
+            cover = allocate(
+                d.requested_kw - float(held.sum()), g * lo[rest], g * hi[rest], g * ref[rest]
+            )
             power = np.clip(ref, lo, hi)
-            power[rest] = cover.power
+            power[rest] = cover.power / g
             total = float(held.sum()) + cover.total_kw
         else:
-            alloc = allocate(d.requested_kw, lo, hi, ref)
-            power, total = alloc.power, alloc.total_kw
+            alloc = allocate(d.requested_kw, gain * lo, gain * hi, gain * ref)
+            power, total = alloc.power / gain, alloc.total_kw
+        power = np.clip(power, lo, hi)  # dividing by the ratio may round past a bound
         d.allocated_kw = total
         d.shortfall_kw = abs(d.requested_kw - total)
         d.vehicles = len(view)
@@ -348,7 +428,7 @@ class Dispatcher:
         due = ~live | (np.abs(step) > RESEND_DEADBAND_KW) | expiring
         # Moves under the deadband are held back, but never so many that the fleet would
         # be told a total off the allocation: then the largest of them go out too.
-        miss = total - float(np.where(due, power, sent).sum())
+        miss = float(power.sum()) - float(np.where(due, power, sent).sum())
         tol = max(RESEND_DEADBAND_KW, 1e-3 * abs(total))
         if abs(miss) > tol:
             toward = ~due & (np.sign(step) == np.sign(miss))
@@ -448,6 +528,8 @@ class Dispatcher:
             self._sent_kw = np.concatenate([self._sent_kw, np.zeros(grow)])
             self._sent_until = np.concatenate([self._sent_until, np.full(grow, -np.inf)])
             self._sent_at = np.concatenate([self._sent_at, np.full(grow, -np.inf)])
+            self._ratio = np.concatenate([self._ratio, np.ones(grow)])
+            self._ratio_ts = np.concatenate([self._ratio_ts, np.full(grow, -np.inf)])
 
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:

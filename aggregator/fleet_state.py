@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agents.battery import Array, Batteries
+from broker.errors import InvalidMessage
 from broker.models import Telemetry
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
@@ -42,6 +43,19 @@ _DEFAULTS: dict[str, float] = {
     "last_ts": -np.inf,
     "status_ts": -np.inf,
 }
+
+
+def check_not_ahead(ts: float, now: float, tolerance_s: float) -> None:
+    """Refuse a report stamped more than ``tolerance_s`` ahead of the platform clock.
+
+    Folded, it would keep the vehicle looking fresh after it falls silent, and make
+    every honest report after it look like a replay until the clock caught up.
+    """
+    if ts > now + tolerance_s:
+        raise InvalidMessage(
+            "future",
+            f"ts is {ts - now:.1f} s ahead of the platform clock (tolerance {tolerance_s:g} s)",
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher, StepOutput
-from aggregator.fleet_state import FleetState
+from aggregator.fleet_state import FleetState, check_not_ahead
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import Snapshot, StateStore
 from broker.clock import Clock, raise_if_cancelled
@@ -135,6 +135,9 @@ class AggregatorService:
                 self._within_rate(ident)
                 t = _decode(Telemetry, payload)
                 _same_vehicle(ident, t.vehicle_id)
+                check_not_ahead(
+                    to_epoch(t.ts), self.clock.now(), self.settings.telemetry_interval_s
+                )
                 self.inbox.telemetry.append(t)
             elif kind == "status":
                 if not payload:  # a cleared retained status

@@ -250,18 +250,35 @@ def agents(
     ] = "per-vehicle",
     connections: Annotated[int, typer.Option(min=1, help="connections in multiplexed mode")] = 4,
     id_prefix: Annotated[str, typer.Option(help="vehicle ids are PREFIX-0000, ...")] = "ev",
+    misbehave: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "fault injection: shares of the fleet that misbehave, e.g."
+                " partial=0.2,lag=0.2,early=0.1,skew=0.05. partial: draw only 30-80% of"
+                " the setpoint; lag: ramp over 1-5 s; early: unplug 10 min-2 h before the"
+                " announced departure; skew: clock 30-300 s ahead or behind, or stopped."
+                " Seeded by --seed; default none"
+            )
+        ),
+    ] = "",
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
     log_format: LogFormat = None,
 ) -> None:
     """Run N simulated vehicles that report telemetry and follow setpoints."""
+    from agents.faults import Misbehaviour, parse_fractions
     from agents.fleet import SimFleet
     from agents.profiles import generate_fleet
     from agents.runtime import AgentRuntime
 
     if mode not in ("per-vehicle", "multiplexed"):
         raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
+    try:
+        faults = Misbehaviour.random(count, seed, **parse_fractions(misbehave))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--misbehave") from None
     settings = _settings(
         broker_url=broker, topic_prefix=topic_prefix, speed=speed, log_format=log_format
     )
@@ -270,6 +287,7 @@ def agents(
         generate_fleet(count, seed, id_prefix=id_prefix),
         clock.now(),
         step_s=settings.telemetry_interval_s,
+        faults=faults,
     )
     runtime = AgentRuntime(
         settings=settings,
