@@ -60,6 +60,8 @@ class AgentRuntime:
         self.log = logger or structlog.get_logger("agents")
         self.rejected: Counter[str] = Counter()
         self.setpoints_received = 0
+        self.setpoints_applied = 0
+        self._issued = np.full(len(fleet.ids), -np.inf)  # issued_at of the last one applied
         self.react_wall_s = 0.05
         self._heard = asyncio.Event()
         self.ticks = 0
@@ -134,7 +136,19 @@ class AgentRuntime:
         if index is None:
             return  # another agent process's vehicle
         self.setpoints_received += 1
-        self.fleet.set_setpoint(index, sp.power_kw, to_epoch(sp.valid_until))
+        # QoS 1 may deliver a setpoint twice, and a persistent session may hand over old
+        # ones after an outage: apply each at most once, and never one already superseded
+        # or expired (it would undo a newer order).
+        issued, until = to_epoch(sp.issued_at), to_epoch(sp.valid_until)
+        if issued <= self._issued[index]:
+            self.rejected["superseded"] += 1
+            return
+        if until <= self.clock.now():
+            self.rejected["expired"] += 1
+            return
+        self._issued[index] = issued
+        self.setpoints_applied += 1
+        self.fleet.set_setpoint(index, sp.power_kw, until)
         self._heard.set()
 
     async def run(self) -> None:

@@ -72,6 +72,7 @@ async def test_dispatch_survives_a_broker_killed_and_restarted(
 
         links = [loop.aggregator.link, *loop.agents.links]
         assert all(link.stats.connects == 1 for link in links)
+        applied_before = loop.agents.setpoints_applied
         mosquitto.kill()
         await asyncio.sleep(DOWN_WALL_S)
         await asyncio.to_thread(mosquitto.start)  # same port, its persisted state
@@ -113,6 +114,10 @@ async def test_dispatch_survives_a_broker_killed_and_restarted(
         ]
         low = fleet.plugged & above_floor & (fleet.energy < floor - 1e-6)
         assert not low.any(), f"below their min_soc floor: {np.array(fleet.ids)[low].tolist()}"
+        # Orders were renewed after the outage; any that QoS 1 delivered twice, or that
+        # came after a newer one, were not applied (counted instead).
+        assert loop.agents.setpoints_applied > applied_before
+        assert set(loop.agents.rejected) <= {"superseded", "expired"}, loop.agents.rejected
 
 
 def real_time(base: Settings) -> Settings:
