@@ -137,14 +137,12 @@ class AgentRuntime:
             return  # another agent process's vehicle
         self.setpoints_received += 1
         # QoS 1 may deliver a setpoint twice, and a persistent session may hand over old
-        # ones after an outage: apply each at most once, and never one already superseded
-        # or expired (it would undo a newer order).
+        # ones after an outage: apply each at most once, and never one older than the
+        # order in force (it would undo it). A newer one that is already over still
+        # counts: it ends the order in force (that is how a release is sent).
         issued, until = to_epoch(sp.issued_at), to_epoch(sp.valid_until)
         if issued <= self._issued[index]:
             self.rejected["superseded"] += 1
-            return
-        if until <= self.clock.now():
-            self.rejected["expired"] += 1
             return
         self._issued[index] = issued
         self.setpoints_applied += 1

@@ -15,11 +15,16 @@ class AuthenticationError(TransportError):
     """The broker refused our credentials. Retrying will not help: fix the settings."""
 
 
+class PublishRefused(V2GError):
+    """The broker took a publish and refused it (an MQTT 5 reason code, e.g. 135 "Not
+    authorized" from the ACL). Retrying will not help: fix the credentials or the ACL."""
+
+
 class InvalidMessage(V2GError):
     """A message broke the wire contract. Drop it, count it under ``reason``, log it.
 
     ``reason`` is a short stable label (``json``, ``schema``, ``identity``, ``topic``,
-    ``stale``, ``size``) so rejections can be counted by kind.
+    ``stale``, ``future``, ``size``, ``rate``) so rejections can be counted by kind.
     """
 
     def __init__(self, reason: str, detail: str) -> None:

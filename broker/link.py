@@ -4,6 +4,12 @@
 to every wanted filter and publishes the birth messages on *every* connect, hands each
 message to a synchronous handler, and on a lost connection waits a capped, jittered,
 exponential backoff before trying again. Bad credentials stop it loudly instead.
+
+It speaks MQTT 5 (falling back to 3.1.1 for a broker that only knows that, such as the
+embedded development broker), so that a publish the broker refuses comes back with a
+reason code and is raised or counted as an error instead of vanishing, and so that a
+will can be delayed (``V2G_WILL_DELAY_S``) to ride out a short reconnect without an
+offline flap.
 """
 
 from __future__ import annotations
@@ -15,18 +21,25 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker.errors import AuthenticationError, TransportError
+from broker.errors import AuthenticationError, PublishRefused, TransportError
 from broker.settings import MqttTarget, Settings
 
 log = structlog.get_logger("broker.link")
 
 # CONNACK codes that mean "your credentials are wrong": MQTT 3.1.1 (4, 5) and 5.0 (134, 135).
 _AUTH_CODES = frozenset({4, 5, 134, 135})
+# ... and "I do not speak MQTT 5": 3.1.1's 1, 5.0's 132, or no CONNACK at all (amqtt).
+_VERSION_CODES = frozenset({1, 132})
 
 Handler = Callable[[aiomqtt.Message], None]
 
@@ -49,6 +62,8 @@ class LinkStats:
     handler_errors: int = 0
     dropped_offline: int = 0
     connected_at: float = 0.0  # time.monotonic() of the last successful connect
+    refused: int = 0  # publishes the broker acknowledged with a failure reason code
+    last_refusal: tuple[str, str] | None = None  # (topic, reason) of the latest
 
 
 def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
@@ -63,10 +78,20 @@ def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
         ceiling = min(maximum, ceiling * 2.0)
 
 
-def _is_auth_refusal(err: aiomqtt.MqttError) -> bool:
+def _rc_value(err: aiomqtt.MqttError) -> int | None:
     rc = getattr(err, "rc", None)
     value = rc.value if isinstance(rc, ReasonCode) else rc
-    return isinstance(value, int) and value in _AUTH_CODES
+    return value if isinstance(value, int) else None
+
+
+def _is_auth_refusal(err: aiomqtt.MqttError) -> bool:
+    return _rc_value(err) in _AUTH_CODES
+
+
+def _is_version_refusal(err: aiomqtt.MqttError) -> bool:
+    return isinstance(err, MqttConnectError) and (
+        _rc_value(err) is None or _rc_value(err) in _VERSION_CODES
+    )
 
 
 @dataclass(slots=True)
@@ -83,6 +108,12 @@ class MqttLink:
     stats: LinkStats = field(default_factory=LinkStats)
     _client: aiomqtt.Client | None = None
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _v5: bool = True
+    _refused: dict[int, ReasonCode] = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> str:
+        return "5" if self._v5 else "3.1.1"
 
     @property
     def connected(self) -> bool:
@@ -107,16 +138,32 @@ class MqttLink:
             tls_context = ssl.create_default_context(cafile=self.settings.tls_ca_file)
             if self.settings.tls_cert_file:
                 tls_context.load_cert_chain(self.settings.tls_cert_file, self.settings.tls_key_file)
+        delay = self.settings.will_delay_s if self._v5 else 0
         will = None
         if self.will is not None:
             w = self.will() if callable(self.will) else self.will
-            will = aiomqtt.Will(w.topic, w.payload, w.qos, w.retain)
-        return aiomqtt.Client(
+            props = None
+            if delay:
+                props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+                props.WillDelayInterval = delay
+            will = aiomqtt.Will(w.topic, w.payload, w.qos, w.retain, props)
+        connect_props = None
+        clean_start: bool | Literal[3] = MQTT_CLEAN_START_FIRST_ONLY
+        if delay:
+            # A delayed will only helps if the session outlives the connection and the
+            # next connect resumes it: a new session would end the old one, will and all.
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = delay
+            clean_start = self.stats.connects == 0
+        client = aiomqtt.Client(
             target.host,
             target.port,
             username=target.username,
             password=target.password,
             identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            clean_start=clean_start,
+            properties=connect_props,
             will=will,
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.publish_timeout_s,
@@ -127,6 +174,17 @@ class MqttLink:
             # at the round-trip rate; 1000 in flight doubles what one connection moves.
             max_inflight_messages=1000,
         )
+        # aiomqtt drops PUBACK reason codes; catch the failures on the way past.
+        paho = client._client
+        inner: Any = paho.on_publish
+
+        def on_publish(c: Any, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+            if isinstance(rc, ReasonCode) and rc.is_failure:
+                self._refused[mid] = rc
+            inner(c, userdata, mid, rc, props)
+
+        paho.on_publish = on_publish
+        return client
 
     async def run(self) -> None:
         """Stay connected until cancelled. Raises AuthenticationError on bad credentials."""
@@ -154,6 +212,15 @@ class MqttLink:
             except aiomqtt.MqttError as err:
                 self._connected.clear()
                 self._client = None
+                if self._v5 and self.stats.connects == 0 and _is_version_refusal(err):
+                    self._v5 = False
+                    lg.info(
+                        "mqtt_protocol_fallback",
+                        client_id=self.client_id,
+                        note="the broker refused MQTT 5; using 3.1.1 (no reason codes on"
+                        " refused publishes, no will delay)",
+                    )
+                    continue
                 if _is_auth_refusal(err):
                     lg.error("mqtt_auth_refused", client_id=self.client_id, error=str(err))
                     raise AuthenticationError(
@@ -191,20 +258,26 @@ class MqttLink:
         self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
     ) -> bool:
         """Publish one message. QoS 0 while disconnected is dropped (returns False); QoS >= 1
-        waits for the connection up to the publish timeout, then raises TransportError."""
-        client = self._client
-        if client is None or not self._connected.is_set():
-            if qos == 0:
-                self.stats.dropped_offline += 1
-                return False
-            await self.wait_connected(self.settings.publish_timeout_s)
-            client = self._client
-            assert client is not None
-        try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
-        except aiomqtt.MqttError as err:
-            raise TransportError(f"publish to {topic} failed: {err}") from err
-        return True
+        waits for the connection up to the publish timeout, then raises TransportError, and
+        raises PublishRefused if the broker acknowledges it with a failure (MQTT 5)."""
+        if qos == 0 and (self._client is None or not self._connected.is_set()):
+            self.stats.dropped_offline += 1
+            return False
+        done = await self.publish_many([Outgoing(topic, payload, qos, retain)])
+        if done:
+            return True
+        if self.stats.last_refusal and self.stats.last_refusal[0] == topic:
+            raise PublishRefused(
+                f"the broker refused the publish to {topic}: {self.stats.last_refusal[1]};"
+                f" check the ACL for {self.settings.mqtt_target().username or 'anonymous'}"
+            )
+        if qos == 0:
+            return False
+        raise TransportError(
+            f"publish to {topic} was not acknowledged within"
+            f" {self.settings.publish_timeout_s:g}s; is the broker at"
+            f" {self.settings.broker_url} up?"
+        )
 
     async def publish_many(self, messages: Sequence[Outgoing]) -> int:
         """Publish many messages at once; returns how many the broker took (acked for
@@ -239,6 +312,24 @@ class MqttLink:
             if first < len(infos):
                 await asyncio.sleep(0.002)
         done = sum(1 for info in infos[first:] if info.is_published()) + first
-        if done < len(messages):
-            self.stats.dropped_offline += len(messages) - done
+        refused = [
+            (m, self._refused.pop(i.mid))
+            for m, i in zip(messages, infos, strict=False)
+            if i.mid in self._refused
+        ]
+        if refused:
+            self.stats.refused += len(refused)
+            m, rc = refused[-1]
+            self.stats.last_refusal = (m.topic, f"{rc} ({rc.value})")
+            (self.logger or log).error(
+                "mqtt_publish_refused",
+                client_id=self.client_id,
+                count=len(refused),
+                topic=m.topic[:200],
+                reason=str(rc),
+                note="the broker's ACL or limits refused these; retrying will not help",
+            )
+            done -= len(refused)
+        if done + len(refused) < len(messages):
+            self.stats.dropped_offline += len(messages) - done - len(refused)
         return done

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     setpoint_ttl_s: float = Field(60.0, gt=0.0)
     status_every_wall_s: float = Field(5.0, gt=0.0)
     keepalive_s: int = Field(15, ge=2)
+    will_delay_s: int = Field(
+        0,
+        ge=0,
+        description="MQTT 5 will delay: a vehicle that reconnects within it causes no"
+        " offline flap; 0 publishes the will at once (offline within ~1 s)",
+    )
     reconnect_min_s: float = Field(0.2, gt=0.0)
     reconnect_max_s: float = Field(10.0, gt=0.0)
     publish_timeout_s: float = Field(10.0, gt=0.0)

@@ -15,6 +15,7 @@ How a refusal shows up in Mosquitto 2.0 under MQTT 5:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import ssl
@@ -28,7 +29,7 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
-from broker.errors import AuthenticationError
+from broker.errors import AuthenticationError, PublishRefused
 from broker.link import MqttLink
 from broker.settings import Settings
 from v2g import provision as prov
@@ -339,3 +340,34 @@ def test_provision_says_clearly_when_mosquitto_passwd_is_missing(
     monkeypatch.setattr("os.access", lambda _path, _mode: False)
     with pytest.raises(prov.ProvisionError, match="mosquitto_passwd not found"):
         prov.provision(tmp_path, ["ev-a"])
+
+
+# -- the platform's own client surfaces refusals ---------------------------------------------
+async def test_the_platform_link_raises_when_the_acl_refuses_a_publish(broker: Broker) -> None:
+    """MqttLink speaks MQTT 5, so a refused publish is an error (PublishRefused with the
+    reason), not a message silently dropped; allowed publishes still go through."""
+    settings = Settings(
+        broker_url=f"mqtt://{HOST}:{broker.port}",
+        username="ev-0000",
+        password=SecretStr(broker.password("ev-0000")),
+        topic_prefix="v2g",
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.1,
+    )
+    link = MqttLink(settings, client_id="ev-0000")
+    task = asyncio.create_task(link.run())
+    try:
+        await link.wait_connected(WAIT_S)
+        assert link.protocol == "5"
+        ok = await link.publish("v2g/vehicles/ev-0000/telemetry", b"{}", qos=1)
+        assert ok
+        with pytest.raises(PublishRefused, match="Not authorized"):
+            await link.publish("v2g/vehicles/ev-0001/telemetry", b"{}", qos=1)
+        with pytest.raises(PublishRefused, match="v2g/dispatch/requests"):
+            await link.publish("v2g/dispatch/requests", b"{}", qos=1)
+        assert link.stats.refused == 2
+        assert link.connected  # a refusal is not a lost connection
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,4 +1,4 @@
-"""A vehicle applies each setpoint at most once, and never one superseded or expired."""
+"""A vehicle applies each setpoint at most once, and never one older than its order in force."""
 
 from __future__ import annotations
 
@@ -46,14 +46,17 @@ def test_a_redelivered_or_older_setpoint_does_not_undo_a_newer_one() -> None:
     assert rt.rejected["superseded"] == 2
 
 
-def test_an_expired_setpoint_is_not_applied() -> None:
+def test_a_newer_setpoint_that_is_already_over_ends_the_order_in_force() -> None:
     rt, clock = runtime()
     vid = rt.fleet.ids[1]
-    clock.advance(120.0)
     deliver(rt, vid, -7.0, T0, T0 + 60)
-    assert rt.setpoints_applied == 0
-    assert rt.rejected["expired"] == 1
-    assert rt.fleet.setpoint_until[1] == float("-inf")
+    clock.advance(10.0)
+    deliver(rt, vid, 0.0, T0 + 10, T0 + 10.001)  # a release: over on arrival
+    assert rt.setpoints_applied == 2
+    assert rt.fleet.setpoint_until[1] == T0 + 10.001  # not the -7 kW order until T0 + 60
+    clock.advance(0.01)
+    rt.fleet.tick(clock.now())
+    assert rt.fleet.setpoint_kw[1] == 0.0 and rt.fleet.power[1] != -7.0
 
 
 def test_setpoints_are_tracked_per_vehicle() -> None:
