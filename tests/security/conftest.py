@@ -63,6 +63,7 @@ def derive_conf(tmp: Path, port: int, tls_port: int, pki: prov.CertBundle) -> st
         "#tls_version tlsv1.2": "tls_version tlsv1.2",
         "#require_certificate true": "require_certificate true",
         "#use_identity_as_username true": "use_identity_as_username true",
+        "#use_username_as_clientid true": "use_username_as_clientid true",
     }
     seen: set[str] = set()
     out: list[str] = []

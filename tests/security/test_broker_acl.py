@@ -308,6 +308,24 @@ async def test_tls_client_with_a_proper_certificate_is_accepted_as_its_cn(
         assert await collect_until(agg, own) == [own]
 
 
+async def test_on_tls_a_vehicle_cannot_take_over_another_vehicles_client_id(
+    broker: Broker,
+) -> None:
+    """use_username_as_clientid on the TLS listener: the client id is the certificate's CN,
+    so ev-0000 connecting as client "ev-0001" does not knock the real ev-0001 off."""
+    async with client(broker, None, tls=broker.tls_context("ev-0001"), identifier="ev-0001") as ev1:
+        await ev1.subscribe("v2g/vehicles/ev-0001/setpoint", qos=1)
+        async with client(broker, None, tls=broker.tls_context("ev-0000"), identifier="ev-0001"):
+            # Had the broker taken "ev-0001" as a client id, the first session would be
+            # gone now and this publish would fail; it must still be acknowledged.
+            acks = Acks(ev1)
+            assert await acks.publish("v2g/vehicles/ev-0001/telemetry") in OK_CODES
+            async with client(broker, "aggregator") as agg:
+                await agg.publish("v2g/vehicles/ev-0001/setpoint", b"{}", qos=1)
+                got = await collect_until(ev1, "v2g/vehicles/ev-0001/setpoint")
+        assert got == ["v2g/vehicles/ev-0001/setpoint"]
+
+
 # -- provisioning -----------------------------------------------------------------------
 def test_provision_refuses_ids_the_acl_cannot_confine(tmp_path: Path) -> None:
     bad: list[Callable[[], object]] = [
