@@ -20,6 +20,8 @@ SAMPLE_S = 10.0  # PJM scores 10 s samples
 WINDOW_S = 300.0  # ... in 5-minute windows
 MAX_DELAY_S = 300.0  # ... searching delays of 0 to 5 minutes
 
+FLAT = 1e-9  # of the capacity: a signal or response that moves less has no shape to score
+
 FCR_DEADBAND_HZ = 0.010
 FCR_FULL_HZ = 0.200
 FCR_FULL_WITHIN_S = 30.0
@@ -82,7 +84,7 @@ def regulation_score(
     for i in range(n_win):
         a = sig[i * w : (i + 1) * w]
         mean_abs = float(np.abs(a).mean())
-        if mean_abs > 0:
+        if mean_abs > FLAT:
             err = np.abs(resp[i * w : (i + 1) * w] - a).mean() / mean_abs
             prec.append(min(1.0, max(0.0, 1.0 - float(err))))
         reach = min(k_max, resp.size - (i + 1) * w)
@@ -90,10 +92,10 @@ def regulation_score(
         a_c = a - a.mean()
         s_c = shifted - shifted.mean(axis=1, keepdims=True)
         denom = np.sqrt((a_c @ a_c) * np.einsum("ij,ij->i", s_c, s_c))
-        if float(a_c @ a_c) == 0.0:
+        if float(np.abs(a_c).max()) <= FLAT:
             continue
         with np.errstate(invalid="ignore", divide="ignore"):
-            r = np.where(denom > 0, (s_c @ a_c) / denom, np.nan)
+            r = np.where(np.abs(s_c).max(axis=1) > FLAT, (s_c @ a_c) / denom, np.nan)
         if np.all(np.isnan(r)):
             continue
         best = int(np.nanargmax(r))
