@@ -14,9 +14,14 @@ def vehicle_ranges(view: FleetView, now: float, window_s: float) -> tuple[Array,
     return feasible_range(view.batteries, view.energy, view.departure, now, window_s)
 
 
-def window(view: FleetView, now: float, window_s: float) -> CapabilityWindow:
-    """The fleet's range [Σ p_lo, Σ p_hi] for one window."""
+def window(
+    view: FleetView, now: float, window_s: float, scale: Array | None = None
+) -> CapabilityWindow:
+    """The fleet's range [Σ p_lo, Σ p_hi] for one window; ``scale`` (per vehicle, e.g. the
+    share of its setpoints a vehicle is measured to deliver) shrinks each range first."""
     lo, hi = vehicle_ranges(view, now, window_s)
+    if scale is not None:
+        lo, hi = scale * lo, scale * hi
     return CapabilityWindow(
         duration_s=window_s,
         min_power_kw=round(float(lo.sum()), 3),
@@ -25,7 +30,10 @@ def window(view: FleetView, now: float, window_s: float) -> CapabilityWindow:
 
 
 def envelope(
-    view: FleetView, now: float, windows: tuple[float, ...] = WINDOWS_S
+    view: FleetView,
+    now: float,
+    windows: tuple[float, ...] = WINDOWS_S,
+    scale: Array | None = None,
 ) -> list[CapabilityWindow]:
     """The envelope over the standard windows (900 s to 4 h)."""
-    return [window(view, now, w) for w in windows]
+    return [window(view, now, w, scale) for w in windows]

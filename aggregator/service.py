@@ -251,7 +251,9 @@ class AggregatorService:
         out = self.dispatcher.step(now, view, len(self.state))
         self.last_output = out
         answers.extend(out.results)
-        windows = envelope(view, now)
+        # What the fleet offers is what it will deliver: partial followers count for
+        # their measured share, as admission counts them.
+        windows = envelope(view, now, scale=self.dispatcher.follow_ratio(view.rows))
         lo, hi = vehicle_ranges(view, now, self.settings.control_step_s)
         online, plugged = self.state.counts(now, self.settings.stale_s)
         status = fleet_status(

@@ -237,7 +237,13 @@ def test_a_learned_ratio_derates_admission_and_the_next_request_is_on_target_at_
     answer = d.submit(req(full, 900.0, "all"), t, view)
     assert answer.status == "partial"  # the half followers cannot give their full range
     assert answer.allocated_kw > full + 5.0
+    # The envelope the fleet publishes offers what admission would accept: no more.
+    offered = envelope(view, t, scale=d.follow_ratio(view.rows))[0].min_power_kw
+    assert offered == pytest.approx(answer.allocated_kw, abs=0.01)
     d.cancel("all", t, view)
+    edge = d.submit(req(round(offered, 1) + 0.1, 900.0, "edge"), t, view)
+    assert edge.status == "accepted", edge
+    d.cancel("edge", t, view)
     target = round(0.5 * full, 1)
     assert d.submit(req(target, 900.0, "next"), t, view).status == "accepted"
     t, _ = run_loop(fleet, state, d, t, 1)
