@@ -8,6 +8,8 @@ results, progress, capability, status → persist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -20,7 +22,8 @@ from pydantic import ValidationError
 
 from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher, StepOutput
-from aggregator.fleet_state import FleetState, check_not_ahead
+from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
+from aggregator.forecast import ForecastModel
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import Snapshot, StateStore
 from broker.clock import Clock, raise_if_cancelled
@@ -28,9 +31,12 @@ from broker.errors import InvalidMessage, TransportError
 from broker.link import MqttLink, Outgoing
 from broker.models import (
     Capability,
+    CapabilityWindow,
     DispatchRequest,
     DispatchResult,
+    FleetForecast,
     FleetStatus,
+    ForecastPeriod,
     Setpoint,
     Telemetry,
     VehicleStatus,
@@ -41,6 +47,8 @@ from broker.settings import Settings
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 LOG_PAYLOAD_CHARS = 200
+FORECAST_PERIOD_S = 3600.0  # hourly market periods
+FORECAST_EVERY_S = 900.0  # simulated seconds between forecasts
 SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
 
 
@@ -88,6 +96,8 @@ class AggregatorService:
             max_request_kw=settings.max_request_kw,
             max_duration_s=settings.max_request_duration_s,
         )
+        self.forecaster = ForecastModel()
+        self._forecast_at = -math.inf
         self.rejected: Counter[str] = Counter()
         # received == accepted + ignored + every rejection but "stale" (found at the fold).
         self.received = 0
@@ -270,6 +280,7 @@ class AggregatorService:
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         sent = await self._publish(now, out, answers, capability, status)
+        await self._forecast(now, view, windows)
         self._persist(now)
         report = StepReport(
             now, status, capability, sent, answers, (time.perf_counter() - wall0) * 1e3
@@ -277,6 +288,35 @@ class AggregatorService:
         self.last_report = report
         self._log_step(report, applied)
         return report
+
+    async def _forecast(self, now: float, view: FleetView, windows: list[CapabilityWindow]) -> None:
+        """Learn from this step's one-hour capability; every FORECAST_EVERY_S publish the
+        availability forecast (retained) for the next 24 hourly periods."""
+        hour = next((w for w in windows if w.duration_s == FORECAST_PERIOD_S), None)
+        if hour is not None and len(view):
+            self.forecaster.observe(now, hour.min_power_kw, hour.max_power_kw)
+        if now - self._forecast_at < FORECAST_EVERY_S or not self.link.connected or not len(view):
+            return
+        lo, hi = vehicle_ranges(view, now, FORECAST_PERIOD_S)
+        periods = self.forecaster.forecast(now, lo, hi, view.departure)
+        msg = FleetForecast(
+            ts=from_epoch(now),
+            periods=[
+                ForecastPeriod(
+                    start=from_epoch(p.start),
+                    duration_s=FORECAST_PERIOD_S,
+                    min_power_kw=p.min_power_kw,
+                    max_power_kw=p.max_power_kw,
+                    confidence=p.confidence,
+                    samples=p.samples,
+                )
+                for p in periods
+            ],
+        )
+        out = Outgoing(self.topics.fleet_forecast, msg.to_json(), qos=1, retain=True)
+        with contextlib.suppress(TransportError):
+            if await self.link.publish_many([out]):
+                self._forecast_at = now
 
     async def _publish(
         self,

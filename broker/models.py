@@ -177,6 +177,24 @@ class Capability(WireModel):
     vehicles: int = 0
 
 
+class ForecastPeriod(WireModel):
+    """One hourly market period of the availability forecast."""
+
+    start: UtcTime
+    duration_s: float
+    min_power_kw: float  # most the fleet can export for the whole period (<= 0)
+    max_power_kw: float  # most it can import (>= 0)
+    confidence: Annotated[float, Field(ge=0.0, le=1.0)]  # 0: no history for this hour yet
+    samples: Annotated[int, Field(ge=0)]
+
+
+class FleetForecast(WireModel):
+    """The next 24 hourly periods, retained on ``v2g/fleet/forecast`` (an extension)."""
+
+    ts: UtcTime
+    periods: list[ForecastPeriod]
+
+
 class ActiveDispatch(WireModel):
     request_id: str
     service: str

@@ -58,6 +58,10 @@ class Topics:
     def fleet_capability(self) -> str:
         return f"{self.prefix}/fleet/capability"
 
+    @property
+    def fleet_forecast(self) -> str:
+        return f"{self.prefix}/fleet/forecast"
+
     # Subscription filters.
     @property
     def all_telemetry(self) -> str:

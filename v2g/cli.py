@@ -435,6 +435,58 @@ def status(
 
 
 @app.command()
+def capability(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the raw Capability and FleetForecast JSON")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="wait this long for the retained messages")] = 5.0,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+) -> None:
+    """Print what the fleet can offer: the capability envelope (fleet net kW it can hold
+    for 15 min to 4 h from now) and the availability forecast for the next 24 hourly
+    periods with its confidence (retained on v2g/fleet/capability and v2g/fleet/forecast)."""
+    from v2g import operator
+
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
+    cap, forecast = _run(operator.read_capability(settings, timeout_s=timeout))
+    if cap is None and forecast is None:
+        _fail(
+            f"nothing retained on {settings.topics.fleet_capability} or"
+            f" {settings.topics.fleet_forecast} within {timeout:.0f} s; is the aggregator running?",
+            1,
+        )
+    if as_json:
+        for msg in (cap, forecast):
+            if msg is not None:
+                typer.echo(msg.model_dump_json())
+        return
+    if cap is not None:
+        typer.echo(
+            f"capability at {cap.ts:%Y-%m-%dT%H:%M:%SZ} ({cap.vehicles} vehicles; - export, + import)"
+        )
+        typer.echo(f"  {'hold for':>9}  {'min kW':>10}  {'max kW':>10}")
+        for w in cap.windows:
+            typer.echo(
+                f"  {w.duration_s / 60:>6.0f} min  {w.min_power_kw:>+10.1f}  {w.max_power_kw:>+10.1f}"
+            )
+    if forecast is None:
+        typer.echo("no forecast yet (the aggregator publishes one every 15 simulated minutes)")
+        return
+    typer.echo(
+        f"forecast at {forecast.ts:%Y-%m-%dT%H:%M:%SZ} (confidence 0: no history for that hour yet)"
+    )
+    typer.echo(
+        f"  {'period (UTC)':<17}  {'min kW':>10}  {'max kW':>10}  {'confidence':>10}  {'samples':>7}"
+    )
+    for p in forecast.periods:
+        typer.echo(
+            f"  {p.start:%Y-%m-%d %H:%M}  {p.min_power_kw:>+10.1f}  {p.max_power_kw:>+10.1f}"
+            f"  {p.confidence:>10.2f}  {p.samples:>7d}"
+        )
+
+
+@app.command()
 def provision(
     out: Annotated[
         Path, typer.Option("--out", help="directory for passwd, credentials.json and certs/")

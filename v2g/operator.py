@@ -12,7 +12,14 @@ import aiomqtt
 
 from broker.errors import TransportError
 from broker.link import MqttLink
-from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus
+from broker.models import (
+    Capability,
+    DispatchProgress,
+    DispatchRequest,
+    DispatchResult,
+    FleetForecast,
+    FleetStatus,
+)
 from broker.settings import Settings
 
 FINAL = frozenset({"completed", "cancelled", "rejected"})
@@ -110,3 +117,27 @@ async def follow_status(
             seen += 1
             if not follow:
                 return seen
+
+
+async def read_capability(
+    settings: Settings, *, timeout_s: float
+) -> tuple[Capability | None, FleetForecast | None]:
+    """The retained capability envelope and availability forecast (None where absent)."""
+    t = settings.topics
+    cap: Capability | None = None
+    forecast: FleetForecast | None = None
+    async with operator_link(settings, [(t.fleet_capability, 1), (t.fleet_forecast, 1)]) as (
+        _,
+        queue,
+    ):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while cap is None or forecast is None:
+                    ev = await queue.get()
+                    if not ev.payload:
+                        continue
+                    if ev.topic == t.fleet_capability:
+                        cap = Capability.model_validate_json(ev.payload)
+                    elif ev.topic == t.fleet_forecast:
+                        forecast = FleetForecast.model_validate_json(ev.payload)
+    return cap, forecast

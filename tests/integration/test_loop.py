@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import subprocess
@@ -681,3 +682,25 @@ async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restar
             task.cancel()
     assert task.cancelled()
     assert not link.connected
+
+
+async def test_capability_and_forecast_are_retained_and_read_back(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    async with loop_factory(count=20, seed=6, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online()
+        report = await loop.next_report()  # the step after all are in publishes a forecast
+        cap, forecast = await operator.read_capability(settings, timeout_s=5.0)
+    assert cap is not None and forecast is not None
+    assert [w.duration_s for w in cap.windows] == [900.0, 1800.0, 3600.0, 7200.0, 14400.0]
+    periods = forecast.periods
+    assert len(periods) == 24
+    starts = [p.start.timestamp() for p in periods]
+    assert all(s % 3600 == 0 for s in starts) and starts[0] > report.now - 1
+    assert all(b - a == 3600 for a, b in itertools.pairwise(starts))
+    assert all(p.min_power_kw <= 0 <= p.max_power_kw for p in periods)
+    # The cars plugged in now (home and depot, 21:00) offer something for the first hours,
+    # and with no history yet the forecast says so with confidence 0.
+    assert periods[0].min_power_kw < 0 and periods[0].max_power_kw > 0
+    assert all(p.confidence == 0.0 for p in periods)
+    assert loop.aggregator.forecaster.samples().sum() > 0

@@ -14,7 +14,18 @@ runner = CliRunner()
 def test_every_command_has_help() -> None:
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0
-    for cmd in ("demo", "broker", "aggregator", "agents", "dispatch", "cancel", "status"):
+    for cmd in (
+        "demo",
+        "broker",
+        "aggregator",
+        "agents",
+        "dispatch",
+        "cancel",
+        "status",
+        "capability",
+        "simulate",
+        "provision",
+    ):
         assert cmd in top.output
         sub = runner.invoke(app, [cmd, "--help"])
         assert sub.exit_code == 0, sub.output
