@@ -7,6 +7,7 @@ setpoints and messages to send. The service around it does the I/O.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from agents.battery import Array, baseline_power
 from aggregator.allocation import allocate
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
+from aggregator.schedule import Block, cohorts, plan
 from broker.models import (
     SIGNAL_SERVICES,
     ActiveDispatch,
@@ -25,6 +27,7 @@ from broker.models import (
     DispatchRequest,
     DispatchResult,
     ResultStatus,
+    ScheduledInterval,
     from_epoch,
     to_epoch,
 )
@@ -42,6 +45,11 @@ FOLLOW_MIN_ASK_KW = 1.0
 # A vehicle that follows less than this is not steered through its ratio (a setpoint
 # divided by almost nothing): it is held at what it draws, like a drifting one.
 FOLLOW_MIN_RATIO = 0.1
+# Requests for later are planned on this grid, this far ahead, and accepted in full
+# when the plan misses them by less than this.
+SCHEDULE_STEP_S = 900.0
+SCHEDULE_MAX_INTERVALS = 192
+SCHEDULE_TOL_KW = 0.01
 # How many finished requests are remembered, so that a repeated request_id gets the
 # same answer instead of a second dispatch.
 REMEMBERED_ANSWERS = 10_000
@@ -65,6 +73,7 @@ class Dispatch:
     baseline_kw: float = 0.0
     last_t: float | None = None
     meter_start: float | None = None
+    schedule: list[list[float]] | None = None  # [interval start, kW] reserved, if planned
 
     @property
     def request_id(self) -> str:
@@ -100,6 +109,7 @@ _BOOK_FIELDS = (
     "baseline_kw",
     "last_t",
     "meter_start",
+    "schedule",
 )
 
 
@@ -217,20 +227,119 @@ class Dispatcher:
                 ),
                 requested_kw=req.power_kw,
             )
-        self.dispatches[req.request_id] = d
         if start <= now + self.control_step_s:
+            self.dispatches[req.request_id] = d
             return self._admit(d, now, view)
-        lo, hi = self._usable(view, now, req.duration_s)
-        d.allocated_kw = min(max(d.requested_kw, float(lo.sum())), float(hi.sum()))
+        return self._admit_ahead(d, now, view)
+
+    def _admit_ahead(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """Admit a request for later: plan the fleet over the horizon with every request
+        already taken as reserved (so this one cannot take their energy), and answer with
+        what it can deliver per interval. Admission is checked again at its start."""
+        horizon = math.ceil((d.end - now) / SCHEDULE_STEP_S - 1e-9)
+        if horizon > SCHEDULE_MAX_INTERVALS:
+            return self._result(
+                d.request_id,
+                "rejected",
+                now,
+                reason=(
+                    f"ends {(d.end - now) / 3600:.1f} h ahead; requests are planned up to"
+                    f" {SCHEDULE_MAX_INTERVALS * SCHEDULE_STEP_S / 3600:.0f} h ahead"
+                ),
+                requested_kw=d.requested_kw,
+            )
+        new = self._block(d, now, horizon, d.requested_kw)
+        assert new is not None  # it starts after now and ends within the horizon
+        taken: list[Block] = []
+        for o in sorted(self.dispatches.values(), key=lambda o: o.start):
+            for b in self._reserved(o, now, horizon):
+                # Grid rounding can make neighbours touch: the earlier keeps the interval.
+                if not any(b.start < x.end and x.start < b.end for x in [*taken, new]):
+                    taken.append(b)
+        cohort = cohorts(
+            view.batteries,
+            view.energy,
+            view.departure,
+            now,
+            step_s=SCHEDULE_STEP_S,
+            horizon=horizon,
+        )
+        p = plan(cohort, taken, new)
+        got = p.deliverable_kw(new)
+        h = SCHEDULE_STEP_S / 3600.0
+        intervals = [
+            ScheduledInterval(
+                start=from_epoch(now + (new.start + i) * SCHEDULE_STEP_S),
+                duration_s=SCHEDULE_STEP_S,
+                power_kw=round(float(kw), 3),
+                energy_kwh=round(float(kw) * h, 4),
+            )
+            for i, kw in enumerate(got)
+        ]
+        # What the fleet can hold through every interval of the request.
+        sign = -1.0 if d.requested_kw < 0 else 1.0
+        part = np.clip(sign * got, 0.0, abs(d.requested_kw))  # toward the request only
+        hold = sign * float(part.min())
+        if float(part.max()) < SCHEDULE_TOL_KW and abs(d.requested_kw) > SCHEDULE_TOL_KW:
+            return self._result(
+                d.request_id,
+                "rejected",
+                now,
+                reason="the fleet plugged in now cannot deliver any of it in that window,"
+                " with the requests already taken",
+                requested_kw=d.requested_kw,
+                schedule=intervals,
+            )
+        d.allocated_kw = hold
+        d.shortfall_kw = abs(d.requested_kw - hold)
+        # The energy reserved is what the plan gives it, interval by interval.
+        d.schedule = [
+            [now + (new.start + i) * SCHEDULE_STEP_S, sign * float(kw)] for i, kw in enumerate(part)
+        ]
+        self.dispatches[d.request_id] = d
+        status: ResultStatus = "accepted" if d.shortfall_kw <= SCHEDULE_TOL_KW else "partial"
+        if status == "accepted":
+            d.shortfall_kw = 0.0
+            d.allocated_kw = d.requested_kw
+        when = from_epoch(d.start).isoformat()
         return self._result(
             d.request_id,
-            "accepted",
+            status,
             now,
-            reason=f"scheduled for {from_epoch(start).isoformat()}; admission is checked again at start",
+            reason=(
+                f"scheduled for {when}; admission is checked again at start"
+                if status == "accepted"
+                else f"scheduled for {when}; with the requests already taken, the fleet"
+                f" plugged in now can hold {hold:.1f} kW through all of it and more in some"
+                " intervals (see schedule)"
+            ),
             requested_kw=d.requested_kw,
             allocated_kw=d.allocated_kw,
+            shortfall_kw=d.shortfall_kw,
             vehicles=len(view),
+            schedule=intervals,
         )
+
+    def _reserved(self, d: Dispatch, now: float, horizon: int) -> list[Block]:
+        """What a request already taken holds on the planning grid from ``now``: its
+        per-interval schedule if it was planned ahead, else its power over its window."""
+        if not d.schedule:
+            b = self._block(d, now, horizon, d.allocated_kw)
+            return [] if b is None else [b]
+        out = []
+        for t, kw in d.schedule:
+            s = round((t - now) / SCHEDULE_STEP_S)
+            e = round((t + SCHEDULE_STEP_S - now) / SCHEDULE_STEP_S)
+            if 0 <= s < e <= horizon:
+                out.append(Block(s, e, kw))
+        return out
+
+    @staticmethod
+    def _block(d: Dispatch, now: float, horizon: int, power_kw: float) -> Block | None:
+        """The request on the planning grid from ``now`` (None if it is past it)."""
+        s = max(0, round((d.start - now) / SCHEDULE_STEP_S))
+        e = min(horizon, max(s + 1, round((d.end - now) / SCHEDULE_STEP_S)))
+        return Block(s, e, power_kw) if s < e else None
 
     def _check(self, req: DispatchRequest, now: float) -> str | None:
         """Why a request is malformed or absurd, or None if it is fine."""

@@ -129,6 +129,15 @@ class DispatchRequest(WireModel):
 ResultStatus = Literal["accepted", "partial", "rejected", "completed", "cancelled"]
 
 
+class ScheduledInterval(WireModel):
+    """What the schedule can deliver of a request in one interval (an extension)."""
+
+    start: UtcTime
+    duration_s: float
+    power_kw: float
+    energy_kwh: float
+
+
 class DispatchResult(WireModel):
     """The aggregator's answer on ``v2g/dispatch/{request_id}/result``."""
 
@@ -142,6 +151,8 @@ class DispatchResult(WireModel):
     delivered_kwh: float | None = None
     requested_kwh: float | None = None
     baseline_kwh: float | None = None
+    # For a request planned ahead: what the fleet can deliver in each interval.
+    schedule: list[ScheduledInterval] | None = None
     ts: UtcTime
 
 
