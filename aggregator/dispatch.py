@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agents.battery import Array, baseline_power
-from aggregator.allocation import allocate
+from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
 from aggregator.schedule import Block, cohorts, plan
@@ -45,6 +45,10 @@ FOLLOW_MIN_ASK_KW = 1.0
 # A vehicle that follows less than this is not steered through its ratio (a setpoint
 # divided by almost nothing): it is held at what it draws, like a drifting one.
 FOLLOW_MIN_RATIO = 0.1
+# The least-cost split weighs a battery by REFERENCE / capacity (a kWh is a deeper cycle
+# of a small one) and by its energy cycled over the fleet's mean (at least the floor).
+REFERENCE_CAPACITY_KWH = 60.0
+CYCLED_FLOOR_KWH = 0.1
 # Requests for later are planned on this grid, this far ahead, and accepted in full
 # when the plan misses them by less than this.
 SCHEDULE_STEP_S = 900.0
@@ -137,8 +141,13 @@ class Dispatcher:
         max_request_kw: float = 1_000_000.0,
         max_duration_s: float = 7 * 86_400.0,
         settle_s: float | None = None,
+        allocation: Literal["proportional", "cost"] = "proportional",
     ) -> None:
         self.control_step_s = control_step_s
+        # proportional: the fast split in proportion to headroom, sticky from step to step.
+        # cost: the least-cost split, each battery weighted by its throughput cost and by
+        # the energy it has cycled so far, so wear spreads over the fleet.
+        self.allocation = allocation
         self.setpoint_ttl_s = setpoint_ttl_s
         self.max_request_kw = max_request_kw
         self.max_duration_s = max_duration_s
@@ -155,6 +164,9 @@ class Dispatcher:
         # Per fleet row: the learned follow ratio and the report it was last learned from.
         self._ratio: Array = np.zeros(0)
         self._ratio_ts: Array = np.zeros(0)
+        # Per fleet row: energy cycled under this dispatcher (kWh, charge plus discharge).
+        self._cycled: Array = np.zeros(0)
+        self._cycled_t: float | None = None
         # Feasible ranges already computed for the current view, by (now, window):
         # admission and planning in the same control step ask for the same ones.
         self._ranges_view: FleetView | None = None
@@ -413,6 +425,9 @@ class Dispatcher:
         """Advance every request to ``now`` and decide the setpoints for the next step."""
         self._fit(n_rows)
         self._learn(now, view)
+        if self._cycled_t is not None and now > self._cycled_t:
+            self._cycled[view.rows] += np.abs(view.power) * (now - self._cycled_t) / 3600.0
+        self._cycled_t = now
         out = StepOutput()
         measured = float(view.power.sum())
         base = self._baseline(view)
@@ -437,6 +452,29 @@ class Dispatcher:
         self._plan(active, now, view, out)
         out.progress.append(self._progress(active, now))
         return out
+
+    def _split(
+        self,
+        target: float,
+        lo: Array,
+        hi: Array,
+        ref: Array,
+        view: FleetView,
+        subset: NDArray[np.bool_] | None,
+    ) -> Allocation:
+        if self.allocation == "proportional":
+            return allocate(target, lo, hi, ref)
+        cycled = self._cycled[view.rows]
+        # Throughput cost per kWh: a kWh is a deeper cycle of a small battery.
+        weight = (REFERENCE_CAPACITY_KWH / view.batteries.capacity_kwh) * (
+            1.0 + cycled / max(float(cycled.mean()), CYCLED_FLOOR_KWH)
+        )
+        return allocate_cost(target, lo, hi, weight if subset is None else weight[subset])
+
+    def cycled_kwh(self, rows: NDArray[np.intp]) -> Array:
+        """Energy each of these fleet rows has cycled under this dispatcher (kWh)."""
+        self._fit(int(rows.max()) + 1 if rows.size else 0)
+        return self._cycled[rows].copy()
 
     def _baseline(self, view: FleetView) -> float:
         """What the active fleet would draw now with plain charging."""
@@ -509,14 +547,19 @@ class Dispatcher:
             held = view.power[drifting]
             rest = ~drifting
             g = gain[rest]
-            cover = allocate(
-                d.requested_kw - float(held.sum()), g * lo[rest], g * hi[rest], g * ref[rest]
+            cover = self._split(
+                d.requested_kw - float(held.sum()),
+                g * lo[rest],
+                g * hi[rest],
+                g * ref[rest],
+                view,
+                rest,
             )
             power = np.clip(ref, lo, hi)
             power[rest] = cover.power / g
             total = float(held.sum()) + cover.total_kw
         else:
-            alloc = allocate(d.requested_kw, gain * lo, gain * hi, gain * ref)
+            alloc = self._split(d.requested_kw, gain * lo, gain * hi, gain * ref, view, None)
             power, total = alloc.power / gain, alloc.total_kw
         power = np.clip(power, lo, hi)  # dividing by the ratio may round past a bound
         d.allocated_kw = total
@@ -639,6 +682,7 @@ class Dispatcher:
             self._sent_at = np.concatenate([self._sent_at, np.full(grow, -np.inf)])
             self._ratio = np.concatenate([self._ratio, np.ones(grow)])
             self._ratio_ts = np.concatenate([self._ratio_ts, np.full(grow, -np.inf)])
+            self._cycled = np.concatenate([self._cycled, np.zeros(grow)])
 
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:

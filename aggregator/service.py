@@ -95,6 +95,7 @@ class AggregatorService:
             setpoint_ttl_s=settings.setpoint_ttl_s,
             max_request_kw=settings.max_request_kw,
             max_duration_s=settings.max_request_duration_s,
+            allocation=settings.allocation,
         )
         self.forecaster = ForecastModel()
         self._forecast_at = -math.inf

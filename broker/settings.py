@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     reconnect_min_s: float = Field(0.2, gt=0.0)
     reconnect_max_s: float = Field(10.0, gt=0.0)
     publish_timeout_s: float = Field(10.0, gt=0.0)
+    allocation: Literal["proportional", "cost"] = Field(
+        "proportional",
+        description="how a request is split: proportional to headroom (fast, sticky) or"
+        " least cost (throughput cost and energy cycled so far: spreads battery wear)",
+    )
     max_request_kw: float = Field(1_000_000.0, gt=0.0)
     max_request_duration_s: float = Field(7 * 86_400.0, gt=0.0)
     log_format: Literal["kv", "json"] = "kv"

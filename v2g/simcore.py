@@ -326,15 +326,3 @@ class Simulation:
         rec.admission = disp.submit(req, now, view)
         if rec.admission.status == "rejected":
             rec.final = rec.admission
-
-
-def jain_index(x: Array) -> float:
-    """Jain's fairness index (sum x)^2 / (n sum x^2): 1 when all equal, 1/n when one takes all
-    (1 for an empty or all-zero population)."""
-    if x.size == 0:
-        return 1.0
-    sq = float(np.dot(x, x))
-    if sq <= 0.0:
-        return 1.0
-    s = float(x.sum())
-    return s * s / (x.size * sq)

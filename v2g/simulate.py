@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from agents.profiles import generate_fleet
+from aggregator.allocation import jain_index
 from broker.models import DispatchRequest, from_epoch
 from v2g.scenario import Scenario, ScenarioError, csv_signal, regd_signal
-from v2g.simcore import Regulation, RequestRecord, SimResult, Simulation, jain_index
+from v2g.simcore import Regulation, RequestRecord, SimResult, Simulation
 
 # Per-vehicle rows are written as CSV up to this fleet size (Parquet has no limit).
 VEHICLE_CSV_LIMIT = 100_000

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
+from aggregator.allocation import jain_index
 from broker.models import DispatchRequest, from_epoch
 from v2g.cli import app
 from v2g.scenario import ScenarioError, load_scenario, parse_scenario, regd_signal
-from v2g.simcore import Simulation, fleet_view, jain_index, make_dispatcher
+from v2g.simcore import Simulation, fleet_view, make_dispatcher
 from v2g.simulate import DELIVERY_TOL, build, run
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
