@@ -24,6 +24,7 @@ from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
 from aggregator.forecast import ForecastModel
+from aggregator.ledger import Ledger, LedgerWriter, answer_entry, step_entry
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import Snapshot, StateStore
 from broker.clock import Clock, raise_if_cancelled
@@ -82,11 +83,15 @@ class AggregatorService:
         clock: Clock,
         store: StateStore,
         client_id: str = "v2g-aggregator",
+        ledger: Ledger | None = None,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.store = store
+        # Settlement records go to the ledger off the control path (see aggregator/ledger.py).
+        self.ledger = None if ledger is None else LedgerWriter(ledger)
+        self._ledger_task: asyncio.Task[bool] | None = None
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
         self.state = FleetState()
@@ -205,6 +210,7 @@ class AggregatorService:
                 tg.create_task(self._control_loop(), name="aggregator-control")
         finally:
             await self._finish_save()
+            await self._finish_ledger()
 
     async def restore(self) -> None:
         try:
@@ -281,6 +287,7 @@ class AggregatorService:
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         sent = await self._publish(now, out, answers, capability, status)
+        self._record(answers, out)
         await self._forecast(now, view, windows)
         self._persist(now)
         report = StepReport(
@@ -397,6 +404,33 @@ class AggregatorService:
             self.dispatcher.unsend(out.rows)
             self.log.warning("publish_failed", error=str(err), owed_results=len(self._owed))
             return 0
+
+    def _record(self, answers: list[DispatchResult], out: StepOutput) -> None:
+        """Queue this step's ledger entries and start writing them; never waits on Redis.
+        While it is away they are kept (bounded) and written, in order, on its return."""
+        if self.ledger is None:
+            return
+        for a in answers:
+            self.ledger.add(a.request_id, answer_entry(a))
+        for p in out.progress:
+            self.ledger.add(p.request_id, step_entry(p, int(out.rows.shape[0])))
+        if self.ledger.owed and (self._ledger_task is None or self._ledger_task.done()):
+            self._ledger_task = asyncio.create_task(self.ledger.drain(), name="aggregator-ledger")
+
+    async def _finish_ledger(self) -> None:
+        """Write what the ledger is owed before the service goes (bounded)."""
+        if self.ledger is None:
+            return
+        task = self._ledger_task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=SAVE_GRACE_S)
+        if self.ledger.owed and (task is None or task.done()):
+            last = asyncio.create_task(self.ledger.drain())
+            await asyncio.wait({last}, timeout=SAVE_GRACE_S)
+            if not last.done():
+                last.cancel()
+        if self.ledger.owed:
+            self.log.error("ledger_unwritten", entries=len(self.ledger.owed))
 
     def _persist(self, now: float) -> None:
         """Start writing a snapshot, unless the last one is still being written (then the

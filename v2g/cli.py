@@ -217,6 +217,7 @@ def aggregator(
     log_format: LogFormat = None,
 ) -> None:
     """Run the aggregator: fleet state, capability, dispatch and fleet status."""
+    from aggregator.ledger import Ledger, MemoryLedger, RedisLedger
     from aggregator.service import AggregatorService
     from aggregator.store import MemoryStore, RedisStore, StateStore
 
@@ -230,7 +231,12 @@ def aggregator(
     store: StateStore = (
         MemoryStore() if memory else RedisStore(settings.redis_url, prefix=settings.redis_prefix)
     )
-    service = AggregatorService(settings=settings, clock=_clock(settings), store=store)
+    ledger: Ledger = (
+        MemoryLedger() if memory else RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
+    )
+    service = AggregatorService(
+        settings=settings, clock=_clock(settings), store=store, ledger=ledger
+    )
     structlog.get_logger("aggregator").info(
         "aggregator_starting",
         broker=settings.broker_url,
@@ -484,6 +490,67 @@ def capability(
             f"  {p.start:%Y-%m-%d %H:%M}  {p.min_power_kw:>+10.1f}  {p.max_power_kw:>+10.1f}"
             f"  {p.confidence:>10.2f}  {p.samples:>7d}"
         )
+
+
+@app.command()
+def report(
+    request_id: Annotated[str, typer.Argument(help="the request's id")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="directory for report.csv and report.png")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=1.0, help="seconds of platform time per row")
+    ] = 300.0,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="draw report.png")] = True,
+    redis: Redis = None,
+) -> None:
+    """A request's settlement from its ledger in Redis: requested vs baseline vs delivered
+    per interval as a table, report.csv and report.png, with the totals and the error."""
+    from aggregator.ledger import RedisLedger
+    from v2g import report as rep
+
+    settings = _settings(redis_url=redis)
+
+    async def read() -> list[dict[str, str]]:
+        ledger = RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
+        try:
+            return await ledger.read(request_id)
+        finally:
+            await ledger.close()
+
+    entries = _run(read())
+    if not entries:
+        _fail(
+            f"no ledger for request {request_id!r} in Redis at {settings.redis_url}"
+            f" (key {settings.redis_prefix}:ledger:{request_id}); check the id and --redis",
+            1,
+        )
+    r = rep.parse(request_id, entries)
+    rows = rep.intervals(r, interval)
+    typer.echo(
+        f"{'start (UTC)':<20} {'requested kW':>12} {'baseline kW':>12} {'delivered kW':>12}"
+        f" {'req kWh':>9} {'del kWh':>9} {'base kWh':>9}"
+    )
+    for row in rows:
+        typer.echo(
+            f"{datetime.fromtimestamp(row.start, UTC):%Y-%m-%d %H:%M:%S} {row.requested_kw:>12.1f}"
+            f" {row.baseline_kw:>12.1f} {row.delivered_kw:>12.1f} {row.requested_kwh:>9.3f}"
+            f" {row.delivered_kwh:>9.3f} {row.baseline_kwh:>9.3f}"
+        )
+    totals = rep.summary(r)
+    typer.echo(" ".join(f"{k}={v}" for k, v in totals.items()))
+    typer.echo(
+        "drivers left short: the aggregator cannot see departures' outcomes; the agents and"
+        " `v2g simulate` report them"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        rep.write_csv(rows, out / "report.csv")
+        written = [str(out / "report.csv")]
+        if plot:
+            rep.plot(r, out / "report.png")
+            written.append(str(out / "report.png"))
+        typer.echo("written " + ", ".join(written))
 
 
 @app.command()

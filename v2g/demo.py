@@ -17,6 +17,7 @@ from typing import TextIO
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.runtime import AgentRuntime, Mode
+from aggregator.ledger import Ledger, MemoryLedger, RedisLedger
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore, RedisStore, StateStore
 from broker.clock import SimClock, day_anchor
@@ -56,13 +57,18 @@ async def run_demo(
     store: StateStore = (
         RedisStore(settings.redis_url, prefix=settings.redis_prefix) if use_redis else MemoryStore()
     )
+    ledger: Ledger = (
+        RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
+        if use_redis
+        else MemoryLedger()
+    )
     clock = SimClock(speed=settings.speed, sim_anchor=day_anchor() + DEMO_START_TOD_S)
     fleet = SimFleet(generate_fleet(count, seed), clock.now(), step_s=settings.telemetry_interval_s)
     agents = AgentRuntime(
         settings=settings, clock=clock, fleet=fleet, mode=mode, client_prefix="demo-ev"
     )
     aggregator = AggregatorService(
-        settings=settings, clock=clock, store=store, client_id="demo-aggregator"
+        settings=settings, clock=clock, store=store, ledger=ledger, client_id="demo-aggregator"
     )
     print(
         f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g}, broker"
@@ -84,6 +90,7 @@ async def run_demo(
                     t.cancel()
     finally:
         await store.close()
+        await ledger.close()
         if broker is not None:
             await broker.stop()
     _summary(outcomes, fleet, time.monotonic() - wall0, out)

@@ -24,9 +24,11 @@ import aiomqtt
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from typer.testing import CliRunner
 
 from aggregator.dispatch import Dispatch
 from aggregator.fleet_state import FleetState
+from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.service import StepReport
 from aggregator.store import RedisStore, Snapshot
 from broker.clock import SimClock
@@ -44,8 +46,9 @@ from broker.models import (
 )
 from broker.settings import Settings
 from v2g import operator
+from v2g.cli import app
 
-from .harness import HOST, MQTT_PORT, SIM_START, Loop, eventually, make_aggregator
+from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, Loop, eventually, make_aggregator
 
 pytestmark = pytest.mark.integration
 
@@ -704,3 +707,37 @@ async def test_capability_and_forecast_are_retained_and_read_back(
     assert periods[0].min_power_kw < 0 and periods[0].max_power_kw > 0
     assert all(p.confidence == 0.0 for p in periods)
     assert loop.aggregator.forecaster.samples().sum() > 0
+
+
+async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
+    loop_factory: Callable[..., Any], settings: Settings, tmp_path: Path
+) -> None:
+    ledger = RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
+    rid = f"ledger-{uuid.uuid4().hex[:8]}"
+    try:
+        async with loop_factory(count=20, seed=6, mode="multiplexed", connections=2) as loop:
+            loop.aggregator.ledger = LedgerWriter(ledger)
+            await loop.wait_all_online()
+            power, _, _ = await discharge_half(loop, rid, 60.0)
+            await loop.wait_for(
+                "the completion", lambda r: any(a.status == "completed" for a in r.results), 15
+            )
+            await loop.next_report()  # the step after: its ledger write has gone out
+        got = await ledger.read(rid)
+    finally:
+        await ledger.close()
+    kinds = [e["kind"] for e in got]
+    assert kinds[0] == "answer" and kinds[-1] == "answer"
+    assert kinds.count("step") >= 60 / STEP_S - 1
+    statuses = [e["status"] for e in got if e["kind"] == "answer"]
+    assert statuses == ["accepted", "completed"]
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["report", rid, "--redis", settings.redis_url, "--interval", "20", "--out", str(tmp_path)],
+        env={"V2G_REDIS_PREFIX": settings.redis_prefix},
+    )
+    assert result.exit_code == 0, result.output
+    assert "status=completed" in result.output
+    assert (tmp_path / "report.csv").exists() and (tmp_path / "report.png").exists()
+    assert power < 0

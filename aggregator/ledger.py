@@ -1,0 +1,153 @@
+"""The dispatch ledger: an append-only record per request of what was agreed and what was
+delivered, for settlement. In Redis, one stream per request (``{prefix}:ledger:{id}``);
+in memory for the demo.
+
+Entries are flat string maps with a ``kind``: ``answer`` (each answer given: accepted
+terms, partial, rejected, completed or cancelled), ``step`` (each control step while the
+request runs: requested, allocated, delivered and baseline kW, energies so far, setpoints
+sent, vehicles). Writes never hold up a control step: the service queues them and a
+writer drains the queue; while Redis is away they wait (bounded) and go out, in order,
+when it is back, so nothing acknowledged is lost to a short outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from broker.errors import TransportError
+from broker.models import DispatchProgress, DispatchResult
+
+Entry = dict[str, str]
+MAX_OWED = 1_000_000  # entries held while the store is away; the oldest go first beyond
+
+
+def answer_entry(result: DispatchResult) -> Entry:
+    """A ledger entry for an answer (its JSON, plus the fields a reader filters on)."""
+    return {
+        "kind": "answer",
+        "ts": f"{result.ts.timestamp():.3f}",
+        "status": result.status,
+        "json": result.model_dump_json(),
+    }
+
+
+def step_entry(p: DispatchProgress, setpoints: int) -> Entry:
+    """A ledger entry for one control step of a running request."""
+    return {
+        "kind": "step",
+        "ts": f"{p.ts.timestamp():.3f}",
+        "requested_kw": repr(p.requested_kw),
+        "allocated_kw": repr(p.allocated_kw),
+        "delivered_kw": repr(p.delivered_kw),
+        "baseline_kw": repr(p.baseline_kw),
+        "requested_kwh": repr(p.requested_kwh),
+        "delivered_kwh": repr(p.delivered_kwh),
+        "vehicles": str(p.vehicles),
+        "setpoints": str(setpoints),
+    }
+
+
+class Ledger(Protocol):
+    async def append(self, entries: Sequence[tuple[str, Entry]]) -> None: ...
+
+    async def read(self, request_id: str) -> list[Entry]: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryLedger:
+    """The ledger in this process (the demo, tests)."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, list[Entry]] = {}
+
+    async def append(self, entries: Sequence[tuple[str, Entry]]) -> None:
+        for rid, entry in entries:
+            self.streams.setdefault(rid, []).append(dict(entry))
+
+    async def read(self, request_id: str) -> list[Entry]:
+        return [dict(e) for e in self.streams.get(request_id, [])]
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisLedger:
+    """One Redis stream per request, appended in a pipeline per batch (XADD)."""
+
+    def __init__(self, url: str, *, prefix: str = "v2g", timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+
+    def key(self, request_id: str) -> str:
+        return f"{self.prefix}:ledger:{request_id}"
+
+    async def append(self, entries: Sequence[tuple[str, Entry]]) -> None:
+        if not entries:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for rid, entry in entries:
+                    pipe.xadd(self.key(rid), entry)  # type: ignore[arg-type]
+                await pipe.execute()
+        except (RedisError, OSError) as err:
+            raise TransportError(
+                f"writing the ledger to Redis at {self.url} failed: {err}"
+            ) from err
+
+    async def read(self, request_id: str) -> list[Entry]:
+        try:
+            raw = await self._redis.xrange(self.key(request_id))
+        except (RedisError, OSError) as err:
+            raise TransportError(
+                f"reading the ledger from Redis at {self.url} failed: {err};"
+                " is Redis running? (check --redis / V2G_REDIS_URL)"
+            ) from err
+        out: list[Entry] = []
+        for _, fields in raw or []:
+            out.append({_text(k): _text(v) for k, v in (fields or {}).items()})
+        return out
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _text(x: bytes | str | None) -> str:
+    return x.decode() if isinstance(x, bytes) else (x or "")
+
+
+class LedgerWriter:
+    """Entries queued by the control loop, written in order by ``drain`` (bounded)."""
+
+    def __init__(self, ledger: Ledger, max_owed: int = MAX_OWED) -> None:
+        self.ledger = ledger
+        self.owed: deque[tuple[str, Entry]] = deque(maxlen=max_owed)
+        self.written = 0
+        self.failed_writes = 0
+
+    def add(self, request_id: str, entry: Mapping[str, str]) -> None:
+        self.owed.append((request_id, dict(entry)))
+
+    async def drain(self, batch: int = 10_000) -> bool:
+        """Write what is owed, oldest first; False (and kept) if the store is away."""
+        while self.owed:
+            chunk = [self.owed[i] for i in range(min(batch, len(self.owed)))]
+            try:
+                await self.ledger.append(chunk)
+            except TransportError:
+                self.failed_writes += 1
+                return False
+            for _ in chunk:
+                self.owed.popleft()
+            self.written += len(chunk)
+            await asyncio.sleep(0)
+        return True
