@@ -410,6 +410,79 @@ class Dispatcher:
             vehicles=d.vehicles,
         )
 
+    def amend(
+        self,
+        request_id: str,
+        now: float,
+        view: FleetView,
+        *,
+        power_kw: float | None = None,
+        duration_s: float | None = None,
+    ) -> DispatchResult | None:
+        """Change a request in flight: its power, its duration (from its start), or both.
+
+        A running request keeps its books and is admitted afresh for the rest of its
+        window; one planned for later is planned again. If the new terms are refused the
+        old ones stand, and the answer says why. None if the request is not running.
+        """
+        d = self.dispatches.get(request_id)
+        if d is None:
+            return None
+        update: dict[str, float] = {}
+        if power_kw is not None:
+            update["power_kw"] = power_kw
+        if duration_s is not None:
+            update["duration_s"] = duration_s
+        new_req = d.request.model_copy(update=update)
+        problem = self._check(new_req.model_copy(update={"start": None}), now)
+        if problem is None and d.start + new_req.duration_s <= now + self.control_step_s:
+            problem = (
+                f"duration_s {new_req.duration_s:.0f} would end the request"
+                f" {now - d.start - new_req.duration_s:.0f} s ago; cancel it instead"
+            )
+        if problem is not None:
+            return self._result(
+                request_id, "rejected", now, reason=f"amendment refused: {problem}", remember=False,
+                requested_kw=new_req.power_kw,
+            )  # fmt: skip
+        old = (d.request, d.end, d.schedule)
+        d.request, d.end = new_req, d.start + new_req.duration_s
+        self._terms[request_id] = new_req
+        if d.state == "active":
+            answer = self._admit_again(d, now, view)
+        else:
+            del self.dispatches[request_id]
+            d.schedule = None
+            answer = self._admit_ahead(d, now, view)
+            if answer.status == "rejected":  # nothing left for the new terms: keep the old
+                d.request, d.end, d.schedule = old
+                self.dispatches[request_id] = d
+                self._terms[request_id] = old[0]
+        reason = "amended" + (f"; {answer.reason}" if answer.reason else "")
+        return answer.model_copy(update={"reason": reason})
+
+    def _admit_again(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """Admission of a running request's new terms for the rest of its window; the
+        books (delivered, requested, baseline so far) carry on."""
+        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
+        lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
+        d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
+        d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
+        self._sent_until[:] = -np.inf  # new terms: every vehicle gets a fresh setpoint
+        status: ResultStatus = "accepted" if d.shortfall_kw <= 1e-6 else "partial"
+        return self._result(
+            d.request_id,
+            status,
+            now,
+            reason=None
+            if status == "accepted"
+            else f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW until {from_epoch(d.end):%H:%M:%S}Z",
+            requested_kw=d.requested_kw,
+            allocated_kw=d.allocated_kw,
+            shortfall_kw=d.shortfall_kw,
+            vehicles=len(view),
+        )
+
     def cancel(self, request_id: str, now: float, view: FleetView) -> DispatchResult | None:
         """Stop a request, books closed at ``now``; returns its ``cancelled`` result, or
         None if it is not running (unknown, or already over)."""

@@ -33,6 +33,7 @@ from broker.link import MqttLink, Outgoing
 from broker.models import (
     Capability,
     CapabilityWindow,
+    DispatchAmend,
     DispatchRequest,
     DispatchResult,
     FleetForecast,
@@ -71,6 +72,7 @@ class Inbox:
     status: list[VehicleStatus] = field(default_factory=list)
     requests: list[DispatchRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
+    amends: list[tuple[str, DispatchAmend]] = field(default_factory=list)
 
 
 class AggregatorService:
@@ -133,6 +135,7 @@ class AggregatorService:
                 (self.topics.all_vehicle_status, 1),
                 (self.topics.dispatch_requests, 1),
                 (self.topics.all_cancels, 1),
+                (self.topics.all_amends, 1),
             ],
             logger=self.log,
         )
@@ -166,6 +169,8 @@ class AggregatorService:
                 self.inbox.requests.append(_decode(DispatchRequest, payload))
             elif kind == "cancel":
                 self.inbox.cancels.append(ident)
+            elif kind == "amend":
+                self.inbox.amends.append((ident, _decode(DispatchAmend, payload)))
             else:
                 self.ignored += 1  # our own results and progress, echoed by a wide subscription
                 return
@@ -265,6 +270,12 @@ class AggregatorService:
             cancelled = self.dispatcher.cancel(rid, now, view)
             if cancelled is not None:
                 answers.append(cancelled)
+        for rid, amend in inbox.amends:
+            amended = self.dispatcher.amend(
+                rid, now, view, power_kw=amend.power_kw, duration_s=amend.duration_s
+            )
+            if amended is not None:
+                answers.append(amended)
         out = self.dispatcher.step(now, view, len(self.state))
         self.last_output = out
         answers.extend(out.results)
@@ -479,7 +490,7 @@ class AggregatorService:
         )
 
 
-M = TypeVar("M", Telemetry, VehicleStatus, DispatchRequest)
+M = TypeVar("M", Telemetry, VehicleStatus, DispatchRequest, DispatchAmend)
 
 
 def _decode(model: type[M], payload: bytes) -> M:

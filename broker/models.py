@@ -129,6 +129,20 @@ class DispatchRequest(WireModel):
 ResultStatus = Literal["accepted", "partial", "rejected", "completed", "cancelled"]
 
 
+class DispatchAmend(WireModel):
+    """New terms for a request in flight on ``v2g/dispatch/{request_id}/amend`` (an
+    extension): its power, its duration from its start, or both."""
+
+    power_kw: Annotated[float, Field(strict=True)] | None = None
+    duration_s: Annotated[float, Field(strict=True, gt=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.power_kw is None and self.duration_s is None:
+            raise ValueError("an amendment needs power_kw, duration_s or both")
+        return self
+
+
 class ScheduledInterval(WireModel):
     """What the schedule can deliver of a request in one interval (an extension)."""
 

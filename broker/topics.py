@@ -50,6 +50,9 @@ class Topics:
     def dispatch_cancel(self, request_id: str) -> str:
         return f"{self.prefix}/dispatch/{request_id}/cancel"
 
+    def dispatch_amend(self, request_id: str) -> str:
+        return f"{self.prefix}/dispatch/{request_id}/amend"
+
     @property
     def fleet_status(self) -> str:
         return f"{self.prefix}/fleet/status"
@@ -80,6 +83,10 @@ class Topics:
         return f"{self.prefix}/dispatch/+/cancel"
 
     @property
+    def all_amends(self) -> str:
+        return f"{self.prefix}/dispatch/+/amend"
+
+    @property
     def all_results(self) -> str:
         return f"{self.prefix}/dispatch/+/result"
 
@@ -87,7 +94,7 @@ class Topics:
         """Split a contract topic into (kind, id).
 
         kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
-        ``requests`` (id: ""), ``result``, ``progress``, ``cancel`` (id: request).
+        ``requests`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend`` (id: request).
         Raises InvalidMessage(reason="topic") for anything else.
         """
         head = self.prefix + "/"
@@ -108,4 +115,4 @@ class Topics:
 
 
 _VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})
-_DISPATCH_KINDS = frozenset({"result", "progress", "cancel"})
+_DISPATCH_KINDS = frozenset({"result", "progress", "cancel", "amend"})

@@ -401,6 +401,37 @@ def cancel_cmd(
 
 
 @app.command()
+def amend(
+    request_id: Annotated[str, typer.Argument(help="the request to change")],
+    power: Annotated[
+        float | None,
+        typer.Option("--power", help="new fleet net kW: + charge (import), - discharge (export)"),
+    ] = None,
+    duration: Annotated[
+        str | None, typer.Option("--duration", help="new duration from its start, e.g. 30m")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="wait this long for the answer")] = 15.0,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+) -> None:
+    """Change a request in flight (power, duration or both) and print the answer. A running
+    request keeps its books; refused new terms leave the old ones standing."""
+    from broker.models import DispatchAmend
+    from v2g import operator
+
+    if power is None and duration is None:
+        raise typer.BadParameter("give --power, --duration or both", param_hint="--power")
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
+    change = DispatchAmend(
+        power_kw=power, duration_s=None if duration is None else parse_duration(duration)
+    )
+    answer = _run(operator.amend(settings, request_id, change, timeout_s=timeout))
+    typer.echo(answer.model_dump_json(exclude_none=True))
+    if answer.status == "rejected":
+        raise typer.Exit(1)
+
+
+@app.command()
 def status(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="keep printing each new status")

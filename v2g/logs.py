@@ -8,6 +8,18 @@ import sys
 import structlog
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when logging was set up: a
+    test runner that swaps and closes it must not leave the process logging into a closed
+    file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(fmt: str = "kv", level: str = "info") -> None:
     """Set up structlog for the process; call once, first thing."""
     lvl = logging.getLevelNamesMapping().get(level.upper())
@@ -29,7 +41,7 @@ def configure(fmt: str = "kv", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # Library loggers (aiomqtt, amqtt) speak only when something is wrong.

@@ -14,6 +14,7 @@ from broker.errors import TransportError
 from broker.link import MqttLink
 from broker.models import (
     Capability,
+    DispatchAmend,
     DispatchProgress,
     DispatchRequest,
     DispatchResult,
@@ -96,6 +97,26 @@ async def cancel(settings: Settings, request_id: str) -> None:
     """Ask the aggregator to cancel a running request."""
     async with operator_link(settings, []) as (link, _):
         await link.publish(settings.topics.dispatch_cancel(request_id), b"{}", qos=1)
+
+
+async def amend(
+    settings: Settings, request_id: str, change: DispatchAmend, *, timeout_s: float
+) -> DispatchResult:
+    """Send new terms for a request in flight and return the aggregator's answer."""
+    t = settings.topics
+    async with operator_link(settings, [(t.dispatch_result(request_id), 1)]) as (link, queue):
+        await link.publish(t.dispatch_amend(request_id), change.to_json(), qos=1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    ev = await queue.get()
+                    if ev.topic == t.dispatch_result(request_id) and ev.payload:
+                        return DispatchResult.model_validate_json(ev.payload)
+        except TimeoutError:
+            raise TransportError(
+                f"no answer to the amendment of {request_id} within {timeout_s:.0f} s;"
+                " is the aggregator running, and is the request still running?"
+            ) from None
 
 
 async def follow_status(

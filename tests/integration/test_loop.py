@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +26,6 @@ import aiomqtt
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from typer.testing import CliRunner
 
 from aggregator.dispatch import Dispatch
 from aggregator.fleet_state import FleetState
@@ -35,6 +36,7 @@ from broker.clock import SimClock
 from broker.link import MqttLink
 from broker.models import (
     Capability,
+    DispatchAmend,
     DispatchProgress,
     DispatchRequest,
     DispatchResult,
@@ -46,7 +48,6 @@ from broker.models import (
 )
 from broker.settings import Settings
 from v2g import operator
-from v2g.cli import app
 
 from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, Loop, eventually, make_aggregator
 
@@ -731,13 +732,37 @@ async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
     assert kinds.count("step") >= 60 / STEP_S - 1
     statuses = [e["status"] for e in got if e["kind"] == "answer"]
     assert statuses == ["accepted", "completed"]
-    result = await asyncio.to_thread(
-        CliRunner().invoke,
-        app,
-        ["report", rid, "--redis", settings.redis_url, "--interval", "20", "--out", str(tmp_path)],
-        env={"V2G_REDIS_PREFIX": settings.redis_prefix},
-    )
-    assert result.exit_code == 0, result.output
-    assert "status=completed" in result.output
+    # The real command in a process of its own (in-process, typer would re-point the
+    # shared log configuration at its captured output).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("V2G_")}
+    env["V2G_REDIS_PREFIX"] = settings.redis_prefix
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "v2g"),
+        "report", rid, "--redis", settings.redis_url, "--interval", "20", "--out", str(tmp_path),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(60.0):
+        out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "status=completed" in text
     assert (tmp_path / "report.csv").exists() and (tmp_path / "report.png").exists()
     assert power < 0
+
+
+async def test_a_request_amended_over_mqtt_moves_the_fleet_to_its_new_power(
+    loop_factory: Callable[..., Any], settings: Settings
+) -> None:
+    async with loop_factory(count=20, seed=6, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online()
+        rid = f"amend-{uuid.uuid4().hex[:8]}"
+        power, _, _ = await discharge_half(loop, rid, 900.0)
+        await track(loop, power, "before the amendment")
+        half = round(power / 2, 1)
+        answer = await operator.amend(settings, rid, DispatchAmend(power_kw=half), timeout_s=10.0)
+        assert answer.status == "accepted", answer
+        assert answer.reason == "amended" and answer.allocated_kw == half
+        await track(loop, half, "after the amendment")
+        refused = await operator.amend(settings, rid, DispatchAmend(duration_s=1.0), timeout_s=10.0)
+        assert refused.status == "rejected" and "cancel it instead" in (refused.reason or "")
+        assert loop.aggregator.dispatcher.dispatches[rid].requested_kw == half

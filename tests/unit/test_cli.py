@@ -21,8 +21,10 @@ def test_every_command_has_help() -> None:
         "agents",
         "dispatch",
         "cancel",
+        "amend",
         "status",
         "capability",
+        "report",
         "simulate",
         "provision",
     ):
@@ -74,3 +76,24 @@ def test_dispatch_without_a_broker_says_so() -> None:
     )
     assert result.exit_code != 0
     assert "broker" in result.output.lower()
+
+
+def test_logging_follows_stderr_after_a_runner_swapped_and_closed_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+    import sys
+
+    import structlog
+
+    from v2g import logs
+
+    real, swapped = sys.stderr, io.StringIO()
+    sys.stderr = swapped
+    try:
+        logs.configure()
+    finally:
+        sys.stderr = real
+        swapped.close()
+    structlog.get_logger("t").info("after_the_swap", ok=1)  # no "I/O on closed file"
+    assert "after_the_swap" in capsys.readouterr().err

@@ -177,3 +177,17 @@ def test_fast_telemetry_payloads_are_valid_contract_messages() -> None:
         assert t.capacity_kwh == fleet.bat.capacity_kwh[i]
         assert (t.departure is None) == (not fleet.plugged[i])
     assert np.all(fleet.seq == 1)  # every report numbered, the next one higher
+
+
+def test_an_amendment_needs_new_terms_and_has_its_own_topic() -> None:
+    from broker.models import DispatchAmend
+    from broker.topics import Topics
+
+    assert DispatchAmend.model_validate_json(b'{"power_kw": -20}').power_kw == -20.0
+    with pytest.raises(ValidationError, match="power_kw, duration_s or both"):
+        DispatchAmend.model_validate_json(b"{}")
+    with pytest.raises(ValidationError):
+        DispatchAmend.model_validate_json(b'{"duration_s": -5}')
+    t = Topics("v2g")
+    assert t.parse(t.dispatch_amend("r-1")) == ("amend", "r-1")
+    assert t.all_amends == "v2g/dispatch/+/amend"
