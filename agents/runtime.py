@@ -7,6 +7,12 @@ Two ways to connect, as real fleets do:
 * ``multiplexed``: a few connections carry many vehicles' topics, as an OEM telematics
   bridge does. A dropped bridge has no per-vehicle will: the aggregator notices the
   silence (stale telemetry) instead.
+
+  With ``batch=True`` each connection is a bridge that sends its vehicles' telemetry as
+  one ``TelemetryBatch`` per interval on ``v2g/bridges/{bridge_id}/telemetry`` (split
+  at ``MAX_BATCH_VEHICLES``) and takes their setpoints as ``SetpointBatch`` messages on
+  ``v2g/bridges/{bridge_id}/setpoints`` (and still one by one, from an aggregator that
+  does not know the bridge yet). The bridge id is the connection's client id.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from agents.fleet import SimFleet
-from agents.telemetry import status_payload, telemetry_payloads
+from agents.telemetry import status_payload, telemetry_batch_payloads, telemetry_payloads
 from broker.clock import Clock, raise_if_cancelled
 from broker.errors import TransportError
 from broker.link import MqttLink, Outgoing
-from broker.models import Setpoint, to_epoch
+from broker.models import Setpoint, SetpointBatch, to_epoch
 from broker.settings import Settings
 
 Mode = Literal["per-vehicle", "multiplexed"]
@@ -48,10 +54,15 @@ class AgentRuntime:
         mode: Mode = "per-vehicle",
         connections: int = 4,
         client_prefix: str = "v2g-agent",
+        batch: bool = False,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
+        """``batch``: multiplexed connections act as bridges and send batched telemetry."""
         if mode not in ("per-vehicle", "multiplexed"):
             raise ValueError(f"mode must be per-vehicle or multiplexed, got {mode!r}")
+        if batch and mode != "multiplexed":
+            raise ValueError("batched telemetry needs mode multiplexed (a bridge per connection)")
+        self.batch = batch
         self.settings = settings
         self.clock = clock
         self.fleet = fleet
@@ -80,20 +91,26 @@ class AgentRuntime:
                 for vid in fleet.ids
             ]
             self._link_of = list(range(len(fleet.ids)))
+            self.bridge_ids: list[str] = []
         else:
             k = max(1, min(connections, len(fleet.ids) or 1))
             self._link_of = [i % k for i in range(len(fleet.ids))]
+            self.bridge_ids = [f"{client_prefix}-mux{j}" for j in range(k)]
             self.links = [
                 MqttLink(
                     settings=settings,
-                    client_id=f"{client_prefix}-mux{j}",
+                    client_id=self.bridge_ids[j],
                     handler=self.on_message,
-                    subscriptions=[(t.all_setpoints, 1)] if j == 0 else [],
+                    subscriptions=[
+                        *([(t.all_setpoints, 1)] if j == 0 else []),
+                        *([(t.bridge_setpoints(self.bridge_ids[j]), 1)] if batch else []),
+                    ],
                     birth=self._birth_of(fleet.ids[j::k]),
                     logger=self.log,
                 )
                 for j in range(k)
             ]
+        self._link_rows = np.array(self._link_of, dtype=np.intp)
 
     def _will_of(self, vid: str) -> Callable[[], Outgoing]:
         # Made at each connect, so the will carries the time of the connection it guards.
@@ -121,6 +138,9 @@ class AgentRuntime:
         """A setpoint for one of our vehicles: validate it and hand it to the fleet."""
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         topic = str(message.topic)
+        if self.batch and topic.endswith("/setpoints"):
+            self._on_setpoint_batch(topic, bytes(payload))
+            return
         try:
             sp = Setpoint.model_validate_json(payload)
         except ValidationError as err:
@@ -147,6 +167,44 @@ class AgentRuntime:
         self._issued[index] = issued
         self.setpoints_applied += 1
         self.fleet.set_setpoint(index, sp.power_kw, until)
+        self._heard.set()
+
+    def _on_setpoint_batch(self, topic: str, payload: bytes) -> None:
+        """A bridge's setpoints: the same rules as one by one (each applied at most once,
+        never one older than the order in force), vectorised over the batch."""
+        try:
+            sb = SetpointBatch.model_validate_json(payload)
+        except ValidationError as err:
+            self.rejected["schema"] += 1
+            self.log.warning(
+                "setpoint_rejected", topic=topic[:120], error=str(err.errors()[0].get("msg"))
+            )
+            return
+        if topic != self.topics.bridge_setpoints(sb.bridge_id) or sb.bridge_id not in (
+            self.bridge_ids
+        ):
+            self.rejected["identity"] += 1
+            return
+        got = list(map(self.fleet.index.get, sb.vehicle_id))
+        mine = np.array([i is not None for i in got], dtype=bool)
+        index = np.array([i for i in got if i is not None], dtype=np.intp)
+        power = np.array(sb.power_kw)[mine]
+        until = np.array(sb.valid_until)[mine]
+        issued = to_epoch(sb.issued_at)
+        self.setpoints_received += int(index.size)
+        # A newer setpoint that is already over still counts: it ends the order in force
+        # (that is how a release is sent), as one by one.
+        superseded = issued <= self._issued[index]
+        if superseded.any():
+            self.rejected["superseded"] += int(superseded.sum())
+        ok = ~superseded
+        if not ok.any():
+            return
+        index = index[ok]
+        self._issued[index] = issued
+        self.setpoints_applied += int(index.size)
+        self.fleet.setpoint_kw[index] = power[ok]
+        self.fleet.setpoint_until[index] = until[ok]
         self._heard.set()
 
     async def run(self) -> None:
@@ -215,12 +273,26 @@ class AgentRuntime:
         await self._publish_telemetry(now, np.arange(len(self.fleet)))
 
     async def _publish_telemetry(self, now: float, rows: NDArray[np.intp]) -> None:
-        payloads = telemetry_payloads(self.fleet, now, rows)
-        per_link: list[list[Outgoing]] = [[] for _ in self.links]
         t = self.topics
+        per_link: list[list[Outgoing]] = [[] for _ in self.links]
+        if self.batch:
+            of_link = self._link_rows[rows]
+            for j, bridge_id in enumerate(self.bridge_ids):
+                mine = rows[of_link == j]
+                if mine.size:
+                    per_link[j] = [
+                        Outgoing(t.bridge_telemetry(bridge_id), body, qos=0)
+                        for body in telemetry_batch_payloads(self.fleet, now, mine, bridge_id)
+                    ]
+            await self._publish_per_link(per_link)
+            return
+        payloads = telemetry_payloads(self.fleet, now, rows)
         ids = self.fleet.ids
         for i, body in zip(rows.tolist(), payloads, strict=True):
             per_link[self._link_of[i]].append(Outgoing(t.telemetry(ids[i]), body, qos=0))
+        await self._publish_per_link(per_link)
+
+    async def _publish_per_link(self, per_link: list[list[Outgoing]]) -> None:
         await asyncio.gather(
             *(
                 link.publish_many(msgs)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import numpy as np
 from numpy.typing import NDArray
 
 from agents.fleet import SimFleet
-from broker.models import VehicleStatus, from_epoch
+from broker.models import MAX_BATCH_VEHICLES, VehicleStatus, from_epoch
 
 
 def _iso(epoch: float) -> str:
@@ -65,6 +66,54 @@ def telemetry_payloads(
         fleet.seq += 1
     else:
         fleet.seq[rows] += 1
+    return out
+
+
+def telemetry_batch_payloads(
+    fleet: SimFleet,
+    now: float,
+    rows: NDArray[np.intp],
+    bridge_id: str,
+    max_vehicles: int = MAX_BATCH_VEHICLES,
+) -> list[bytes]:
+    """The telemetry of the vehicles in ``rows`` as ``TelemetryBatch`` messages of a
+    bridge, split at ``max_vehicles`` (one message unless the bridge carries more).
+
+    Columns come straight from the fleet's arrays; a unit test holds the output to the
+    model and to :func:`telemetry_payloads` (same values, vehicle by vehicle).
+    """
+    bat = fleet.bat
+    own = np.where(
+        fleet.faults.clock_frozen, fleet.clock_stopped_at, now + fleet.faults.clock_skew_s
+    )
+    sent_at = _iso(now)
+    out = []
+    for k in range(0, rows.shape[0], max_vehicles):
+        r = rows[k : k + max_vehicles]
+        plugged = fleet.plugged[r]
+        departure: list[float | None] = fleet.departure[r].tolist()
+        for i in np.flatnonzero(~plugged).tolist():
+            departure[i] = None
+        columns = {
+            "bridge_id": bridge_id,
+            "sent_at": sent_at,
+            "vehicle_id": list(map(fleet.ids.__getitem__, r.tolist())),
+            "seq": fleet.seq[r].tolist(),
+            "ts": np.round(own[r], 6).tolist(),
+            "plugged_in": plugged.tolist(),
+            "soc": np.round(np.clip(fleet.soc()[r], 0.0, 1.0), 6).tolist(),
+            "capacity_kwh": bat.capacity_kwh[r].tolist(),
+            "power_kw": np.round(fleet.power[r], 4).tolist(),
+            "max_charge_kw": bat.max_charge_kw[r].tolist(),
+            "max_discharge_kw": bat.max_discharge_kw[r].tolist(),
+            "charge_efficiency": bat.charge_efficiency[r].tolist(),
+            "discharge_efficiency": bat.discharge_efficiency[r].tolist(),
+            "min_soc": bat.min_soc[r].tolist(),
+            "target_soc": bat.target_soc[r].tolist(),
+            "departure": departure,
+        }
+        out.append(json.dumps(columns, separators=(",", ":")).encode())
+    fleet.seq[rows] += 1
     return out
 
 

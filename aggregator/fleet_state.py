@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from agents.battery import Array, Batteries
 from broker.errors import InvalidMessage
-from broker.models import Telemetry
+from broker.models import Telemetry, TelemetryArrays
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
 _TELEMETRY_COLUMNS = (
@@ -115,6 +115,14 @@ class FleetState:
             self.cols[name] = bigger
         self._cap = capacity
 
+    def rows_of(self, vehicle_ids: Sequence[str]) -> NDArray[np.intp]:
+        """The rows of many vehicles at once, adding rows for new ones in the order given."""
+        got = list(map(self.index.get, vehicle_ids))  # C-level lookups, no Python per id
+        if None in got:  # new vehicles: only their first report pays a Python step
+            for k in [k for k, r in enumerate(got) if r is None]:
+                got[k] = self.row_of(vehicle_ids[k])
+        return np.array(got, dtype=np.intp)
+
     def apply_telemetry(self, batch: Sequence[Telemetry]) -> tuple[int, int]:
         """Fold a batch of telemetry into the columns; returns (applied, stale).
 
@@ -123,47 +131,42 @@ class FleetState:
         """
         if not batch:
             return 0, 0
-        # One pass over the Python objects, then array work only.
-        table = np.array(
-            [
-                (
-                    t.ts.timestamp(),
-                    t.seq,
-                    t.capacity_kwh,
-                    t.max_charge_kw,
-                    t.max_discharge_kw,
-                    t.charge_efficiency,
-                    t.discharge_efficiency,
-                    t.min_soc,
-                    t.target_soc,
-                    t.soc,
-                    t.power_kw,
-                    np.nan if t.departure is None else t.departure.timestamp(),
-                    t.plugged_in,
-                )
-                for t in batch
-            ],
-            dtype=float,
-        )
-        rows = np.fromiter((self.row_of(t.vehicle_id) for t in batch), np.intp, len(batch))
-        order = np.argsort(table[:, 0], kind="stable")  # oldest first: the newest write wins
-        table, rows = table[order], rows[order]
-        ts, seq = table[:, 0], table[:, 1].astype(np.int64)
+        return self.apply_arrays(TelemetryArrays.from_telemetry(list(batch)))
+
+    def apply_arrays(self, reports: TelemetryArrays) -> tuple[int, int]:
+        """Fold reports given as columns (a bridge's batch, or many decoded messages);
+        returns (applied, stale). The same rules as :meth:`apply_telemetry`, vectorised:
+        oldest first so the newest write wins, nothing older than a row holds, and no
+        report twice."""
+        n = len(reports)
+        if n == 0:
+            return 0, 0
+        # Oldest first (by ts, then seq): the newest write wins.
+        order = np.lexsort((reports.seq, reports.ts))
+        rows = self.rows_of(reports.vehicle_id)[order]
+        ts, seq = reports.ts[order], reports.seq[order]
         last_ts = self.cols["last_ts"][rows]
         fresh = (ts > last_ts) | ((ts == last_ts) & (seq > self.cols["last_seq"][rows]))
+        # A report repeated within the batch (same vehicle, ts and seq) is a replay too.
+        by_row = np.argsort(rows, kind="stable")
+        r, t, q = rows[by_row], ts[by_row], seq[by_row]
+        repeat = np.zeros(n, dtype=bool)
+        repeat[1:] = (r[1:] == r[:-1]) & (t[1:] == t[:-1]) & (q[1:] == q[:-1])
+        fresh[by_row[repeat]] = False
         keep = np.flatnonzero(fresh)
         if keep.size:
-            r, t = rows[keep], table[keep]
-            self._meter(r, ts[keep], t[:, 2 + _TELEMETRY_COLUMNS.index("power_kw")], t[:, -1] > 0.5)
-            for j, name in enumerate(_TELEMETRY_COLUMNS, start=2):
-                self.cols[name][r] = t[:, j]
-            self.cols["plugged"][r] = t[:, -1] > 0.5
-            self.cols["last_ts"][r] = ts[keep]
+            r, pick, t = rows[keep], order[keep], ts[keep]
+            plugged = reports.plugged_in[pick]
+            self._meter(r, t, reports.values["power_kw"][pick], plugged)
+            for name in _TELEMETRY_COLUMNS:
+                self.cols[name][r] = reports.values[name][pick]
+            self.cols["plugged"][r] = plugged
+            self.cols["last_ts"][r] = t
             self.cols["last_seq"][r] = seq[keep]
             # Telemetry newer than the last status (a birth) says the vehicle is alive.
-            alive = ts[keep] > self.cols["status_ts"][r]
+            alive = t > self.cols["status_ts"][r]
             self.cols["online"][r[alive]] = True
-        return int(keep.size), int(len(batch) - keep.size)
+        return int(keep.size), int(n - keep.size)
 
     def _meter(
         self, rows: NDArray[np.intp], ts: Array, power: Array, plugged: NDArray[np.bool_]

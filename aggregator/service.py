@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from collections import Counter, deque
@@ -25,12 +26,15 @@ from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
 from aggregator.forecast import ForecastModel
 from aggregator.ledger import Ledger, LedgerWriter, answer_entry, step_entry
+from aggregator.scaleout import ScaleOut, shared_subscriptions
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import Snapshot, StateStore
 from broker.clock import Clock, raise_if_cancelled
 from broker.errors import InvalidMessage, TransportError
+from broker.fastlink import FastIngest
 from broker.link import MqttLink, Outgoing
 from broker.models import (
+    MAX_BATCH_VEHICLES,
     Capability,
     CapabilityWindow,
     DispatchAmend,
@@ -41,6 +45,8 @@ from broker.models import (
     ForecastPeriod,
     Setpoint,
     Telemetry,
+    TelemetryArrays,
+    TelemetryBatch,
     VehicleStatus,
     from_epoch,
     to_epoch,
@@ -48,6 +54,12 @@ from broker.models import (
 from broker.settings import Settings
 
 MAX_PAYLOAD_BYTES = 64 * 1024
+# A bridge's batch: MAX_BATCH_VEHICLES vehicles at ~100-200 bytes each.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+# A bridge may send this many times more messages per second than a vehicle: it splits
+# a big fleet into several batches, and reports changes between its regular batches.
+BRIDGE_RATE_FACTOR = 20
+TOPIC_CACHE = 250_000  # parsed topics remembered (a fleet's telemetry topics, and more)
 LOG_PAYLOAD_CHARS = 200
 FORECAST_PERIOD_S = 3600.0  # hourly market periods
 FORECAST_EVERY_S = 900.0  # simulated seconds between forecasts
@@ -73,6 +85,8 @@ class Inbox:
     requests: list[DispatchRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     amends: list[tuple[str, DispatchAmend]] = field(default_factory=list)
+    # Bridges' batches, decoded to columns: (bridge_id, reports).
+    batches: list[tuple[str, TelemetryArrays]] = field(default_factory=list)
 
 
 class AggregatorService:
@@ -86,8 +100,12 @@ class AggregatorService:
         store: StateStore,
         client_id: str = "v2g-aggregator",
         ledger: Ledger | None = None,
+        fast_ingest: bool = False,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
+        """``fast_ingest``: receive telemetry (QoS 0) on a second connection through
+        :class:`broker.fastlink.FastIngest` instead of the general client; everything else
+        (statuses, requests, cancels, publishing) stays on the ``MqttLink``."""
         self.settings = settings
         self.clock = clock
         self.store = store
@@ -115,6 +133,19 @@ class AggregatorService:
         per_interval = settings.telemetry_interval_s / settings.speed
         self._rate_limit = max(10, int(5.0 / per_interval))
         self._rate: dict[str, tuple[float, int]] = {}
+        # Vehicle updates that came in bridges' batches, and batch rows dropped on their own
+        # (counted apart: the message they came in was accepted).
+        self.batched_updates = 0
+        self.rejected_rows: Counter[str] = Counter()
+        # Which bridge carries each fleet row (-1: the vehicle talks for itself); rows
+        # behind a bridge get their setpoints batched on the bridge's setpoints topic.
+        self.bridges: list[str] = []
+        self._bridge_index: dict[str, int] = {}
+        self._bridge_of = np.full(0, -1, dtype=np.int32)
+        self._bridge_head = f"{self.topics.prefix}/bridges/"
+        # Parsed topics: a vehicle's topic is the same every report, and parsing it (split,
+        # id check) was a seventh of the per-message cost (py-spy, bench/ingest.py).
+        self._parsed: dict[str, tuple[str, str]] = {}
         self.degraded = False
         self._saving: asyncio.Task[None] | None = None
         self.saves_skipped = 0
@@ -126,31 +157,63 @@ class AggregatorService:
         self.last_output: StepOutput | None = None
         self._last_log_wall = 0.0
         self._last_reject_log: dict[str, float] = {}
+        # Scale-out (aggregator/scaleout.py, V2G_SHARE_GROUP): telemetry and status on a
+        # shared subscription, one leader by a Redis lease, snapshots fenced by its token.
+        self.scale: ScaleOut | None = None
+        if settings.share_group:
+            self.scale = ScaleOut(settings=settings, holder=client_id, logger=self.log)
+            self.store = self.scale.fence(store)
+        telemetry = [(self.topics.all_telemetry, 0), (self.topics.all_bridge_telemetry, 0)]
+        self.ingest: FastIngest | None = None
+        if fast_ingest:
+            self.ingest = FastIngest(
+                settings=settings,
+                client_id=f"{client_id}-ingest",
+                handler=self.on_payload,
+                filters=[f for f, _ in shared_subscriptions(settings, telemetry)],
+                logger=self.log,
+            )
+            telemetry = []
         self.link = MqttLink(
             settings=settings,
             client_id=client_id,
             handler=self.on_message,
-            subscriptions=[
-                (self.topics.all_telemetry, 0),
-                (self.topics.all_vehicle_status, 1),
-                (self.topics.dispatch_requests, 1),
-                (self.topics.all_cancels, 1),
-                (self.topics.all_amends, 1),
-            ],
+            subscriptions=shared_subscriptions(
+                settings,
+                [
+                    *telemetry,
+                    (self.topics.all_vehicle_status, 1),
+                    (self.topics.dispatch_requests, 1),
+                    (self.topics.all_cancels, 1),
+                    (self.topics.all_amends, 1),
+                ],
+            ),
             logger=self.log,
         )
 
     # -- inbound ---------------------------------------------------------------------
     def on_message(self, message: aiomqtt.Message) -> None:
         """Validate one message and queue it; bad input is counted and logged, never raised."""
-        self.received += 1
-        topic = str(message.topic)
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        self.on_payload(str(message.topic), bytes(payload))
+
+    def on_payload(self, topic: str, payload: bytes) -> None:
+        """:meth:`on_message` for a topic and payload (the fast ingest client's form)."""
+        self.received += 1
         try:
-            if len(payload) > MAX_PAYLOAD_BYTES:
-                raise InvalidMessage("size", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-            kind, ident = self.topics.parse(topic)
-            if kind == "telemetry":
+            limit = MAX_BATCH_BYTES if topic.startswith(self._bridge_head) else MAX_PAYLOAD_BYTES
+            if len(payload) > limit:
+                raise InvalidMessage("size", f"{len(payload)} bytes > {limit}")
+            parsed = self._parsed.get(topic)
+            if parsed is None:
+                parsed = self.topics.parse(topic)  # raises for a topic outside the contract
+                if len(self._parsed) >= TOPIC_CACHE:  # made-up topics must not grow memory
+                    self._parsed.clear()
+                self._parsed[topic] = parsed
+            kind, ident = parsed
+            if kind == "bridge_telemetry":
+                self._on_batch(ident, payload)
+            elif kind == "telemetry":
                 self._within_rate(ident)
                 t = _decode(Telemetry, payload)
                 _same_vehicle(ident, t.vehicle_id)
@@ -178,17 +241,40 @@ class AggregatorService:
         except InvalidMessage as err:
             self._reject(err, topic, payload)
 
-    def _within_rate(self, vehicle_id: str) -> None:
+    def _on_batch(self, bridge_id: str, payload: bytes) -> None:
+        """A bridge's batch: validated whole (any bad column refuses it), decoded to
+        columns; reports stamped ahead of the clock are dropped on their own, counted
+        under ``rejected_rows["future"]``, so one vehicle's bad clock costs only its row."""
+        self._within_rate(f"bridges/{bridge_id}", self._rate_limit * BRIDGE_RATE_FACTOR)
+        batch = _decode(TelemetryBatch, payload)
+        if batch.bridge_id != bridge_id:
+            raise InvalidMessage(
+                "identity", f"topic names bridge {bridge_id!r} but payload says {batch.bridge_id!r}"
+            )
+        reports = batch.arrays()
+        now = self.clock.now()
+        tolerance = self.settings.telemetry_interval_s
+        ahead = reports.ts > now + tolerance
+        if ahead.any():
+            if ahead.all():
+                check_not_ahead(float(reports.ts.max()), now, tolerance)
+            reports = reports.take(np.flatnonzero(~ahead))
+            self.rejected_rows["future"] += int(ahead.sum())
+        self.batched_updates += len(reports)
+        self.inbox.batches.append((bridge_id, reports))
+
+    def _within_rate(self, key: str, limit: int | None = None) -> None:
         """A vehicle may report a few times per telemetry interval, not flood the service."""
+        limit = limit or self._rate_limit
         now = time.monotonic()
-        start, count = self._rate.get(vehicle_id, (now, 0))
+        start, count = self._rate.get(key, (now, 0))
         if now - start >= 1.0:
             start, count = now, 0
-        if count >= self._rate_limit:
-            raise InvalidMessage("rate", f"vehicle {vehicle_id} sent over {self._rate_limit} msg/s")
+        if count >= limit:
+            raise InvalidMessage("rate", f"{key} sent over {limit} msg/s")
         if len(self._rate) > 1_000_000:  # a flood of made-up ids must not grow memory for ever
             self._rate.clear()
-        self._rate[vehicle_id] = (start, count + 1)
+        self._rate[key] = (start, count + 1)
 
     def _reject(self, err: InvalidMessage, topic: str, payload: bytes) -> None:
         self.rejected[err.reason] += 1
@@ -212,10 +298,16 @@ class AggregatorService:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="aggregator-mqtt")
+                if self.ingest is not None:
+                    tg.create_task(self.ingest.run(), name="aggregator-ingest")
                 tg.create_task(self._control_loop(), name="aggregator-control")
+                if self.scale is not None:
+                    tg.create_task(self.scale.run(), name="aggregator-lease")
         finally:
             await self._finish_save()
             await self._finish_ledger()
+            if self.scale is not None:  # a graceful stop hands the lease on at once
+                await self.scale.close()
 
     async def restore(self) -> None:
         try:
@@ -241,10 +333,12 @@ class AggregatorService:
         step = self.settings.control_step_s
         next_t = self.clock.now()
         while True:
-            report = await self.step()
-            raise_if_cancelled()
-            if self.reports is not None:
-                self.reports.put_nowait(report)
+            # Scale-out: only the leader steps; a follower forwards its inbox to it.
+            if self.scale is None or await self.scale.lead(self):
+                report = await self.step()
+                raise_if_cancelled()
+                if self.reports is not None:
+                    self.reports.put_nowait(report)
             next_t += step
             now = self.clock.now()
             if next_t < now:  # fell behind: do not try to catch up with a burst
@@ -256,8 +350,10 @@ class AggregatorService:
         wall0 = time.perf_counter()
         now = self.clock.now()
         inbox, self.inbox = self.inbox, Inbox()
+        if self.scale is not None:  # scale-out: fold in what the other processes received
+            await self.scale.merge(self, inbox)
         # Telemetry first: a will that arrived after a vehicle's last report must win.
-        applied, stale = self.state.apply_telemetry(inbox.telemetry)
+        applied, stale = self._fold(inbox)
         for s in inbox.status:
             self.state.apply_status(s.vehicle_id, s.online, to_epoch(s.ts))
         if stale:
@@ -294,7 +390,9 @@ class AggregatorService:
             available_discharge_kw=float(np.maximum(-lo, 0.0).sum()),
             dispatches=self.dispatcher.active(),
             degraded=self.degraded,
-            rejected=self.rejected,
+            # Rows dropped from accepted batches show apart: "future_rows" next to "future".
+            rejected=self.rejected
+            + Counter({f"{k}_rows": n for k, n in self.rejected_rows.items()}),
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         sent = await self._publish(now, out, answers, capability, status)
@@ -337,6 +435,89 @@ class AggregatorService:
             if await self.link.publish_many([out]):
                 self._forecast_at = now
 
+    def _fold(self, inbox: Inbox) -> tuple[int, int]:
+        """Fold every report of the step at once, vehicles' own and bridges' batches, and
+        note which bridge (if any) carries each vehicle now."""
+        parts = [a for _, a in inbox.batches]
+        if inbox.telemetry:
+            own = TelemetryArrays.from_telemetry(inbox.telemetry)
+            self._carried_by(own.vehicle_id, -1)
+            parts.append(own)
+        for bridge_id, reports in inbox.batches:
+            b = self._bridge_index.get(bridge_id)
+            if b is None:
+                b = self._bridge_index[bridge_id] = len(self.bridges)
+                self.bridges.append(bridge_id)
+            self._carried_by(reports.vehicle_id, b)
+        if not parts:
+            return 0, 0
+        return self.state.apply_arrays(TelemetryArrays.concat(parts))
+
+    def _carried_by(self, vehicle_ids: list[str], bridge: int) -> None:
+        rows = self.state.rows_of(vehicle_ids)
+        self._fit_bridges()
+        self._bridge_of[rows] = bridge
+
+    def _fit_bridges(self) -> None:
+        have = self._bridge_of.shape[0]
+        if have < len(self.state):
+            grown = np.full(max(len(self.state), 2 * have), -1, np.int32)
+            grown[:have] = self._bridge_of
+            self._bridge_of = grown
+
+    def _setpoint_messages(
+        self, rows: np.ndarray, power: np.ndarray, until: np.ndarray, request_id: str, now: float
+    ) -> list[Outgoing]:
+        """Setpoints for fleet ``rows``: one ``Setpoint`` per vehicle that talks for itself,
+        one ``SetpointBatch`` per bridge (split at MAX_BATCH_VEHICLES) for the others."""
+        t = self.topics
+        ids = self.state.ids
+        issued = from_epoch(now)
+        self._fit_bridges()
+        bridge = self._bridge_of[rows]
+        own = np.flatnonzero(bridge < 0)
+        msgs = [
+            Outgoing(
+                t.setpoint(ids[row]),
+                Setpoint(
+                    vehicle_id=ids[row],
+                    request_id=request_id,
+                    power_kw=round(p, 3),
+                    issued_at=issued,
+                    valid_until=from_epoch(u),
+                ).to_json(),
+                qos=1,
+            )
+            for row, p, u in zip(
+                rows[own].tolist(), power[own].tolist(), until[own].tolist(), strict=True
+            )
+        ]
+        carried = np.flatnonzero(bridge >= 0)
+        if carried.size:
+            order = carried[np.argsort(bridge[carried], kind="stable")]
+            b_sorted = bridge[order]
+            cuts = np.flatnonzero(np.diff(b_sorted)) + 1
+            stamp = issued.isoformat().replace("+00:00", "Z")
+            for group in np.split(order, cuts):
+                bridge_id = self.bridges[int(bridge[group[0]])]
+                for k in range(0, group.shape[0], MAX_BATCH_VEHICLES):
+                    part = group[k : k + MAX_BATCH_VEHICLES]
+                    msgs.append(
+                        Outgoing(
+                            t.bridge_setpoints(bridge_id),
+                            setpoint_batch_payload(
+                                bridge_id,
+                                request_id,
+                                stamp,
+                                list(map(ids.__getitem__, rows[part].tolist())),
+                                power[part],
+                                until[part],
+                            ),
+                            qos=1,
+                        )
+                    )
+        return msgs
+
     async def _publish(
         self,
         now: float,
@@ -346,40 +527,16 @@ class AggregatorService:
         status: FleetStatus,
     ) -> int:
         t = self.topics
-        ids = self.state.ids
-        issued = from_epoch(now)
-        msgs = [
-            Outgoing(
-                t.setpoint(ids[row]),
-                Setpoint(
-                    vehicle_id=ids[row],
-                    request_id=out.request_id,
-                    power_kw=round(float(p), 3),
-                    issued_at=issued,
-                    valid_until=from_epoch(float(until)),
-                ).to_json(),
-                qos=1,
-            )
-            for row, p, until in zip(
-                out.rows.tolist(), out.power_kw.tolist(), out.valid_until.tolist(), strict=True
-            )
-        ]
+        msgs = self._setpoint_messages(out.rows, out.power_kw, out.valid_until, out.request_id, now)
         # Released vehicles get a setpoint that is already over: they go back to plain charging.
-        release_until = from_epoch(now + 1e-3)
-        msgs += [
-            Outgoing(
-                t.setpoint(ids[row]),
-                Setpoint(
-                    vehicle_id=ids[row],
-                    request_id="release",
-                    power_kw=0.0,
-                    issued_at=issued,
-                    valid_until=release_until,
-                ).to_json(),
-                qos=1,
-            )
-            for row in out.release_rows.tolist()
-        ]
+        released = out.release_rows
+        msgs += self._setpoint_messages(
+            released,
+            np.zeros(released.shape[0]),
+            np.full(released.shape[0], now + 1e-3),
+            "release",
+            now,
+        )
         msgs += [
             Outgoing(t.dispatch_progress(p.request_id), p.to_json(), qos=0) for p in out.progress
         ]
@@ -490,7 +647,30 @@ class AggregatorService:
         )
 
 
-M = TypeVar("M", Telemetry, VehicleStatus, DispatchRequest, DispatchAmend)
+M = TypeVar("M", Telemetry, VehicleStatus, DispatchRequest, TelemetryBatch, DispatchAmend)
+
+
+def setpoint_batch_payload(
+    bridge_id: str,
+    request_id: str,
+    issued_at: str,
+    vehicle_ids: list[str],
+    power_kw: np.ndarray,
+    valid_until: np.ndarray,
+) -> bytes:
+    """A ``SetpointBatch`` as JSON, formatted directly (a unit test holds it to the model):
+    validating our own output vehicle by vehicle would cost more than the allocation."""
+    return json.dumps(
+        {
+            "bridge_id": bridge_id,
+            "request_id": request_id,
+            "issued_at": issued_at,
+            "vehicle_id": vehicle_ids,
+            "power_kw": np.round(power_kw, 3).tolist(),
+            "valid_until": valid_until.tolist(),
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def _decode(model: type[M], payload: bytes) -> M:

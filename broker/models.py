@@ -7,13 +7,25 @@ fields are ignored so that newer senders stay readable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from itertools import chain
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
-from broker.topics import check_id
+from broker.topics import ID_PATTERN, check_id
 
 VehicleId = Annotated[str, AfterValidator(lambda v: check_id(v, "vehicle_id"))]
 RequestId = Annotated[str, AfterValidator(lambda v: check_id(v, "request_id"))]
@@ -243,3 +255,212 @@ class FleetStatus(WireModel):
     dispatches: list[ActiveDispatch] = Field(default_factory=list)
     degraded: bool = False
     rejected: dict[str, int] = Field(default_factory=dict)
+
+
+# -- Batched messages for bridges (OEM clouds, depot gateways): an extension ----------------
+#
+# One message carries many vehicles, as columns: ``vehicle_id`` is a list, and every other
+# per-vehicle field is a list of the same length, under the field's own name (the names of
+# ``Telemetry`` and ``Setpoint``). Times inside the columns are epoch seconds (UTC by
+# definition) rather than ISO strings: parsing a column of ISO strings costs a Python call
+# per vehicle, numbers are parsed and range-checked in pydantic's Rust core. Each message
+# also carries one ISO 8601 time with its zone, so a message stays readable by eye.
+
+MAX_BATCH_VEHICLES = 10_000
+"""At most this many vehicles in one batch message; a bridge splits a bigger fleet."""
+
+# Rust-side checks only (no Python call per element): the id pattern of broker.topics.
+_BatchId = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
+# Epoch seconds between 2001 and 2100: catches milliseconds sent as seconds, and NaN.
+EpochS = Annotated[float, Field(gt=1e9, lt=4_102_444_800.0)]
+
+
+_Cap = Field(max_length=MAX_BATCH_VEHICLES)
+_IdColumn = Annotated[list[_BatchId], Field(min_length=1, max_length=MAX_BATCH_VEHICLES)]
+_SeqColumn = Annotated[list[Annotated[int, Field(ge=0, lt=2**63)]], _Cap]
+_EpochColumn = Annotated[list[EpochS], _Cap]
+_BoolColumn = Annotated[list[bool], _Cap]
+_FractionColumn = Annotated[list[Fraction], _Cap]
+_EfficiencyColumn = Annotated[list[Efficiency], _Cap]
+_RatingColumn = Annotated[list[RatingKw], _Cap]
+_PowerColumn = Annotated[list[VehiclePowerKw], _Cap]
+_CapacityColumn = Annotated[list[Annotated[float, Field(gt=0.0, le=1000.0)]], _Cap]
+_DepartureColumn = Annotated[list[EpochS | None], _Cap]
+
+
+class TelemetryBatch(WireModel):
+    """Many vehicles' ``Telemetry`` on ``v2g/bridges/{bridge_id}/telemetry``, as columns.
+
+    Every column has one entry per vehicle, in the order of ``vehicle_id``, with the same
+    range checks as ``Telemetry``; ``ts`` and ``departure`` are epoch seconds
+    (``departure`` null while unknown). ``sent_at`` is when the bridge sent the batch.
+    """
+
+    bridge_id: _BatchId
+    sent_at: UtcTime
+    vehicle_id: _IdColumn
+    seq: _SeqColumn
+    ts: _EpochColumn
+    plugged_in: _BoolColumn
+    soc: _FractionColumn
+    capacity_kwh: _CapacityColumn
+    power_kw: _PowerColumn
+    max_charge_kw: _RatingColumn
+    max_discharge_kw: _RatingColumn
+    charge_efficiency: _EfficiencyColumn
+    discharge_efficiency: _EfficiencyColumn
+    min_soc: _FractionColumn
+    target_soc: _FractionColumn
+    departure: _DepartureColumn
+
+    @model_validator(mode="after")
+    def _columns_line_up(self) -> Self:
+        n = len(self.vehicle_id)
+        for name in TELEMETRY_BATCH_COLUMNS:
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name} has {len(getattr(self, name))} entries, not {n}")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.vehicle_id)
+
+    def arrays(self) -> TelemetryArrays:
+        """The batch as numpy columns, ready to fold into fleet state."""
+        return TelemetryArrays(
+            vehicle_id=self.vehicle_id,
+            seq=np.array(self.seq, dtype=np.int64),
+            ts=np.array(self.ts, dtype=np.float64),
+            plugged_in=np.array(self.plugged_in, dtype=np.bool_),
+            values={name: np.array(getattr(self, name), dtype=np.float64) for name in _FLOATS},
+        )
+
+    @classmethod
+    def from_telemetry(cls, bridge_id: str, sent_at: datetime, batch: list[Telemetry]) -> Self:
+        """The same reports as one batch (for tests and small bridges)."""
+        return cls.model_validate(
+            {
+                "bridge_id": bridge_id,
+                "sent_at": sent_at,
+                "vehicle_id": [t.vehicle_id for t in batch],
+                "seq": [t.seq for t in batch],
+                "ts": [t.ts.timestamp() for t in batch],
+                "plugged_in": [t.plugged_in for t in batch],
+                **{k: [getattr(t, k) for t in batch] for k in _FLOATS if k != "departure"},
+                "departure": [
+                    None if t.departure is None else t.departure.timestamp() for t in batch
+                ],
+            }
+        )
+
+
+# Per-vehicle float columns of a batch, in Telemetry's order (departure: NaN when unknown).
+_FLOATS = (
+    "soc",
+    "capacity_kwh",
+    "power_kw",
+    "max_charge_kw",
+    "max_discharge_kw",
+    "charge_efficiency",
+    "discharge_efficiency",
+    "min_soc",
+    "target_soc",
+    "departure",
+)
+TELEMETRY_BATCH_COLUMNS = ("vehicle_id", "seq", "ts", "plugged_in", *_FLOATS)
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryArrays:
+    """Decoded telemetry of many vehicles as numpy columns (one entry per report)."""
+
+    vehicle_id: list[str]
+    seq: NDArray[np.int64]
+    ts: NDArray[np.float64]  # epoch seconds
+    plugged_in: NDArray[np.bool_]
+    values: dict[str, NDArray[np.float64]]  # the _FLOATS columns; departure NaN if unknown
+
+    def __len__(self) -> int:
+        return len(self.vehicle_id)
+
+    @classmethod
+    def from_telemetry(cls, batch: list[Telemetry]) -> TelemetryArrays:
+        """Columns of validated one-vehicle reports (one pass over the objects)."""
+        table = np.array(
+            [
+                (
+                    t.ts.timestamp(),
+                    t.soc,
+                    t.capacity_kwh,
+                    t.power_kw,
+                    t.max_charge_kw,
+                    t.max_discharge_kw,
+                    t.charge_efficiency,
+                    t.discharge_efficiency,
+                    t.min_soc,
+                    t.target_soc,
+                    np.nan if t.departure is None else t.departure.timestamp(),
+                )
+                for t in batch
+            ],
+            dtype=np.float64,
+        ).reshape(len(batch), 1 + len(_FLOATS))
+        return cls(
+            vehicle_id=[t.vehicle_id for t in batch],
+            seq=np.fromiter((t.seq for t in batch), np.int64, len(batch)),
+            ts=table[:, 0].copy(),
+            plugged_in=np.fromiter((t.plugged_in for t in batch), np.bool_, len(batch)),
+            values={name: table[:, j].copy() for j, name in enumerate(_FLOATS, start=1)},
+        )
+
+    def take(self, index: NDArray[np.intp]) -> TelemetryArrays:
+        """The reports at ``index`` only."""
+        return TelemetryArrays(
+            vehicle_id=list(map(self.vehicle_id.__getitem__, index.tolist())),
+            seq=self.seq[index],
+            ts=self.ts[index],
+            plugged_in=self.plugged_in[index],
+            values={k: v[index] for k, v in self.values.items()},
+        )
+
+    @classmethod
+    def concat(cls, parts: list[TelemetryArrays]) -> TelemetryArrays:
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            vehicle_id=list(chain.from_iterable(p.vehicle_id for p in parts)),
+            seq=np.concatenate([p.seq for p in parts]),
+            ts=np.concatenate([p.ts for p in parts]),
+            plugged_in=np.concatenate([p.plugged_in for p in parts]),
+            values={k: np.concatenate([p.values[k] for p in parts]) for k in _FLOATS},
+        )
+
+
+class SetpointBatch(WireModel):
+    """Setpoints of many vehicles behind one bridge, on ``v2g/bridges/{bridge_id}/setpoints``.
+
+    One request and one issue time for the whole message; ``power_kw`` and ``valid_until``
+    (epoch seconds) are columns in the order of ``vehicle_id``. Only changed setpoints
+    (and refreshes before expiry) travel, as with ``Setpoint``.
+    """
+
+    bridge_id: _BatchId
+    request_id: RequestId
+    issued_at: UtcTime
+    vehicle_id: _IdColumn
+    power_kw: _PowerColumn
+    valid_until: _EpochColumn
+
+    @model_validator(mode="after")
+    def _columns_line_up(self) -> Self:
+        n = len(self.vehicle_id)
+        if len(self.power_kw) != n or len(self.valid_until) != n:
+            raise ValueError(
+                f"power_kw has {len(self.power_kw)} entries and valid_until"
+                f" {len(self.valid_until)}, vehicle_id {n}: they must be equal"
+            )
+        if min(self.valid_until) <= self.issued_at.timestamp():
+            raise ValueError("every valid_until must be after issued_at")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.vehicle_id)

@@ -61,6 +61,24 @@ class Settings(BaseSettings):
     )
     max_request_kw: float = Field(1_000_000.0, gt=0.0)
     max_request_duration_s: float = Field(7 * 86_400.0, gt=0.0)
+    # Scale-out (README "Scale-out"): several aggregators on one MQTT 5 shared subscription,
+    # sharing state through Redis, one dispatcher leader at a time by a Redis lease.
+    share_group: str | None = Field(
+        None,
+        description="MQTT 5 shared-subscription group for telemetry and status"
+        " ($share/GROUP/...); unset: one aggregator, as before",
+    )
+    lease_ttl_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="leader lease, wall seconds: a dead leader is replaced within it"
+        " plus two control steps",
+    )
+    share_retention_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="wall seconds the rows a process forwards to the leader stay in Redis",
+    )
     log_format: Literal["kv", "json"] = "kv"
     log_level: str = "info"
 
@@ -69,6 +87,13 @@ class Settings(BaseSettings):
     def _prefix_has_no_wildcards(cls, v: str) -> str:
         if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
             raise ValueError(f"topic prefix {v!r} must be non-empty, without '+', '#' or edge '/'")
+        return v
+
+    @field_validator("share_group")
+    @classmethod
+    def _group_is_one_level(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "+#/")):
+            raise ValueError(f"share group {v!r} must be non-empty, without '+', '#' or '/'")
         return v
 
     @property

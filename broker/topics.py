@@ -65,6 +65,13 @@ class Topics:
     def fleet_forecast(self) -> str:
         return f"{self.prefix}/fleet/forecast"
 
+    # Bridges (OEM clouds, depot gateways) carry many vehicles: batched, columnar messages.
+    def bridge_telemetry(self, bridge_id: str) -> str:
+        return f"{self.prefix}/bridges/{bridge_id}/telemetry"
+
+    def bridge_setpoints(self, bridge_id: str) -> str:
+        return f"{self.prefix}/bridges/{bridge_id}/setpoints"
+
     # Subscription filters.
     @property
     def all_telemetry(self) -> str:
@@ -90,11 +97,20 @@ class Topics:
     def all_results(self) -> str:
         return f"{self.prefix}/dispatch/+/result"
 
+    @property
+    def all_bridge_telemetry(self) -> str:
+        return f"{self.prefix}/bridges/+/telemetry"
+
+    @property
+    def all_bridge_setpoints(self) -> str:
+        return f"{self.prefix}/bridges/+/setpoints"
+
     def parse(self, topic: str) -> tuple[str, str]:
         """Split a contract topic into (kind, id).
 
         kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
-        ``requests`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend`` (id: request).
+        ``requests`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend`` (id: request),
+        ``bridge_telemetry``, ``bridge_setpoints`` (id: bridge).
         Raises InvalidMessage(reason="topic") for anything else.
         """
         head = self.prefix + "/"
@@ -107,6 +123,8 @@ class Topics:
             len(parts) == 3 and parts[0] == "dispatch" and parts[2] in _DISPATCH_KINDS
         ):
             kind, ident = parts[2], parts[1]
+        elif len(parts) == 3 and parts[0] == "bridges" and parts[2] in _BRIDGE_KINDS:
+            kind, ident = f"bridge_{parts[2]}", parts[1]
         else:
             raise InvalidMessage("topic", f"{topic[:120]!r} is not a contract topic")
         if not _ID_RE.fullmatch(ident):
@@ -116,3 +134,4 @@ class Topics:
 
 _VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})
 _DISPATCH_KINDS = frozenset({"result", "progress", "cancel", "amend"})
+_BRIDGE_KINDS = frozenset({"telemetry", "setpoints"})

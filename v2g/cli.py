@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -214,6 +216,26 @@ def aggregator(
     memory: Annotated[
         bool, typer.Option("--memory", help="keep state in memory, not Redis")
     ] = False,
+    share_group: Annotated[
+        str | None,
+        typer.Option(
+            "--share-group",
+            help="run as one of several aggregators on an MQTT 5 shared subscription"
+            " ($share/GROUP/...), sharing state through Redis, one leading by a Redis lease"
+            " [env V2G_SHARE_GROUP]",
+        ),
+    ] = None,
+    lease_ttl: Annotated[
+        float | None,
+        typer.Option("--lease-ttl", help="leader lease, wall seconds [env V2G_LEASE_TTL_S; 10]"),
+    ] = None,
+    fast_ingest: Annotated[
+        bool,
+        typer.Option(
+            "--fast-ingest",
+            help="receive telemetry on a second, lean MQTT connection (broker/fastlink.py)",
+        ),
+    ] = False,
     log_format: LogFormat = None,
 ) -> None:
     """Run the aggregator: fleet state, capability, dispatch and fleet status."""
@@ -227,15 +249,29 @@ def aggregator(
         topic_prefix=topic_prefix,
         speed=speed,
         log_format=log_format,
+        share_group=share_group,
+        lease_ttl_s=lease_ttl,
     )
+    if memory and settings.share_group:
+        _fail("--share-group shares fleet state through Redis: drop --memory")
     store: StateStore = (
         MemoryStore() if memory else RedisStore(settings.redis_url, prefix=settings.redis_prefix)
     )
     ledger: Ledger = (
         MemoryLedger() if memory else RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
     )
+    # Aggregators of one share group need client ids of their own (the broker drops the
+    # older of two connections with one id), and the lease names its holder by it.
+    client_id = "v2g-aggregator"
+    if settings.share_group:
+        client_id = settings.client_id or f"{client_id}-{socket.gethostname()}-{os.getpid()}"
     service = AggregatorService(
-        settings=settings, clock=_clock(settings), store=store, ledger=ledger
+        settings=settings,
+        clock=_clock(settings),
+        store=store,
+        ledger=ledger,
+        client_id=client_id,
+        fast_ingest=fast_ingest,
     )
     structlog.get_logger("aggregator").info(
         "aggregator_starting",
@@ -268,6 +304,15 @@ def agents(
             )
         ),
     ] = "",
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch",
+            help="with --mode multiplexed: each connection is a bridge that sends its"
+            " vehicles' telemetry as one batch a interval (v2g/bridges/ID/telemetry) and"
+            " takes their setpoints in batches",
+        ),
+    ] = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
@@ -281,6 +326,11 @@ def agents(
 
     if mode not in ("per-vehicle", "multiplexed"):
         raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
+    if batch and mode != "multiplexed":
+        raise typer.BadParameter(
+            "batched telemetry needs --mode multiplexed (a bridge per connection)",
+            param_hint="--batch",
+        )
     try:
         faults = Misbehaviour.random(count, seed, **parse_fractions(misbehave))
     except ValueError as err:
@@ -301,6 +351,7 @@ def agents(
         fleet=fleet,
         mode=mode,  # type: ignore[arg-type]
         connections=connections,
+        batch=batch,
     )
     _run(runtime.run())
 

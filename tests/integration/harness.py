@@ -155,6 +155,7 @@ async def running_loop(
     seed: int,
     mode: Mode = "multiplexed",
     connections: int = 2,
+    batch: bool = False,
 ) -> AsyncIterator[Loop]:
     """Aggregator and agents as tasks of one TaskGroup; all cancelled (bounded) at exit.
 
@@ -168,6 +169,7 @@ async def running_loop(
         mode=mode,
         connections=connections,
         client_prefix=f"itest-{test_id}-ev",
+        batch=batch,
     )
     aggregator = make_aggregator(settings, clock, store, test_id)
     async with asyncio.TaskGroup() as tg:

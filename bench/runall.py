@@ -1,0 +1,217 @@
+"""Runs every benchmark under bench/ (each in its own process, each bounded in time), then
+prints ONE table (metric, value, reference, ratio, target, pass) and writes it as JSON to
+bench/results/all.json. Started by ``bench/run``; see it for the options.
+
+Each benchmark writes its rows as JSON (``{"rows": [...]}``, the row shape of
+bench/control_step.py); bench/ev2gym_compare.py, which has its own shape, is converted
+here, and is skipped if it is not there. A benchmark that fails or overruns its limit
+gets one row saying so, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+Row = dict[str, Any]
+
+
+def plan(quick: bool) -> list[tuple[str, list[str], float]]:
+    """(name, arguments, time limit in s) of each benchmark."""
+    return [
+        (
+            "control_step",
+            ["--sizes", "1000,10000" if quick else "1000,10000,100000"],
+            240.0 if quick else 420.0,
+        ),
+        ("ingest", ["--seconds", "4", "--scale-seconds", "35"] if quick else [], 240.0),
+        (
+            "dispatch_latency",
+            ["--trials", "3" if quick else "6"],
+            300.0 if quick else 420.0,
+        ),
+        (
+            "ev2gym_compare",
+            ["--sizes", "100,1000", "--budget-s", "60", "--million", "0" if quick else "1000000"],
+            240.0 if quick else 360.0,
+        ),
+    ]
+
+
+def run_one(name: str, args: list[str], limit: float) -> list[Row]:
+    script = BENCH / f"{name}.py"
+    if not script.exists():
+        print(f"--- {name}: not present, skipped", file=sys.stderr, flush=True)
+        return []
+    out = RESULTS / f"{name}.json"
+    out.unlink(missing_ok=True)
+    print(f"--- {name} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
+    t = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), *args, "--out", str(out)],
+            timeout=limit,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        failed = None if proc.returncode == 0 else f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        failed = f"over its {limit:.0f} s limit"
+    took = time.monotonic() - t
+    if failed is not None or not out.exists():
+        return [
+            _row(
+                name, f"did not finish: {failed or 'no results'}", None, None, None, "", None, False
+            )
+        ]
+    doc = json.loads(out.read_text())
+    rows = _from_ev2gym(doc) if name == "ev2gym_compare" else doc["rows"]
+    for r in rows:
+        r["bench"] = name
+    print(f"    {len(rows)} rows in {took:.0f} s", file=sys.stderr, flush=True)
+    return list(rows)
+
+
+def _row(
+    bench: str,
+    metric: str,
+    n: int | None,
+    value: float | None,
+    reference: float | None,
+    reference_is: str,
+    target: float | None,
+    ok: bool | None,
+    unit: str = "",
+) -> Row:
+    ratio = None if not (value is not None and reference) else round(value / reference, 3)
+    return {
+        "bench": bench,
+        "metric": metric,
+        "vehicles": n,
+        "value": value,
+        "unit": unit,
+        "reference": reference,
+        "reference_is": reference_is,
+        "ratio": ratio,
+        "target": target,
+        "pass": ok,
+    }
+
+
+def _from_ev2gym(doc: dict[str, Any]) -> list[Row]:
+    rows = []
+    largest = max((r["n"] for r in doc.get("rows", [])), default=0)
+    for r in doc.get("rows", []):
+        ours, theirs = r.get("ours_vehicle_steps_per_s"), r.get("ev2gym_vehicle_steps_per_s")
+        # Its own target (>= 100x EV2Gym) is judged at its largest size only.
+        target = None if not theirs or r["n"] != largest else 100.0 * theirs
+        rows.append(
+            _row(
+                "ev2gym_compare",
+                "simulation: vehicle-steps/s, ours vs EV2Gym"
+                + ("" if theirs else " (EV2Gym skipped)"),
+                r["n"],
+                None if ours is None else round(ours, 1),
+                None if theirs is None else round(theirs, 1),
+                f"EV2Gym {doc.get('ev2gym_version', '')}",
+                target,
+                None if target is None or ours is None else ours >= target,
+                "veh-steps/s",
+            )
+        )
+    big = doc.get("ours_big")
+    if big:
+        rows.append(
+            _row(
+                "ev2gym_compare",
+                f"simulation: {big['n']:,} vehicles x {doc.get('steps')} steps, wall time",
+                big["n"],
+                round(big["total_s"], 2),
+                60.0,
+                "60 s",
+                60.0,
+                bool(big["pass"]),
+                "s",
+            )
+        )
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:,.3f}" if abs(x) < 10 else f"{x:,.1f}"
+    return str(x)
+
+
+def print_table(rows: list[Row]) -> None:
+    cols = [
+        ("bench", lambda r: r.get("bench", "")),
+        ("metric", lambda r: r["metric"]),
+        ("N", lambda r: _fmt(r.get("vehicles")) if r.get("vehicles") else ""),
+        ("value", lambda r: _fmt(r["value"])),
+        ("unit", lambda r: r.get("unit", "")),
+        ("reference", lambda r: _fmt(r["reference"])),
+        ("ratio", lambda r: _fmt(r["ratio"])),
+        ("target", lambda r: _fmt(r["target"])),
+        ("pass", lambda r: "" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")),
+        ("reference is", lambda r: r.get("reference_is", "")),
+    ]
+    cells = [[str(f(r)) for _, f in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(cols)]
+    right = {"N", "value", "reference", "ratio", "target"}
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if h in right else v.ljust(w)
+            for v, w, (h, _) in zip(values, widths, cols, strict=True)
+        ).rstrip()
+
+    print(line([h for h, _ in cols]))
+    print("-" * sum(widths) + "-" * 2 * (len(cols) - 1))
+    for c in cells:
+        print(line(c))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer trials")
+    ap.add_argument("--only", default="", help="comma-separated benchmark names")
+    ap.add_argument("--out", default=str(RESULTS / "all.json"))
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    only = {s for s in args.only.split(",") if s}
+    t = time.monotonic()
+    rows: list[Row] = []
+    for name, bench_args, limit in plan(args.quick):
+        if not only or name in only:
+            rows += run_one(name, bench_args, limit)
+    print_table(rows)
+    checked = [r for r in rows if r["pass"] is not None]
+    failed = [r for r in checked if not r["pass"]]
+    print(
+        f"{len(checked) - len(failed)} of {len(checked)} targets met in {time.monotonic() - t:.0f} s"
+    )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "quick": args.quick,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""A receive-only MQTT 3.1.1 client for the telemetry ingest path, QoS 0, on asyncio.
+
+Why: profiling the aggregator under per-vehicle telemetry (bench/ingest.py, py-spy)
+showed ~80 % of its time inside the general client (paho under aiomqtt): a properties
+object and a topic-matcher walk per message, one task wake-up per message, and large
+messages read 2 KiB per call. This client parses PUBLISH frames straight out of the
+socket buffer and calls a synchronous handler with ``(topic, payload)``; no per-message
+allocation beyond the two strings it hands over.
+
+It only subscribes and receives (QoS 0; a QoS 1 delivery is acknowledged), keeps the
+connection alive with PINGREQ, and reconnects with the same capped, jittered backoff as
+:class:`broker.link.MqttLink`, re-subscribing on every connect. Publishing, wills and
+QoS 1 stay with ``MqttLink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from broker.errors import AuthenticationError, TransportError
+from broker.link import LinkStats, backoff_delays
+from broker.settings import MqttTarget, Settings
+
+log = structlog.get_logger("broker.fastlink")
+
+RawHandler = Callable[[str, bytes], None]
+MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame bigger than this is a broken stream
+_PINGREQ = b"\xc0\x00"
+_DISCONNECT = b"\xe0\x00"
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _frame(first: int, body: bytes) -> bytes:
+    """A packet: fixed header byte, remaining length (variable-length integer), body."""
+    out = bytearray([first])
+    n = len(body)
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (128 if n else 0))
+        if not n:
+            break
+    return bytes(out) + body
+
+
+def connect_packet(
+    client_id: str, keepalive: int, username: str | None, password: str | None
+) -> bytes:
+    flags = 0x02  # clean session: QoS 0 telemetry has nothing worth keeping
+    payload = _utf8(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _utf8(password)
+    return _frame(0x10, _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload)
+
+
+def subscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(_utf8(f) + b"\x00" for f in filters)
+    return _frame(0x82, body)
+
+
+class _Protocol(asyncio.Protocol):
+    """Splits the byte stream into packets; PUBLISH goes to the handler at once."""
+
+    def __init__(
+        self,
+        handler: RawHandler,
+        stats: LinkStats,
+        logger: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.handler = handler
+        self.stats = stats
+        self.log = logger or log
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.suback: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.last_rx = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        for fut in (self.connack, self.suback):
+            if not fut.done():
+                fut.set_exception(TransportError(f"connection lost: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        buf = self.buf
+        buf += data
+        n = len(buf)
+        pos = 0
+        handler = self.handler
+        while n - pos >= 2:
+            # Remaining length: 1 to 4 bytes, 7 bits each.
+            i, length, shift, whole = pos + 1, 0, 0, False
+            while i < n:
+                byte = buf[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    whole = True
+                    break
+                shift += 7
+                if shift > 21:
+                    self._broken("bad remaining length")
+                    return
+            if not whole:
+                break  # the length itself is not all here yet
+            if length > MAX_FRAME_BYTES:
+                self._broken(f"frame of {length} bytes")
+                return
+            end = i + length
+            if end > n:
+                break  # wait for the rest of the packet
+            first = buf[pos]
+            kind = first >> 4
+            if kind == 3:  # PUBLISH
+                tlen = (buf[i] << 8) | buf[i + 1]
+                p = i + 2 + tlen
+                topic = buf[i + 2 : p].decode("utf-8", "replace")
+                qos = (first >> 1) & 0x03
+                if qos:
+                    pid = buf[p : p + 2]
+                    p += 2
+                    if qos == 1 and self.transport is not None:
+                        self.transport.write(b"\x40\x02" + bytes(pid))  # PUBACK
+                self.stats.received += 1
+                try:
+                    handler(topic, bytes(buf[p:end]))
+                except Exception:  # a handler bug must not take the connection down
+                    self.stats.handler_errors += 1
+                    self.log.exception("fastlink_handler_error", topic=topic[:200])
+            elif kind == 2 and not self.connack.done():  # CONNACK
+                self.connack.set_result(buf[i + 1] if length >= 2 else 255)
+            elif kind == 9 and not self.suback.done():  # SUBACK
+                codes = bytes(buf[i + 2 : end])
+                if b"\x80" in codes:
+                    self.suback.set_exception(TransportError("the broker refused a subscription"))
+                else:
+                    self.suback.set_result(None)
+            pos = end
+        if pos:
+            del buf[:pos]
+
+    def _broken(self, why: str) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if not self.closed.done():
+            self.closed.set_result(TransportError(f"broken MQTT stream: {why}"))
+
+
+@dataclass(slots=True)
+class FastIngest:
+    """Subscribes to ``filters`` (QoS 0) and hands every message to ``handler(topic,
+    payload)``, synchronously, in the order received. Run ``run()`` in a task."""
+
+    settings: Settings
+    client_id: str
+    handler: RawHandler
+    filters: Sequence[str] = ()
+    logger: structlog.typing.FilteringBoundLogger | None = None
+    stats: LinkStats = field(default_factory=LinkStats)
+    _connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            raise TransportError(
+                f"no ingest connection to the broker at {self.settings.broker_url} after"
+                f" {timeout:.1f}s; is it running?"
+            ) from None
+
+    async def run(self) -> None:
+        """Stay connected until cancelled. Raises AuthenticationError on bad credentials."""
+        lg = self.logger or log
+        target = self.settings.mqtt_target()
+        delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+        while True:
+            try:
+                await self._session(target, lg)
+                raise TransportError("the broker closed the connection")
+            except AuthenticationError:
+                raise
+            except (OSError, TransportError, TimeoutError) as err:
+                self._connected.clear()
+                self.stats.disconnects += 1
+                delay = next(delays)
+                lg.warning(
+                    "ingest_disconnected",
+                    client_id=self.client_id,
+                    error=str(err)[:200],
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._connected.clear()
+
+    async def _session(self, target: MqttTarget, lg: structlog.typing.FilteringBoundLogger) -> None:
+        s = self.settings
+        host, port = target.host, target.port
+        context = None
+        if target.tls:
+            context = ssl.create_default_context(cafile=s.tls_ca_file)
+            if s.tls_cert_file:
+                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+        loop = asyncio.get_running_loop()
+        timeout = s.publish_timeout_s
+        async with asyncio.timeout(timeout):
+            transport, proto = await loop.create_connection(
+                lambda: _Protocol(self.handler, self.stats, lg), host, port, ssl=context
+            )
+        try:
+            transport.write(
+                connect_packet(self.client_id, s.keepalive_s, target.username, target.password)
+            )
+            async with asyncio.timeout(timeout):
+                code = await proto.connack
+            if code in (4, 5):
+                lg.error("mqtt_auth_refused", client_id=self.client_id, code=code)
+                raise AuthenticationError(
+                    f"broker {host}:{port} refused ingest client {self.client_id!r}"
+                    f" (CONNACK {code}); check V2G_USERNAME/V2G_PASSWORD"
+                )
+            if code != 0:
+                raise TransportError(f"broker refused the connection (CONNACK {code})")
+            if self.filters:
+                transport.write(subscribe_packet(1, self.filters))
+                async with asyncio.timeout(timeout):
+                    await proto.suback
+            self.stats.connects += 1
+            self.stats.connected_at = time.monotonic()
+            self._connected.set()
+            if self.stats.connects > 1:
+                lg.info("ingest_reconnected", client_id=self.client_id)
+            ping_every = max(1.0, s.keepalive_s / 2)
+            while True:
+                done, _ = await asyncio.wait({proto.closed}, timeout=ping_every)
+                if done:
+                    err = proto.closed.result()
+                    raise TransportError(f"connection lost: {err}")
+                if time.monotonic() - proto.last_rx > 1.5 * s.keepalive_s:
+                    raise TransportError("no PINGRESP from the broker: the connection is dead")
+                transport.write(_PINGREQ)
+        finally:
+            if not transport.is_closing():
+                with contextlib.suppress(Exception):
+                    transport.write(_DISCONNECT)
+                transport.close()

@@ -1,0 +1,80 @@
+"""The fast ingest client's frame parser: whole PUBLISH packets out of any split of the
+byte stream, in order, whatever the packet sizes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.fastlink import _frame, _Protocol, _utf8, connect_packet, subscribe_packet
+from broker.link import LinkStats
+
+
+def publish(topic: str, payload: bytes, qos: int = 0) -> bytes:
+    pid = b"\x00\x07" if qos else b""
+    return _frame(0x30 | (qos << 1), _utf8(topic) + pid + payload)
+
+
+class Sink(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += bytes(data)
+
+
+messages = st.lists(
+    st.tuples(
+        st.text(st.characters(codec="utf-8", exclude_characters="+#\x00"), min_size=1, max_size=40),
+        st.binary(max_size=300) | st.binary(min_size=16_384, max_size=20_000),
+        st.sampled_from([0, 1]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(messages, st.lists(st.integers(1, 5000), min_size=1, max_size=50))
+async def test_every_publish_comes_out_whole_and_in_order_however_the_stream_is_cut(
+    msgs: list[tuple[str, bytes, int]], cuts: list[int]
+) -> None:
+    got: list[tuple[str, bytes]] = []
+    proto = _Protocol(lambda t, p: got.append((t, p)), LinkStats())
+    sink = Sink()
+    proto.connection_made(sink)
+    stream = b"\xd0\x00" + b"".join(publish(t, p, q) for t, p, q in msgs)  # a PINGRESP first
+    pos, k = 0, 0
+    while pos < len(stream):
+        step = cuts[k % len(cuts)]
+        proto.data_received(stream[pos : pos + step])
+        pos, k = pos + step, k + 1
+    assert got == [(t, p) for t, p, _ in msgs]
+    assert proto.stats.received == len(msgs)
+    assert sink.sent == b"\x40\x02\x00\x07" * sum(q for *_, q in msgs)  # a PUBACK per QoS 1
+    assert not proto.buf
+
+
+async def test_connack_and_suback_are_answered_and_a_handler_error_is_counted() -> None:
+    def boom(topic: str, payload: bytes) -> None:
+        raise RuntimeError("handler bug")
+
+    proto = _Protocol(boom, LinkStats(), structlog.wrap_logger(structlog.ReturnLogger()))
+    proto.connection_made(Sink())
+    proto.data_received(b"\x20\x02\x00\x00" + b"\x90\x03\x00\x01\x00" + publish("a/b", b"x"))
+    assert proto.connack.result() == 0
+    assert proto.suback.result() is None
+    assert proto.stats.handler_errors == 1
+
+
+def test_connect_and_subscribe_packets_follow_mqtt_311() -> None:
+    pkt = connect_packet("agg", 15, "u", "p")
+    assert pkt[:2] == b"\x10\x15"  # 10 bytes of header, 11 of payload
+    assert pkt[2:10] == b"\x00\x04MQTT\x04\xc2"  # level 4; username, password, clean session
+    assert subscribe_packet(1, ["v2g/vehicles/+/telemetry"]) == (
+        b"\x82\x1d\x00\x01\x00\x18v2g/vehicles/+/telemetry\x00"
+    )
+    assert _frame(0x30, b"x" * 200)[:3] == b"\x30\xc8\x01"  # two-byte remaining length
