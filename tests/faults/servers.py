@@ -41,19 +41,12 @@ def _binary(name: str, package: str) -> str:
     return path
 
 
-def fault_conf(data_dir: Path, port: int) -> str:
-    """The production mosquitto.conf, anonymous on a test port with its data in ``data_dir``.
+def rewrite_prod_conf(replace: dict[str, str]) -> str:
+    """broker/mosquitto/mosquitto.conf with whole lines replaced, run as this user.
 
-    Authentication is the security tests' subject; here only persistence and limits
-    matter, and they stay as shipped. Fails loudly if the original changed shape.
+    Fails loudly if the original no longer has a line to replace, so that tests keep
+    testing the config that ships.
     """
-    replace = {
-        "listener 1883 127.0.0.1": f"listener {port} {HOST}",
-        "allow_anonymous false": "allow_anonymous true",
-        "password_file /etc/mosquitto/v2g/passwd": "",
-        "acl_file /etc/mosquitto/v2g/acl": "",
-        "persistence_location /var/lib/mosquitto/": f"persistence_location {data_dir}/",
-    }
     seen: set[str] = set()
     out: list[str] = []
     for line in PROD_CONF.read_text().splitlines():
@@ -64,9 +57,27 @@ def fault_conf(data_dir: Path, port: int) -> str:
         out.append(line)
     missing = set(replace) - seen
     assert not missing, f"{PROD_CONF} no longer has the lines the test rewrites: {sorted(missing)}"
-    # As root Mosquitto would switch to user "mosquitto", who cannot write the test's dir.
+    # As root Mosquitto would switch to user "mosquitto", who cannot read or write the
+    # test's directory.
     out.append(f"user {getpass.getuser()}")
     return "\n".join(out) + "\n"
+
+
+def fault_conf(data_dir: Path, port: int) -> str:
+    """The production mosquitto.conf, anonymous on a test port with its data in ``data_dir``.
+
+    Authentication is the security tests' subject; here only persistence and limits
+    matter, and they stay as shipped.
+    """
+    return rewrite_prod_conf(
+        {
+            "listener 1883 127.0.0.1": f"listener {port} {HOST}",
+            "allow_anonymous false": "allow_anonymous true",
+            "password_file /etc/mosquitto/v2g/passwd": "",
+            "acl_file /etc/mosquitto/v2g/acl": "",
+            "persistence_location /var/lib/mosquitto/": f"persistence_location {data_dir}/",
+        }
+    )
 
 
 @dataclass

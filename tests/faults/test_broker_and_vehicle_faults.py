@@ -14,10 +14,12 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
+import aiomqtt
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ from aggregator.fleet_state import FleetState
 from aggregator.service import StepReport
 from aggregator.store import MemoryStore, RedisStore
 from broker.clock import SimClock
+from broker.link import MqttLink
 from broker.settings import Settings
 from tests.conftest import Recorder
 from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
@@ -35,7 +38,7 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name
 from tests.integration.harness import STEP_WALL_S, eventually, running_loop
 from tests.integration.test_loop import discharge_half, drain_events, next_event, on_target, spy
 
-from .servers import Mosquitto
+from .servers import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -344,3 +347,54 @@ async def test_a_short_reconnect_inside_the_will_delay_causes_no_offline_flap(
             )
             assert not offline, f"the vehicle flapped offline: {offline}"
             assert not counted_out, f"the aggregator counted it out: {counted_out}"
+
+
+async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restarts(
+    mosquitto: Mosquitto,
+    settings: Settings,  # noqa: F811
+) -> None:
+    cfg = settings
+    topic = f"{cfg.topic_prefix}/echo"
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def handler(m: aiomqtt.Message) -> None:
+        got.put_nowait(bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
+
+    link = MqttLink(
+        settings=cfg,
+        client_id=f"itest-link-{uuid.uuid4().hex[:8]}",
+        handler=handler,
+        subscriptions=[(f"{topic}/#", 1)],
+    )
+
+    async def publish(payload: bytes) -> None:
+        async with aiomqtt.Client(HOST, mosquitto.port, identifier=f"pub-{uuid.uuid4().hex}") as c:
+            await c.publish(f"{topic}/x", payload, qos=1)
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(link.run(), name="link-under-test")
+        try:
+            await link.wait_connected(5)
+            await publish(b"before")
+            async with asyncio.timeout(5):
+                assert await got.get() == b"before"
+
+            mosquitto.kill()
+            await eventually(lambda: not link.connected, "the link to notice", timeout=5)
+            assert link.stats.disconnects >= 1
+            assert await link.publish(f"{topic}/x", b"lost", qos=0) is False
+            assert link.stats.dropped_offline == 1
+
+            await asyncio.to_thread(mosquitto.start)  # same port
+            await link.wait_connected(10)
+            assert link.stats.connects == 2
+            # A fresh broker knows no subscriptions: only a resubscribe brings this in.
+            await publish(b"after")
+            async with asyncio.timeout(5):
+                assert await got.get() == b"after"
+            assert link.stats.received == 2
+            assert link.stats.handler_errors == 0
+        finally:
+            task.cancel()
+    assert task.cancelled()
+    assert not link.connected

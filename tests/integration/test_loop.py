@@ -12,12 +12,9 @@ import itertools
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,6 @@ from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.service import StepReport
 from aggregator.store import RedisStore, Snapshot
 from broker.clock import SimClock
-from broker.link import MqttLink
 from broker.models import (
     Capability,
     DispatchAmend,
@@ -49,7 +45,7 @@ from broker.models import (
 from broker.settings import Settings
 from v2g import operator
 
-from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, Loop, eventually, make_aggregator
+from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, Loop, make_aggregator
 
 pytestmark = pytest.mark.integration
 
@@ -574,118 +570,6 @@ async def test_fleet_state_survives_a_round_trip_through_redis(store: RedisStore
     for name in state.cols:
         np.testing.assert_array_equal(again.col(name), state.col(name), err_msg=name)
     assert not again.col("online")[again.index["ev-3"]]
-
-
-# -- the connection helper ----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class PrivateBroker:
-    """A Mosquitto of our own on a free loopback port, to kill and restart at will."""
-
-    port: int
-    conf: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{HOST}:{self.port}"
-
-    def start(self, timeout: float = 5.0) -> None:
-        assert self.proc is None
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                ["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.2):
-                return
-            time.sleep(0.02)
-        pytest.fail(f"private mosquitto did not listen on {self.port}: {self.log.read_text()}")
-
-    def kill(self) -> None:
-        """kill -9, no goodbye to anyone."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=5)
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} {HOST}\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-    )
-    broker = PrivateBroker(port, conf, tmp_path / "mosquitto.log")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.kill()
-
-
-async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restarts(
-    private_broker: PrivateBroker, settings: Settings
-) -> None:
-    cfg = settings.model_copy(update={"broker_url": private_broker.url})
-    topic = f"{cfg.topic_prefix}/echo"
-    got: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def handler(m: aiomqtt.Message) -> None:
-        got.put_nowait(bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
-
-    link = MqttLink(
-        settings=cfg,
-        client_id=f"itest-link-{uuid.uuid4().hex[:8]}",
-        handler=handler,
-        subscriptions=[(f"{topic}/#", 1)],
-    )
-
-    async def publish(payload: bytes) -> None:
-        async with aiomqtt.Client(
-            HOST, private_broker.port, identifier=f"pub-{uuid.uuid4().hex}"
-        ) as c:
-            await c.publish(f"{topic}/x", payload, qos=1)
-
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(link.run(), name="link-under-test")
-        try:
-            await link.wait_connected(5)
-            await publish(b"before")
-            async with asyncio.timeout(5):
-                assert await got.get() == b"before"
-
-            private_broker.kill()
-            await eventually(lambda: not link.connected, "the link to notice", timeout=5)
-            assert link.stats.disconnects >= 1
-            assert await link.publish(f"{topic}/x", b"lost", qos=0) is False
-            assert link.stats.dropped_offline == 1
-
-            await asyncio.to_thread(private_broker.start)  # same port, empty broker
-            await link.wait_connected(10)
-            assert link.stats.connects == 2
-            # A fresh broker knows no subscriptions: only a resubscribe brings this in.
-            await publish(b"after")
-            async with asyncio.timeout(5):
-                assert await got.get() == b"after"
-            assert link.stats.received == 2
-            assert link.stats.handler_errors == 0
-        finally:
-            task.cancel()
-    assert task.cancelled()
-    assert not link.connected
 
 
 async def test_capability_and_forecast_are_retained_and_read_back(

@@ -10,7 +10,6 @@ is stopped by its PID at teardown. Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import shutil
 import socket
@@ -24,6 +23,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from tests.faults.servers import rewrite_prod_conf
 from v2g import provision as prov
 
 HOST = "127.0.0.1"
@@ -65,20 +65,7 @@ def derive_conf(tmp: Path, port: int, tls_port: int, pki: prov.CertBundle) -> st
         "#use_identity_as_username true": "use_identity_as_username true",
         "#use_username_as_clientid true": "use_username_as_clientid true",
     }
-    seen: set[str] = set()
-    out: list[str] = []
-    for line in CONF.read_text().splitlines():
-        key = line.strip()
-        if key in replace:
-            seen.add(key)
-            line = replace[key]
-        out.append(line)
-    missing = set(replace) - seen
-    assert not missing, f"{CONF} no longer has the lines the test rewrites: {sorted(missing)}"
-    # Run as the current user: as root, Mosquitto would switch to user "mosquitto",
-    # which cannot read the 0600 files in the test's directory.
-    out.append(f"user {getpass.getuser()}")
-    return "\n".join(out) + "\n"
+    return rewrite_prod_conf(replace)
 
 
 @dataclass(frozen=True, slots=True)
