@@ -42,6 +42,7 @@ _AUTH_CODES = frozenset({4, 5, 134, 135})
 _VERSION_CODES = frozenset({1, 132})
 
 Handler = Callable[[aiomqtt.Message], None]
+MAX_BURST = 50_000  # messages handed to paho at once, well under its 65,535 message ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +291,13 @@ class MqttLink:
         """
         if not messages:
             return 0
+        if len(messages) > MAX_BURST:
+            # MQTT message ids are 16 bits: more than 65,535 in flight at once would reuse
+            # ids still pending, and paho loses track of them. Go in bursts.
+            done = 0
+            for i in range(0, len(messages), MAX_BURST):
+                done += await self.publish_many(messages[i : i + MAX_BURST])
+            return done
         if self._client is None or not self._connected.is_set():
             if all(m.qos == 0 for m in messages):
                 self.stats.dropped_offline += len(messages)

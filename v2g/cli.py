@@ -309,7 +309,7 @@ def agents(
         typer.Option(
             "--batch",
             help="with --mode multiplexed: each connection is a bridge that sends its"
-            " vehicles' telemetry as one batch a interval (v2g/bridges/ID/telemetry) and"
+            " vehicles' telemetry as one batch per interval (v2g/bridges/ID/telemetry) and"
             " takes their setpoints in batches",
         ),
     ] = False,

@@ -398,3 +398,35 @@ async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restar
             task.cancel()
     assert task.cancelled()
     assert not link.connected
+
+
+async def test_a_burst_bigger_than_the_message_id_space_goes_out_whole(
+    mosquitto: Mosquitto,
+    settings: Settings,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """publish_many goes in bursts (MQTT ids are 16 bits); shrunk here so it is quick."""
+    import broker.link as link_mod
+    from broker.link import Outgoing
+
+    monkeypatch.setattr(link_mod, "MAX_BURST", 7)
+    topic = f"{settings.topic_prefix}/burst"
+    got: list[bytes] = []
+    link = MqttLink(settings=settings, client_id=f"burst-{uuid.uuid4().hex[:8]}")
+    async with aiomqtt.Client(HOST, mosquitto.port, identifier=f"sub-{uuid.uuid4().hex}") as sub:
+        await sub.subscribe(f"{topic}/#", qos=1)
+        task = asyncio.create_task(link.run())
+        try:
+            await link.wait_connected(5)
+            msgs = [Outgoing(f"{topic}/{i}", str(i).encode(), 1) for i in range(25)]
+            assert await link.publish_many(msgs) == 25
+            async with asyncio.timeout(5):
+                async for m in sub.messages:
+                    got.append(bytes(m.payload) if isinstance(m.payload, bytes) else b"")
+                    if len(got) == 25:
+                        break
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert sorted(int(x) for x in got) == list(range(25))

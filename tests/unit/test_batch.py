@@ -245,7 +245,7 @@ def test_a_batch_over_the_vehicle_cap_is_refused_as_schema() -> None:
     assert svc.rejected == {"schema": 1}
 
 
-def test_only_the_rows_stamped_ahead_of_the_clock_are_dropped_from_a_batch() -> None:
+async def test_only_the_rows_stamped_ahead_of_the_clock_are_dropped_from_a_batch() -> None:
     doc = good_doc(3)
     doc["ts"][1] = T0 + 120.0
     svc = service()
@@ -257,6 +257,8 @@ def test_only_the_rows_stamped_ahead_of_the_clock_are_dropped_from_a_batch() -> 
     doc["ts"] = [T0 + 120.0] * 3  # nothing left: the batch itself is refused
     deliver(svc, json.dumps(doc).encode())
     assert svc.rejected == {"future": 1}
+    report = await svc.step()  # operators see both, apart
+    assert report.status.rejected == {"future": 1, "future_rows": 1}
 
 
 async def test_accepted_batches_fold_at_the_step_and_count_vehicle_updates() -> None:
