@@ -39,9 +39,18 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
         ),
         (
             "ev2gym_compare",
-            ["--sizes", "100,1000", "--budget-s", "60", "--million", "0" if quick else "1000000"],
-            240.0 if quick else 360.0,
+            [
+                "--sizes",
+                "100,1000" if quick else "100,1000,5000",
+                "--budget-s",
+                "60" if quick else "240",
+                "--million",
+                "0" if quick else "1000000",
+            ],
+            240.0 if quick else 600.0,
         ),
+        ("schedule_solve", ["--sizes", "1000" if quick else "1000,10000"], 120.0),
+        ("scale_out", ["--repeat", "2" if quick else "3"], 240.0 if quick else 360.0),
     ]
 
 
