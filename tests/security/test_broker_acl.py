@@ -185,7 +185,34 @@ async def test_operator_sends_dispatch_requests_and_reads_results_but_not_setpoi
         assert await op_acks.publish(cancel) == 0
         seen = await collect_until(agg, cancel)
         assert seen[-1] == cancel
+        amend = "v2g/dispatch/r1/amend"
+        assert await op_acks.publish(amend) == 0
+        assert (await collect_until(agg, amend))[-1] == amend
         assert not any(t.startswith("v2g/vehicles/") or t == "v2g/fleet/status" for t in seen)
+
+
+async def test_a_vehicle_cannot_amend_a_request_or_speak_as_a_bridge(broker: Broker) -> None:
+    async with client(broker, "ev-0000") as ev:
+        acks = Acks(ev)
+        for topic in ("v2g/dispatch/r1/amend", "v2g/bridges/ev-0001/telemetry"):
+            assert await acks.publish(topic) == NOT_AUTHORIZED, topic
+
+
+async def test_a_bridge_publishes_only_its_own_batches(broker: Broker) -> None:
+    """A bridge is provisioned like a vehicle; its id names its batch topics."""
+    async with client(broker, "aggregator") as agg, client(broker, "ev-0000") as bridge:
+        await agg.subscribe("v2g/bridges/#", qos=1)
+        acks = Acks(bridge)
+        own = "v2g/bridges/ev-0000/telemetry"
+        assert await acks.publish("v2g/bridges/ev-0001/telemetry") == NOT_AUTHORIZED
+        assert await acks.publish(own) in OK_CODES
+        assert await collect_until(agg, own) == [own]
+        await bridge.subscribe("v2g/bridges/+/setpoints", qos=1)
+        agg_acks = Acks(agg)
+        other, mine = "v2g/bridges/ev-0001/setpoints", "v2g/bridges/ev-0000/setpoints"
+        assert await agg_acks.publish(other) in OK_CODES
+        assert await agg_acks.publish(mine) in OK_CODES
+        assert await collect_until(bridge, mine) == [mine]  # the other bridge's never came
 
 
 # -- authentication ---------------------------------------------------------------------
