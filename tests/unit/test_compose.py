@@ -144,7 +144,7 @@ def test_production_broker_plain_listener_is_loopback_only() -> None:
     assert conf["listener"] == ["1883 127.0.0.1"]
 
 
-def test_acl_vehicle_grants_are_the_contract_topics_scoped_to_the_username() -> None:
+def test_acl_vehicle_and_bridge_grants_are_the_contract_topics_scoped_to_the_username() -> None:
     acl = read_directives(MOSQUITTO_DIR / "acl")
     topics = Topics("v2g")
     assert sorted(acl["pattern"]) == sorted(
@@ -152,6 +152,8 @@ def test_acl_vehicle_grants_are_the_contract_topics_scoped_to_the_username() -> 
             f"write {topics.telemetry('%u')}",
             f"write {topics.vehicle_status('%u')}",
             f"read {topics.setpoint('%u')}",
+            f"write {topics.bridge_telemetry('%u')}",
+            f"read {topics.bridge_setpoints('%u')}",
         ]
     )
 
