@@ -20,12 +20,16 @@ from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
 from aggregator.schedule import Block, cohorts, plan
+from aggregator.scoring import SAMPLE_S as SCORE_SAMPLE_S
+from aggregator.scoring import WINDOW_S as SCORE_WINDOW_S
+from aggregator.scoring import fcr_activation, regulation_score
 from broker.models import (
     SIGNAL_SERVICES,
     ActiveDispatch,
     DispatchProgress,
     DispatchRequest,
     DispatchResult,
+    DispatchSignal,
     ResultStatus,
     ScheduledInterval,
     from_epoch,
@@ -49,6 +53,12 @@ FOLLOW_MIN_RATIO = 0.1
 # of a small one) and by its energy cycled over the fleet's mean (at least the floor).
 REFERENCE_CAPACITY_KWH = 60.0
 CYCLED_FLOOR_KWH = 0.1
+# A signal service keeps score samples every SCORE_SAMPLE_S (a day of them at most);
+# one whole window is needed for a score. Below SIGNAL_MIN_KW of capacity: refused.
+SCORE_WINDOW_SAMPLES = round(SCORE_WINDOW_S / SCORE_SAMPLE_S)
+MAX_SCORE_SAMPLES = 8640
+SIGNAL_MIN_KW = 0.1
+SIGNAL_SETTLE_S = 1.0  # chargers act on a setpoint within this (platform seconds)
 # Requests for later are planned on this grid, this far ahead, and accepted in full
 # when the plan misses them by less than this.
 SCHEDULE_STEP_S = 900.0
@@ -78,15 +88,29 @@ class Dispatch:
     last_t: float | None = None
     meter_start: float | None = None
     schedule: list[list[float]] | None = None  # [interval start, kW] reserved, if planned
+    # A service that follows a signal: the capacity held, the latest signal (-1..1), the
+    # baseline it moves around, and (t, signal, response) samples for its score.
+    capacity_kw: float = 0.0
+    signal: float = 0.0
+    signal_prev: float = 0.0
+    signal_at: float = -math.inf
+    base_kw: float = 0.0
+    samples: list[list[float]] | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
     @property
+    def follows_signal(self) -> bool:
+        return self.request.service in SIGNAL_SERVICES
+
+    @property
     def requested_kw(self) -> float:
-        assert self.request.power_kw is not None
-        return self.request.power_kw
+        """The fleet net power asked now: the request's, or baseline + signal x capacity."""
+        if self.request.power_kw is not None:
+            return self.request.power_kw
+        return self.base_kw + self.signal * self.capacity_kw
 
     def to_record(self) -> dict[str, Any]:
         record = {k: getattr(self, k) for k in _BOOK_FIELDS}
@@ -114,6 +138,12 @@ _BOOK_FIELDS = (
     "last_t",
     "meter_start",
     "schedule",
+    "capacity_kw",
+    "signal",
+    "signal_prev",
+    "signal_at",
+    "base_kw",
+    "samples",
 )
 
 
@@ -239,10 +269,110 @@ class Dispatcher:
                 ),
                 requested_kw=req.power_kw,
             )
-        if start <= now + self.control_step_s:
+        if start <= now + self.control_step_s or d.follows_signal:
             self.dispatches[req.request_id] = d
+            if start > now + self.control_step_s:
+                return self._result(
+                    d.request_id,
+                    "accepted",
+                    now,
+                    reason=f"scheduled for {from_epoch(start).isoformat()}; the capacity is"
+                    " checked at start",
+                    allocated_kw=req.capacity_kw or 0.0,
+                )
             return self._admit(d, now, view)
         return self._admit_ahead(d, now, view)
+
+    def _admit_signal(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """A service that follows a signal holds a symmetric capacity around the fleet's
+        baseline for its whole window: what it can hold both ways, up to what was asked."""
+        asked = float(d.request.capacity_kw or 0.0)
+        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
+        room = max(0.0, 0.5 * (float(hi.sum()) - float(lo.sum())))
+        d.capacity_kw = min(asked, room)
+        d.signal, d.samples = 0.0, []
+        d.base_kw = self._operating_point(d, now, view)
+        base = d.base_kw
+        d.allocated_kw = d.capacity_kw
+        d.shortfall_kw = asked - d.capacity_kw
+        d.vehicles = len(view)
+        self._sent_until[:] = -np.inf
+        if d.capacity_kw < SIGNAL_MIN_KW:
+            self.dispatches.pop(d.request_id, None)
+            return self._result(
+                d.request_id,
+                "rejected",
+                now,
+                reason=f"the fleet cannot move both ways around its baseline ({base:.1f} kW)"
+                " for that long",
+                allocated_kw=0.0,
+            )
+        status: ResultStatus = "accepted" if d.shortfall_kw <= 1e-6 else "partial"
+        return self._result(
+            d.request_id,
+            status,
+            now,
+            reason=None
+            if status == "accepted"
+            else f"the fleet can hold ±{d.capacity_kw:.1f} kW around its baseline for"
+            f" {d.end - now:.0f} s",
+            allocated_kw=d.capacity_kw,
+            shortfall_kw=d.shortfall_kw,
+            vehicles=d.vehicles,
+        )
+
+    def signal(
+        self, request_id: str, sample: DispatchSignal, now: float, view: FleetView
+    ) -> StepOutput | None:
+        """Follow one signal sample at once: the new target and the setpoints for it, out
+        of turn (a regulation signal comes every 2-4 s, faster than the control step).
+        None if the request is not a running signal service."""
+        d = self.dispatches.get(request_id)
+        if d is None or d.state != "active" or not d.follows_signal:
+            return None
+        d.signal_prev, d.signal_at = d.signal, now
+        if sample.value is not None:
+            d.signal = sample.value
+        else:
+            assert sample.frequency_hz is not None
+            d.signal = float(fcr_activation(np.array([sample.frequency_hz]))[0])
+        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+        d.base_kw = self._operating_point(d, now, view)
+        out = StepOutput()
+        self._plan(d, now, view, out)
+        return out
+
+    def _operating_point(self, d: Dispatch, now: float, view: FleetView) -> float:
+        """Where a signal service's fleet sits at signal 0: its baseline (plain charging),
+        moved just enough into the fleet's range for the rest of the window to leave the
+        capacity both ways. A fleet charging flat out has no room upward otherwise."""
+        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
+        lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
+        c = min(d.capacity_kw, max(0.0, 0.5 * (hi_sum - lo_sum)))
+        return min(max(self._baseline(view), lo_sum + c), hi_sum - c)
+
+    def _sample(self, d: Dispatch, now: float, measured: float) -> None:
+        """Keep a (t, signal, response) sample every SCORE_SAMPLE_S for the score."""
+        if d.samples is None or d.capacity_kw <= 0 or d.signal_at == -math.inf:
+            return  # nothing to score before the first signal sample
+        # Steps come every control step, a little late at times: half a step of slack.
+        if d.samples and now - d.samples[-1][0] < SCORE_SAMPLE_S - 0.5 * self.control_step_s:
+            return
+        # The fleet measured now answers the signal in force a moment ago: a sample taken
+        # right after a new value pairs the response with the value before it.
+        s = d.signal_prev if now - d.signal_at < SIGNAL_SETTLE_S else d.signal
+        d.samples.append([now, s, (measured - d.base_kw) / d.capacity_kw])
+        del d.samples[:-MAX_SCORE_SAMPLES]
+
+    @staticmethod
+    def score(d: Dispatch) -> float | None:
+        """The PJM-style composite score of a signal service so far (None before one
+        whole 5-minute window of samples)."""
+        if not d.samples or len(d.samples) < SCORE_WINDOW_SAMPLES:
+            return None
+        arr = np.asarray(d.samples)
+        composite = regulation_score(arr[:, 1], np.clip(arr[:, 2], -2.0, 2.0)).composite
+        return None if math.isnan(composite) else round(composite, 4)
 
     def _admit_ahead(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         """Admit a request for later: plan the fleet over the horizon with every request
@@ -355,12 +485,12 @@ class Dispatcher:
 
     def _check(self, req: DispatchRequest, now: float) -> str | None:
         """Why a request is malformed or absurd, or None if it is fine."""
-        if req.service in SIGNAL_SERVICES:
+        if req.service in SIGNAL_SERVICES and req.power_kw is not None:
             return (
-                f"service {req.service.value} follows a signal and is not offered by this"
-                " aggregator yet; send a power_kw request (e.g. service manual)"
+                f"service {req.service.value} follows a signal around the baseline: give"
+                " capacity_kw, not power_kw"
             )
-        power = req.power_kw or 0.0
+        power = req.power_kw or req.capacity_kw or 0.0
         if abs(power) > self.max_request_kw:
             return f"power_kw {power:.0f} is beyond the platform limit of ±{self.max_request_kw:.0f} kW"
         if req.duration_s > self.max_duration_s:
@@ -380,6 +510,8 @@ class Dispatcher:
         d.state = "active"
         d.last_t = now
         d.meter_start = view.meter_kwh
+        if d.follows_signal:
+            return self._admit_signal(d, now, view)
         lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
         lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
         d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
@@ -506,7 +638,11 @@ class Dispatcher:
         base = self._baseline(view)
         for d in list(self.dispatches.values()):
             if d.state == "active":
+                if d.follows_signal:
+                    self._sample(d, now, measured)
                 self._book(d, min(now, d.end), view, now, base)
+                if d.follows_signal:
+                    d.base_kw = self._operating_point(d, now, view)
                 if now >= d.end - 1e-9:
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
@@ -690,6 +826,7 @@ class Dispatcher:
             vehicles=d.vehicles,
             elapsed_s=round(max(0.0, now - d.start), 3),
             remaining_s=round(max(0.0, d.end - now), 3),
+            score=self.score(d) if d.follows_signal else None,
         )
 
     def active(self) -> list[ActiveDispatch]:
@@ -723,6 +860,7 @@ class Dispatcher:
             delivered_kwh=round(d.delivered_kwh, 4),
             requested_kwh=round(d.requested_kwh, 4),
             baseline_kwh=round(d.baseline_kwh, 4),
+            score=self.score(d) if d.follows_signal else None,
         )
 
     def _result(

@@ -40,6 +40,7 @@ from broker.models import (
     DispatchAmend,
     DispatchRequest,
     DispatchResult,
+    DispatchSignal,
     FleetForecast,
     FleetStatus,
     ForecastPeriod,
@@ -112,6 +113,12 @@ class AggregatorService:
         # Settlement records go to the ledger off the control path (see aggregator/ledger.py).
         self.ledger = None if ledger is None else LedgerWriter(ledger)
         self._ledger_task: asyncio.Task[bool] | None = None
+        # Signal samples waiting to be followed (the latest per request wins), when each
+        # came in, and how long each took from arrival to setpoints on the wire (ms).
+        self._signals: dict[str, tuple[DispatchSignal, float]] = {}
+        self._signal_ready = asyncio.Event()
+        self._dispatch_lock = asyncio.Lock()
+        self.signal_latency_ms: deque[float] = deque(maxlen=10_000)
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
         self.state = FleetState()
@@ -186,6 +193,7 @@ class AggregatorService:
                     (self.topics.dispatch_requests, 1),
                     (self.topics.all_cancels, 1),
                     (self.topics.all_amends, 1),
+                    (self.topics.all_signals, 1),
                 ],
             ),
             logger=self.log,
@@ -234,6 +242,10 @@ class AggregatorService:
                 self.inbox.cancels.append(ident)
             elif kind == "amend":
                 self.inbox.amends.append((ident, _decode(DispatchAmend, payload)))
+            elif kind == "signal":
+                # Followed at once, out of the control step: a signal comes every 2-4 s.
+                self._signals[ident] = (_decode(DispatchSignal, payload), time.perf_counter())
+                self._signal_ready.set()
             else:
                 self.ignored += 1  # our own results and progress, echoed by a wide subscription
                 return
@@ -301,6 +313,7 @@ class AggregatorService:
                 if self.ingest is not None:
                     tg.create_task(self.ingest.run(), name="aggregator-ingest")
                 tg.create_task(self._control_loop(), name="aggregator-control")
+                tg.create_task(self._signal_loop(), name="aggregator-signals")
                 if self.scale is not None:
                     tg.create_task(self.scale.run(), name="aggregator-lease")
         finally:
@@ -335,7 +348,8 @@ class AggregatorService:
         while True:
             # Scale-out: only the leader steps; a follower forwards its inbox to it.
             if self.scale is None or await self.scale.lead(self):
-                report = await self.step()
+                async with self._dispatch_lock:
+                    report = await self.step()
                 raise_if_cancelled()
                 if self.reports is not None:
                     self.reports.put_nowait(report)
@@ -344,6 +358,32 @@ class AggregatorService:
             if next_t < now:  # fell behind: do not try to catch up with a burst
                 next_t = now
             await self.clock.sleep(next_t - now)
+
+    async def _signal_loop(self) -> None:
+        """Follow signal samples as they come: the new target's setpoints go out at once."""
+        while True:
+            await self._signal_ready.wait()
+            self._signal_ready.clear()
+            raise_if_cancelled()
+            pending, self._signals = self._signals, {}
+            if self.scale is not None and not self.scale.leading:
+                continue
+            async with self._dispatch_lock:
+                now = self.clock.now()
+                view = self.state.view(now, self.settings.stale_s)
+                msgs: list[Outgoing] = []
+                for rid, (sample, _) in pending.items():
+                    out = self.dispatcher.signal(rid, sample, now, view)
+                    if out is not None and out.rows.size:
+                        msgs += self._setpoint_messages(
+                            out.rows, out.power_kw, out.valid_until, out.request_id, now
+                        )
+                if msgs and self.link.connected:
+                    with contextlib.suppress(TransportError):
+                        await self.link.publish_many(msgs)
+                done = time.perf_counter()
+                for _, arrived in pending.values():
+                    self.signal_latency_ms.append((done - arrived) * 1e3)
 
     async def step(self) -> StepReport:
         """One control step; see the module docstring for the order."""
@@ -647,7 +687,9 @@ class AggregatorService:
         )
 
 
-M = TypeVar("M", Telemetry, VehicleStatus, DispatchRequest, TelemetryBatch, DispatchAmend)
+M = TypeVar(
+    "M", Telemetry, VehicleStatus, DispatchRequest, TelemetryBatch, DispatchAmend, DispatchSignal
+)
 
 
 def setpoint_batch_payload(

@@ -155,6 +155,22 @@ class DispatchAmend(WireModel):
         return self
 
 
+class DispatchSignal(WireModel):
+    """One sample of the signal a frequency service follows, on
+    ``v2g/dispatch/{request_id}/signal``: a regulation ``value`` in -1..1 (the share of the
+    capacity to move, + toward import), or, for containment, the grid ``frequency_hz``."""
+
+    value: Annotated[float, Field(strict=True, ge=-1.0, le=1.0)] | None = None
+    frequency_hz: Annotated[float, Field(strict=True, ge=45.0, le=65.0)] | None = None
+    ts: UtcTime
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if (self.value is None) == (self.frequency_hz is None):
+            raise ValueError("a signal carries exactly one of value (-1..1) or frequency_hz")
+        return self
+
+
 class ScheduledInterval(WireModel):
     """What the schedule can deliver of a request in one interval (an extension)."""
 
@@ -179,6 +195,8 @@ class DispatchResult(WireModel):
     baseline_kwh: float | None = None
     # For a request planned ahead: what the fleet can deliver in each interval.
     schedule: list[ScheduledInterval] | None = None
+    # For a service that follows a signal: the performance score (0..1) so far.
+    score: float | None = None
     ts: UtcTime
 
 
@@ -196,6 +214,7 @@ class DispatchProgress(WireModel):
     vehicles: int
     elapsed_s: float
     remaining_s: float
+    score: float | None = None  # a signal service's performance score so far (0..1)
 
 
 class CapabilityWindow(WireModel):

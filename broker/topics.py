@@ -53,6 +53,9 @@ class Topics:
     def dispatch_amend(self, request_id: str) -> str:
         return f"{self.prefix}/dispatch/{request_id}/amend"
 
+    def dispatch_signal(self, request_id: str) -> str:
+        return f"{self.prefix}/dispatch/{request_id}/signal"
+
     @property
     def fleet_status(self) -> str:
         return f"{self.prefix}/fleet/status"
@@ -94,6 +97,10 @@ class Topics:
         return f"{self.prefix}/dispatch/+/amend"
 
     @property
+    def all_signals(self) -> str:
+        return f"{self.prefix}/dispatch/+/signal"
+
+    @property
     def all_results(self) -> str:
         return f"{self.prefix}/dispatch/+/result"
 
@@ -109,7 +116,7 @@ class Topics:
         """Split a contract topic into (kind, id).
 
         kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
-        ``requests`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend`` (id: request),
+        ``requests`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend``, ``signal`` (id: request),
         ``bridge_telemetry``, ``bridge_setpoints`` (id: bridge).
         Raises InvalidMessage(reason="topic") for anything else.
         """
@@ -133,5 +140,5 @@ class Topics:
 
 
 _VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})
-_DISPATCH_KINDS = frozenset({"result", "progress", "cancel", "amend"})
+_DISPATCH_KINDS = frozenset({"result", "progress", "cancel", "amend", "signal"})
 _BRIDGE_KINDS = frozenset({"telemetry", "setpoints"})

@@ -359,8 +359,17 @@ def agents(
 @app.command("dispatch")
 def dispatch_cmd(
     power: Annotated[
-        float, typer.Option("--power", help="fleet net kW: + charge (import), - discharge (export)")
-    ],
+        float | None,
+        typer.Option("--power", help="fleet net kW: + charge (import), - discharge (export)"),
+    ] = None,
+    capacity: Annotated[
+        float | None,
+        typer.Option(
+            "--capacity",
+            help="kW held both ways, for a service that follows a signal"
+            " (frequency_regulation, frequency_containment) instead of --power",
+        ),
+    ] = None,
     duration: Annotated[str, typer.Option("--duration", help="e.g. 900, 15m, 1h")] = "15m",
     service: Annotated[Service, typer.Option("--service", help="grid service")] = Service.MANUAL,
     start: Annotated[
@@ -389,6 +398,7 @@ def dispatch_cmd(
             request_id=request_id or f"req-{uuid.uuid4().hex[:10]}",
             service=service,
             power_kw=power,
+            capacity_kw=capacity,
             start=parse_start(start) if start else None,
             duration_s=seconds,
             priority=priority,
@@ -416,6 +426,7 @@ def dispatch_cmd(
         typer.echo(
             f"  {p.ts:%H:%M:%S} requested {p.requested_kw:+.1f} kW delivered {p.delivered_kw:+.1f} kW"
             f" | {p.delivered_kwh:+.2f}/{p.requested_kwh:+.2f} kWh | {p.remaining_s:.0f} s left"
+            + ("" if p.score is None else f" | score {p.score:.3f}")
         )
 
     try:

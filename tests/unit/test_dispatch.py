@@ -90,9 +90,13 @@ def test_request_beyond_the_envelope_is_partial_with_the_exact_shortfall() -> No
         (req(-10.0, start=from_epoch(T0 + 60 * 86_400)), "too far ahead"),
         (
             DispatchRequest(
-                request_id="f", service=Service.FREQUENCY_REGULATION, capacity_kw=10, duration_s=60
+                request_id="f",
+                service=Service.FREQUENCY_REGULATION,
+                capacity_kw=10,
+                power_kw=-5,
+                duration_s=60,
             ),
-            "follows a signal",
+            "give capacity_kw, not power_kw",
         ),
     ],
 )
