@@ -1,4 +1,4 @@
-"""Frequency regulation over real Mosquitto: 500 simulated vehicles follow a RegD-like
+"""Frequency regulation and containment over real Mosquitto: 500 simulated vehicles follow a RegD-like
 signal (a sample every 2 s of platform time) around their operating point, in accelerated
 time, and the aggregator's own PJM-style score of the run is at least 0.9."""
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from aggregator.scoring import fcr_delivered_share
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
 from broker.settings import Settings
 from tests.conftest import Recorder
@@ -66,3 +67,56 @@ async def test_five_hundred_vehicles_follow_a_regd_signal_and_score_above_0_9(
     assert p99 < 500.0  # a quarter of the 2 s period, in wall time
     assert fleet.short == 0
     assert len(latencies) >= 0.9 * len(signal)
+
+
+async def test_an_fcr_step_reaches_full_activation_well_within_30_seconds(
+    loop_factory: Callable[..., Any], settings: Settings, figure: Recorder
+) -> None:
+    async with loop_factory(count=100, seed=22, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online(timeout=30.0)
+        cap15 = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
+        capacity = round(0.3 * min(-cap15.min_power_kw, cap15.max_power_kw), 1)
+        rid = f"fcr-{uuid.uuid4().hex[:8]}"
+        req = DispatchRequest(
+            request_id=rid,
+            service=Service.FREQUENCY_CONTAINMENT,
+            capacity_kw=capacity,
+            duration_s=600.0,
+        )
+        answer = await operator.dispatch(
+            settings, req, wait=False, timeout_s=15.0, on_result=lambda _: None
+        )
+        assert answer.status == "accepted", answer
+        clock, topic = loop.clock, settings.topics.dispatch_signal(rid)
+        d = loop.aggregator.dispatcher.dispatches[rid]
+        async with operator.operator_link(settings, []) as (link, _):
+            nominal = DispatchSignal(frequency_hz=50.0, ts=from_epoch(clock.now()))
+            await link.publish(topic, nominal.to_json(), qos=1)
+            loop.drain()
+            for _ in range(2):  # two steps at nominal frequency
+                await loop.next_report()
+            before = loop.aggregator.last_report.status.power_kw  # type: ignore[union-attr]
+            step_at = clock.now()
+            dip = DispatchSignal(frequency_hz=49.8, ts=from_epoch(step_at))
+            await link.publish(topic, dip.to_json(), qos=1)
+            times, required, delivered = [step_at], [0.0], [0.0]
+            loop.drain()
+            while clock.now() < step_at + 40.0:
+                r = await loop.next_report()
+                times.append(r.now)
+                required.append(-capacity)  # full activation below 49.8 Hz: export it all
+                delivered.append(r.status.power_kw - before)
+        share = fcr_delivered_share(times, required, delivered, step_at=step_at, within_s=30.0)
+        assert d.requested_kw == pytest.approx(d.base_kw - capacity)
+        fleet = loop.fleet
+    full_at = next(t for t, got in zip(times, delivered, strict=True) if got <= -0.95 * capacity)
+    print(
+        f"\nFCR step to 49.8 Hz, ±{capacity} kW: {share:.1%} of full activation after 30 s;"
+        f" 95% reached {full_at - step_at:.1f} s after the step (platform time)"
+    )
+    figure("FCR step: 95% of full activation reached after", full_at - step_at, "s",
+           limit="<= 30 s")  # fmt: skip
+    figure("FCR step to 49.8 Hz: share of full activation after 30 s", 100 * share, "%",
+           limit=">= 95 %")  # fmt: skip
+    assert share >= 0.95
+    assert fleet.short == 0
