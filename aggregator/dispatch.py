@@ -290,7 +290,8 @@ class Dispatcher:
         lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
         room = max(0.0, 0.5 * (float(hi.sum()) - float(lo.sum())))
         d.capacity_kw = min(asked, room)
-        d.signal, d.samples = 0.0, []
+        if d.samples is None:  # first admission (an amendment keeps signal and samples)
+            d.signal, d.samples = 0.0, []
         d.base_kw = self._operating_point(d, now, view)
         base = d.base_kw
         d.allocated_kw = d.capacity_kw
@@ -512,6 +513,11 @@ class Dispatcher:
         d.meter_start = view.meter_kwh
         if d.follows_signal:
             return self._admit_signal(d, now, view)
+        return self._admit_power(d, now, view)
+
+    def _admit_power(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """The answer for a power request over the rest of its window (at its start, or
+        on new terms while it runs: the books carry on either way)."""
         lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
         lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
         d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
@@ -581,7 +587,11 @@ class Dispatcher:
         d.request, d.end = new_req, d.start + new_req.duration_s
         self._terms[request_id] = new_req
         if d.state == "active":
-            answer = self._admit_again(d, now, view)
+            answer = (
+                self._admit_signal(d, now, view)
+                if d.follows_signal
+                else self._admit_power(d, now, view)
+            )
         else:
             del self.dispatches[request_id]
             d.schedule = None
@@ -592,28 +602,6 @@ class Dispatcher:
                 self._terms[request_id] = old[0]
         reason = "amended" + (f"; {answer.reason}" if answer.reason else "")
         return answer.model_copy(update={"reason": reason})
-
-    def _admit_again(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
-        """Admission of a running request's new terms for the rest of its window; the
-        books (delivered, requested, baseline so far) carry on."""
-        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
-        lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
-        d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
-        d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
-        self._sent_until[:] = -np.inf  # new terms: every vehicle gets a fresh setpoint
-        status: ResultStatus = "accepted" if d.shortfall_kw <= 1e-6 else "partial"
-        return self._result(
-            d.request_id,
-            status,
-            now,
-            reason=None
-            if status == "accepted"
-            else f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW until {from_epoch(d.end):%H:%M:%S}Z",
-            requested_kw=d.requested_kw,
-            allocated_kw=d.allocated_kw,
-            shortfall_kw=d.shortfall_kw,
-            vehicles=len(view),
-        )
 
     def cancel(self, request_id: str, now: float, view: FleetView) -> DispatchResult | None:
         """Stop a request, books closed at ``now``; returns its ``cancelled`` result, or
