@@ -58,7 +58,7 @@ CYCLED_FLOOR_KWH = 0.1
 SCORE_WINDOW_SAMPLES = round(SCORE_WINDOW_S / SCORE_SAMPLE_S)
 MAX_SCORE_SAMPLES = 8640
 SIGNAL_MIN_KW = 0.1
-SIGNAL_SETTLE_S = 1.0  # chargers act on a setpoint within this (platform seconds)
+SIGNAL_ANSWERED_SHARE = 0.9  # of the vehicles a signal moved, reported since: answered
 # Requests for later are planned on this grid, this far ahead, and accepted in full
 # when the plan misses them by less than this.
 SCHEDULE_STEP_S = 900.0
@@ -201,6 +201,8 @@ class Dispatcher:
         # admission and planning in the same control step ask for the same ones.
         self._ranges_view: FleetView | None = None
         self._ranges_memo: dict[tuple[float, float], tuple[Array, Array]] = {}
+        # Per signal service: the fleet rows its latest signal sample moved.
+        self._signal_rows: dict[str, NDArray[np.intp]] = {}
 
     def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
         """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
@@ -341,6 +343,7 @@ class Dispatcher:
         d.base_kw = self._operating_point(d, now, view)
         out = StepOutput()
         self._plan(d, now, view, out)
+        self._signal_rows[request_id] = out.rows
         return out
 
     def _operating_point(self, d: Dispatch, now: float, view: FleetView) -> float:
@@ -352,18 +355,32 @@ class Dispatcher:
         c = min(d.capacity_kw, max(0.0, 0.5 * (hi_sum - lo_sum)))
         return min(max(self._baseline(view), lo_sum + c), hi_sum - c)
 
-    def _sample(self, d: Dispatch, now: float, measured: float) -> None:
+    def _sample(self, d: Dispatch, now: float, view: FleetView) -> None:
         """Keep a (t, signal, response) sample every SCORE_SAMPLE_S for the score."""
         if d.samples is None or d.capacity_kw <= 0 or d.signal_at == -math.inf:
             return  # nothing to score before the first signal sample
         # Steps come every control step, a little late at times: half a step of slack.
         if d.samples and now - d.samples[-1][0] < SCORE_SAMPLE_S - 0.5 * self.control_step_s:
             return
-        # The fleet measured now answers the signal in force a moment ago: a sample taken
-        # right after a new value pairs the response with the value before it.
-        s = d.signal_prev if now - d.signal_at < SIGNAL_SETTLE_S else d.signal
+        # The fleet's measured power answers the latest signal only once the vehicles it
+        # moved have reported since; until then it answers the one before.
+        s = d.signal if self._answered(d, view) else d.signal_prev
+        measured = float(view.power.sum())
         d.samples.append([now, s, (measured - d.base_kw) / d.capacity_kw])
         del d.samples[:-MAX_SCORE_SAMPLES]
+
+    def _answered(self, d: Dispatch, view: FleetView) -> bool:
+        """Have most vehicles the latest signal moved reported since it went out?"""
+        rows = self._signal_rows.get(d.request_id)
+        if rows is None or rows.size == 0:
+            return True
+        where = np.full(int(max(rows.max(), view.rows.max(initial=-1))) + 1, -1, np.intp)
+        where[view.rows] = np.arange(len(view))
+        pos = where[rows]
+        pos = pos[pos >= 0]
+        if pos.size == 0:
+            return True
+        return float(np.mean(view.ts[pos] >= d.signal_at)) >= SIGNAL_ANSWERED_SHARE
 
     @staticmethod
     def score(d: Dispatch) -> float | None:
@@ -627,7 +644,7 @@ class Dispatcher:
         for d in list(self.dispatches.values()):
             if d.state == "active":
                 if d.follows_signal:
-                    self._sample(d, now, measured)
+                    self._sample(d, now, view)
                 self._book(d, min(now, d.end), view, now, base)
                 if d.follows_signal:
                     d.base_kw = self._operating_point(d, now, view)
@@ -836,6 +853,7 @@ class Dispatcher:
     def _close(
         self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None
     ) -> DispatchResult:
+        self._signal_rows.pop(d.request_id, None)
         return self._result(
             d.request_id,
             status,
