@@ -72,14 +72,21 @@ def row(
     metric: str,
     n: int,
     value: float,
-    ref: float | None,
-    unit: str,
-    ref_name: str,
-    target: float | None,
+    ref: float | None = None,
+    unit: str = "",
+    ref_name: str = "",
+    target: float | None = None,
     lower_is_better: bool = False,
+    on_ratio: bool = False,
 ) -> Row:
+    """One table row; ``target`` applies to the value, or with ``on_ratio`` to value/ref."""
     ratio = (value / ref) if ref else None
-    ok = None if target is None else (value <= target if lower_is_better else value >= target)
+    judged = ratio if on_ratio else value
+    ok = (
+        None
+        if target is None or judged is None
+        else (judged <= target if lower_is_better else judged >= target)
+    )
     return {
         "metric": metric,
         "vehicles": n,

@@ -44,8 +44,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-Row = dict[str, Any]
+from control_step import Row, row
+
 HOST = "127.0.0.1"
 TARGET_RATIO = 1.7
 REDIS_URL = f"redis://{HOST}:6379/0"
@@ -327,30 +329,6 @@ def _cleanup(prefix: str) -> None:
         r.close()
 
 
-def _row(
-    metric: str,
-    n: int,
-    value: float,
-    ref: float | None = None,
-    unit: str = "",
-    ref_name: str = "",
-    target: float | None = None,
-) -> Row:
-    ratio = (value / ref) if ref else None
-    return {
-        "metric": metric,
-        "vehicles": n,
-        "value": round(value, 2),
-        "unit": unit,
-        "reference": None if ref is None else round(ref, 2),
-        "reference_is": ref_name,
-        "ratio": None if ratio is None else round(ratio, 3),
-        "target": target,
-        "target_on": "ratio" if target is not None else None,
-        "pass": None if target is None or ratio is None else ratio >= target,
-    }
-
-
 def rows(
     vehicles: int = 10_000,
     rounds: int = 4,
@@ -386,8 +364,8 @@ def rows(
 
     n = vehicles
     return [
-        _row("telemetry ingest, 1 aggregator (no share group)", n, one, unit="upd/s"),
-        _row(
+        row("telemetry ingest, 1 aggregator (no share group)", n, one, unit="upd/s"),
+        row(
             "telemetry ingest, 2 aggregators ($share)",
             n,
             two,
@@ -395,10 +373,11 @@ def rows(
             "upd/s",
             "1 aggregator",
             TARGET_RATIO,
+            on_ratio=True,
         ),
-        _row("ratio, best run of each", n, best, unit="x"),
-        _row("aggregator CPU per report, 1 aggregator", n, cpu_us(1), unit="us"),
-        _row(
+        row("ratio, best run of each", n, best, unit="x"),
+        row("aggregator CPU per report, 1 aggregator", n, cpu_us(1), unit="us"),
+        row(
             "aggregator CPU per report, 2 aggregators (sum)",
             n,
             cpu_us(2),
@@ -406,10 +385,10 @@ def rows(
             "us",
             "1 aggregator",
         ),
-        _row("share of the smaller of the 2", n, 100 * split, unit="%"),
-        _row("reports not accepted, 1 aggregator (max)", n, lost(1), unit="%"),
-        _row("reports not accepted, 2 aggregators (max)", n, lost(2), unit="%"),
-        _row("leaders per 2-aggregator run (max)", n, max(r["leaders"] for r in runs[2])),
+        row("share of the smaller of the 2", n, 100 * split, unit="%"),
+        row("reports not accepted, 1 aggregator (max)", n, lost(1), unit="%"),
+        row("reports not accepted, 2 aggregators (max)", n, lost(2), unit="%"),
+        row("leaders per 2-aggregator run (max)", n, max(r["leaders"] for r in runs[2])),
     ]
 
 

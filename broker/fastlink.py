@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.errors import AuthenticationError, TransportError
-from broker.link import LinkStats, backoff_delays
+from broker.link import LinkStats, backoff_delays, wait_connected
 from broker.settings import MqttTarget, Settings
 
 log = structlog.get_logger("broker.fastlink")
@@ -187,14 +187,9 @@ class FastIngest:
         return self._connected.is_set()
 
     async def wait_connected(self, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                await self._connected.wait()
-        except TimeoutError:
-            raise TransportError(
-                f"no ingest connection to the broker at {self.settings.broker_url} after"
-                f" {timeout:.1f}s; is it running?"
-            ) from None
+        await wait_connected(
+            self._connected, timeout, self.settings.broker_url, "ingest connection"
+        )
 
     async def run(self) -> None:
         """Stay connected until cancelled. Raises AuthenticationError on bad credentials."""

@@ -79,6 +79,22 @@ def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
         ceiling = min(maximum, ceiling * 2.0)
 
 
+async def wait_connected(
+    connected: asyncio.Event, timeout: float, broker_url: str, what: str = "connection"
+) -> None:
+    """Wait for ``connected``, or raise TransportError naming the broker after ``timeout``."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can turn a cancellation
+    # that lands as it times out into a TimeoutError, and the task never stops.
+    try:
+        async with asyncio.timeout(timeout):
+            await connected.wait()
+    except TimeoutError:
+        raise TransportError(
+            f"no {what} to the broker at {broker_url} after {timeout:.1f}s;"
+            " is it running? (check --broker / V2G_BROKER_URL)"
+        ) from None
+
+
 def _rc_value(err: aiomqtt.MqttError) -> int | None:
     rc = getattr(err, "rc", None)
     value = rc.value if isinstance(rc, ReasonCode) else rc
@@ -122,16 +138,7 @@ class MqttLink:
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the link is up, or raise TransportError after ``timeout`` seconds."""
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can turn a cancellation
-        # that lands as it times out into a TimeoutError, and the task never stops.
-        try:
-            async with asyncio.timeout(timeout):
-                await self._connected.wait()
-        except TimeoutError:
-            raise TransportError(
-                f"no connection to the broker at {self.settings.broker_url} after {timeout:.1f}s;"
-                " is it running? (check --broker / V2G_BROKER_URL)"
-            ) from None
+        await wait_connected(self._connected, timeout, self.settings.broker_url)
 
     def _make_client(self, target: MqttTarget) -> aiomqtt.Client:
         tls_context = None

@@ -17,10 +17,30 @@ from tests.conftest import Recorder
 from tests.unit.test_scoring import regd_like
 from v2g import operator
 
+from .harness import Loop
+
 pytestmark = pytest.mark.integration
 
 SIGNAL_S = 2.0  # RegD: a new value every 2 s
 RUN_S = 660.0  # two whole 5-minute scoring windows, and a step's slack
+
+
+async def offer(
+    loop: Loop, settings: Settings, service: Service, duration_s: float
+) -> tuple[str, float]:
+    """Ask over MQTT for a signal service at 30% of the fleet's 15-min range (the narrower
+    side); returns the request id and the capacity, accepted in full."""
+    cap15 = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
+    capacity = round(0.3 * min(-cap15.min_power_kw, cap15.max_power_kw), 1)
+    rid = f"{service.value}-{uuid.uuid4().hex[:8]}"
+    req = DispatchRequest(
+        request_id=rid, service=service, capacity_kw=capacity, duration_s=duration_s
+    )
+    answer = await operator.dispatch(
+        settings, req, wait=False, timeout_s=15.0, on_result=lambda _: None
+    )
+    assert answer.status == "accepted", answer
+    return rid, capacity
 
 
 async def test_five_hundred_vehicles_follow_a_regd_signal_and_score_above_0_9(
@@ -28,19 +48,7 @@ async def test_five_hundred_vehicles_follow_a_regd_signal_and_score_above_0_9(
 ) -> None:
     async with loop_factory(count=500, seed=21, mode="multiplexed", connections=2) as loop:
         await loop.wait_all_online(timeout=30.0)
-        cap15 = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
-        capacity = round(0.3 * min(-cap15.min_power_kw, cap15.max_power_kw), 1)
-        rid = f"reg-{uuid.uuid4().hex[:8]}"
-        req = DispatchRequest(
-            request_id=rid,
-            service=Service.FREQUENCY_REGULATION,
-            capacity_kw=capacity,
-            duration_s=RUN_S + 60.0,
-        )
-        answer = await operator.dispatch(
-            settings, req, wait=False, timeout_s=15.0, on_result=lambda _: None
-        )
-        assert answer.status == "accepted", answer
+        rid, capacity = await offer(loop, settings, Service.FREQUENCY_REGULATION, RUN_S + 60.0)
         signal = regd_like(int(RUN_S / SIGNAL_S) + 1, seed=3)
         clock = loop.clock
         t_topic = settings.topics.dispatch_signal(rid)
@@ -74,19 +82,7 @@ async def test_an_fcr_step_reaches_full_activation_well_within_30_seconds(
 ) -> None:
     async with loop_factory(count=100, seed=22, mode="multiplexed", connections=2) as loop:
         await loop.wait_all_online(timeout=30.0)
-        cap15 = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
-        capacity = round(0.3 * min(-cap15.min_power_kw, cap15.max_power_kw), 1)
-        rid = f"fcr-{uuid.uuid4().hex[:8]}"
-        req = DispatchRequest(
-            request_id=rid,
-            service=Service.FREQUENCY_CONTAINMENT,
-            capacity_kw=capacity,
-            duration_s=600.0,
-        )
-        answer = await operator.dispatch(
-            settings, req, wait=False, timeout_s=15.0, on_result=lambda _: None
-        )
-        assert answer.status == "accepted", answer
+        rid, capacity = await offer(loop, settings, Service.FREQUENCY_CONTAINMENT, 600.0)
         clock, topic = loop.clock, settings.topics.dispatch_signal(rid)
         d = loop.aggregator.dispatcher.dispatches[rid]
         async with operator.operator_link(settings, []) as (link, _):

@@ -12,21 +12,10 @@ from aggregator.scaleout import (
     fresh_dispatcher,
     shared_subscriptions,
 )
-from broker.models import TelemetryArrays
+from broker.models import TELEMETRY_BATCH_COLUMNS, TelemetryArrays
 from broker.settings import Settings
 
-FLOATS = (
-    "soc",
-    "capacity_kwh",
-    "power_kw",
-    "max_charge_kw",
-    "max_discharge_kw",
-    "charge_efficiency",
-    "discharge_efficiency",
-    "min_soc",
-    "target_soc",
-    "departure",
-)
+FLOATS = TELEMETRY_BATCH_COLUMNS[4:]  # the float columns, in the wire order
 
 
 def arrays(ids: list[str], seed: int) -> TelemetryArrays:
