@@ -20,9 +20,9 @@ from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
 from aggregator.schedule import Block, cohorts, plan
+from aggregator.scoring import FCR_FULL_WITHIN_S, fcr_activation, regulation_score
 from aggregator.scoring import SAMPLE_S as SCORE_SAMPLE_S
 from aggregator.scoring import WINDOW_S as SCORE_WINDOW_S
-from aggregator.scoring import fcr_activation, regulation_score
 from broker.models import (
     SIGNAL_SERVICES,
     ActiveDispatch,
@@ -59,6 +59,11 @@ SCORE_WINDOW_SAMPLES = round(SCORE_WINDOW_S / SCORE_SAMPLE_S)
 MAX_SCORE_SAMPLES = 8640
 SIGNAL_MIN_KW = 0.1
 SIGNAL_ANSWERED_SHARE = 0.9  # of the vehicles a signal moved, reported since: answered
+# Containment is checked on steps in its activation of at least FCR_CHECK_STEP (of the
+# capacity) that then hold within FCR_CHECK_HOLD for the 30 s; the last checks are kept.
+FCR_CHECK_STEP = 0.2
+FCR_CHECK_HOLD = 0.05
+MAX_FCR_CHECKS = 1000
 # Requests for later are planned on this grid, this far ahead, and accepted in full
 # when the plan misses them by less than this.
 SCHEDULE_STEP_S = 900.0
@@ -96,10 +101,27 @@ class Dispatch:
     signal_at: float = -math.inf
     base_kw: float = 0.0
     samples: list[list[float]] | None = None
+    # Stacking: admission order (ties of priority go to the earlier), the capacity a
+    # signal service holds now (its grant, at most capacity_kw), and what the rest of
+    # the stack asks on top of this request's own term, in kW now and in kWh so far
+    # (kept off its delivered energy: every request is metered at the same fleet meter).
+    seq: int = 0
+    held_kw: float = 0.0
+    offset_kw: float = 0.0
+    stacked_kwh: float = 0.0
+    acc_t: float | None = None
+    # Containment: the open 30-s activation check [step at, kW needed, kW before, last
+    # sample t, last sample kW, activation] and the shares of full activation found.
+    fcr_check: list[float] | None = None
+    fcr_shares: list[float] | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority or 0
 
     @property
     def follows_signal(self) -> bool:
@@ -144,6 +166,13 @@ _BOOK_FIELDS = (
     "signal_at",
     "base_kw",
     "samples",
+    "seq",
+    "held_kw",
+    "offset_kw",
+    "stacked_kwh",
+    "acc_t",
+    "fcr_check",
+    "fcr_shares",
 )
 
 
@@ -203,6 +232,11 @@ class Dispatcher:
         self._ranges_memo: dict[tuple[float, float], tuple[Array, Array]] = {}
         # Per signal service: the fleet rows its latest signal sample moved.
         self._signal_rows: dict[str, NDArray[np.intp]] = {}
+        self._seq = 0  # admission order, for ties of priority
+        # From the latest settling: the capacity held above each request (for answers).
+        self._swing_above: dict[str, float] = {}
+        # Answers owed to requests a higher-priority one pre-empted; sent with the next step.
+        self._notices: list[DispatchResult] = []
 
     def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
         """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
@@ -255,9 +289,20 @@ class Dispatcher:
                 req.request_id, "rejected", now, reason=problem, requested_kw=req.power_kw
             )
         start = now if req.start is None else max(now, to_epoch(req.start))
-        d = Dispatch(request=req, start=start, end=start + req.duration_s)
+        d = Dispatch(request=req, start=start, end=start + req.duration_s, seq=self._seq)
+        self._seq += 1
+        # Requests stack, but the fleet has one net power: two power requests cannot
+        # overlap; services that follow a signal stack on either.
         clash = next(
-            (o for o in self.dispatches.values() if o.start < d.end and d.start < o.end), None
+            (
+                o
+                for o in self.dispatches.values()
+                if o.start < d.end
+                and d.start < o.end
+                and not o.follows_signal
+                and not d.follows_signal
+            ),
+            None,
         )
         if clash is not None:
             return self._result(
@@ -265,9 +310,10 @@ class Dispatcher:
                 "rejected",
                 now,
                 reason=(
-                    f"overlaps request {clash.request_id} ({from_epoch(clash.start):%H:%M:%S}-"
-                    f"{from_epoch(clash.end):%H:%M:%S}Z); one request at a time: cancel it"
-                    " or choose another window"
+                    f"overlaps power request {clash.request_id}"
+                    f" ({from_epoch(clash.start):%H:%M:%S}-{from_epoch(clash.end):%H:%M:%S}Z);"
+                    " the fleet holds one net power at a time (frequency services stack on"
+                    " it): cancel or amend that one, or choose another window"
                 ),
                 requested_kw=req.power_kw,
             )
@@ -285,29 +331,22 @@ class Dispatcher:
             return self._admit(d, now, view)
         return self._admit_ahead(d, now, view)
 
-    def _admit_signal(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
-        """A service that follows a signal holds a symmetric capacity around the fleet's
-        baseline for its whole window: what it can hold both ways, up to what was asked."""
+    def _signal_answer(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """The answer for a signal service just settled into the stack: it holds a
+        symmetric capacity around the operating point for its whole window, up to what
+        was asked, after the reserves of the requests above it."""
         asked = float(d.request.capacity_kw or 0.0)
-        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
-        room = max(0.0, 0.5 * (float(hi.sum()) - float(lo.sum())))
-        d.capacity_kw = min(asked, room)
-        if d.samples is None:  # first admission (an amendment keeps signal and samples)
-            d.signal, d.samples = 0.0, []
-        d.base_kw = self._operating_point(d, now, view)
-        base = d.base_kw
-        d.allocated_kw = d.capacity_kw
+        d.capacity_kw = d.allocated_kw = d.held_kw
         d.shortfall_kw = asked - d.capacity_kw
-        d.vehicles = len(view)
-        self._sent_until[:] = -np.inf
         if d.capacity_kw < SIGNAL_MIN_KW:
             self.dispatches.pop(d.request_id, None)
+            self._settle(now, view, self._stack())  # the others take back what it held
             return self._result(
                 d.request_id,
                 "rejected",
                 now,
-                reason=f"the fleet cannot move both ways around its baseline ({base:.1f} kW)"
-                " for that long",
+                reason=f"the fleet cannot move both ways around its operating point"
+                f" ({d.base_kw:.1f} kW) for that long{self._above_text(d)}",
                 allocated_kw=0.0,
             )
         status: ResultStatus = "accepted" if d.shortfall_kw <= 1e-6 else "partial"
@@ -317,8 +356,8 @@ class Dispatcher:
             now,
             reason=None
             if status == "accepted"
-            else f"the fleet can hold ±{d.capacity_kw:.1f} kW around its baseline for"
-            f" {d.end - now:.0f} s",
+            else f"the fleet can hold ±{d.capacity_kw:.1f} kW around its operating point for"
+            f" {d.end - now:.0f} s{self._above_text(d)}",
             allocated_kw=d.capacity_kw,
             shortfall_kw=d.shortfall_kw,
             vehicles=d.vehicles,
@@ -333,27 +372,123 @@ class Dispatcher:
         d = self.dispatches.get(request_id)
         if d is None or d.state != "active" or not d.follows_signal:
             return None
+        stack = self._stack()
+        for o in stack:  # the terms in force until now go into the books first
+            self._accrue(o, now)
         d.signal_prev, d.signal_at = d.signal, now
         if sample.value is not None:
             d.signal = sample.value
         else:
             assert sample.frequency_hz is not None
             d.signal = float(fcr_activation(np.array([sample.frequency_hz]))[0])
+            self._watch_fcr(d, now, view)
         self._fit(int(view.rows.max()) + 1 if len(view) else 0)
-        d.base_kw = self._operating_point(d, now, view)
         out = StepOutput()
-        self._plan(d, now, view, out)
+        self._drive(stack, now, view, out)
         self._signal_rows[request_id] = out.rows
         return out
 
-    def _operating_point(self, d: Dispatch, now: float, view: FleetView) -> float:
-        """Where a signal service's fleet sits at signal 0: its baseline (plain charging),
-        moved just enough into the fleet's range for the rest of the window to leave the
-        capacity both ways. A fleet charging flat out has no room upward otherwise."""
-        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
-        lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
-        c = min(d.capacity_kw, max(0.0, 0.5 * (hi_sum - lo_sum)))
-        return min(max(self._baseline(view), lo_sum + c), hi_sum - c)
+    # -- the stack -------------------------------------------------------------------
+    def _stack(self) -> list[Dispatch]:
+        """The running requests, highest priority first (ties: the earlier admitted)."""
+        return sorted(
+            (d for d in self.dispatches.values() if d.state == "active"),
+            key=lambda d: (-d.priority, d.seq),
+        )
+
+    def _settle(self, now: float, view: FleetView, stack: list[Dispatch]) -> float:
+        """Share the fleet's range among the running requests, in priority order, and
+        return the fleet net power they ask together now.
+
+        Each takes its reserve from what the ones above it left: a signal service a
+        capacity both ways around the operating point, a power request its power, kept
+        inside the range by the capacities above it. A request of lower priority never
+        eats the reserve of a higher one; when the fleet shrinks it is cut first. Each
+        is checked on the fleet's ranges for its own window, to its end."""
+        swing = 0.0  # capacity held both ways by the signal services so far
+        point: float | None = None  # the power request's fleet net power
+        lo_all, hi_all = -math.inf, math.inf  # what every signal window allows
+        self._swing_above = {}
+        for d in stack:
+            self._swing_above[d.request_id] = swing
+            lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
+            lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
+            if d.follows_signal:
+                room = (
+                    0.5 * (hi_sum - lo_sum)
+                    if point is None
+                    else min(point - lo_sum, hi_sum - point)
+                )
+                d.held_kw = max(0.0, min(d.capacity_kw, room - swing))
+                swing += d.held_kw
+                lo_all, hi_all = max(lo_all, lo_sum), min(hi_all, hi_sum)
+            else:
+                a, b = max(lo_sum, lo_all) + swing, min(hi_sum, hi_all) - swing
+                want = float(d.request.power_kw or 0.0)
+                point = min(max(want, a), b) if a <= b else 0.5 * (a + b)
+                d.allocated_kw = point
+        if point is None:  # signals only: around the baseline, moved into the range
+            a, b = lo_all + swing, hi_all - swing
+            point = min(max(self._baseline(view), a), b) if a <= b else 0.5 * (a + b)
+        target = point + sum(d.signal * d.held_kw for d in stack if d.follows_signal)
+        for d in stack:
+            if d.follows_signal:
+                d.base_kw = target - d.signal * d.held_kw
+            d.offset_kw = target - d.requested_kw
+        return target
+
+    def _above_text(self, d: Dispatch) -> str:
+        swing = self._swing_above.get(d.request_id, 0.0)
+        return f", less ±{swing:.1f} kW held for requests of higher priority" if swing else ""
+
+    @staticmethod
+    def _holding(d: Dispatch) -> float:
+        """How much of its terms a request holds (higher is better), to see cuts."""
+        if d.follows_signal:
+            return d.held_kw
+        return -abs(float(d.request.power_kw or 0.0) - d.allocated_kw)
+
+    def _take(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """Settle ``d`` (running, on its current terms) into the stack and answer it.
+        Requests of lower priority it cuts are owed a ``partial`` answer saying so."""
+        others = [o for o in self._stack() if o is not d]
+        if d.follows_signal:
+            d.capacity_kw = float(d.request.capacity_kw or 0.0)
+        self._settle(now, view, others)
+        before = {o.request_id: self._holding(o) for o in others}
+        stack = self._stack()
+        self._settle(now, view, stack)
+        d.vehicles = len(view)
+        self._sent_until[:] = -np.inf  # new terms: every vehicle gets a fresh setpoint
+        answer = (
+            self._signal_answer(d, now, view)
+            if d.follows_signal
+            else self._power_answer(d, now, view)
+        )
+        if answer.status == "rejected":
+            return answer
+        for o in stack[stack.index(d) + 1 :]:
+            if before.get(o.request_id, 0.0) - self._holding(o) > 1e-6:
+                held = o.held_kw if o.follows_signal else o.allocated_kw
+                self._notices.append(
+                    self._result(
+                        o.request_id,
+                        "partial",
+                        now,
+                        reason=f"pre-empted by request {d.request_id} of priority"
+                        f" {d.priority}: holds {'±' if o.follows_signal else ''}{held:.1f} kW"
+                        " now",
+                        requested_kw=o.request.power_kw,
+                        allocated_kw=held,
+                        shortfall_kw=(
+                            o.capacity_kw - o.held_kw
+                            if o.follows_signal
+                            else abs(float(o.request.power_kw or 0.0) - o.allocated_kw)
+                        ),
+                        vehicles=len(view),
+                    )
+                )
+        return answer
 
     def _sample(self, d: Dispatch, now: float, view: FleetView) -> None:
         """Keep a (t, signal, response) sample every SCORE_SAMPLE_S for the score."""
@@ -381,6 +516,40 @@ class Dispatcher:
         if pos.size == 0:
             return True
         return float(np.mean(view.ts[pos] >= d.signal_at)) >= SIGNAL_ANSWERED_SHARE
+
+    def _watch_fcr(self, d: Dispatch, now: float, view: FleetView) -> None:
+        """A step in the activation containment asks for opens a check of what the fleet
+        delivers of it 30 s later; a further move before then voids the check."""
+        check = d.fcr_check
+        if check is not None and abs(d.signal - check[5]) <= FCR_CHECK_HOLD:
+            return
+        d.fcr_check = None
+        need = (d.signal - d.signal_prev) * d.capacity_kw
+        if abs(d.signal - d.signal_prev) >= FCR_CHECK_STEP and abs(need) >= SIGNAL_MIN_KW:
+            d.fcr_check = [now, need, float(view.power.sum()), now, 0.0, d.signal]
+
+    @staticmethod
+    def _check_fcr(d: Dispatch, now: float, measured: float) -> None:
+        """Close an open FCR check once 30 s have passed: the delivered change at 30 s
+        (interpolated between steps) over the change required."""
+        check = d.fcr_check
+        if check is None:
+            return
+        at, need, before, last_t, last_got, _ = check
+        got = measured - before
+        due = at + FCR_FULL_WITHIN_S
+        if now < due:
+            check[3], check[4] = now, got
+            return
+        w = 0.0 if now <= last_t else (due - last_t) / (now - last_t)
+        share = (last_got + w * (got - last_got)) / need
+        d.fcr_shares = [*(d.fcr_shares or [])[-(MAX_FCR_CHECKS - 1) :], round(share, 4)]
+        d.fcr_check = None
+
+    @staticmethod
+    def fcr_share(d: Dispatch) -> float | None:
+        """The least share of full activation delivered 30 s after a step, so far."""
+        return min(d.fcr_shares) if d.fcr_shares else None
 
     @staticmethod
     def score(d: Dispatch) -> float | None:
@@ -424,7 +593,7 @@ class Dispatcher:
             step_s=SCHEDULE_STEP_S,
             horizon=horizon,
         )
-        p = plan(cohort, taken, new)
+        p = plan(cohort, taken, new, swing_kw=self._headroom(now, horizon))
         got = p.deliverable_kw(new)
         h = SCHEDULE_STEP_S / 3600.0
         intervals = [
@@ -483,6 +652,8 @@ class Dispatcher:
     def _reserved(self, d: Dispatch, now: float, horizon: int) -> list[Block]:
         """What a request already taken holds on the planning grid from ``now``: its
         per-interval schedule if it was planned ahead, else its power over its window."""
+        if d.follows_signal:
+            return []  # it holds headroom both ways, not a power: see _headroom
         if not d.schedule:
             b = self._block(d, now, horizon, d.allocated_kw)
             return [] if b is None else [b]
@@ -493,6 +664,17 @@ class Dispatcher:
             if 0 <= s < e <= horizon:
                 out.append(Block(s, e, kw))
         return out
+
+    def _headroom(self, now: float, horizon: int) -> Array:
+        """The capacity signal services hold both ways, per interval of the grid."""
+        swing = np.zeros(horizon)
+        for d in self.dispatches.values():
+            if d.follows_signal:
+                kw = d.capacity_kw if d.state == "active" else float(d.request.capacity_kw or 0)
+                b = self._block(d, now, horizon, kw)
+                if b is not None:
+                    swing[b.start : b.end] += kw
+        return swing
 
     @staticmethod
     def _block(d: Dispatch, now: float, horizon: int, power_kw: float) -> Block | None:
@@ -526,21 +708,18 @@ class Dispatcher:
 
     def _admit(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         d.state = "active"
-        d.last_t = now
+        d.last_t = d.acc_t = now
         d.meter_start = view.meter_kwh
-        if d.follows_signal:
-            return self._admit_signal(d, now, view)
-        return self._admit_power(d, now, view)
+        if d.follows_signal and d.samples is None:
+            d.signal, d.samples = 0.0, []
+        return self._take(d, now, view)
 
-    def _admit_power(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
-        """The answer for a power request over the rest of its window (at its start, or
+    def _power_answer(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
+        """The answer for a power request just settled into the stack (at its start, or
         on new terms while it runs: the books carry on either way)."""
         lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
         lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
-        d.allocated_kw = min(max(d.requested_kw, lo_sum), hi_sum)
         d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
-        d.vehicles = len(view)
-        self._sent_until[:] = -np.inf  # a new request: every vehicle gets a fresh setpoint
         if d.shortfall_kw <= 1e-6:
             return self._result(
                 d.request_id,
@@ -550,14 +729,14 @@ class Dispatcher:
                 allocated_kw=d.allocated_kw,
                 vehicles=d.vehicles,
             )
-        side = "import" if d.requested_kw > hi_sum else "export"
+        side = "import" if d.requested_kw > d.allocated_kw else "export"
         return self._result(
             d.request_id,
             "partial",
             now,
             reason=(
-                f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW for {d.end - now:.0f} s;"
-                f" {side} limited to {d.allocated_kw:.1f} kW"
+                f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW for {d.end - now:.0f} s"
+                f"{self._above_text(d)}; {side} limited to {d.allocated_kw:.1f} kW"
             ),
             requested_kw=d.requested_kw,
             allocated_kw=d.allocated_kw,
@@ -604,11 +783,7 @@ class Dispatcher:
         d.request, d.end = new_req, d.start + new_req.duration_s
         self._terms[request_id] = new_req
         if d.state == "active":
-            answer = (
-                self._admit_signal(d, now, view)
-                if d.follows_signal
-                else self._admit_power(d, now, view)
-            )
+            answer = self._take(d, now, view)
         else:
             del self.dispatches[request_id]
             d.schedule = None
@@ -645,9 +820,8 @@ class Dispatcher:
             if d.state == "active":
                 if d.follows_signal:
                     self._sample(d, now, view)
+                    self._check_fcr(d, now, measured)
                 self._book(d, min(now, d.end), view, now, base)
-                if d.follows_signal:
-                    d.base_kw = self._operating_point(d, now, view)
                 if now >= d.end - 1e-9:
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
@@ -656,16 +830,41 @@ class Dispatcher:
                 if answer.status != "accepted":
                     out.results.append(answer)
                 d.delivered_kw, d.baseline_kw = measured, base
-        active = next((d for d in self.dispatches.values() if d.state == "active"), None)
-        if active is None:
+        out.results += self._notices
+        self._notices = []
+        stack = self._stack()
+        if not stack:
             live = np.flatnonzero(self._sent_until > now)
             if live.size:
                 out.release_rows = live
                 self._sent_until[live] = -np.inf
             return out
-        self._plan(active, now, view, out)
-        out.progress.append(self._progress(active, now))
+        self._drive(stack, now, view, out)
+        out.progress += [self._progress(d, now) for d in stack]
         return out
+
+    def _drive(self, stack: list[Dispatch], now: float, view: FleetView, out: StepOutput) -> None:
+        """Settle the stack, plan the fleet for the power it asks together, and give any
+        miss to the request of lowest priority (the others hold their reserves)."""
+        target = self._settle(now, view, stack)
+        end = max(d.end for d in stack)
+        total = self._plan(target, end, stack[0].request_id, now, view, out)
+        for d in stack:
+            d.vehicles = len(view)
+            if d.follows_signal:
+                d.allocated_kw = d.held_kw
+                d.shortfall_kw = max(0.0, d.capacity_kw - d.held_kw)
+            else:
+                d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
+        miss = total - target
+        if abs(miss) > 1e-6:
+            last = stack[-1]
+            if last.follows_signal:
+                last.allocated_kw = max(0.0, last.held_kw - abs(miss))
+                last.shortfall_kw = max(0.0, last.capacity_kw - last.allocated_kw)
+            else:
+                last.allocated_kw += miss
+                last.shortfall_kw = abs(last.requested_kw - last.allocated_kw)
 
     def _split(
         self,
@@ -702,12 +901,23 @@ class Dispatcher:
         # The meter reads at now; a request that ended between steps stops at its end.
         meter = view.meter_kwh - measured * max(0.0, now - t) / 3600.0
         if d.meter_start is None:  # books from before the meter: continue from them
-            d.meter_start = meter - d.delivered_kwh
+            d.meter_start = meter - d.delivered_kwh - d.stacked_kwh
         dt_h = max(0.0, t - d.last_t) / 3600.0
-        d.requested_kwh += d.requested_kw * dt_h
-        d.delivered_kwh = meter - d.meter_start
+        self._accrue(d, t)
+        d.delivered_kwh = meter - d.meter_start - d.stacked_kwh
         d.baseline_kwh += 0.5 * (d.baseline_kw + base) * dt_h
-        d.delivered_kw, d.baseline_kw, d.last_t = measured, base, t
+        d.delivered_kw, d.baseline_kw, d.last_t = measured - d.offset_kw, base, t
+
+    @staticmethod
+    def _accrue(d: Dispatch, t: float) -> None:
+        """Book the energy asked up to ``t`` on the terms in force since the last time:
+        this request's own, and what the rest of the stack asked on top of it."""
+        since = d.last_t if d.acc_t is None else d.acc_t
+        assert since is not None
+        dt_h = max(0.0, t - since) / 3600.0
+        d.requested_kwh += d.requested_kw * dt_h
+        d.stacked_kwh += d.offset_kw * dt_h
+        d.acc_t = max(since, t)
 
     def _learn(self, now: float, view: FleetView) -> None:
         """Fold each fresh report of a vehicle that had time to act on its setpoint into
@@ -736,9 +946,19 @@ class Dispatcher:
         )
         self._ratio_ts[r] = view.ts[ok]
 
-    def _plan(self, d: Dispatch, now: float, view: FleetView, out: StepOutput) -> None:
+    def _plan(
+        self,
+        target: float,
+        end: float,
+        request_id: str,
+        now: float,
+        view: FleetView,
+        out: StepOutput,
+    ) -> float:
+        """Setpoints for fleet net power ``target`` until ``end``; returns the total the
+        vehicles are told (what the fleet can give of it)."""
         rows = view.rows
-        lo, hi = self._ranges(view, now, max(d.end - now, self.control_step_s))
+        lo, hi = self._ranges(view, now, max(end - now, self.control_step_s))
         sent = self._sent_kw[rows]
         live = self._sent_until[rows] > now
         ratio = self._ratio[rows]
@@ -762,7 +982,7 @@ class Dispatcher:
             rest = ~drifting
             g = gain[rest]
             cover = self._split(
-                d.requested_kw - float(held.sum()),
+                target - float(held.sum()),
                 g * lo[rest],
                 g * hi[rest],
                 g * ref[rest],
@@ -773,12 +993,9 @@ class Dispatcher:
             power[rest] = cover.power / g
             total = float(held.sum()) + cover.total_kw
         else:
-            alloc = self._split(d.requested_kw, gain * lo, gain * hi, gain * ref, view, None)
+            alloc = self._split(target, gain * lo, gain * hi, gain * ref, view, None)
             power, total = alloc.power / gain, alloc.total_kw
         power = np.clip(power, lo, hi)  # dividing by the ratio may round past a bound
-        d.allocated_kw = total
-        d.shortfall_kw = abs(d.requested_kw - total)
-        d.vehicles = len(view)
 
         step = power - sent
         until_now = self._sent_until[rows]
@@ -788,9 +1005,7 @@ class Dispatcher:
             1, int((self.setpoint_ttl_s - 2.0 * self.control_step_s) // self.control_step_s)
         )
         turn = (rows + round(now / self.control_step_s)) % slices == 0
-        expiring = (turn | (until_now - now < 1.5 * self.control_step_s)) & (
-            until_now < d.end - 1e-9
-        )
+        expiring = (turn | (until_now - now < 1.5 * self.control_step_s)) & (until_now < end - 1e-9)
         due = ~live | (np.abs(step) > RESEND_DEADBAND_KW) | expiring
         # Moves under the deadband are held back, but never so many that the fleet would
         # be told a total off the allocation: then the largest of them go out too.
@@ -804,7 +1019,7 @@ class Dispatcher:
             k = int(np.searchsorted(covered, abs(miss) - tol) + 1)
             due[order[:k]] = True
         send = rows[due]
-        until = np.full(send.shape[0], min(now + self.setpoint_ttl_s, d.end))
+        until = np.full(send.shape[0], min(now + self.setpoint_ttl_s, end))
         # Settling restarts only for a new or materially different setpoint: a refresh or a
         # nudge below the drift tolerance must not hide a vehicle that holds another power.
         fresh = ~live[due] | (np.abs(step[due]) > DRIFT_TOL_KW)
@@ -812,7 +1027,8 @@ class Dispatcher:
         self._sent_until[send] = until
         self._sent_at[send[fresh]] = now
         out.rows, out.power_kw, out.valid_until = send, power[due], until
-        out.request_id = d.request_id
+        out.request_id = request_id
+        return total
 
     def unsend(self, rows: NDArray[np.intp]) -> None:
         """These setpoints never reached the broker: decide and send them again next step."""
@@ -832,6 +1048,7 @@ class Dispatcher:
             elapsed_s=round(max(0.0, now - d.start), 3),
             remaining_s=round(max(0.0, d.end - now), 3),
             score=self.score(d) if d.follows_signal else None,
+            fcr_share=self.fcr_share(d),
         )
 
     def active(self) -> list[ActiveDispatch]:
@@ -867,6 +1084,7 @@ class Dispatcher:
             requested_kwh=round(d.requested_kwh, 4),
             baseline_kwh=round(d.baseline_kwh, 4),
             score=self.score(d) if d.follows_signal else None,
+            fcr_share=self.fcr_share(d),
         )
 
     def _result(

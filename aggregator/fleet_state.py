@@ -191,12 +191,17 @@ class FleetState:
         aggregator, whose restored rows are all stale at first, reads no less than it
         did before it stopped, and the books it keeps from the meter stay continuous.
         """
+        return float(self.meters(now, stale_after_s).sum())
+
+    def meters(self, now: float, stale_after_s: float) -> Array:
+        """Each vehicle's meter at ``now`` (a new array), read as ``meter_reading``."""
         c = self.cols
+        n = len(self.ids)
         # Rows known by their status alone have no ts: 0 kW x inf would be NaN.
-        held = c["plugged"] & c["online"] & np.isfinite(c["last_ts"])
-        since = np.clip(now - c["last_ts"][held], 0.0, stale_after_s)
-        extra = float(np.dot(c["power_kw"][held], since)) / 3600.0
-        return float(c["meter_kwh"].sum()) + extra
+        held = c["plugged"][:n] & c["online"][:n] & np.isfinite(c["last_ts"][:n])
+        since = np.where(held, np.clip(now - c["last_ts"][:n], 0.0, stale_after_s), 0.0)
+        out: Array = c["meter_kwh"][:n] + np.where(held, c["power_kw"][:n] * since, 0.0) / 3600.0
+        return out
 
     def apply_status(self, vehicle_id: str, online: bool, ts: float) -> None:
         """Record a status (birth or last will) in arrival order.

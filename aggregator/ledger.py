@@ -5,7 +5,9 @@ in memory for the demo.
 Entries are flat string maps with a ``kind``: ``answer`` (each answer given: accepted
 terms, partial, rejected, completed or cancelled), ``step`` (each control step while the
 request runs: requested, allocated, delivered and baseline kW, energies so far, setpoints
-sent, vehicles). Writes never hold up a control step: the service queues them and a
+sent, vehicles, and a signal service's score so far), ``vehicles`` (each settlement
+interval: every vehicle's metered and baseline kWh, as columns) and ``departure`` (a
+driver who unplugged while it ran, with their energy and target). Writes never hold up a control step: the service queues them and a
 writer drains the queue; while Redis is away they wait (bounded) and go out, in order,
 when it is back, so nothing acknowledged is lost to a short outage.
 """
@@ -13,13 +15,16 @@ when it is back, so nothing acknowledged is lost to a short outage.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from aggregator.settlement import Departure, VehicleInterval
 from broker.errors import TransportError
 from broker.models import DispatchProgress, DispatchResult
 
@@ -50,6 +55,41 @@ def step_entry(p: DispatchProgress, setpoints: int) -> Entry:
         "delivered_kwh": repr(p.delivered_kwh),
         "vehicles": str(p.vehicles),
         "setpoints": str(setpoints),
+        **({"score": repr(p.score)} if p.score is not None else {}),
+        **({"fcr_share": repr(p.fcr_share)} if p.fcr_share is not None else {}),
+    }
+
+
+def vehicles_entry(iv: VehicleInterval) -> Entry:
+    """A ledger entry for one settlement interval, every vehicle in it as columns."""
+    return {
+        "kind": "vehicles",
+        "ts": f"{iv.end:.3f}",
+        "start": f"{iv.start:.3f}",
+        "end": f"{iv.end:.3f}",
+        "json": json.dumps(
+            {
+                "vehicle_id": iv.vehicle_ids,
+                "metered_kwh": np.round(iv.metered_kwh, 4).tolist(),
+                "baseline_kwh": np.round(iv.baseline_kwh, 4).tolist(),
+            },
+            separators=(",", ":"),
+        ),
+    }
+
+
+def departure_entry(d: Departure) -> Entry:
+    """A ledger entry for a driver who unplugged while the request ran."""
+    return {
+        "kind": "departure",
+        "ts": f"{d.ts:.3f}",
+        "vehicle_id": d.vehicle_id,
+        "energy_kwh": f"{d.energy_kwh:.4f}",
+        "target_kwh": f"{d.target_kwh:.4f}",
+        "short_kwh": f"{d.short_kwh:.4f}",
+        "announced": f"{d.announced:.3f}",
+        "early": "1" if d.early else "0",
+        "short": "1" if d.short else "0",
     }
 
 

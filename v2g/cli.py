@@ -378,7 +378,13 @@ def dispatch_cmd(
     request_id: Annotated[
         str | None, typer.Option("--id", help="request id; default a fresh one")
     ] = None,
-    priority: Annotated[int | None, typer.Option(help="priority")] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            help="when requests stack: higher keeps its reserve first (default 0; ties go"
+            " to the earlier)"
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="follow progress until the request ends")
     ] = False,
@@ -598,7 +604,9 @@ def report(
     redis: Redis = None,
 ) -> None:
     """A request's settlement from its ledger in Redis: requested vs baseline vs delivered
-    per interval as a table, report.csv and report.png, with the totals and the error."""
+    per interval as a table, report.csv and report.png, with the totals, the error, the
+    score, and any driver left short; vehicles.csv has each vehicle's metered and
+    baseline kWh over the request."""
     from aggregator.ledger import RedisLedger
     from v2g import report as rep
 
@@ -632,14 +640,17 @@ def report(
         )
     totals = rep.summary(r)
     typer.echo(" ".join(f"{k}={v}" for k, v in totals.items()))
-    typer.echo(
-        "drivers left short: the aggregator cannot see departures' outcomes; the agents and"
-        " `v2g simulate` report them"
-    )
+    for d in r.vehicles.short:
+        typer.echo(
+            f"driver left short: {d['vehicle_id']} at"
+            f" {datetime.fromtimestamp(float(d['ts']), UTC):%H:%M:%S}Z,"
+            f" {float(d['short_kwh']):.2f} kWh under target"
+        )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         rep.write_csv(rows, out / "report.csv")
-        written = [str(out / "report.csv")]
+        rep.write_vehicles_csv(r.vehicles, out / "vehicles.csv")
+        written = [str(out / "report.csv"), str(out / "vehicles.csv")]
         if plot:
             rep.plot(r, out / "report.png")
             written.append(str(out / "report.png"))

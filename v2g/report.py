@@ -4,6 +4,7 @@ table, a CSV and a PNG (requested vs baseline vs delivered)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,28 @@ class Interval:
 
 
 @dataclass(frozen=True, slots=True)
+class VehicleTotals:
+    """Each vehicle's metered and baseline kWh over the request (its settlement
+    intervals summed), and the drivers who unplugged while it ran."""
+
+    vehicle_ids: list[str]
+    metered_kwh: np.ndarray
+    baseline_kwh: np.ndarray
+    intervals: int
+    departures: list[Entry]
+
+    @property
+    def short(self) -> list[Entry]:
+        """Drivers who left short of their target at or after their announced time."""
+        return [d for d in self.departures if d.get("short") == "1"]
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     request_id: str
     answers: list[DispatchResult]
     steps: Steps
+    vehicles: VehicleTotals
 
     @property
     def final(self) -> DispatchResult | None:
@@ -75,7 +94,40 @@ def parse(request_id: str, entries: list[Entry]) -> Report:
         vehicles=col("vehicles"),
         setpoints=col("setpoints"),
     )
-    return Report(request_id, answers, steps)
+    return Report(request_id, answers, steps, vehicle_totals(entries))
+
+
+def vehicle_totals(entries: list[Entry]) -> VehicleTotals:
+    """Sum the ``vehicles`` entries (one per settlement interval) per vehicle."""
+    metered: dict[str, float] = {}
+    baseline: dict[str, float] = {}
+    n = 0
+    for e in entries:
+        if e.get("kind") != "vehicles":
+            continue
+        n += 1
+        cols = json.loads(e["json"])
+        for vid, m, b in zip(cols["vehicle_id"], cols["metered_kwh"], cols["baseline_kwh"],
+                             strict=True):  # fmt: skip
+            metered[vid] = metered.get(vid, 0.0) + m
+            baseline[vid] = baseline.get(vid, 0.0) + b
+    ids = sorted(metered)
+    return VehicleTotals(
+        vehicle_ids=ids,
+        metered_kwh=np.array([metered[v] for v in ids]),
+        baseline_kwh=np.array([baseline[v] for v in ids]),
+        intervals=n,
+        departures=[e for e in entries if e.get("kind") == "departure"],
+    )
+
+
+def write_vehicles_csv(v: VehicleTotals, path: Path) -> None:
+    """Per vehicle: metered, baseline and their difference (what it gave the request)."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["vehicle_id", "metered_kwh", "baseline_kwh", "vs_baseline_kwh"])
+        for vid, m, b in zip(v.vehicle_ids, v.metered_kwh, v.baseline_kwh, strict=True):
+            w.writerow([vid, f"{m:.4f}", f"{b:.4f}", f"{m - b:.4f}"])
 
 
 def intervals(r: Report, interval_s: float) -> list[Interval]:
@@ -174,4 +226,9 @@ def summary(r: Report) -> dict[str, float | str | None]:
         "baseline_kwh": None if final is None else final.baseline_kwh,
         "error_pct": None if math.isnan(error) else round(100 * error, 2),
         "steps": int(s.t.size),
+        "score": final.score if final else None,
+        "fcr_share": final.fcr_share if final else None,
+        "vehicles": len(r.vehicles.vehicle_ids),
+        "drivers_unplugged": len(r.vehicles.departures),
+        "drivers_short": len(r.vehicles.short),
     }

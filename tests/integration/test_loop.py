@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import itertools
 import json
 import os
@@ -616,6 +617,13 @@ async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
     assert kinds.count("step") >= 60 / STEP_S - 1
     statuses = [e["status"] for e in got if e["kind"] == "answer"]
     assert statuses == ["accepted", "completed"]
+    # Per-vehicle settlement: one minute is inside one interval, closed when it ended,
+    # and the vehicles' meters add up to what the fleet delivered.
+    (books,) = [e for e in got if e["kind"] == "vehicles"]
+    cols = json.loads(books["json"])
+    done = DispatchResult.model_validate_json(got[-1]["json"])
+    assert len(cols["vehicle_id"]) >= 1 and done.delivered_kwh is not None
+    assert sum(cols["metered_kwh"]) == pytest.approx(done.delivered_kwh, rel=0.15)
     # The real command in a process of its own (in-process, typer would re-point the
     # shared log configuration at its captured output).
     env = {k: v for k, v in os.environ.items() if not k.startswith("V2G_")}
@@ -631,6 +639,9 @@ async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
     assert proc.returncode == 0, text
     assert "status=completed" in text
     assert (tmp_path / "report.csv").exists() and (tmp_path / "report.png").exists()
+    assert "drivers_short=0" in text
+    with (tmp_path / "vehicles.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(cols["vehicle_id"])
     assert power < 0
 
 

@@ -43,11 +43,14 @@ def run_loop(
             fleet.set_setpoint(fleet.index[state.ids[row]], 0.0, t)
         outs.append(out)
         t += STEP
-        fleet.tick(t)
-        state.apply_telemetry(
-            [Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, t)]
-        )
+        close_loop(fleet, state, t)
     return t, outs
+
+
+def close_loop(fleet: SimFleet, state: FleetState, t: float) -> None:
+    """The fleet moves to ``t`` and every vehicle reports."""
+    fleet.tick(t)
+    state.apply_telemetry([Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, t)])
 
 
 def req(power: float, duration: float = 900.0, rid: str = "r1", **kw: object) -> DispatchRequest:
@@ -133,7 +136,7 @@ def test_overlapping_request_is_rejected_and_a_later_one_is_scheduled() -> None:
     view = state.view(T0, 15.0)
     d.submit(req(-10.0, 900.0, "a"), T0, view)
     clash = d.submit(req(-10.0, 900.0, "b"), T0, view)
-    assert clash.status == "rejected" and "overlaps request a" in (clash.reason or "")
+    assert clash.status == "rejected" and "overlaps power request a" in (clash.reason or "")
     later = d.submit(req(-10.0, 900.0, "c", start=from_epoch(T0) + timedelta(hours=1)), T0, view)
     assert later.status == "accepted" and "scheduled" in (later.reason or "")
     assert d.dispatches["c"].state == "scheduled"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.telemetry import telemetry_payloads
 from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher, StepOutput
-from broker.models import DispatchRequest, DispatchSignal, Service, Telemetry, from_epoch
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state
+from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
+from tests.unit.test_dispatch import STEP, T0, close_loop, fleet_and_state
 from tests.unit.test_scoring import regd_like
 
 REACT_S = 1.0  # the chargers act on a setpoint within a second
@@ -42,21 +41,15 @@ def test_a_fleet_follows_a_regd_like_signal_and_scores_above_0_9() -> None:
         for row, p, until in zip(out.rows, out.power_kw, out.valid_until, strict=True):
             fleet.set_setpoint(fleet.index[state.ids[row]], float(p), float(until))
 
-    def tick(now: float) -> None:
-        fleet.tick(now)
-        state.apply_telemetry(
-            [Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, now)]
-        )
-
     for k in range(130):  # ~11 minutes: two whole 5-minute windows
         # A signal sample goes out at once and the chargers act on it within a second;
         # the control step then measures and samples; then time passes.
         apply(d.signal("reg", DispatchSignal(value=float(signal[k]), ts=from_epoch(t)), t,
                        state.view(t, 3 * STEP)))  # fmt: skip
-        tick(t + REACT_S)
+        close_loop(fleet, state, t + REACT_S)
         apply(d.step(t + REACT_S, state.view(t + REACT_S, 3 * STEP), len(state)))
         t += STEP
-        tick(t)
+        close_loop(fleet, state, t)
     score = d.score(d.dispatches["reg"])
     assert score is not None and score >= 0.9, score
     progress = d._progress(d.dispatches["reg"], t)
