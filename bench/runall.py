@@ -37,6 +37,7 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             ["--trials", "3" if quick else "6"],
             300.0 if quick else 420.0,
         ),
+        ("signal_latency", ["--signals", "5" if quick else "10"], 180.0 if quick else 300.0),
         (
             "ev2gym_compare",
             [
