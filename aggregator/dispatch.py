@@ -176,6 +176,14 @@ _BOOK_FIELDS = (
 )
 
 
+# Per-row learned arrays and the snapshot columns they persist as.
+_LEARNED = {
+    "learned:follow_ratio": "_ratio",
+    "learned:follow_ts": "_ratio_ts",
+    "learned:cycled_kwh": "_cycled",
+}
+
+
 @dataclass(slots=True)
 class StepOutput:
     """What one control step decided: setpoints (by fleet row) and messages."""
@@ -1122,6 +1130,21 @@ class Dispatcher:
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:
         return [d.to_record() for d in self.dispatches.values()]
+
+    def learned(self, n_rows: int) -> dict[str, Array]:
+        """What it has learned per fleet row (follow ratios, energy cycled), as columns
+        to persist beside the fleet's: a restart should not trust a car it had found
+        following half its setpoints, nor forget whose battery it has cycled."""
+        self._fit(n_rows)
+        return {name: getattr(self, attr)[:n_rows].copy() for name, attr in _LEARNED.items()}
+
+    def restore_learned(self, columns: dict[str, Array], n_rows: int) -> None:
+        """Take back ``learned`` columns (those missing or of another length are skipped)."""
+        self._fit(n_rows)
+        for name, attr in _LEARNED.items():
+            col = columns.get(name)
+            if col is not None and col.shape == (n_rows,):
+                getattr(self, attr)[:n_rows] = col
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         for record in records:

@@ -348,6 +348,7 @@ class AggregatorService:
             return
         self.state = FleetState.restore(snap.ids, snap.columns)
         self.dispatcher.restore(snap.dispatches)
+        self.dispatcher.restore_learned(snap.columns, len(snap.ids))
         self.log.info(
             "state_restored",
             vehicles=len(snap.ids),
@@ -697,6 +698,7 @@ class AggregatorService:
             self.saves_skipped += 1
             return
         ids, columns = self.state.snapshot()
+        columns.update(self.dispatcher.learned(len(ids)))
         snap = Snapshot(ids, columns, self.dispatcher.to_records(), saved_at=now)
         self._saving = asyncio.create_task(self._save(snap), name="aggregator-save")
 

@@ -297,6 +297,10 @@ async def test_restarted_aggregator_restores_fleet_and_dispatch_from_redis_and_c
             assert restored.state == "active"
             assert restored.requested_kw == power
             assert restored.requested_kwh < 0 and restored.delivered_kwh < 0
+            # What the dispatcher learned per vehicle came back with it.
+            rows = np.arange(20)
+            cycled = fresh.dispatcher.cycled_kwh(rows)
+            assert 0 < cycled.sum() <= old.dispatcher.cycled_kwh(rows).sum() + 1e-9
 
             loop.aggregator = fresh
             await loop.half_step_after_agents()

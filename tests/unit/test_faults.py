@@ -222,6 +222,13 @@ def test_partial_followers_are_covered_and_the_fleet_converges_within_two_percen
     assert asked.sum() >= 5
     assert ratio[asked] == pytest.approx(0.5, abs=0.02)
     assert ratio[~bad] == pytest.approx(1.0, abs=1e-3)
+    # A restarted dispatcher takes back what it learned from the snapshot's columns.
+    rows = np.array([state.index[v] for v in fleet.ids])
+    again = Dispatcher(control_step_s=STEP)
+    again.restore_learned(d.learned(len(state)), len(state))
+    assert np.array_equal(again.follow_ratio(rows), ratio)
+    assert np.array_equal(again.cycled_kwh(rows), d.cycled_kwh(rows))
+    assert again.cycled_kwh(rows).sum() > 0
 
 
 def test_a_learned_ratio_derates_admission_and_the_next_request_is_on_target_at_once() -> None:
