@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from agents.battery import Array, Batteries
 from broker.errors import InvalidMessage
-from broker.models import Telemetry, TelemetryArrays
+from broker.models import Telemetry, TelemetryArrays, TelemetryRow
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
 _TELEMETRY_COLUMNS = (
@@ -123,7 +123,7 @@ class FleetState:
                 got[k] = self.row_of(vehicle_ids[k])
         return np.array(got, dtype=np.intp)
 
-    def apply_telemetry(self, batch: Sequence[Telemetry]) -> tuple[int, int]:
+    def apply_telemetry(self, batch: Sequence[Telemetry | TelemetryRow]) -> tuple[int, int]:
         """Fold a batch of telemetry into the columns; returns (applied, stale).
 
         A message older than what the row holds (by ts, then seq) is stale: replays and
@@ -131,7 +131,7 @@ class FleetState:
         """
         if not batch:
             return 0, 0
-        return self.apply_arrays(TelemetryArrays.from_telemetry(list(batch)))
+        return self.apply_arrays(TelemetryArrays.from_telemetry(batch))
 
     def apply_arrays(self, reports: TelemetryArrays) -> tuple[int, int]:
         """Fold reports given as columns (a bridge's batch, or many decoded messages);

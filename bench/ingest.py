@@ -5,7 +5,9 @@ In one run, side by side (the machine is shared and noisy: read the ratios):
 a. the broker's limit with its C clients: ``mosquitto_pub -l`` → ``mosquitto_sub``, QoS 0,
    ~300-byte payloads, one topic, bounded in count and time;
 b. the aggregator (``AggregatorService`` with its MQTT link, in this process) receiving
-   telemetry published flat out by a separate paho process (``bench/loadgen.py``):
+   telemetry published flat out by a separate process, prebuilt frames written to the
+   socket as (a)'s C client does (``bench/rawpub.py``; ``--publisher paho``: the Python
+   publisher of ``bench/loadgen.py``, which takes a core and offers ~60-80k msg/s at most):
    per-vehicle JSON on ``v2g/vehicles/{vid}/telemetry``, and bridges' batches of 1000
    vehicles on ``v2g/bridges/{id}/telemetry``; msg/s and vehicle-updates/s, as a fraction
    of (a) (target: at least half);
@@ -17,7 +19,8 @@ c. 100,000 vehicles reporting every 10 s through 100 bridges (10,000 vehicle-upd
 Needs Mosquitto on 127.0.0.1:1883 and its C clients. Prints a table and writes JSON to
 bench/results/ingest.json; ``rows()`` gives the same rows to bench/run.
 
-    .venv/bin/python bench/ingest.py [--seconds 8] [--scale-seconds 40] [--quick]
+    .venv/bin/python bench/ingest.py [--seconds 8] [--scale-seconds 45]
+        [--cases aiomqtt,fast,batch] [--repeat N] [--no-scale]
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ from v2g import logs
 
 HOST, PORT = "127.0.0.1", 1883
 LOADGEN = [sys.executable, str(ROOT / "bench" / "loadgen.py")]
+# Flat-out load for (b): prebuilt frames written to the socket, next to no CPU, as the
+# C clients of (a); "paho" is the Python publisher of bench/loadgen.py, which takes a
+# core of this 2-core machine and offers ~60-80k msg/s at most.
+PUBLISHERS = {"raw": [sys.executable, str(ROOT / "bench" / "rawpub.py")], "paho": LOADGEN}
 
 
 def rss_bytes(trim: bool = False) -> int:
@@ -125,9 +132,9 @@ def broker_limit(n: int = 400_000, seconds: float = 30.0) -> tuple[float, Row]:
 
 
 # -- the aggregator under load --------------------------------------------------------------
-def start_publisher(prefix: str, *extra: str) -> subprocess.Popen[str]:
+def start_publisher(prefix: str, *extra: str, tool: list[str] = LOADGEN) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*LOADGEN, "publish", "--prefix", prefix, *extra],
+        [*tool, "publish", "--prefix", prefix, *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -157,7 +164,12 @@ def make_service(prefix: str, interval_s: float, fast: bool = True) -> Aggregato
 
 
 async def aggregator_ingest(
-    kind: str, seconds: float, vehicles: int = 100_000, fast: bool = True, msg_rate: float = 0.0
+    kind: str,
+    seconds: float,
+    vehicles: int = 100_000,
+    fast: bool = True,
+    msg_rate: float = 0.0,
+    publisher: str = "raw",
 ) -> dict[str, Any]:
     """Flat-out publishing for ``seconds``; the aggregator's accepted msg/s and updates/s,
     from the go until its counters stop moving."""
@@ -174,6 +186,7 @@ async def aggregator_ingest(
         str(seconds),
         "--msg-rate",
         str(msg_rate),
+        tool=PUBLISHERS[publisher],
     )
     try:
         await svc.link.wait_connected(10)
@@ -363,48 +376,79 @@ async def at_scale(seconds: float, vehicles: int = 100_000, every_s: float = 10.
     return out
 
 
-async def run_all(seconds: float, scale_seconds: float) -> list[Row]:
+CASES = {
+    "aiomqtt": ("single", False, 0.0, "per-vehicle JSON, aiomqtt link"),
+    "fast": ("single", True, 0.0, "per-vehicle JSON, fast ingest"),
+    "batch": ("batch", True, 1000.0, "batches of 1000, fast ingest"),
+}
+
+
+async def run_all(
+    seconds: float,
+    scale_seconds: float,
+    cases: tuple[str, ...] = tuple(CASES),
+    repeat: int = 1,
+    scale: bool = True,
+    publisher: str = "raw",
+) -> list[Row]:
+    """The rows of one run; with ``repeat`` > 1, the broker limit and each case are measured
+    that many times, interleaved, and each row is the run with the median ratio."""
     logs.configure(level="error")
     # First, while this process has not grown: its memory growth is part of the figures.
-    print("... 100k vehicles every 10 s", file=sys.stderr, flush=True)
-    scale_rows = await at_scale(scale_seconds)
-    print("... broker limit", file=sys.stderr, flush=True)
-    ref, broker_row = broker_limit()
-    rows_ = [broker_row]
-    half = 0.5 * ref
-    cases = (
-        ("single", False, 0.0, "per-vehicle JSON, aiomqtt link"),
-        ("single", True, 0.0, "per-vehicle JSON, fast ingest"),
-        ("batch", True, 1000.0, "batches of 1000, fast ingest"),
-    )
-    for kind, fast, msg_rate, what in cases:
-        print(f"... ingest, {what}", file=sys.stderr, flush=True)
-        got = await aggregator_ingest(kind, seconds, fast=fast, msg_rate=msg_rate)
-        note = f"(offered {got['sent_rate']:,.0f} msg/s)"
-        rows_.append(
-            row(
-                f"ingest, {what}: msg/s {note}",
-                0,
-                got["msg_rate"],
-                ref,
-                "msg/s",
-                "broker limit (a)",
-                half if kind == "single" else None,
+    scale_rows: list[Row] = []
+    if scale:
+        print("... 100k vehicles every 10 s", file=sys.stderr, flush=True)
+        scale_rows = await at_scale(scale_seconds)
+    runs: list[list[Row]] = []
+    for k in range(repeat):
+        print(f"... broker limit (run {k + 1}/{repeat})", file=sys.stderr, flush=True)
+        ref, broker_row = broker_limit()
+        rows_ = [broker_row]
+        half = 0.5 * ref
+        for kind, fast, msg_rate, what in (CASES[c] for c in cases):
+            print(f"... ingest, {what}", file=sys.stderr, flush=True)
+            got = await aggregator_ingest(
+                kind, seconds, fast=fast, msg_rate=msg_rate, publisher=publisher
             )
-        )
-        if kind == "batch":
+            note = f"(offered {got['sent_rate']:,.0f} msg/s by {publisher})"
             rows_.append(
                 row(
-                    f"ingest, {what}: vehicle-updates/s",
+                    f"ingest, {what}: msg/s {note}",
                     0,
-                    got["update_rate"],
+                    got["msg_rate"],
                     ref,
-                    "upd/s",
-                    "broker limit (a), msg/s",
-                    half,
+                    "msg/s",
+                    "broker limit (a)",
+                    half if kind == "single" else None,
                 )
             )
-    return rows_ + scale_rows
+            if kind == "batch":
+                rows_.append(
+                    row(
+                        f"ingest, {what}: vehicle-updates/s",
+                        0,
+                        got["update_rate"],
+                        ref,
+                        "upd/s",
+                        "broker limit (a), msg/s",
+                        half,
+                    )
+                )
+        if repeat > 1:
+            print_table(rows_)
+        runs.append(rows_)
+    return [_median_row(same) for same in zip(*runs, strict=True)] + scale_rows
+
+
+def _median_row(same: tuple[Row, ...]) -> Row:
+    """The run with the median ratio (or value), named with the spread of all runs."""
+    if len(same) == 1:
+        return same[0]
+    key = "ratio" if same[0]["ratio"] is not None else "value"
+    ranked = sorted(same, key=lambda r: r[key])
+    mid = dict(ranked[(len(ranked) - 1) // 2])
+    mid["metric"] += f" [median of {len(same)}, {key} {ranked[0][key]:g}..{ranked[-1][key]:g}]"
+    return mid
 
 
 def rows(quick: bool = False) -> list[Row]:
@@ -418,9 +462,36 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=float, default=8.0, help="publishing time of each ingest run")
     ap.add_argument("--scale-seconds", type=float, default=45.0, help="length of the 100k run")
+    ap.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"ingest cases to run, comma-separated, of {', '.join(CASES)}",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="measure the broker and each case this many times"
+    )
+    ap.add_argument("--no-scale", action="store_true", help="skip the 100k-vehicle run")
+    ap.add_argument(
+        "--publisher",
+        choices=sorted(PUBLISHERS),
+        default="raw",
+        help="load for the ingest cases: prebuilt frames (raw) or bench/loadgen.py (paho)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest.json"))
     args = ap.parse_args()
-    result = asyncio.run(run_all(args.seconds, args.scale_seconds))
+    cases = tuple(c for c in args.cases.split(",") if c)
+    if unknown := set(cases) - set(CASES):
+        ap.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    result = asyncio.run(
+        run_all(
+            args.seconds,
+            args.scale_seconds,
+            cases,
+            max(1, args.repeat),
+            not args.no_scale,
+            args.publisher,
+        )
+    )
     print_table(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

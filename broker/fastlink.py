@@ -85,7 +85,11 @@ class _Protocol(asyncio.Protocol):
         self.handler = handler
         self.stats = stats
         self.log = logger or log
+        # The start of a packet not all here yet, and how long it will be (a lower bound
+        # while its length bytes are incomplete): a big packet arriving in many reads is
+        # gathered without parsing or copying it again at each read.
         self.buf = bytearray()
+        self.need = 0
         self.transport: asyncio.Transport | None = None
         self.connack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.suback: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -106,61 +110,83 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
         buf = self.buf
-        buf += data
-        n = len(buf)
-        pos = 0
-        handler = self.handler
-        while n - pos >= 2:
-            # Remaining length: 1 to 4 bytes, 7 bits each.
-            i, length, shift, whole = pos + 1, 0, 0, False
-            while i < n:
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    whole = True
-                    break
-                shift += 7
-                if shift > 21:
-                    self._broken("bad remaining length")
-                    return
-            if not whole:
-                break  # the length itself is not all here yet
-            if length > MAX_FRAME_BYTES:
-                self._broken(f"frame of {length} bytes")
+        if buf:
+            buf += data
+            if len(buf) < self.need:
                 return
-            end = i + length
-            if end > n:
-                break  # wait for the rest of the packet
-            first = buf[pos]
-            kind = first >> 4
-            if kind == 3:  # PUBLISH
-                tlen = (buf[i] << 8) | buf[i + 1]
-                p = i + 2 + tlen
-                topic = buf[i + 2 : p].decode("utf-8", "replace")
-                qos = (first >> 1) & 0x03
-                if qos:
-                    pid = buf[p : p + 2]
-                    p += 2
-                    if qos == 1 and self.transport is not None:
-                        self.transport.write(b"\x40\x02" + bytes(pid))  # PUBACK
-                self.stats.received += 1
-                try:
-                    handler(topic, bytes(buf[p:end]))
-                except Exception:  # a handler bug must not take the connection down
-                    self.stats.handler_errors += 1
-                    self.log.exception("fastlink_handler_error", topic=topic[:200])
-            elif kind == 2 and not self.connack.done():  # CONNACK
-                self.connack.set_result(buf[i + 1] if length >= 2 else 255)
-            elif kind == 9 and not self.suback.done():  # SUBACK
-                codes = bytes(buf[i + 2 : end])
-                if b"\x80" in codes:
-                    self.suback.set_exception(TransportError("the broker refused a subscription"))
-                else:
-                    self.suback.set_result(None)
-            pos = end
-        if pos:
-            del buf[:pos]
+            data = bytes(buf)
+            buf.clear()
+        # Parsed straight out of ``data``: a payload is one slice of it, one copy. The
+        # common case (a remaining length under 16 KiB: two bytes) takes no inner loop.
+        n = len(data)
+        pos = received = need = 0
+        handler = self.handler
+        try:
+            while n - pos >= 2:
+                first = data[pos]
+                byte = data[pos + 1]
+                if byte < 0x80:
+                    length, i = byte, pos + 2
+                elif n - pos >= 3 and data[pos + 2] < 0x80:
+                    length, i = (byte & 0x7F) | (data[pos + 2] << 7), pos + 3
+                else:  # 3 or 4 length bytes, or not all of them here yet
+                    i, length, shift, whole = pos + 1, 0, 0, False
+                    while i < n:
+                        byte = data[i]
+                        i += 1
+                        length |= (byte & 0x7F) << shift
+                        if byte < 0x80:
+                            whole = True
+                            break
+                        shift += 7
+                        if shift > 21:
+                            self._broken("bad remaining length")
+                            return
+                    if not whole:
+                        need = n - pos + 1
+                        break
+                if length > MAX_FRAME_BYTES:
+                    self._broken(f"frame of {length} bytes")
+                    return
+                end = i + length
+                if end > n:
+                    need = end - pos  # wait for the rest of the packet
+                    break
+                kind = first >> 4
+                if kind == 3:  # PUBLISH
+                    p = i + 2 + ((data[i] << 8) | data[i + 1]) if length >= 2 else end + 1
+                    if p > end:
+                        self._broken("PUBLISH topic longer than its packet")
+                        return
+                    topic = data[i + 2 : p].decode("utf-8", "replace")
+                    if first & 0x06:  # QoS 1 or 2: a packet id follows the topic
+                        pid = data[p : p + 2]
+                        p += 2
+                        if (first & 0x06) == 0x02 and self.transport is not None:
+                            self.transport.write(b"\x40\x02" + pid)  # PUBACK
+                    received += 1
+                    try:
+                        handler(topic, data[p:end])
+                    except Exception:  # a handler bug must not take the connection down
+                        self.stats.handler_errors += 1
+                        self.log.exception("fastlink_handler_error", topic=topic[:200])
+                elif kind == 2 and not self.connack.done():  # CONNACK
+                    self.connack.set_result(data[i + 1] if length >= 2 else 255)
+                elif kind == 9 and not self.suback.done():  # SUBACK
+                    if 0x80 in data[i + 2 : end]:
+                        self.suback.set_exception(
+                            TransportError("the broker refused a subscription")
+                        )
+                    else:
+                        self.suback.set_result(None)
+                pos = end
+            else:
+                need = 2
+        finally:
+            self.stats.received += received
+        if pos < n:
+            self.need = need
+            buf += memoryview(data)[pos:]
 
     def _broken(self, why: str) -> None:
         if self.transport is not None:

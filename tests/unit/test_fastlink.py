@@ -9,6 +9,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.errors import TransportError
 from broker.fastlink import _frame, _Protocol, _utf8, connect_packet, subscribe_packet
 from broker.link import LinkStats
 
@@ -22,9 +23,13 @@ class Sink(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.sent = b""
+        self.was_closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += bytes(data)
+
+    def close(self) -> None:
+        self.was_closed = True
 
 
 messages = st.lists(
@@ -78,3 +83,30 @@ def test_connect_and_subscribe_packets_follow_mqtt_311() -> None:
         b"\x82\x1d\x00\x01\x00\x18v2g/vehicles/+/telemetry\x00"
     )
     assert _frame(0x30, b"x" * 200)[:3] == b"\x30\xc8\x01"  # two-byte remaining length
+
+
+async def test_a_big_packet_arriving_in_many_reads_is_gathered_once_and_comes_out_whole() -> None:
+    got: list[tuple[str, bytes]] = []
+    proto = _Protocol(lambda t, p: got.append((t, p)), LinkStats())
+    proto.connection_made(Sink())
+    body = bytes(range(256)) * 4096  # 1 MiB, as a bridge's batch may be
+    stream = publish("v2g/bridges/b1/telemetry", body) + publish("a/b", b"next")
+    reads = [stream[k : k + 1500] for k in range(0, len(stream), 1500)]
+    for chunk in reads[:-1]:
+        proto.data_received(chunk)
+        assert not got
+        assert len(proto.buf) < proto.need  # waiting: nothing parsed again, nothing copied
+    proto.data_received(reads[-1])
+    assert got == [("v2g/bridges/b1/telemetry", body), ("a/b", b"next")]
+    assert not proto.buf
+
+
+async def test_a_publish_whose_topic_runs_past_its_packet_closes_the_connection() -> None:
+    got: list[tuple[str, bytes]] = []
+    proto = _Protocol(lambda t, p: got.append((t, p)), LinkStats())
+    sink = Sink()
+    proto.connection_made(sink)
+    proto.data_received(_frame(0x30, b"\x00\x09a/b") + publish("c/d", b"x"))
+    assert got == []
+    assert sink.was_closed
+    assert isinstance(proto.closed.result(), TransportError)

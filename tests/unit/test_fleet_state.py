@@ -109,3 +109,26 @@ def test_meter_reading_holds_the_last_power_up_to_the_stale_limit_only() -> None
     # An unplugged car's charger passes nothing, whatever it last said.
     s.apply_telemetry([tel("ev-b", seq=2, ts="2026-11-26T18:01:40Z", power_kw=0.0)])
     assert s.col("meter_kwh")[1] == 0.0
+
+
+def test_decoded_rows_fold_exactly_as_their_models_do() -> None:
+    reports = [
+        tel("ev-a", seq=2, ts="2026-11-26T18:00:05Z", soc=0.6),
+        tel("ev-a", seq=1, soc=0.5),
+        tel("ev-b", seq=1, plugged_in=False, departure=None),
+    ]
+    by_model, by_row, mixed = FleetState(), FleetState(), FleetState()
+    assert by_model.apply_telemetry(reports) == (3, 0)
+    assert by_row.apply_telemetry([t.as_row() for t in reports]) == (3, 0)
+    assert mixed.apply_telemetry([reports[0].as_row(), *reports[1:]]) == (3, 0)
+    for state in (by_row, mixed):
+        assert state.ids == by_model.ids
+        for name, column in by_model.cols.items():
+            np.testing.assert_array_equal(state.cols[name], column, err_msg=name)
+    assert by_row.col("last_ts").tolist() == [T + 5, T]
+    assert by_row.col("last_seq").tolist() == [2, 1]
+    assert by_row.col("soc").tolist() == [0.6, GOOD["soc"]]
+    assert by_row.col("plugged").tolist() == [True, False]
+    assert by_row.col("capacity_kwh").tolist() == [GOOD["capacity_kwh"]] * 2
+    assert by_row.col("departure")[0] == T + 13.5 * 3600  # GOOD's: 07:30 the next day
+    assert np.isnan(by_row.col("departure")[1])
