@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -377,23 +378,36 @@ class Dispatcher:
         """Follow one signal sample at once: the new target and the setpoints for it, out
         of turn (a regulation signal comes every 2-4 s, faster than the control step).
         None if the request is not a running signal service."""
-        d = self.dispatches.get(request_id)
-        if d is None or d.state != "active" or not d.follows_signal:
-            return None
+        return self.follow({request_id: sample}, now, view)
+
+    def follow(
+        self, samples: Mapping[str, DispatchSignal], now: float, view: FleetView
+    ) -> StepOutput | None:
+        """Follow the latest sample of each of these signal services, in one plan for the
+        whole stack (so one setpoint a vehicle). None if none is a running signal service."""
         stack = self._stack()
+        moved = [
+            (d, samples[d.request_id])
+            for d in stack
+            if d.follows_signal and d.request_id in samples
+        ]
+        if not moved:
+            return None
         for o in stack:  # the terms in force until now go into the books first
             self._accrue(o, now)
-        d.signal_prev, d.signal_at = d.signal, now
-        if sample.value is not None:
-            d.signal = sample.value
-        else:
-            assert sample.frequency_hz is not None
-            d.signal = float(fcr_activation(np.array([sample.frequency_hz]))[0])
-            self._watch_fcr(d, now, view)
+        for d, sample in moved:
+            d.signal_prev, d.signal_at = d.signal, now
+            if sample.value is not None:
+                d.signal = sample.value
+            else:
+                assert sample.frequency_hz is not None
+                d.signal = float(fcr_activation(np.array([sample.frequency_hz]))[0])
+                self._watch_fcr(d, now, view)
         self._fit(int(view.rows.max()) + 1 if len(view) else 0)
         out = StepOutput()
         self._drive(stack, now, view, out)
-        self._signal_rows[request_id] = out.rows
+        for d, _ in moved:
+            self._signal_rows[d.request_id] = out.rows
         return out
 
     # -- the stack -------------------------------------------------------------------

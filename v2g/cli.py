@@ -236,6 +236,14 @@ def aggregator(
             help="receive telemetry on a second, lean MQTT connection (broker/fastlink.py)",
         ),
     ] = False,
+    fast_setpoints: Annotated[
+        bool,
+        typer.Option(
+            "--fast-setpoints/--no-fast-setpoints",
+            help="send setpoints on a second, lean publish-only MQTT connection"
+            " (broker/fastpub.py): ~20x the QoS 1 rate of the general client",
+        ),
+    ] = True,
     log_format: LogFormat = None,
 ) -> None:
     """Run the aggregator: fleet state, capability, dispatch and fleet status."""
@@ -272,6 +280,7 @@ def aggregator(
         ledger=ledger,
         client_id=client_id,
         fast_ingest=fast_ingest,
+        fast_setpoints=fast_setpoints,
     )
     structlog.get_logger("aggregator").info(
         "aggregator_starting",

@@ -135,10 +135,21 @@ def make_fleet(settings: Settings, clock: SimClock, count: int, seed: int) -> Si
 
 
 def make_aggregator(
-    settings: Settings, clock: SimClock, store: RedisStore, test_id: str, name: str = "agg"
+    settings: Settings,
+    clock: SimClock,
+    store: RedisStore,
+    test_id: str,
+    name: str = "agg",
+    *,
+    fast_setpoints: bool = True,
 ) -> AggregatorService:
+    """The aggregator as ``v2g aggregator`` runs it (setpoints on the fast connection)."""
     agg = AggregatorService(
-        settings=settings, clock=clock, store=store, client_id=f"itest-{test_id}-{name}"
+        settings=settings,
+        clock=clock,
+        store=store,
+        client_id=f"itest-{test_id}-{name}",
+        fast_setpoints=fast_setpoints,
     )
     agg.reports = asyncio.Queue()
     return agg
@@ -156,6 +167,7 @@ async def running_loop(
     mode: Mode = "multiplexed",
     connections: int = 2,
     batch: bool = False,
+    fast_setpoints: bool = True,
 ) -> AsyncIterator[Loop]:
     """Aggregator and agents as tasks of one TaskGroup; all cancelled (bounded) at exit.
 
@@ -171,7 +183,7 @@ async def running_loop(
         client_prefix=f"itest-{test_id}-ev",
         batch=batch,
     )
-    aggregator = make_aggregator(settings, clock, store, test_id)
+    aggregator = make_aggregator(settings, clock, store, test_id, fast_setpoints=fast_setpoints)
     async with asyncio.TaskGroup() as tg:
         loop = Loop(settings, clock, fleet, agents, aggregator, tg)
         loop.start("agents", agents.run())

@@ -139,10 +139,13 @@ def biggest_discharger(loop: Loop) -> tuple[str, int]:
 
 
 # -- the closed loop ----------------------------------------------------------------------
+@pytest.mark.parametrize("fast_setpoints", [True, False], ids=["fastpub", "paho"])
 async def test_fifty_vehicles_on_their_own_connections_track_a_discharge_within_2pct(
-    loop_factory: Callable[..., Any], settings: Settings
+    loop_factory: Callable[..., Any], settings: Settings, fast_setpoints: bool
 ) -> None:
-    async with loop_factory(count=50, seed=7, mode="per-vehicle") as loop:
+    async with loop_factory(
+        count=50, seed=7, mode="per-vehicle", fast_setpoints=fast_setpoints
+    ) as loop:
         assert len(loop.agents.links) == 50
         report = await loop.wait_all_online()
         assert report.status.vehicles_plugged_in > 20

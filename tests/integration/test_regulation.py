@@ -26,21 +26,41 @@ RUN_S = 660.0  # two whole 5-minute scoring windows, and a step's slack
 
 
 async def offer(
-    loop: Loop, settings: Settings, service: Service, duration_s: float
+    loop: Loop,
+    settings: Settings,
+    service: Service,
+    duration_s: float,
+    share: float = 0.3,
+    priority: int | None = None,
 ) -> tuple[str, float]:
-    """Ask over MQTT for a signal service at 30% of the fleet's 15-min range (the narrower
-    side); returns the request id and the capacity, accepted in full."""
+    """Ask over MQTT for a signal service at ``share`` of the fleet's 15-min range (the
+    narrower side); returns the request id and the capacity, accepted in full."""
     cap15 = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
-    capacity = round(0.3 * min(-cap15.min_power_kw, cap15.max_power_kw), 1)
+    capacity = round(share * min(-cap15.min_power_kw, cap15.max_power_kw), 1)
     rid = f"{service.value}-{uuid.uuid4().hex[:8]}"
     req = DispatchRequest(
-        request_id=rid, service=service, capacity_kw=capacity, duration_s=duration_s
+        request_id=rid,
+        service=service,
+        capacity_kw=capacity,
+        duration_s=duration_s,
+        priority=priority,
     )
     answer = await operator.dispatch(
         settings, req, wait=False, timeout_s=15.0, on_result=lambda _: None
     )
     assert answer.status == "accepted", answer
     return rid, capacity
+
+
+async def follow(loop: Loop, settings: Settings, rid: str, signal: Any) -> None:
+    """Publish the signal over MQTT, a sample every SIGNAL_S of platform time."""
+    clock, topic = loop.clock, settings.topics.dispatch_signal(rid)
+    async with operator.operator_link(settings, []) as (link, _):
+        start = clock.now()
+        for k, value in enumerate(signal):
+            await clock.sleep(start + k * SIGNAL_S - clock.now())
+            sample = DispatchSignal(value=float(value), ts=from_epoch(clock.now()))
+            await link.publish(topic, sample.to_json(), qos=0)
 
 
 async def test_five_hundred_vehicles_follow_a_regd_signal_and_score_above_0_9(
@@ -50,14 +70,7 @@ async def test_five_hundred_vehicles_follow_a_regd_signal_and_score_above_0_9(
         await loop.wait_all_online(timeout=30.0)
         rid, capacity = await offer(loop, settings, Service.FREQUENCY_REGULATION, RUN_S + 60.0)
         signal = regd_like(int(RUN_S / SIGNAL_S) + 1, seed=3)
-        clock = loop.clock
-        t_topic = settings.topics.dispatch_signal(rid)
-        async with operator.operator_link(settings, []) as (link, _):
-            start = clock.now()
-            for k, value in enumerate(signal):
-                await clock.sleep(start + k * SIGNAL_S - clock.now())
-                sample = DispatchSignal(value=float(value), ts=from_epoch(clock.now()))
-                await link.publish(t_topic, sample.to_json(), qos=0)
+        await follow(loop, settings, rid, signal)
         d = loop.aggregator.dispatcher.dispatches[rid]
         score = loop.aggregator.dispatcher.score(d)
         latencies = sorted(loop.aggregator.signal_latency_ms)
@@ -104,6 +117,9 @@ async def test_an_fcr_step_reaches_full_activation_well_within_30_seconds(
                 delivered.append(r.status.power_kw - before)
         share = fcr_delivered_share(times, required, delivered, step_at=step_at, within_s=30.0)
         assert d.requested_kw == pytest.approx(d.base_kw - capacity)
+        # The aggregator's own check, published with progress and the result, agrees.
+        published = loop.aggregator.dispatcher.fcr_share(d)
+        assert published is not None and published == pytest.approx(share, abs=0.03)
         fleet = loop.fleet
     full_at = next(t for t, got in zip(times, delivered, strict=True) if got <= -0.95 * capacity)
     print(
@@ -115,4 +131,44 @@ async def test_an_fcr_step_reaches_full_activation_well_within_30_seconds(
     figure("FCR step to 49.8 Hz: share of full activation after 30 s", 100 * share, "%",
            limit=">= 95 %")  # fmt: skip
     assert share >= 0.95
+    assert fleet.short == 0
+
+
+async def test_a_regulation_capacity_and_a_peak_shaving_block_stacked_are_both_honoured(
+    loop_factory: Callable[..., Any], settings: Settings, figure: Recorder
+) -> None:
+    """Over MQTT: regulation at priority 2, a discharge block at priority 1 under it; the
+    fleet follows block + signal x capacity, the regulation scores, the block delivers."""
+    run_s = 330.0  # one whole 5-minute scoring window
+    async with loop_factory(count=150, seed=23, mode="multiplexed", connections=2) as loop:
+        await loop.wait_all_online(timeout=30.0)
+        reg, capacity = await offer(
+            loop, settings, Service.FREQUENCY_REGULATION, run_s + 60.0, share=0.2, priority=2
+        )
+        cap15 = loop.aggregator.last_report.capability.windows[0]  # type: ignore[union-attr]
+        block_kw = round(0.3 * cap15.min_power_kw, 1)
+        shave = f"shave-{uuid.uuid4().hex[:8]}"
+        req = DispatchRequest(request_id=shave, service=Service.PEAK_SHAVING,
+                              power_kw=block_kw, duration_s=run_s + 60.0, priority=1)  # fmt: skip
+        answer = await operator.dispatch(
+            settings, req, wait=False, timeout_s=15.0, on_result=lambda _: None
+        )
+        assert answer.status == "accepted" and answer.allocated_kw == block_kw, answer
+        await follow(loop, settings, reg, regd_like(int(run_s / SIGNAL_S) + 1, seed=5))
+        dispatcher = loop.aggregator.dispatcher
+        r, b = dispatcher.dispatches[reg], dispatcher.dispatches[shave]
+        score = dispatcher.score(r)
+        status = loop.aggregator.last_report.status  # type: ignore[union-attr]
+        fleet = loop.fleet
+    assert {d.request_id for d in status.dispatches} == {reg, shave}
+    assert score is not None
+    error = abs(b.delivered_kwh - b.requested_kwh) / abs(b.requested_kwh)
+    print(f"\nstacked: regulation ±{capacity} kW score {score:.3f}; block {block_kw} kW"
+          f" delivered {b.delivered_kwh:.2f} of {b.requested_kwh:.2f} kWh")  # fmt: skip
+    figure("stacked regulation (priority 2): PJM-style score", score, "", limit=">= 0.85")
+    figure("stacked peak-shaving block (priority 1): energy error", 100 * error, "%",
+           limit="<= 5 %")  # fmt: skip
+    assert score >= 0.85
+    assert error <= 0.05
+    assert r.shortfall_kw == 0.0 and b.shortfall_kw < 0.01 * abs(block_kw)
     assert fleet.short == 0
