@@ -238,10 +238,11 @@ class Dispatcher:
         # Feasible ranges already computed for the current view, by (now, window):
         # admission and planning in the same control step ask for the same ones.
         self._ranges_view: FleetView | None = None
-        self._ranges_memo: dict[tuple[float, float], tuple[Array, Array]] = {}
+        self._ranges_memo: dict[tuple[Any, ...], Any] = {}
         # Per signal service: the fleet rows its latest signal sample moved.
         self._signal_rows: dict[str, NDArray[np.intp]] = {}
         self._seq = 0  # admission order, for ties of priority
+        self._ratio_version = 0  # bumped whenever a follow ratio changes
         # From the latest settling: the capacity held above each request (for answers).
         self._swing_above: dict[str, float] = {}
         # Answers owed to requests a higher-priority one pre-empted; sent with the next step.
@@ -272,6 +273,18 @@ class Dispatcher:
         lo, hi = self._ranges(view, now, window_s)
         r = self._ratio[view.rows]
         return r * lo, r * hi
+
+    def _usable_sums(self, view: FleetView, now: float, window_s: float) -> tuple[float, float]:
+        """The fleet's usable range for the window (sums of ``_usable``), computed once per
+        view, time, window and state of the learned ratios: the stack is settled several
+        times a step (admission, answers, the step itself), on the same numbers."""
+        self._ranges(view, now, window_s)  # resets the memo for a new view
+        key = ("usable", now, window_s, self._ratio_version)
+        got = self._ranges_memo.get(key)
+        if got is None:
+            lo, hi = self._usable(view, now, window_s)
+            got = self._ranges_memo[key] = (float(lo.sum()), float(hi.sum()))
+        return got
 
     # -- admission -------------------------------------------------------------------
     def submit(self, req: DispatchRequest, now: float, view: FleetView) -> DispatchResult:
@@ -433,8 +446,7 @@ class Dispatcher:
         self._swing_above = {}
         for d in stack:
             self._swing_above[d.request_id] = swing
-            lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
-            lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
+            lo_sum, hi_sum = self._usable_sums(view, now, max(d.end - now, self.control_step_s))
             if d.follows_signal:
                 room = (
                     0.5 * (hi_sum - lo_sum)
@@ -473,12 +485,15 @@ class Dispatcher:
     def _take(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         """Settle ``d`` (running, on its current terms) into the stack and answer it.
         Requests of lower priority it cuts are owed a ``partial`` answer saying so."""
-        others = [o for o in self._stack() if o is not d]
         if d.follows_signal:
             d.capacity_kw = float(d.request.capacity_kw or 0.0)
-        self._settle(now, view, others)
-        before = {o.request_id: self._holding(o) for o in others}
         stack = self._stack()
+        others = [o for o in stack if o is not d]
+        below = stack[stack.index(d) + 1 :]
+        before: dict[str, float] = {}
+        if below:  # what those it may cut held without it
+            self._settle(now, view, others)
+            before = {o.request_id: self._holding(o) for o in below}
         self._settle(now, view, stack)
         d.vehicles = len(view)
         self._sent_until[:] = -np.inf  # new terms: every vehicle gets a fresh setpoint
@@ -489,8 +504,8 @@ class Dispatcher:
         )
         if answer.status == "rejected":
             return answer
-        for o in stack[stack.index(d) + 1 :]:
-            if before.get(o.request_id, 0.0) - self._holding(o) > 1e-6:
+        for o in below:
+            if before[o.request_id] - self._holding(o) > 1e-6:
                 held = o.held_kw if o.follows_signal else o.allocated_kw
                 self._notices.append(
                     self._result(
@@ -739,8 +754,7 @@ class Dispatcher:
     def _power_answer(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         """The answer for a power request just settled into the stack (at its start, or
         on new terms while it runs: the books carry on either way)."""
-        lo, hi = self._usable(view, now, max(d.end - now, self.control_step_s))
-        lo_sum, hi_sum = float(lo.sum()), float(hi.sum())
+        lo_sum, hi_sum = self._usable_sums(view, now, max(d.end - now, self.control_step_s))
         d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
         if d.shortfall_kw <= 1e-6:
             return self._result(
@@ -960,6 +974,7 @@ class Dispatcher:
         lo, hi = self._ranges(view, now, self.control_step_s)
         ok &= (sent >= lo - DRIFT_TOL_KW) & (sent <= hi + DRIFT_TOL_KW)
         r = rows[ok]
+        self._ratio_version += 1
         sample = np.clip(view.power[ok] / sent[ok], 0.0, 1.0)
         # The first sample is the estimate; later ones are averaged in.
         first = ~np.isfinite(self._ratio_ts[r])
@@ -1159,6 +1174,7 @@ class Dispatcher:
             col = columns.get(name)
             if col is not None and col.shape == (n_rows,):
                 getattr(self, attr)[:n_rows] = col
+        self._ratio_version += 1
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         for record in records:

@@ -232,10 +232,11 @@ def aggregator(
     fast_ingest: Annotated[
         bool,
         typer.Option(
-            "--fast-ingest",
-            help="receive telemetry on a second, lean MQTT connection (broker/fastlink.py)",
+            "--fast-ingest/--no-fast-ingest",
+            help="receive telemetry on a second, lean MQTT connection (broker/fastlink.py):"
+            " ~10x the general client's ingest",
         ),
-    ] = False,
+    ] = True,
     fast_setpoints: Annotated[
         bool,
         typer.Option(
