@@ -465,10 +465,16 @@ class Dispatcher:
             a, b = lo_all + swing, hi_all - swing
             point = min(max(self._baseline(view), a), b) if a <= b else 0.5 * (a + b)
         target = point + sum(d.signal * d.held_kw for d in stack if d.follows_signal)
+        # What the rest of the stack asks on top of each one's own term (kept off its
+        # delivered energy): for the power request the signal services' moves; a signal
+        # service's base already holds the others, so nothing. A request's own shortfall
+        # (a power clipped to the range, a capacity cut) is not an offset: it is its miss.
         for d in stack:
             if d.follows_signal:
                 d.base_kw = target - d.signal * d.held_kw
-            d.offset_kw = target - d.requested_kw
+                d.offset_kw = 0.0
+            else:
+                d.offset_kw = target - d.allocated_kw
         return target
 
     def _above_text(self, d: Dispatch) -> str:

@@ -44,7 +44,9 @@ async def test_acknowledged_setpoints_queued_for_an_absent_vehicle_survive_a_bro
         for i in range(QUEUED):
             await agg.publish(TOPIC, f'{{"n":{i}}}'.encode(), qos=1)  # returns on PUBACK
     acked = time.monotonic()
-    await asyncio.sleep(AUTOSAVE_S + 1.0)  # one autosave has run since the last PUBACK
+    # Two autosave periods and a margin: one whole autosave has run since the last PUBACK
+    # even on a loaded machine (with one period, a CI run once lost the lot).
+    await asyncio.sleep(2 * AUTOSAVE_S + 1.0)
     mosquitto.kill()
     await asyncio.to_thread(mosquitto.start)
     restarted = time.monotonic()

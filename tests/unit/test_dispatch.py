@@ -73,7 +73,7 @@ def test_request_inside_the_envelope_is_accepted_and_tracked_within_two_percent(
 
 
 def test_request_beyond_the_envelope_is_partial_with_the_exact_shortfall() -> None:
-    _, state = fleet_and_state()
+    fleet, state = fleet_and_state()
     d = Dispatcher(control_step_s=STEP)
     view = state.view(T0, 3 * STEP)
     lo, _ = vehicle_ranges(view, T0, 900.0)
@@ -82,6 +82,13 @@ def test_request_beyond_the_envelope_is_partial_with_the_exact_shortfall() -> No
     assert answer.allocated_kw == pytest.approx(lo.sum(), abs=1e-3)
     assert answer.shortfall_kw == pytest.approx(500.0, abs=1e-3)
     assert "export" in (answer.reason or "")
+    # Its delivered energy is the fleet meter's: its own miss is not taken off it.
+    meter0 = view.meter_kwh
+    t, _ = run_loop(fleet, state, d, T0, 6)
+    d.step(t, state.view(t, 3 * STEP), len(state))
+    books = d.dispatches["r1"]
+    assert books.stacked_kwh == 0.0
+    assert books.delivered_kwh == pytest.approx(state.view(t, 3 * STEP).meter_kwh - meter0)
 
 
 @pytest.mark.parametrize(
