@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar, cast
 
 import structlog
 
@@ -71,6 +72,80 @@ def connect_packet(
 def subscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
     body = struct.pack("!H", packet_id) + b"".join(_utf8(f) + b"\x00" for f in filters)
     return _frame(0x82, body)
+
+
+class Session(Protocol):
+    """What the lean clients' protocols share for connecting and keeping alive."""
+
+    connack: asyncio.Future[int]
+    closed: asyncio.Future[Exception | None]
+    last_rx: float
+
+
+P = TypeVar("P", bound=asyncio.Protocol)  # and a Session
+
+
+async def open_session(
+    settings: Settings,
+    target: MqttTarget,
+    client_id: str,
+    factory: Callable[[], P],
+    what: str,
+    lg: structlog.typing.FilteringBoundLogger,
+) -> tuple[asyncio.Transport, P]:
+    """Connect (TLS if the target says so), send CONNECT and wait for a CONNACK that
+    accepts it. Raises AuthenticationError on a refused login, TransportError otherwise;
+    the transport is closed on any failure."""
+    context = None
+    if target.tls:
+        context = ssl.create_default_context(cafile=settings.tls_ca_file)
+        if settings.tls_cert_file:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    loop = asyncio.get_running_loop()
+    timeout = settings.publish_timeout_s
+    async with asyncio.timeout(timeout):
+        transport, proto = await loop.create_connection(
+            factory, target.host, target.port, ssl=context
+        )
+    try:
+        transport.write(
+            connect_packet(client_id, settings.keepalive_s, target.username, target.password)
+        )
+        async with asyncio.timeout(timeout):
+            code = await cast(Session, proto).connack
+        if code in (4, 5):
+            lg.error("mqtt_auth_refused", client_id=client_id, code=code)
+            raise AuthenticationError(
+                f"broker {target.host}:{target.port} refused {what} client {client_id!r}"
+                f" (CONNACK {code}); check V2G_USERNAME/V2G_PASSWORD"
+            )
+        if code != 0:
+            raise TransportError(f"broker refused the connection (CONNACK {code})")
+    except BaseException:
+        close_session(transport)
+        raise
+    return transport, proto
+
+
+async def keep_alive(transport: asyncio.Transport, proto: Session, keepalive_s: int) -> None:
+    """PINGREQ every half keepalive until the connection goes; raises TransportError."""
+    ping_every = max(1.0, keepalive_s / 2)
+    while True:
+        done, _ = await asyncio.wait({proto.closed}, timeout=ping_every)
+        if done:
+            raise TransportError(f"connection lost: {proto.closed.result()}")
+        if time.monotonic() - proto.last_rx > 1.5 * keepalive_s:
+            raise TransportError("no PINGRESP from the broker: the connection is dead")
+        transport.write(_PINGREQ)
+
+
+def close_session(transport: asyncio.BaseTransport) -> None:
+    """DISCONNECT (best effort) and close."""
+    if not transport.is_closing():
+        if isinstance(transport, asyncio.WriteTransport):
+            with contextlib.suppress(Exception):
+                transport.write(_DISCONNECT)
+        transport.close()
 
 
 class _Protocol(asyncio.Protocol):
@@ -244,52 +319,20 @@ class FastIngest:
 
     async def _session(self, target: MqttTarget, lg: structlog.typing.FilteringBoundLogger) -> None:
         s = self.settings
-        host, port = target.host, target.port
-        context = None
-        if target.tls:
-            context = ssl.create_default_context(cafile=s.tls_ca_file)
-            if s.tls_cert_file:
-                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-        loop = asyncio.get_running_loop()
-        timeout = s.publish_timeout_s
-        async with asyncio.timeout(timeout):
-            transport, proto = await loop.create_connection(
-                lambda: _Protocol(self.handler, self.stats, lg), host, port, ssl=context
-            )
+        transport, proto = await open_session(
+            s, target, self.client_id, lambda: _Protocol(self.handler, self.stats, lg),
+            "ingest", lg,
+        )  # fmt: skip
         try:
-            transport.write(
-                connect_packet(self.client_id, s.keepalive_s, target.username, target.password)
-            )
-            async with asyncio.timeout(timeout):
-                code = await proto.connack
-            if code in (4, 5):
-                lg.error("mqtt_auth_refused", client_id=self.client_id, code=code)
-                raise AuthenticationError(
-                    f"broker {host}:{port} refused ingest client {self.client_id!r}"
-                    f" (CONNACK {code}); check V2G_USERNAME/V2G_PASSWORD"
-                )
-            if code != 0:
-                raise TransportError(f"broker refused the connection (CONNACK {code})")
             if self.filters:
                 transport.write(subscribe_packet(1, self.filters))
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(s.publish_timeout_s):
                     await proto.suback
             self.stats.connects += 1
             self.stats.connected_at = time.monotonic()
             self._connected.set()
             if self.stats.connects > 1:
                 lg.info("ingest_reconnected", client_id=self.client_id)
-            ping_every = max(1.0, s.keepalive_s / 2)
-            while True:
-                done, _ = await asyncio.wait({proto.closed}, timeout=ping_every)
-                if done:
-                    err = proto.closed.result()
-                    raise TransportError(f"connection lost: {err}")
-                if time.monotonic() - proto.last_rx > 1.5 * s.keepalive_s:
-                    raise TransportError("no PINGRESP from the broker: the connection is dead")
-                transport.write(_PINGREQ)
+            await keep_alive(transport, proto, s.keepalive_s)
         finally:
-            if not transport.is_closing():
-                with contextlib.suppress(Exception):
-                    transport.write(_DISCONNECT)
-                transport.close()
+            close_session(transport)

@@ -28,8 +28,6 @@ it to the model), without building and serialising a pydantic model per vehicle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ import structlog
 from numpy.typing import NDArray
 
 from broker.errors import AuthenticationError, TransportError
-from broker.fastlink import MAX_FRAME_BYTES, connect_packet
+from broker.fastlink import MAX_FRAME_BYTES, close_session, keep_alive, open_session
 from broker.link import Outgoing, backoff_delays, wait_connected
 from broker.models import from_epoch
 from broker.settings import MqttTarget, Settings
@@ -320,56 +318,26 @@ class FastPublisher:
             self._connected.clear()
 
     async def _session(self, target: MqttTarget, lg: structlog.typing.FilteringBoundLogger) -> None:
-        s = self.settings
-        context = None
-        if target.tls:
-            context = ssl.create_default_context(cafile=s.tls_ca_file)
-            if s.tls_cert_file:
-                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-        loop = asyncio.get_running_loop()
-        timeout = s.publish_timeout_s
-        async with asyncio.timeout(timeout):
-            transport, proto = await loop.create_connection(
-                lambda: _Protocol(self.max_inflight, self._lost),
-                target.host,
-                target.port,
-                ssl=context,
-            )
+        transport, proto = await open_session(
+            self.settings,
+            target,
+            self.client_id,
+            lambda: _Protocol(self.max_inflight, self._lost),
+            "setpoint",
+            lg,
+        )
         try:
-            transport.write(
-                connect_packet(self.client_id, s.keepalive_s, target.username, target.password)
-            )
-            async with asyncio.timeout(timeout):
-                code = await proto.connack
-            if code in (4, 5):
-                lg.error("mqtt_auth_refused", client_id=self.client_id, code=code)
-                raise AuthenticationError(
-                    f"broker {target.host}:{target.port} refused setpoint client"
-                    f" {self.client_id!r} (CONNACK {code}); check V2G_USERNAME/V2G_PASSWORD"
-                )
-            if code != 0:
-                raise TransportError(f"broker refused the connection (CONNACK {code})")
             self._proto = proto
             self.stats.connects += 1
             self.stats.connected_at = time.monotonic()
             self._connected.set()
             if self.stats.connects > 1:
                 lg.info("setpoint_link_reconnected", client_id=self.client_id)
-            ping_every = max(1.0, s.keepalive_s / 2)
-            while True:
-                done, _ = await asyncio.wait({proto.closed}, timeout=ping_every)
-                if done:
-                    raise TransportError(f"connection lost: {proto.closed.result()}")
-                if time.monotonic() - proto.last_rx > 1.5 * s.keepalive_s:
-                    raise TransportError("no PINGRESP from the broker: the connection is dead")
-                transport.write(_PINGREQ)
+            await keep_alive(transport, proto, self.settings.keepalive_s)
         finally:
             self._connected.clear()
             self._proto = None
-            if not transport.is_closing():
-                with contextlib.suppress(Exception):
-                    transport.write(_DISCONNECT)
-                transport.close()
+            close_session(transport)
 
     async def publish_many(
         self, messages: Sequence[Outgoing], *, timeout: float | None = None
