@@ -250,6 +250,15 @@ async def bench_publish(n: int) -> list[Row]:
     ]
 
 
+def write_results(rows: list[Row], out: Path | str, **extra: Any) -> None:
+    """Write a bench's rows (and ``extra`` fields) as JSON, stamped with the time."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.write_text(json.dumps({"when": when, **extra, "rows": rows}, indent=2))
+    print(f"written {path}")
+
+
 def print_table(rows: list[Row]) -> None:
     head = f"{'metric':<40} {'N':>7} {'value':>12} {'unit':<6} {'reference':>12} {'ratio':>7} {'target':>8} {'pass':>5}  reference is"
     print(head)
@@ -301,14 +310,7 @@ async def main() -> None:
                 f"largest fleet measured with a {kind} step under 1 s ({path}):"
                 f" {max(within) if within else 'none'}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}, indent=2
-        )
-    )
-    print(f"written {out}")
+    write_results(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from control_step import Row, print_table, row
+from control_step import Row, print_table, row, write_results
 
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore
@@ -495,14 +495,7 @@ def main() -> None:
         )
     )
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": result}, indent=2
-        )
-    )
-    print(f"written {out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from control_step import Row, row
+from control_step import Row, row, write_results
 
 HOST = "127.0.0.1"
 TARGET_RATIO = 1.7
@@ -439,21 +439,13 @@ def main() -> None:
         return
     table = rows(args.vehicles, args.rounds, args.repeat, args.publishers, args.timeout)
     print_table(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "command": " ".join(["bench/scale_out.py", *sys.argv[1:]]),
-                "cores": os.cpu_count(),
-                "rows": table,
-                "runs": LAST_RUNS,
-            },
-            indent=2,
-        )
+    write_results(
+        table,
+        args.out,
+        command=" ".join(["bench/scale_out.py", *sys.argv[1:]]),
+        cores=os.cpu_count(),
+        runs=LAST_RUNS,
     )
-    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from control_step import Row, print_table, row
+from control_step import Row, print_table, row, write_results
 
 from agents.battery import Batteries
 from agents.fleet import SimFleet
@@ -103,11 +102,7 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         result.extend(bench(n))
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out.write_text(json.dumps({"when": when, "rows": result}, indent=2))
-    print(f"written {out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 import uuid
@@ -61,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from control_step import T0, Row, print_table, row
+from control_step import T0, Row, print_table, row, write_results
 from dispatch_latency import HOST, PATHS, PORT, Arrivals, load_fleet
 
 from agents.fleet import SimFleet
@@ -284,14 +283,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     result = asyncio.run(run_all(sizes, args.signals, args.period, args.qos, paths))
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": result}, indent=2
-        )
-    )
-    print(f"written {out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,26 @@ def subscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
     return _frame(0x82, body)
 
 
+BAD_LENGTH = -2  # remaining_length: more than 4 bytes, a broken stream
+
+
+def remaining_length(data: bytes | bytearray, i: int, n: int) -> tuple[int, int]:
+    """An MQTT remaining length (variable-length integer) starting at ``data[i]``, with
+    ``n`` bytes in hand: (length, index after it); length -1 if not all of it is here
+    yet, BAD_LENGTH if it runs past 4 bytes."""
+    length = shift = 0
+    while i < n:
+        byte = data[i]
+        i += 1
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return length, i
+        shift += 7
+        if shift > 21:
+            return BAD_LENGTH, i
+    return -1, i
+
+
 class Session(Protocol):
     """What the lean clients' protocols share for connecting and keeping alive."""
 
@@ -205,19 +225,11 @@ class _Protocol(asyncio.Protocol):
                 elif n - pos >= 3 and data[pos + 2] < 0x80:
                     length, i = (byte & 0x7F) | (data[pos + 2] << 7), pos + 3
                 else:  # 3 or 4 length bytes, or not all of them here yet
-                    i, length, shift, whole = pos + 1, 0, 0, False
-                    while i < n:
-                        byte = data[i]
-                        i += 1
-                        length |= (byte & 0x7F) << shift
-                        if byte < 0x80:
-                            whole = True
-                            break
-                        shift += 7
-                        if shift > 21:
-                            self._broken("bad remaining length")
-                            return
-                    if not whole:
+                    length, i = remaining_length(data, pos + 1, n)
+                    if length == BAD_LENGTH:
+                        self._broken("bad remaining length")
+                        return
+                    if length < 0:
                         need = n - pos + 1
                         break
                 if length > MAX_FRAME_BYTES:

@@ -38,7 +38,14 @@ import structlog
 from numpy.typing import NDArray
 
 from broker.errors import AuthenticationError, TransportError
-from broker.fastlink import MAX_FRAME_BYTES, close_session, keep_alive, open_session
+from broker.fastlink import (
+    BAD_LENGTH,
+    MAX_FRAME_BYTES,
+    close_session,
+    keep_alive,
+    open_session,
+    remaining_length,
+)
 from broker.link import Outgoing, backoff_delays, wait_connected
 from broker.models import from_epoch
 from broker.settings import MqttTarget, Settings
@@ -177,19 +184,11 @@ class _Protocol(asyncio.Protocol):
                     if not burst.pending and not burst.settled.done():
                         burst.settled.set_result(None)
                 continue
-            i, length, shift, whole = pos + 1, 0, 0, False
-            while i < n:
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    whole = True
-                    break
-                shift += 7
-                if shift > 21:
-                    self._broken("bad remaining length")
-                    return
-            if not whole:
+            length, i = remaining_length(buf, pos + 1, n)
+            if length == BAD_LENGTH:
+                self._broken("bad remaining length")
+                return
+            if length < 0:
                 break
             if length > MAX_FRAME_BYTES:
                 self._broken(f"frame of {length} bytes")
