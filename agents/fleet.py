@@ -19,6 +19,10 @@ from agents.profiles import DAY_S, FleetProfile, sessions_at
 SHORT_TOL_KWH = 0.05
 
 
+# Feasible ranges of some vehicles: their rows, p_lo and p_hi.
+Ranges = tuple[NDArray[np.intp], Array, Array]
+
+
 @dataclass(slots=True)
 class Departures:
     """What happened at the departures of one tick."""
@@ -156,8 +160,12 @@ class SimFleet:
         self.short_ids.extend(short_ids)
         return Departures(n_leave, n_short, short_ids, n_early)
 
-    def _decide(self, now: float, dt: float) -> None:
-        """Choose the power to hold until the next tick; ``dt`` is the time since the last."""
+    def _decide(self, now: float, dt: float, ranges: Ranges | None = None) -> None:
+        """Choose the power to hold until the next tick; ``dt`` is the time since the last.
+
+        ``ranges`` are the plugged-in vehicles' feasible ranges for the step from this very
+        state, (rows, p_lo, p_hi) as ``feasible_range`` gives them, when the caller has
+        computed them already (the simulation's dispatcher has, on the same columns)."""
         bat = self.bat
         step_s = self.step_s
         f = self.faults
@@ -174,8 +182,15 @@ class SimFleet:
             moved = self.power + np.clip(wanted - self.power, -reach, reach)
             wanted = np.where(slow, moved, wanted)
         # Protection comes after the faults: a misbehaving car still guards its driver.
-        held = protect(bat, self.energy, self.departure, now, step_s, wanted)
-        self.power = np.where(self.plugged, held, 0.0)
+        if ranges is None:
+            held = protect(bat, self.energy, self.departure, now, step_s, wanted)
+            self.power = np.where(self.plugged, held, 0.0)
+        else:
+            # protect() is this clip: under its floor a car's p_lo is its p_hi already.
+            rows, p_lo, p_hi = ranges
+            power = np.zeros(len(self.ids))
+            power[rows] = np.minimum(np.maximum(wanted[rows], p_lo), p_hi)
+            self.power = power
 
     def soc(self) -> Array:
         return self.energy / self.bat.capacity_kwh

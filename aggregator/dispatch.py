@@ -235,10 +235,10 @@ class Dispatcher:
         # Per fleet row: energy cycled under this dispatcher (kWh, charge plus discharge).
         self._cycled: Array = np.zeros(0)
         self._cycled_t: float | None = None
-        # Feasible ranges already computed for the current view, by (now, window):
-        # admission and planning in the same control step ask for the same ones.
-        self._ranges_view: FleetView | None = None
-        self._ranges_memo: dict[tuple[Any, ...], Any] = {}
+        # What was computed from the current view (feasible ranges by (now, window), usable
+        # sums, the baseline): admission, settling and planning of a step ask the same.
+        self._memo_view: FleetView | None = None
+        self._memo_of_view: dict[Any, Any] = {}
         # Per signal service: the fleet rows its latest signal sample moved.
         self._signal_rows: dict[str, NDArray[np.intp]] = {}
         self._seq = 0  # admission order, for ties of priority
@@ -253,16 +253,24 @@ class Dispatcher:
         self._fit(int(rows.max()) + 1 if rows.size else 0)
         return self._ratio[rows].copy()
 
-    def _ranges(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
-        """``vehicle_ranges``, computed once per view, time and window (read-only arrays)."""
-        if view is not self._ranges_view:
-            self._ranges_view, self._ranges_memo = view, {}
+    def _memo(self, view: FleetView) -> dict[Any, Any]:
+        """What was computed from this view so far (a new view starts afresh)."""
+        if view is not self._memo_view:
+            self._memo_view, self._memo_of_view = view, {}
+        return self._memo_of_view
+
+    def ranges(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
+        """``vehicle_ranges``, computed once per view, time and window (read-only arrays).
+
+        Admission, settling and planning of one control step all ask for the same ones; a
+        caller that holds the same view (the simulation) may share them too."""
+        memo = self._memo(view)
         key = (now, window_s)
-        got = self._ranges_memo.get(key)
+        got = memo.get(key)
         if got is None:
             lo, hi = vehicle_ranges(view, now, window_s)
             lo.flags.writeable = hi.flags.writeable = False
-            got = self._ranges_memo[key] = (lo, hi)
+            got = memo[key] = (lo, hi)
         return got
 
     def _usable(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
@@ -270,7 +278,7 @@ class Dispatcher:
         scaled by its follow ratio, so a car that draws half of what it is told counts
         for half its headroom and the others are asked for the rest."""
         self._fit(int(view.rows.max()) + 1 if len(view) else 0)
-        lo, hi = self._ranges(view, now, window_s)
+        lo, hi = self.ranges(view, now, window_s)
         r = self._ratio[view.rows]
         return r * lo, r * hi
 
@@ -278,12 +286,12 @@ class Dispatcher:
         """The fleet's usable range for the window (sums of ``_usable``), computed once per
         view, time, window and state of the learned ratios: the stack is settled several
         times a step (admission, answers, the step itself), on the same numbers."""
-        self._ranges(view, now, window_s)  # resets the memo for a new view
+        memo = self._memo(view)
         key = ("usable", now, window_s, self._ratio_version)
-        got = self._ranges_memo.get(key)
+        got = memo.get(key)
         if got is None:
             lo, hi = self._usable(view, now, window_s)
-            got = self._ranges_memo[key] = (float(lo.sum()), float(hi.sum()))
+            got = memo[key] = (float(lo.sum()), float(hi.sum()))
         return got
 
     # -- admission -------------------------------------------------------------------
@@ -463,7 +471,7 @@ class Dispatcher:
                 d.allocated_kw = point
         if point is None:  # signals only: around the baseline, moved into the range
             a, b = lo_all + swing, hi_all - swing
-            point = min(max(self._baseline(view), a), b) if a <= b else 0.5 * (a + b)
+            point = min(max(self.baseline(view), a), b) if a <= b else 0.5 * (a + b)
         target = point + sum(d.signal * d.held_kw for d in stack if d.follows_signal)
         # What the rest of the stack asks on top of each one's own term (kept off its
         # delivered energy): for the power request the signal services' moves; a signal
@@ -844,7 +852,7 @@ class Dispatcher:
         if d is None:
             return None
         if d.state == "active":
-            self._book(d, min(now, d.end), view, now, self._baseline(view))
+            self._book(d, min(now, d.end), view, now, self.baseline(view))
         return self._close(d, now, "cancelled", reason="cancelled by the operator")
 
     # -- control step ----------------------------------------------------------------
@@ -857,7 +865,7 @@ class Dispatcher:
         self._cycled_t = now
         out = StepOutput()
         measured = float(view.power.sum())
-        base = self._baseline(view)
+        base = self.baseline(view)
         for d in list(self.dispatches.values()):
             if d.state == "active":
                 if d.follows_signal:
@@ -931,9 +939,15 @@ class Dispatcher:
         self._fit(int(rows.max()) + 1 if rows.size else 0)
         return self._cycled[rows].copy()
 
-    def _baseline(self, view: FleetView) -> float:
-        """What the active fleet would draw now with plain charging."""
-        return float(baseline_power(view.batteries, view.energy, self.control_step_s).sum())
+    def baseline(self, view: FleetView) -> float:
+        """What the active fleet would draw now with plain charging (once per view)."""
+        memo = self._memo(view)
+        got = memo.get("baseline")
+        if got is None:
+            got = memo["baseline"] = float(
+                baseline_power(view.batteries, view.energy, self.control_step_s).sum()
+            )
+        return float(got)
 
     def _book(self, d: Dispatch, t: float, view: FleetView, now: float, base: float) -> None:
         """Bring the books to ``t`` (<= now): delivered energy off the fleet meter, the
@@ -977,7 +991,7 @@ class Dispatcher:
             return
         # A car that holds back because its own limits say so (its floor, a full
         # battery) is not misbehaving: judge it only on setpoints it could follow.
-        lo, hi = self._ranges(view, now, self.control_step_s)
+        lo, hi = self.ranges(view, now, self.control_step_s)
         ok &= (sent >= lo - DRIFT_TOL_KW) & (sent <= hi + DRIFT_TOL_KW)
         r = rows[ok]
         self._ratio_version += 1
@@ -1001,7 +1015,7 @@ class Dispatcher:
         """Setpoints for fleet net power ``target`` until ``end``; returns the total the
         vehicles are told (what the fleet can give of it)."""
         rows = view.rows
-        lo, hi = self._ranges(view, now, max(end - now, self.control_step_s))
+        lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
         sent = self._sent_kw[rows]
         live = self._sent_until[rows] > now
         ratio = self._ratio[rows]

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, Batteries, baseline_power
-from agents.fleet import SimFleet
+from agents.battery import Array, Batteries
+from agents.fleet import Ranges, SimFleet
 from agents.profiles import FleetProfile
 from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetView
@@ -107,16 +106,17 @@ class SteeredFleet(SimFleet):
     decision instead of two (decide with the old setpoints, then again with the new).
     """
 
-    _pending: tuple[Any, ...] | None = None
+    _pending: tuple[float, float] | None = None
 
-    def _decide(self, *args: Any) -> None:
-        self._pending = args
+    def _decide(self, now: float, dt: float, ranges: Ranges | None = None) -> None:
+        self._pending = (now, dt)
 
-    def decide(self) -> None:
-        """Choose every vehicle's power for the coming step, with the setpoints as they are."""
+    def decide(self, ranges: Ranges | None = None) -> None:
+        """Choose every vehicle's power for the coming step, with the setpoints as they are
+        (``ranges``: the plugged-in vehicles' feasible ranges for it, if already known)."""
         if self._pending is not None:
-            args, self._pending = self._pending, None
-            super()._decide(*args)
+            (now, dt), self._pending = self._pending, None
+            super()._decide(now, dt, ranges)
 
 
 def fleet_view(fleet: SimFleet, now: float, held: Array, meter_kwh: float) -> FleetView:
@@ -218,7 +218,7 @@ class Simulation:
                 departures[i], short[i] = dep.count, dep.short
                 ever |= fleet.plugged
             view = fleet_view(fleet, now, held, meter)
-            base = float(baseline_power(view.batteries, view.energy, step_s).sum())
+            base = disp.baseline(view)
             # Requests due by now, in start order (a request is submitted at the first step
             # at or after its start, so the dispatcher takes it as starting now).
             while pending and pending[0].start <= now + 1e-9:
@@ -251,7 +251,9 @@ class Simulation:
             fleet.setpoint_kw[out.rows] = out.power_kw
             fleet.setpoint_until[out.rows] = out.valid_until
             fleet.setpoint_until[out.release_rows] = now
-            fleet.decide()  # the vehicles take their setpoints at once, within their limits
+            # The vehicles take their setpoints at once, within their limits: the ranges the
+            # dispatcher computed from the same columns (one pass of the physics, not two).
+            fleet.decide((view.rows, *disp.ranges(view, now, step_s)))
             active = next((d for d in disp.dispatches.values() if d.state == "active"), None)
             if active is not None:
                 req_kw[i], alloc_kw[i], req_id[i] = (
