@@ -79,17 +79,20 @@ end
 return 1
 """
 
-# KEYS: token counter, stream. ARGV: token, fields per entry (n), then n field/value pairs
-# per entry, entry after entry. Appends them all, only if the token is the latest one.
+# KEYS: token counter, then the streams. ARGV: token, then per entry: the index in KEYS of
+# its stream, its field count n, and n field/value pairs. Appends them all, in order, only
+# if the token is the latest one.
 _FENCED_XADD = """
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then
   return redis.error_reply('FENCED token ' .. ARGV[1] .. ' is not the current ' .. tostring(current))
 end
-local width = 2 * tonumber(ARGV[2])
 local ids = {}
-for i = 3, #ARGV, width do
-  ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', unpack(ARGV, i, i + width - 1))
+local i = 2
+while i <= #ARGV do
+  local width = 2 * tonumber(ARGV[i + 1])
+  ids[#ids + 1] = redis.call('XADD', KEYS[tonumber(ARGV[i])], '*', unpack(ARGV, i + 2, i + 1 + width))
+  i = i + 2 + width
 end
 return ids
 """
@@ -270,29 +273,32 @@ async def fenced_xadd(
     redis: aioredis.Redis,
     *,
     token_key: str,
-    key: str,
     token: int,
-    entries: Sequence[Mapping[str, str]],
+    entries: Sequence[tuple[str, Mapping[str, str]]],
     timeout_s: float = 5.0,
 ) -> list[str]:
-    """Append ``entries`` (all with the same fields, in the same order) to stream ``key``
-    in one script, only if ``token`` is still the latest fencing token (for the leader's
-    append-only books, e.g. a dispatch ledger); returns their ids. Raises FencedOut if a
-    newer leader exists, LeaseUnavailable if Redis does not answer within ``timeout_s``."""
+    """Append each ``(stream key, fields)`` of ``entries``, in order, in one script, only
+    if ``token`` is still the latest fencing token (for the leader's append-only books,
+    e.g. the dispatch ledger's streams); returns their ids. Raises FencedOut if a newer
+    leader exists, LeaseUnavailable if Redis does not answer within ``timeout_s``.
+
+    The streams and the token counter must share a Redis Cluster slot: a hash tag in the
+    prefix (``{v2g}``) does that."""
     if not entries:
         return []
-    names = list(entries[0])
-    if not names or any(list(e) != names for e in entries):
-        raise ValueError("fenced_xadd needs entries with the same, non-empty fields")
-    args: list[Any] = [str(token), len(names)]
-    for e in entries:
-        for name in names:
-            args += [name, e[name]]
+    slots: dict[str, int] = {}  # stream key -> its index in KEYS (1 is the token counter)
+    args: list[Any] = [str(token)]
+    for key, fields in entries:
+        if not fields:
+            raise ValueError(f"fenced_xadd: an entry for {key} has no fields")
+        args += [slots.setdefault(key, len(slots) + 2), len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
     try:
         ids = await _call(
-            f"appending to {key}",
+            f"appending to {len(slots)} stream(s)",
             timeout_s,
-            lambda: redis.eval(_FENCED_XADD, 2, token_key, key, *args),
+            lambda: redis.eval(_FENCED_XADD, 1 + len(slots), token_key, *slots, *args),
         )
     except ResponseError as err:
         raise FencedOut(token, str(err)) from None

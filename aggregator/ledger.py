@@ -7,7 +7,9 @@ terms, partial, rejected, completed or cancelled), ``step`` (each control step w
 request runs: requested, allocated, delivered and baseline kW, energies so far, setpoints
 sent, vehicles, and a signal service's score so far), ``vehicles`` (each settlement
 interval: every vehicle's metered and baseline kWh, as columns) and ``departure`` (a
-driver who unplugged while it ran, with their energy and target). Writes never hold up a control step: the service queues them and a
+driver who unplugged while it ran, with their energy and target). Scaled out, every
+entry also has ``term``: the fencing token of the leader that wrote it, checked by Redis
+as it appends (:class:`aggregator.scaleout.FencedLedger`). Writes never hold up a control step: the service queues them and a
 writer drains the queue; while Redis is away they wait (bounded) and go out, in order,
 when it is back, so nothing acknowledged is lost to a short outage.
 """
@@ -173,9 +175,11 @@ class LedgerWriter:
         self.owed: deque[tuple[str, Entry]] = deque(maxlen=max_owed)
         self.written = 0
         self.failed_writes = 0
+        # Fields every entry gets from now on (scale-out: the leader's term, its token).
+        self.stamp: Entry = {}
 
     def add(self, request_id: str, entry: Mapping[str, str]) -> None:
-        self.owed.append((request_id, dict(entry)))
+        self.owed.append((request_id, {**entry, **self.stamp}))
 
     async def drain(self, batch: int = 10_000) -> bool:
         """Write what is owed, oldest first; False (and kept) if the store is away."""

@@ -18,7 +18,9 @@ Enabled by ``V2G_SHARE_GROUP``; unset, nothing here runs and one aggregator work
   a higher fencing token, restores fleet and dispatch books from the snapshot, reads the
   stream from the snapshot's cursor and goes on. The snapshot is written with the token
   (:func:`aggregator.lease.fenced_hset`), so a paused old leader that wakes up cannot
-  overwrite the new leader's state.
+  overwrite the new leader's state; the dispatch ledger's entries carry the token of the
+  term that wrote them and are appended only while it is the latest
+  (:class:`FencedLedger`), so it cannot add books the new leader keeps already.
 * **Members.** Every process notes what it received in ``{prefix}:members`` (one field
   each, JSON), for operators and tests.
 
@@ -34,6 +36,7 @@ import inspect
 import json
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +47,15 @@ from redis.exceptions import RedisError
 
 from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetState
-from aggregator.lease import FencedOut, LeaseUnavailable, RedisLease, fenced_hset, lease_keys
+from aggregator.lease import (
+    FencedOut,
+    LeaseUnavailable,
+    RedisLease,
+    fenced_hset,
+    fenced_xadd,
+    lease_keys,
+)
+from aggregator.ledger import Entry, Ledger, RedisLedger
 from aggregator.store import RedisStore, Snapshot, StateStore
 from broker.errors import TransportError
 from broker.models import DispatchRequest, TelemetryArrays, VehicleStatus, from_epoch
@@ -227,6 +238,67 @@ class FencedStore:
         await self.inner.close()
 
 
+# -- the ledger only the leader writes -------------------------------------------------
+class FencedLedger:
+    """The service's :class:`RedisLedger`, appending each entry with the fencing token of
+    the term that wrote it (its ``term`` field), checked by Redis in the same script: a
+    leader paused past its lease cannot, on waking, add books for steps that the next
+    leader, restored from the snapshot, books again. Refused entries are dropped, counted
+    and logged; an entry of the current term refused means a newer leader exists."""
+
+    def __init__(self, inner: RedisLedger, scale: ScaleOut) -> None:
+        self.inner = inner
+        self.scale = scale
+        self.refused = 0
+
+    async def append(self, entries: Sequence[tuple[str, Entry]]) -> None:
+        start = 0
+        while start < len(entries):  # one script per run of entries of the same term
+            term = entries[start][1].get("term", "")
+            end = start + 1
+            while end < len(entries) and entries[end][1].get("term", "") == term:
+                end += 1
+            await self._append_term(term, entries[start:end])
+            start = end
+
+    async def _append_term(self, term: str, entries: Sequence[tuple[str, Entry]]) -> None:
+        if not term.isdigit():
+            self._refuse(entries, term, "written by no leader's term")
+            return
+        token = int(term)
+        try:
+            await fenced_xadd(
+                self.scale.redis,
+                token_key=self.scale.lease.token_key,
+                token=token,
+                entries=[(self.inner.key(rid), e) for rid, e in entries],
+                timeout_s=REDIS_TIMEOUT_S * 2,
+            )
+        except FencedOut as err:
+            self._refuse(entries, term, str(err))
+            if token == self.scale.lease.token:
+                self.scale.fenced_out(err)
+        except LeaseUnavailable as err:  # kept by the writer and tried again
+            raise TransportError(f"writing the ledger to Redis failed: {err}") from err
+
+    def _refuse(self, entries: Sequence[tuple[str, Entry]], term: str, why: str) -> None:
+        self.refused += len(entries)
+        self.scale.log.error(
+            "ledger_entries_fenced",
+            holder=self.scale.holder,
+            term=term,
+            entries=len(entries),
+            requests=sorted({rid for rid, _ in entries})[:10],
+            error=why,
+        )
+
+    async def read(self, request_id: str) -> list[Entry]:
+        return await self.inner.read(request_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 # -- the coordinator --------------------------------------------------------------------
 @dataclass(slots=True)
 class ScaleStats:
@@ -286,6 +358,14 @@ class ScaleOut:
                 f" store, not {type(store).__name__} (drop --memory)"
             )
         return FencedStore(store, self)
+
+    def fence_ledger(self, ledger: Ledger) -> FencedLedger:
+        if not isinstance(ledger, RedisLedger):
+            raise ValueError(
+                "scale-out keeps the dispatch ledger in Redis: V2G_SHARE_GROUP needs a Redis"
+                f" ledger, not {type(ledger).__name__} (drop --memory)"
+            )
+        return FencedLedger(ledger, self)
 
     # -- the lease --------------------------------------------------------------------
     async def run(self) -> None:
@@ -369,6 +449,8 @@ class ScaleOut:
         service.state = FleetState()
         service.dispatcher = fresh_dispatcher(service.dispatcher)
         service._owed.clear()
+        if service.ledger is not None:  # this term's entries carry its token
+            service.ledger.stamp = {"term": str(self.lease.token)}
         await service.restore()  # and, through FencedStore.load, the ingest cursor
         # Requests that reached the old leader and may have died with it: submitting one
         # it had already taken gets its answer again, not a second dispatch.

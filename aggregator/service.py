@@ -196,6 +196,8 @@ class AggregatorService:
         if settings.share_group:
             self.scale = ScaleOut(settings=settings, holder=client_id, logger=self.log)
             self.store = self.scale.fence(store)
+            if self.ledger is not None:
+                self.ledger.ledger = self.scale.fence_ledger(self.ledger.ledger)
         telemetry = [(self.topics.all_telemetry, 0), (self.topics.all_bridge_telemetry, 0)]
         self.ingest: FastIngest | None = None
         if fast_ingest:

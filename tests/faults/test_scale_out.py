@@ -309,6 +309,8 @@ async def test_a_leader_frozen_past_its_lease_is_replaced_and_steps_down_when_it
         who, token = await pair.lease()
         snap_token = await pair.redis.hget(pair.keys["fleet"], "token")  # type: ignore[misc]
         log = pair.logs[leader].read_text(errors="replace")
+        books = await pair.redis.xrange(f"{settings.redis_prefix}:ledger:{rid}")
+        terms = [int(fields.get(b"term", b"0")) for _, fields in books]
 
     print(
         f"\nscale-out: leader {leader} frozen; lease to {follower} after {lease_s:.2f} s"
@@ -323,3 +325,7 @@ async def test_a_leader_frozen_past_its_lease_is_replaced_and_steps_down_when_it
     assert "leader_stepped_down" in log or "leader_fenced_out" in log
     assert per_step <= 1.3, f"{per_step:.2f} fleet statuses per control step: two leaders?"
     assert stepped_down_s <= LEASE_TTL_S
+    # The ledger: every entry written by a leader's term, and none of the woken one's
+    # after its successor's (its late entries are refused by Redis, not appended).
+    assert old_token in terms and new_token in terms, terms
+    assert terms == sorted(terms), f"an old term's books came after a newer one's: {terms}"

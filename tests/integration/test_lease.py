@@ -21,6 +21,7 @@ from aggregator.lease import (
     fenced_xadd,
     lease_keys,
 )
+from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.scaleout import ScaleOut
 from aggregator.store import RedisStore, Snapshot
 from broker.settings import Settings
@@ -125,14 +126,25 @@ async def test_an_append_with_an_old_fencing_token_is_refused(
     assert old is not None
     key = f"{settings.redis_prefix}:ledger:r1"
     _, token_key = lease_keys(settings.redis_prefix)
-    rows = [{"kind": "step", "kw": "-5"}, {"kind": "step", "kw": "-6"}]
-    ids = await fenced_xadd(redis, token_key=token_key, key=key, token=old, entries=rows)
-    assert len(ids) == 2
+    other = f"{settings.redis_prefix}:ledger:r2"
+    rows = [
+        (key, {"kind": "step", "kw": "-5"}),
+        (other, {"kind": "answer", "status": "accepted", "json": "{}"}),
+        (key, {"kind": "step", "kw": "-6"}),
+    ]
+    ids = await fenced_xadd(redis, token_key=token_key, token=old, entries=rows)
+    assert len(ids) == 3
+    got = await redis.xrange(key)
+    assert [f for _, f in got] == [
+        {b"kind": b"step", b"kw": b"-5"},
+        {b"kind": b"step", b"kw": b"-6"},
+    ]
+    assert await redis.xlen(other) == 1
     await asyncio.sleep(0.3)
     assert await b.acquire() is not None
     with pytest.raises(FencedOut):
-        await fenced_xadd(redis, token_key=token_key, key=key, token=old, entries=rows)
-    assert await redis.xlen(key) == 2
+        await fenced_xadd(redis, token_key=token_key, token=old, entries=rows)
+    assert await redis.xlen(key) == 2 and await redis.xlen(other) == 1
 
 
 async def test_the_fenced_store_saves_with_the_token_and_a_deposed_leader_cannot_overwrite(
@@ -165,6 +177,50 @@ async def test_the_fenced_store_saves_with_the_token_and_a_deposed_leader_cannot
         await new_scale.close()
         await inner_old.close()
         await inner_new.close()
+
+
+async def test_a_deposed_leaders_ledger_entries_are_refused_and_dropped_not_retried(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    cfg = settings.model_copy(update={"share_group": "g", "lease_ttl_s": 0.2})
+    old_scale = ScaleOut(settings=cfg, holder="old")
+    new_scale = ScaleOut(settings=cfg.model_copy(update={"lease_ttl_s": 5.0}), holder="new")
+    old = LedgerWriter(old_scale.fence_ledger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix)))
+    new = LedgerWriter(new_scale.fence_ledger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix)))
+    key = f"{cfg.redis_prefix}:ledger:r1"
+    try:
+        old_token = await old_scale.lease.acquire()
+        assert old_token is not None
+        old.stamp = {"term": str(old_token)}
+        old.add("r1", {"kind": "step", "ts": "1"})
+        assert await old.drain() and await redis.xlen(key) == 1
+        old.add("r1", {"kind": "step", "ts": "2"})  # queued; then the leader "pauses"
+        await asyncio.sleep(0.3)
+        new_token = await new_scale.lease.acquire()
+        assert new_token is not None and new_token > old_token
+        new.stamp = {"term": str(new_token)}
+        new.add("r1", {"kind": "step", "ts": "2"})
+        assert await new.drain()
+        # The old leader wakes and drains: refused by Redis, dropped (not kept to retry),
+        # and it knows it is no longer leader.
+        assert await old.drain()
+        assert not old.owed and old.ledger.refused == 1  # type: ignore[attr-defined]
+        assert old_scale.lease.token is None and old_scale.stats.fenced == 1
+        got = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await redis.xrange(key)]
+        assert got == [
+            {"kind": "step", "ts": "1", "term": str(old_token)},
+            {"kind": "step", "ts": "2", "term": str(new_token)},
+        ]
+        # Entries of an older term refused do not depose the leader of the current one.
+        await new.ledger.append([("r1", {"kind": "step", "ts": "3", "term": str(old_token)})])
+        assert new.ledger.refused == 1  # type: ignore[attr-defined]
+        assert new_scale.lease.token == new_token and new_scale.stats.fenced == 0
+        assert await redis.xlen(key) == 2
+    finally:
+        await old_scale.close(release=False)
+        await new_scale.close()
+        await old.ledger.close()
+        await new.ledger.close()
 
 
 async def test_an_unreachable_redis_is_a_clear_bounded_error() -> None:
