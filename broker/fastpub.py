@@ -54,7 +54,7 @@ from broker.topics import check_id
 log = structlog.get_logger("broker.fastpub")
 
 MAX_INFLIGHT = 65_535  # MQTT packet ids are 16 bits, 0 is not one
-CHUNK = 8_192  # messages framed into one transport.write
+CHUNK = 512  # messages framed into one write: the broker starts on the first ones at once
 MAX_SETPOINT_KW = 1000.0  # Setpoint.power_kw's bound (VehiclePowerKw)
 _PINGREQ = b"\xc0\x00"
 _DISCONNECT = b"\xe0\x00"
