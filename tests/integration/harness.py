@@ -142,14 +142,17 @@ def make_aggregator(
     name: str = "agg",
     *,
     fast_setpoints: bool = True,
+    fast_ingest: bool = False,
 ) -> AggregatorService:
-    """The aggregator as ``v2g aggregator`` runs it (setpoints on the fast connection)."""
+    """The aggregator as ``v2g aggregator`` runs it (setpoints on the fast connection;
+    ``fast_ingest`` for telemetry on its own connection too, the CLI's default)."""
     agg = AggregatorService(
         settings=settings,
         clock=clock,
         store=store,
         client_id=f"itest-{test_id}-{name}",
         fast_setpoints=fast_setpoints,
+        fast_ingest=fast_ingest,
     )
     agg.reports = asyncio.Queue()
     return agg
@@ -168,6 +171,7 @@ async def running_loop(
     connections: int = 2,
     batch: bool = False,
     fast_setpoints: bool = True,
+    fast_ingest: bool = False,
 ) -> AsyncIterator[Loop]:
     """Aggregator and agents as tasks of one TaskGroup; all cancelled (bounded) at exit.
 
@@ -183,7 +187,9 @@ async def running_loop(
         client_prefix=f"itest-{test_id}-ev",
         batch=batch,
     )
-    aggregator = make_aggregator(settings, clock, store, test_id, fast_setpoints=fast_setpoints)
+    aggregator = make_aggregator(
+        settings, clock, store, test_id, fast_setpoints=fast_setpoints, fast_ingest=fast_ingest
+    )
     async with asyncio.TaskGroup() as tg:
         loop = Loop(settings, clock, fleet, agents, aggregator, tg)
         loop.start("agents", agents.run())
