@@ -147,12 +147,19 @@ async def test_an_append_with_an_old_fencing_token_is_refused(
     assert await redis.xlen(key) == 2 and await redis.xlen(other) == 1
 
 
-async def test_the_fenced_store_saves_with_the_token_and_a_deposed_leader_cannot_overwrite(
-    redis: aioredis.Redis, settings: Settings
-) -> None:
+def deposed_and_successor(settings: Settings) -> tuple[Settings, ScaleOut, ScaleOut]:
+    """A scaled-out group's settings and two processes: "old", whose lease (0.2 s) will
+    lapse while it is "paused", and "new", which takes over and keeps it (5 s)."""
     cfg = settings.model_copy(update={"share_group": "g", "lease_ttl_s": 0.2})
     old_scale = ScaleOut(settings=cfg, holder="old")
     new_scale = ScaleOut(settings=cfg.model_copy(update={"lease_ttl_s": 5.0}), holder="new")
+    return cfg, old_scale, new_scale
+
+
+async def test_the_fenced_store_saves_with_the_token_and_a_deposed_leader_cannot_overwrite(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    cfg, old_scale, new_scale = deposed_and_successor(settings)
     inner_old = RedisStore(cfg.redis_url, prefix=cfg.redis_prefix)
     inner_new = RedisStore(cfg.redis_url, prefix=cfg.redis_prefix)
     old_store, new_store = old_scale.fence(inner_old), new_scale.fence(inner_new)
@@ -182,9 +189,7 @@ async def test_the_fenced_store_saves_with_the_token_and_a_deposed_leader_cannot
 async def test_a_deposed_leaders_ledger_entries_are_refused_and_dropped_not_retried(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
-    cfg = settings.model_copy(update={"share_group": "g", "lease_ttl_s": 0.2})
-    old_scale = ScaleOut(settings=cfg, holder="old")
-    new_scale = ScaleOut(settings=cfg.model_copy(update={"lease_ttl_s": 5.0}), holder="new")
+    cfg, old_scale, new_scale = deposed_and_successor(settings)
     old = LedgerWriter(old_scale.fence_ledger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix)))
     new = LedgerWriter(new_scale.fence_ledger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix)))
     key = f"{cfg.redis_prefix}:ledger:r1"
