@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import time
 from collections import deque
@@ -252,14 +253,9 @@ class FencedLedger:
         self.refused = 0
 
     async def append(self, entries: Sequence[tuple[str, Entry]]) -> None:
-        start = 0
-        while start < len(entries):  # one script per run of entries of the same term
-            term = entries[start][1].get("term", "")
-            end = start + 1
-            while end < len(entries) and entries[end][1].get("term", "") == term:
-                end += 1
-            await self._append_term(term, entries[start:end])
-            start = end
+        # One script per run of entries of the same term, in order.
+        for term, run in itertools.groupby(entries, key=lambda e: e[1].get("term", "")):
+            await self._append_term(term, list(run))
 
     async def _append_term(self, term: str, entries: Sequence[tuple[str, Entry]]) -> None:
         if not term.isdigit():
