@@ -129,6 +129,21 @@ class TelemetryRow(NamedTuple):
     departure: float
 
 
+# Per-vehicle float columns of a batch, in Telemetry's order (departure: NaN when unknown).
+_FLOATS = (
+    "soc",
+    "capacity_kwh",
+    "power_kw",
+    "max_charge_kw",
+    "max_discharge_kw",
+    "charge_efficiency",
+    "discharge_efficiency",
+    "min_soc",
+    "target_soc",
+    "departure",
+)
+
+
 # -- The per-vehicle telemetry fast path -------------------------------------------------
 #
 # ``Telemetry.model_validate_json`` costs ~4-7 µs a message, over a third of it in the
@@ -140,19 +155,7 @@ class TelemetryRow(NamedTuple):
 # same values (tests/unit/test_telemetry_decode.py fuzzes the two against each other).
 
 _required = itemgetter(
-    "vehicle_id",
-    "seq",
-    "ts",
-    "plugged_in",
-    "soc",
-    "capacity_kwh",
-    "power_kw",
-    "max_charge_kw",
-    "max_discharge_kw",
-    "charge_efficiency",
-    "discharge_efficiency",
-    "min_soc",
-    "target_soc",
+    "vehicle_id", "seq", "ts", "plugged_in", *(k for k in _FLOATS if k != "departure")
 )
 _NUMBER = frozenset({float, int})  # a strict float takes a JSON integer, never a bool
 _id_match = re.compile(ID_PATTERN).fullmatch  # check_id's pattern
@@ -552,19 +555,6 @@ class TelemetryBatch(WireModel):
         )
 
 
-# Per-vehicle float columns of a batch, in Telemetry's order (departure: NaN when unknown).
-_FLOATS = (
-    "soc",
-    "capacity_kwh",
-    "power_kw",
-    "max_charge_kw",
-    "max_discharge_kw",
-    "charge_efficiency",
-    "discharge_efficiency",
-    "min_soc",
-    "target_soc",
-    "departure",
-)
 TELEMETRY_BATCH_COLUMNS = ("vehicle_id", "seq", "ts", "plugged_in", *_FLOATS)
 
 
