@@ -20,7 +20,7 @@ import contextlib
 import ssl
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, cast
 
@@ -157,6 +157,43 @@ async def keep_alive(transport: asyncio.Transport, proto: Session, keepalive_s: 
         if time.monotonic() - proto.last_rx > 1.5 * keepalive_s:
             raise TransportError("no PINGRESP from the broker: the connection is dead")
         transport.write(_PINGREQ)
+
+
+class _Counted(Protocol):
+    disconnects: int
+    connected_at: float
+
+
+async def supervise(
+    session: Callable[[], Awaitable[None]],
+    *,
+    settings: Settings,
+    stats: _Counted,
+    connected: asyncio.Event,
+    event: str,
+    client_id: str,
+    lg: structlog.typing.FilteringBoundLogger,
+) -> None:
+    """Run ``session`` again and again until cancelled, as MqttLink runs its client: a
+    capped, jittered backoff between tries, started over after a try that connected.
+    AuthenticationError ends it; anything else is logged as ``event`` and retried."""
+    delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
+    while True:
+        tried = time.monotonic()
+        try:
+            await session()
+            raise TransportError("the broker closed the connection")
+        except AuthenticationError:
+            raise
+        except (OSError, TransportError, TimeoutError) as err:
+            if stats.connected_at >= tried:  # it was up: the next try comes soon
+                delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
+            stats.disconnects += 1
+            delay = next(delays)
+            lg.warning(event, client_id=client_id, error=str(err)[:200], retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+        finally:
+            connected.clear()
 
 
 def close_session(transport: asyncio.BaseTransport) -> None:
@@ -308,26 +345,15 @@ class FastIngest:
         """Stay connected until cancelled. Raises AuthenticationError on bad credentials."""
         lg = self.logger or log
         target = self.settings.mqtt_target()
-        delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-        while True:
-            try:
-                await self._session(target, lg)
-                raise TransportError("the broker closed the connection")
-            except AuthenticationError:
-                raise
-            except (OSError, TransportError, TimeoutError) as err:
-                self._connected.clear()
-                self.stats.disconnects += 1
-                delay = next(delays)
-                lg.warning(
-                    "ingest_disconnected",
-                    client_id=self.client_id,
-                    error=str(err)[:200],
-                    retry_in_s=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
-            finally:
-                self._connected.clear()
+        await supervise(
+            lambda: self._session(target, lg),
+            settings=self.settings,
+            stats=self.stats,
+            connected=self._connected,
+            event="ingest_disconnected",
+            client_id=self.client_id,
+            lg=lg,
+        )
 
     async def _session(self, target: MqttTarget, lg: structlog.typing.FilteringBoundLogger) -> None:
         s = self.settings

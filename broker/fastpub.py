@@ -37,7 +37,7 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from broker.errors import AuthenticationError, TransportError
+from broker.errors import TransportError
 from broker.fastlink import (
     BAD_LENGTH,
     MAX_FRAME_BYTES,
@@ -45,8 +45,9 @@ from broker.fastlink import (
     keep_alive,
     open_session,
     remaining_length,
+    supervise,
 )
-from broker.link import Outgoing, backoff_delays, wait_connected
+from broker.link import Outgoing, wait_connected
 from broker.models import from_epoch
 from broker.settings import MqttTarget, Settings
 from broker.topics import check_id
@@ -285,31 +286,16 @@ class FastPublisher:
     async def run(self) -> None:
         """Stay connected until cancelled. Raises AuthenticationError on bad credentials."""
         lg = self.logger or log
-        s = self.settings
-        target = s.mqtt_target()
-        delays = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
-        while True:
-            try:
-                await self._session(target, lg)
-                raise TransportError("the broker closed the connection")
-            except AuthenticationError:
-                raise
-            except (OSError, TransportError, TimeoutError) as err:
-                if self.stats.connected_at and time.monotonic() - self.stats.connected_at > 1.0:
-                    # It was up: start the backoff over, as MqttLink does after a connect.
-                    delays = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
-                self.stats.disconnects += 1
-                delay = next(delays)
-                lg.warning(
-                    "setpoint_link_disconnected",
-                    client_id=self.client_id,
-                    error=str(err)[:200],
-                    retry_in_s=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
-            finally:
-                self._connected.clear()
-                self._proto = None
+        target = self.settings.mqtt_target()
+        await supervise(
+            lambda: self._session(target, lg),
+            settings=self.settings,
+            stats=self.stats,
+            connected=self._connected,
+            event="setpoint_link_disconnected",
+            client_id=self.client_id,
+            lg=lg,
+        )
 
     def _lost(self, proto: _Protocol) -> None:
         """A connection went: not connected from now, not once the supervisor notices."""

@@ -4,14 +4,19 @@ byte stream, in order, whatever the packet sizes."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 
+import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker import fastlink
 from broker.errors import TransportError
 from broker.fastlink import _frame, _Protocol, _utf8, connect_packet, subscribe_packet
 from broker.link import LinkStats
+from broker.settings import Settings
 
 
 def publish(topic: str, payload: bytes, qos: int = 0) -> bytes:
@@ -110,3 +115,45 @@ async def test_a_publish_whose_topic_runs_past_its_packet_closes_the_connection(
     assert got == []
     assert sink.was_closed
     assert isinstance(proto.closed.result(), TransportError)
+
+
+async def test_the_supervisor_backs_off_while_down_and_starts_over_after_a_connect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tries that never connect go further down the backoff; a try that connected starts
+    it over, as MqttLink does."""
+    drawn: list[int] = []
+
+    def backoff(minimum: float, maximum: float) -> Iterator[float]:
+        k = 0
+        while True:  # the k-th delay of this backoff, tiny so that the test is quick
+            k += 1
+            drawn.append(k)
+            yield 1e-4
+
+    monkeypatch.setattr(fastlink, "backoff_delays", backoff)
+    stats, connected = LinkStats(), asyncio.Event()
+    tries = 0
+
+    async def session() -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 4:  # this one connects, then drops
+            stats.connected_at = time.monotonic()
+            connected.set()
+        if tries == 7:
+            raise asyncio.CancelledError
+        raise TransportError("refused")
+
+    with pytest.raises(asyncio.CancelledError):
+        await fastlink.supervise(
+            session,
+            settings=Settings(),
+            stats=stats,
+            connected=connected,
+            event="x_disconnected",
+            client_id="x",
+            lg=structlog.get_logger("test"),
+        )
+    assert drawn == [1, 2, 3, 1, 2, 3]  # down, down, down, up then down, down, down
+    assert stats.disconnects == 6 and not connected.is_set()
