@@ -149,22 +149,30 @@ def subscribe(args: argparse.Namespace) -> None:
     c.disconnect()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def publish_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], *, max_msgs: int, rate_help: str
+) -> argparse.ArgumentParser:
+    """The ``publish`` command's arguments, shared with bench/rawpub.py (same protocol)."""
     p = sub.add_parser("publish")
     p.add_argument("--prefix", required=True)
     p.add_argument("--kind", choices=["single", "batch"], default="single")
     p.add_argument("--vehicles", type=int, default=10_000)
     p.add_argument("--per-batch", type=int, default=1000)
-    p.add_argument("--rate", type=float, default=0.0, help="vehicle-updates/s; 0: flat out")
+    p.add_argument("--rate", type=float, default=0.0, help=rate_help)
     p.add_argument("--msg-rate", type=float, default=0.0, help="flat out, capped at msg/s")
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--max-msgs", type=int, default=2_000_000)
+    p.add_argument("--max-msgs", type=int, default=max_msgs)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--id-prefix", default="ev")
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    publish_parser(sub, max_msgs=2_000_000, rate_help="vehicle-updates/s; 0: flat out")
     s = sub.add_parser("subscribe")
     s.add_argument("--prefix", required=True)
     s.add_argument("--seconds", type=float, default=60.0)

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import HOST, PORT, _round
+from loadgen import HOST, PORT, _round, publish_parser
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
@@ -86,17 +86,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("publish")
-    p.add_argument("--prefix", required=True)
-    p.add_argument("--kind", choices=["single", "batch"], default="single")
-    p.add_argument("--vehicles", type=int, default=10_000)
-    p.add_argument("--per-batch", type=int, default=1000)
-    p.add_argument("--rate", type=float, default=0.0, help="accepted for loadgen's; must be 0")
-    p.add_argument("--msg-rate", type=float, default=0.0, help="flat out, capped at msg/s")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--max-msgs", type=int, default=20_000_000)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--id-prefix", default="ev")
+    publish_parser(sub, max_msgs=20_000_000, rate_help="accepted for loadgen's; must be 0")
     args = ap.parse_args()
     if args.rate:
         ap.error("rawpub publishes flat out (optionally capped by --msg-rate); use loadgen")
