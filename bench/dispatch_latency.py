@@ -58,6 +58,7 @@ from control_step import T0, Row, print_table, row, write_results
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
+from aggregator.dispatch import StepOutput
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
 from broker.clock import ManualClock
@@ -338,7 +339,7 @@ async def measure(
 
 
 async def transport_floor(
-    svc: AggregatorService, arrivals: Arrivals, out: Any, rid: str
+    svc: AggregatorService, arrivals: Arrivals, out: StepOutput, rid: str
 ) -> list[float]:
     """The step's setpoints again, formatted beforehand and written as one burst on the
     same publish-only connection: from the write to each arrival (ms). What is left of
