@@ -112,6 +112,36 @@ def test_published_server_ports_bind_loopback_only(services: dict[str, Any]) -> 
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
+def test_published_host_ports_can_be_moved_next_to_a_local_broker_or_redis(
+    services: dict[str, Any],
+) -> None:
+    """A developer with Mosquitto or Redis already on 1883/6379 moves the stack's ports."""
+    wanted = {"mosquitto": ("V2G_MQTT_HOST_PORT", "1883"), "redis": ("V2G_REDIS_HOST_PORT", "6379")}
+    for name, (var, container_port) in wanted.items():
+        ports = [str(p) for p in services[name].get("ports", [])]
+        assert ports == [f"127.0.0.1:${{{var}:-{container_port}}}:{container_port}"], ports
+
+
+def test_image_installs_dependencies_before_it_copies_the_code() -> None:
+    """Editing code must not re-run the dependency install: that layer comes first."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()]
+    copy_all = lines.index("COPY . .")
+    install_deps = next(i for i, ln in enumerate(lines) if "pip install -r" in ln)
+    assert install_deps < copy_all
+    assert any(ln.startswith("COPY pyproject.toml") for ln in lines[:install_deps])
+    assert any("pip install --no-deps ." in ln for ln in lines[copy_all:])
+
+
+def test_simulate_service_writes_its_output_to_a_host_volume(services: dict[str, Any]) -> None:
+    sim = services["simulate"]
+    assert sim["command"][0] == "simulate"
+    out = sim["command"][sim["command"].index("--out") + 1]
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in sim.get("volumes", [])}
+    assert any(out.startswith(target + "/") for target in mounts), (out, mounts)
+    assert (ROOT / sim["command"][1]).is_file(), "the scenario must ship in the repo"
+    assert "tools" in sim.get("profiles", []), "the base stack stays small"
+
+
 def test_every_v2g_variable_in_compose_is_a_settings_field(services: dict[str, Any]) -> None:
     seen = 0
     for name, svc in services.items():
