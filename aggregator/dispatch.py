@@ -27,6 +27,7 @@ from aggregator.scoring import WINDOW_S as SCORE_WINDOW_S
 from broker.models import (
     SIGNAL_SERVICES,
     ActiveDispatch,
+    AnswerTo,
     DispatchProgress,
     DispatchRequest,
     DispatchResult,
@@ -73,6 +74,15 @@ SCHEDULE_TOL_KW = 0.01
 # How many finished requests are remembered, so that a repeated request_id gets the
 # same answer instead of a second dispatch.
 REMEMBERED_ANSWERS = 10_000
+# Windows are half-open, [start, end): one that starts where another ends does not overlap
+# it. Times are epoch seconds (a float's step there is ~0.2 µs) that went through the
+# wire's microseconds: ends closer than this are the same instant.
+SAME_INSTANT_S = 1e-3
+
+
+def overlaps(a_start: float, a_end: float, b_start: float, b_end: float) -> bool:
+    """Do the half-open windows [a_start, a_end) and [b_start, b_end) share a moment?"""
+    return a_start < b_end - SAME_INSTANT_S and b_start < a_end - SAME_INSTANT_S
 
 
 @dataclass(slots=True)
@@ -295,6 +305,38 @@ class Dispatcher:
         return got
 
     # -- admission -------------------------------------------------------------------
+    def reuses_id(self, req: DispatchRequest) -> bool:
+        """Does ``req`` take the id of a request already answered, on other terms? (It is
+        refused, and the answer is its sender's alone: that id's topics are the first's.)"""
+        seen = self._terms.get(req.request_id)
+        return seen is not None and seen != req
+
+    @staticmethod
+    def ends_by(d: Dispatch, now: float) -> bool:
+        """Is a running request over at ``now``? (Its window is half-open: at its end it is.)
+        The control step closes it then; admission at that step does not count it."""
+        return now >= d.end - SAME_INSTANT_S
+
+    def knows(self, request_id: str) -> bool:
+        """Has a request of this id been answered (and is it remembered)?"""
+        return request_id in self._terms
+
+    def refuse(
+        self, request_id: str, reason: str, now: float, answer_to: AnswerTo = "request"
+    ) -> DispatchResult:
+        """A ``rejected`` answer for a message that never reached admission (malformed, or
+        naming no running request); nothing is remembered of it."""
+        return self._result(
+            request_id, "rejected", now, reason=reason, answer_to=answer_to, remember=False
+        )
+
+    def not_running(self, request_id: str) -> str:
+        """Why an amendment or cancel of ``request_id`` finds nothing to act on."""
+        last = self.answers.get(request_id)
+        if last is None:
+            return "unknown request"
+        return f"request is not running (its last answer: {last.status})"
+
     def submit(self, req: DispatchRequest, now: float, view: FleetView) -> DispatchResult:
         """Answer a request: accepted, partial (with the shortfall) or rejected (with why).
 
@@ -323,12 +365,13 @@ class Dispatcher:
         self._seq += 1
         # Requests stack, but the fleet has one net power: two power requests cannot
         # overlap; services that follow a signal stack on either.
+        # One that ends at this step is closed by it (after the requests are admitted).
         clash = next(
             (
                 o
                 for o in self.dispatches.values()
-                if o.start < d.end
-                and d.start < o.end
+                if not (o.state == "active" and self.ends_by(o, now))
+                and overlaps(o.start, o.end, d.start, d.end)
                 and not o.follows_signal
                 and not d.follows_signal
             ),
@@ -872,7 +915,7 @@ class Dispatcher:
                     self._sample(d, now, view)
                     self._check_fcr(d, now, measured)
                 self._book(d, min(now, d.end), view, now, base)
-                if now >= d.end - 1e-9:
+                if self.ends_by(d, now):
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
             elif now >= d.start:

@@ -60,6 +60,7 @@ from aggregator.ledger import Entry, Ledger, RedisLedger
 from aggregator.store import RedisStore, Snapshot, StateStore
 from broker.errors import TransportError
 from broker.models import DispatchRequest, TelemetryArrays, VehicleStatus, from_epoch
+from broker.replies import ReplyTo
 from broker.settings import Settings
 
 if TYPE_CHECKING:  # a runtime import would be circular
@@ -342,7 +343,9 @@ class ScaleOut:
         # Requests and cancels a follower keeps for a takeover: those that may have
         # reached a leader that died before its snapshot recorded them.
         self._hold_s = settings.lease_ttl_s + 3.0 * step_wall
-        self._held: deque[tuple[float, DispatchRequest | str]] = deque(maxlen=10_000)
+        self._held: deque[tuple[float, tuple[DispatchRequest | str, ReplyTo | None]]] = deque(
+            maxlen=10_000
+        )
         self._poll_s = max(0.05, min(settings.lease_ttl_s / 3.0, step_wall / 2.0))
         self._last_warning = 0.0
         self.received_telemetry = 0  # reports this process took off the broker
@@ -453,8 +456,10 @@ class ScaleOut:
         horizon = time.monotonic() - self._hold_s
         held = [item for at, item in self._held if at >= horizon]
         self._held.clear()
-        service.inbox.requests[:0] = [r for r in held if isinstance(r, DispatchRequest)]
-        service.inbox.cancels[:0] = [r for r in held if isinstance(r, str)]
+        service.inbox.requests[:0] = [
+            (r, reply) for r, reply in held if isinstance(r, DispatchRequest)
+        ]
+        service.inbox.cancels[:0] = [(r, reply) for r, reply in held if isinstance(r, str)]
         self.leading = True
         self.stats.promotions += 1
         self.log.info(

@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import math
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import aiomqtt
 import numpy as np
 import structlog
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
+from aggregator.answers import (
+    Budget,
+    Kind,
+    Refusal,
+    Routed,
+    messages,
+    payload_head,
+    read_request_id,
+    replies,
+)
 from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
@@ -45,9 +58,12 @@ from broker.fastpub import Delivery, FastPublisher, setpoint_payloads
 from broker.link import MqttLink, Outgoing
 from broker.models import (
     MAX_BATCH_VEHICLES,
+    AnswerTo,
     Capability,
     CapabilityWindow,
     DispatchAmend,
+    DispatchCancel,
+    DispatchRejection,
     DispatchRequest,
     DispatchResult,
     DispatchSignal,
@@ -63,7 +79,9 @@ from broker.models import (
     telemetry_row,
     to_epoch,
 )
+from broker.replies import ReplyTo, reply_from_record, reply_of, reply_record
 from broker.settings import Settings
+from broker.topics import ID_PATTERN
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 # A bridge's batch: MAX_BATCH_VEHICLES vehicles at ~100-200 bytes each.
@@ -75,6 +93,8 @@ TOPIC_CACHE = 250_000  # parsed topics remembered (a fleet's telemetry topics, a
 LOG_PAYLOAD_CHARS = 200
 FORECAST_PERIOD_S = 3600.0  # hourly market periods
 FORECAST_EVERY_S = 900.0  # simulated seconds between forecasts
+REFUSALS_PER_S = 20.0  # refused operator messages answered a second, on average
+_ID = re.compile(ID_PATTERN)
 SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
 
 
@@ -96,9 +116,12 @@ class Inbox:
     # is taken too, for tests and tools that queue reports by hand).
     telemetry: list[Telemetry | TelemetryRow] = field(default_factory=list)
     status: list[VehicleStatus] = field(default_factory=list)
-    requests: list[DispatchRequest] = field(default_factory=list)
-    cancels: list[str] = field(default_factory=list)
-    amends: list[tuple[str, DispatchAmend]] = field(default_factory=list)
+    # Operator messages, each with where its sender wants answers (MQTT 5), if anywhere;
+    # and those refused before the dispatcher saw them, to be answered at the step.
+    requests: list[tuple[DispatchRequest, ReplyTo | None]] = field(default_factory=list)
+    cancels: list[tuple[str, ReplyTo | None]] = field(default_factory=list)
+    amends: list[tuple[str, DispatchAmend, ReplyTo | None]] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
     # Bridges' batches, decoded to columns: (bridge_id, reports).
     batches: list[tuple[str, TelemetryArrays]] = field(default_factory=list)
 
@@ -116,6 +139,7 @@ class AggregatorService:
         ledger: Ledger | None = None,
         fast_ingest: bool = False,
         fast_setpoints: bool = False,
+        refusals_per_s: float = REFUSALS_PER_S,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         """``fast_ingest``: receive telemetry (QoS 0) on a second connection through
@@ -126,7 +150,10 @@ class AggregatorService:
         on a second, publish-only connection through :class:`broker.fastpub.FastPublisher`
         (~20x the QoS 1 rate of the general client); results, progress, status and
         capability stay on the ``MqttLink``. A setpoint the broker did not acknowledge is
-        decided and sent again at the next step."""
+        decided and sent again at the next step.
+
+        ``refusals_per_s``: how many refused operator messages a second (on average) are
+        answered; past it they are only counted (``refusals_unanswered``) and logged."""
         self.settings = settings
         self.clock = clock
         self.store = store
@@ -158,6 +185,11 @@ class AggregatorService:
         self.forecaster = ForecastModel()
         self._forecast_at = -math.inf
         self.rejected: Counter[str] = Counter()
+        # Refusals answered at most this fast; where each running request's sender wants
+        # its answers (MQTT 5 response topic), kept with the snapshot.
+        self._refusals = Budget(refusals_per_s)
+        self.refusals_unanswered = 0
+        self._replies: dict[str, ReplyTo] = {}
         # received == accepted + ignored + every rejection but "stale" (found at the fold).
         self.received = 0
         self.accepted = 0
@@ -234,17 +266,19 @@ class AggregatorService:
 
     # -- inbound ---------------------------------------------------------------------
     def on_message(self, message: aiomqtt.Message) -> None:
-        """Validate one message and queue it; bad input is counted and logged, never raised."""
+        """Validate one message and queue it; bad input is counted and logged, never raised
+        (and, from an operator, answered)."""
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-        self.on_payload(str(message.topic), bytes(payload))
+        self.on_payload(str(message.topic), bytes(payload), message.properties)
 
-    def on_payload(self, topic: str, payload: bytes) -> None:
-        """:meth:`on_message` for a topic and payload (the fast ingest client's form)."""
+    def on_payload(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:
+        """:meth:`on_message` for a topic and payload (the fast ingest client's form), and
+        the MQTT 5 properties the message came with, if any."""
         self.received += 1
         try:
             limit = MAX_BATCH_BYTES if topic.startswith(self._bridge_head) else MAX_PAYLOAD_BYTES
             if len(payload) > limit:
-                raise InvalidMessage("size", f"{len(payload)} bytes > {limit}")
+                raise InvalidMessage("size", f"{len(payload)} bytes, over the {limit}-byte limit")
             parsed = self._parsed.get(topic)
             if parsed is None:
                 parsed = self.topics.parse(topic)  # raises for a topic outside the contract
@@ -271,11 +305,16 @@ class AggregatorService:
                 _same_vehicle(ident, s.vehicle_id)
                 self.inbox.status.append(s)
             elif kind == "requests":
-                self.inbox.requests.append(_decode(DispatchRequest, payload))
+                reply = self._reply_of(properties)
+                self.inbox.requests.append((_decode(DispatchRequest, payload), reply))
             elif kind == "cancel":
-                self.inbox.cancels.append(ident)
+                reply = self._reply_of(properties)
+                if payload:  # an empty cancel is the same as {}
+                    _decode(DispatchCancel, payload)
+                self.inbox.cancels.append((ident, reply))
             elif kind == "amend":
-                self.inbox.amends.append((ident, _decode(DispatchAmend, payload)))
+                reply = self._reply_of(properties)
+                self.inbox.amends.append((ident, _decode(DispatchAmend, payload), reply))
             elif kind == "signal":
                 # Followed at once, out of the control step: a signal comes every 2-4 s.
                 self._signals[ident] = (_decode(DispatchSignal, payload), time.perf_counter())
@@ -286,6 +325,52 @@ class AggregatorService:
             self.accepted += 1
         except InvalidMessage as err:
             self._reject(err, topic, payload)
+            self._refused(err, topic, payload, properties)
+
+    def _reply_of(self, properties: Properties | None) -> ReplyTo | None:
+        """Where the sender wants its answers; a response topic we may not answer on
+        refuses the message (its sender would wait there for ever)."""
+        try:
+            return reply_of(properties, self.topics.prefix)
+        except ValueError as err:
+            raise InvalidMessage("reply", str(err)) from None
+
+    def _refused(
+        self, err: InvalidMessage, topic: str, payload: bytes, properties: Properties | None
+    ) -> None:
+        """Queue the answer to a refused request, amendment or cancel (other messages are
+        only counted): on its request's result topic when its id can be read, else on
+        ``dispatch/rejected``; at most ``refusals_per_s``, the rest only counted."""
+        t = self.topics
+        rid: str | None
+        if topic == t.dispatch_requests:
+            kind: Kind = "requests"
+            rid = read_request_id(payload, parse=len(payload) <= MAX_PAYLOAD_BYTES)
+        else:
+            head, _, rest = topic.partition(f"{t.prefix}/dispatch/")
+            ident, _, what = rest.rpartition("/")
+            if head or "/" in ident or what not in ("cancel", "amend"):
+                return
+            kind = "cancel" if what == "cancel" else "amend"
+            rid = ident if _ID.fullmatch(ident) else None
+        if not self._refusals.take(time.monotonic()):
+            self.refusals_unanswered += 1
+            return
+        try:
+            reply = reply_of(properties, t.prefix) if err.reason != "reply" else None
+        except ValueError:
+            reply = None
+        what = {"requests": "request", "cancel": "cancel", "amend": "amendment"}[kind]
+        self.inbox.refusals.append(
+            Refusal(
+                kind=kind,
+                request_id=rid,
+                reason=f"invalid {what} ({err.reason}): {err.detail}",
+                topic=topic,
+                payload_head=payload_head(payload),
+                reply=reply,
+            )
+        )
 
     def _on_batch(self, bridge_id: str, payload: bytes) -> None:
         """A bridge's batch: validated whole (any bad column refuses it), decoded to
@@ -369,6 +454,11 @@ class AggregatorService:
             return
         self.state = FleetState.restore(snap.ids, snap.columns)
         self.dispatcher.restore(snap.dispatches)
+        self._replies = {
+            r["request"]["request_id"]: reply
+            for r in snap.dispatches
+            if (reply := reply_from_record(r.get("reply_to"))) is not None
+        }
         self.dispatcher.restore_learned(snap.columns, len(snap.ids))
         self.log.info(
             "state_restored",
@@ -440,23 +530,12 @@ class AggregatorService:
         if stale:
             self.rejected["stale"] += stale
         view = self.state.view(now, self.settings.stale_s)
-        answers: list[DispatchResult] = []
-        for req in inbox.requests:
-            answers.append(self.dispatcher.submit(req, now, view))
-        for rid in inbox.cancels:
-            cancelled = self.dispatcher.cancel(rid, now, view)
-            if cancelled is not None:
-                answers.append(cancelled)
-        for rid, amend in inbox.amends:
-            amended = self.dispatcher.amend(
-                rid, now, view, power_kw=amend.power_kw, duration_s=amend.duration_s
-            )
-            if amended is not None:
-                answers.append(amended)
+        answers, routed = self._answer(inbox, now, view)
         out = self.dispatcher.step(now, view, len(self.state))
         self.last_output = out
         self._vehicle_books = self._settle_vehicles(now, view, out)
         answers.extend(out.results)
+        routed += [self._route(a) for a in out.results]
         # What the fleet offers is what it will deliver: partial followers count for
         # their measured share, as admission counts them.
         windows = envelope(view, now, scale=self.dispatcher.follow_ratio(view.rows))
@@ -477,7 +556,7 @@ class AggregatorService:
             + Counter({f"{k}_rows": n for k, n in self.rejected_rows.items()}),
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
-        sent = await self._publish(now, out, answers, capability, status)
+        sent = await self._publish(now, out, answers, routed, capability, status)
         self._record(answers, out)
         await self._forecast(now, view, windows)
         self._persist(now)
@@ -487,6 +566,112 @@ class AggregatorService:
         self.last_report = report
         self._log_step(report, applied)
         return report
+
+    def _answer(
+        self, inbox: Inbox, now: float, view: FleetView
+    ) -> tuple[list[DispatchResult], list[Routed]]:
+        """Take this step's operator messages to the dispatcher, and answer each: the
+        answers that go into a request's books (and on its result topic), and where every
+        answer goes (refusals and answers to senders included)."""
+        answers: list[DispatchResult] = []
+        routed: list[Routed] = []
+        for refusal in inbox.refusals:
+            routed.append(self._refusal_answer(refusal, now))
+        for req, reply in inbox.requests:
+            if self.dispatcher.reuses_id(req):
+                # Its id is a request already taken: the answer is this sender's alone,
+                # never on the result topic that request's followers read.
+                if not self._refusals.take(time.monotonic()):
+                    self.refusals_unanswered += 1
+                    continue
+                refused = self.dispatcher.submit(req, now, view)
+                routed.append(self._private(refused, reply, req.to_json(), now))
+                self.log.info(
+                    "dispatch_refused",
+                    request_id=req.request_id,
+                    reason=refused.reason,
+                    to=reply.topic if reply else self.topics.dispatch_rejected,
+                )
+                continue
+            answer = self.dispatcher.submit(req, now, view)
+            if reply is not None and req.request_id in self.dispatcher.dispatches:
+                self._replies[req.request_id] = reply
+            answers.append(answer)
+            routed.append(self._route(answer, reply))
+        for rid, reply in inbox.cancels:
+            cancelled = self.dispatcher.cancel(rid, now, view)
+            if cancelled is None:
+                routed += self._not_running(rid, "cancel", reply, now)
+                continue
+            cancelled = cancelled.model_copy(update={"answer_to": "cancel"})
+            answers.append(cancelled)
+            routed.append(self._route(cancelled, reply))
+        for rid, amend, reply in inbox.amends:
+            amended = self.dispatcher.amend(
+                rid, now, view, power_kw=amend.power_kw, duration_s=amend.duration_s
+            )
+            if amended is None:
+                routed += self._not_running(rid, "amend", reply, now)
+                continue
+            amended = amended.model_copy(update={"answer_to": "amend"})
+            answers.append(amended)
+            routed.append(self._route(amended, reply))
+        return answers, routed
+
+    def _route(self, answer: DispatchResult, reply: ReplyTo | None = None) -> Routed:
+        """An answer about a request: on its result topic, to the response topic of the
+        message it answers and to its request's; a final one forgets the latter."""
+        rid = answer.request_id
+        routed = Routed(answer, public=True, replies=replies(reply, self._replies.get(rid)))
+        if rid not in self.dispatcher.dispatches:
+            self._replies.pop(rid, None)
+        return routed
+
+    def _private(
+        self, answer: DispatchResult, reply: ReplyTo | None, payload: bytes, now: float
+    ) -> Routed:
+        """An answer for the sender alone: on its response topic, or on
+        ``dispatch/rejected`` when it gave none."""
+        if reply is not None:
+            return Routed(answer, public=False, replies=(reply,))
+        notice = DispatchRejection(
+            ts=from_epoch(now),
+            reason=answer.reason or "rejected",
+            request_id=answer.request_id,
+            topic=self.topics.dispatch_requests,
+            payload_head=payload_head(payload),
+        )
+        return Routed(notice, public=True)
+
+    def _refusal_answer(self, refusal: Refusal, now: float) -> Routed:
+        """The answer to a message refused on arrival: a ``rejected`` result on its
+        request's result topic (its sender's alone if it reuses a taken request's id),
+        or, without a readable id, a notice on ``dispatch/rejected``."""
+        rid = refusal.request_id
+        if rid is None:
+            notice = DispatchRejection(
+                ts=from_epoch(now),
+                reason=refusal.reason,
+                topic=refusal.topic,
+                payload_head=refusal.payload_head,
+            )
+            return Routed(notice, public=True, replies=replies(refusal.reply))
+        answer_to: AnswerTo = "request" if refusal.kind == "requests" else refusal.kind
+        answer = self.dispatcher.refuse(rid, refusal.reason, now, answer_to)
+        if refusal.kind == "requests" and self.dispatcher.knows(rid):
+            return self._private(answer, refusal.reply, refusal.payload_head.encode(), now)
+        return Routed(answer, public=True, replies=replies(refusal.reply, self._replies.get(rid)))
+
+    def _not_running(
+        self, rid: str, kind: Literal["cancel", "amend"], reply: ReplyTo | None, now: float
+    ) -> list[Routed]:
+        """The refusal of a cancel or amendment that names no running request."""
+        if not self._refusals.take(time.monotonic()):
+            self.refusals_unanswered += 1
+            return []
+        answer = self.dispatcher.refuse(rid, self.dispatcher.not_running(rid), now, kind)
+        self.log.info("dispatch_refused", request_id=rid, to=kind, reason=answer.reason)
+        return [Routed(answer, public=True, replies=replies(reply))]
 
     async def _forecast(self, now: float, view: FleetView, windows: list[CapabilityWindow]) -> None:
         """Learn from this step's one-hour capability; every FORECAST_EVERY_S publish the
@@ -600,6 +785,7 @@ class AggregatorService:
         now: float,
         out: StepOutput,
         answers: list[DispatchResult],
+        routed: list[Routed],
         capability: Capability,
         status: FleetStatus,
     ) -> int:
@@ -631,7 +817,7 @@ class AggregatorService:
                 delivered_kwh=a.delivered_kwh,
                 reason=a.reason,
             )
-        results = [Outgoing(t.dispatch_result(a.request_id), a.to_json(), qos=1) for a in answers]
+        results = messages(routed, t)
         if not self.link.connected:
             # The broker is away: keep steering from memory rather than wait for it. Results
             # are owed and go out first once it is back; setpoints are decided afresh then.
@@ -777,7 +963,12 @@ class AggregatorService:
             return
         ids, columns = self.state.snapshot()
         columns.update(self.dispatcher.learned(len(ids)))
-        snap = Snapshot(ids, columns, self.dispatcher.to_records(), saved_at=now)
+        records = self.dispatcher.to_records()
+        for record in records:  # the dispatcher skips keys it does not know
+            reply = self._replies.get(record["request"]["request_id"])
+            if reply is not None:
+                record["reply_to"] = reply_record(reply)
+        snap = Snapshot(ids, columns, records, saved_at=now)
         self._saving = asyncio.create_task(self._save(snap), name="aggregator-save")
 
     async def _save(self, snap: Snapshot) -> None:
@@ -818,7 +1009,14 @@ class AggregatorService:
 
 
 M = TypeVar(
-    "M", Telemetry, VehicleStatus, DispatchRequest, TelemetryBatch, DispatchAmend, DispatchSignal
+    "M",
+    Telemetry,
+    VehicleStatus,
+    DispatchRequest,
+    TelemetryBatch,
+    DispatchAmend,
+    DispatchSignal,
+    DispatchCancel,
 )
 
 
@@ -849,10 +1047,25 @@ def _decode(model: type[M], payload: bytes) -> M:
     try:
         return model.model_validate_json(payload)
     except ValidationError as err:
-        first = err.errors()[0]
+        errors = err.errors()
+        unknown = [str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
+        if unknown:  # an operator's typo must not pass for a default (start: now)
+            raise InvalidMessage("unknown_field", _unknown_fields(model, unknown)) from None
+        first = errors[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
         kind = "json" if first.get("type") == "json_invalid" else "schema"
-        raise InvalidMessage(kind, f"{model.__name__}.{where}: {first.get('msg')}") from None
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise InvalidMessage(kind, f"{model.__name__}.{where}: {first.get('msg')}{more}") from None
+
+
+def _unknown_fields(model: type[M], names: list[str]) -> str:
+    """Name the unknown fields, with the known one each was probably meant to be."""
+    known = list(model.model_fields)
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"{model.__name__} has no field {', '.join(parts)}; its fields are {', '.join(known)}"
 
 
 def _same_vehicle(topic_id: str, payload_id: str) -> None:

@@ -146,7 +146,12 @@ async def bench_step(n: int, fast: bool = False) -> list[Row]:
         compute_ms = (time.perf_counter() - t) * 1e3
         # Worst case: a new request, every plugged-in vehicle gets a new setpoint.
         svc.inbox.requests = [
-            DispatchRequest(request_id="bench", power_kw=0.5 * cap.min_power_kw, duration_s=3600)
+            (
+                DispatchRequest(
+                    request_id="bench", power_kw=0.5 * cap.min_power_kw, duration_s=3600
+                ),
+                None,
+            )
         ]
         t = time.perf_counter()
         rep = await svc.step()

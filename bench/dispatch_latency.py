@@ -277,7 +277,7 @@ async def measure(
                 lat_ms.extend(((times - t0) * 1e3).tolist())
                 last_ms.append(float((times.max() - t0) * 1e3))
                 sent_counts.append(want)
-                svc.inbox.cancels.append(rid)  # one request at a time: clear the way
+                svc.inbox.cancels.append((rid, None))  # one request at a time: clear the way
                 await svc.step()
                 if floor_ms is not None:
                     floor_ms.extend(await transport_floor(svc, arrivals, out, f"floor-{k}"))

@@ -270,10 +270,13 @@ async def at_scale(seconds: float, vehicles: int = 100_000, every_s: float = 10.
                 rss_trimmed = rss_bytes(trim=True)
                 win = rep.capability.windows[0]
                 svc.inbox.requests.append(
-                    DispatchRequest(
-                        request_id=f"bench-{uuid.uuid4().hex[:6]}",
-                        power_kw=round(0.5 * win.min_power_kw, 1),
-                        duration_s=3600.0,
+                    (
+                        DispatchRequest(
+                            request_id=f"bench-{uuid.uuid4().hex[:6]}",
+                            power_kw=round(0.5 * win.min_power_kw, 1),
+                            duration_s=3600.0,
+                        ),
+                        None,
                     )
                 )
                 requested = True

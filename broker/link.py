@@ -49,12 +49,14 @@ MAX_BURST = 50_000  # messages handed to paho at once, well under its 65,535 mes
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message to publish: used for wills and birth messages."""
+    """A message to publish: used for wills and birth messages. ``properties``: MQTT 5
+    publish properties (response topic, correlation data), dropped on MQTT 3.1.1."""
 
     topic: str
     payload: bytes
     qos: int = 1
     retain: bool = False
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
@@ -277,7 +279,13 @@ class MqttLink:
             )
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
     ) -> bool:
         """Publish one message. QoS 0 while disconnected is dropped (returns False); QoS >= 1
         waits for the connection up to the publish timeout, then raises TransportError, and
@@ -285,7 +293,7 @@ class MqttLink:
         if qos == 0 and (self._client is None or not self._connected.is_set()):
             self.stats.dropped_offline += 1
             return False
-        done = await self.publish_many([Outgoing(topic, payload, qos, retain)])
+        done = await self.publish_many([Outgoing(topic, payload, qos, retain, properties)])
         if done:
             return True
         if self.stats.last_refusal and self.stats.last_refusal[0] == topic:
@@ -329,7 +337,8 @@ class MqttLink:
         paho = client._client  # aiomqtt keeps its paho client private; pinned < 3
         infos = []
         for m in messages:
-            info = paho.publish(m.topic, m.payload, m.qos, m.retain)
+            props = m.properties if self._v5 else None
+            info = paho.publish(m.topic, m.payload, m.qos, m.retain, props)
             if info.rc != 0:  # the connection went away mid-burst
                 break
             infos.append(info)

@@ -2,7 +2,9 @@
 
 Models validate what comes off the network: NaN and infinity, out-of-range values,
 strings where numbers are due and naive datetimes are all refused. Unknown extra
-fields are ignored so that newer senders stay readable.
+fields are ignored in what machines send (telemetry, status), so that newer senders stay
+readable, and refused in what operators send (requests, amendments, signals, cancels):
+there a typo such as ``strat`` for ``start`` would silently change what the fleet does.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def to_epoch(moment: datetime) -> float:
 def from_epoch(seconds: float) -> datetime:
     """Aware UTC datetime from epoch seconds."""
     return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+class OperatorMessage(WireModel):
+    """Base for what an operator sends: an unknown field is refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Telemetry(WireModel):
@@ -294,10 +302,11 @@ class Service(StrEnum):
 SIGNAL_SERVICES = frozenset({Service.FREQUENCY_REGULATION, Service.FREQUENCY_CONTAINMENT})
 
 
-class DispatchRequest(WireModel):
+class DispatchRequest(OperatorMessage):
     """A grid operator's request: fleet net power ``power_kw`` for ``duration_s`` from ``start``."""
 
-    model_config = ConfigDict(strict=False)  # operators send "service": "manual" as a string
+    # Operators send "service": "manual" as a string; unknown fields stay refused.
+    model_config = ConfigDict(strict=False, extra="forbid")
 
     request_id: RequestId
     service: Service = Service.MANUAL
@@ -318,9 +327,12 @@ class DispatchRequest(WireModel):
 
 
 ResultStatus = Literal["accepted", "partial", "rejected", "completed", "cancelled"]
+# What a result answers: the request itself, or an amendment or cancel of it. A refused
+# amendment leaves the request running: only a "rejected" answer to the request ends it.
+AnswerTo = Literal["request", "amend", "cancel"]
 
 
-class DispatchAmend(WireModel):
+class DispatchAmend(OperatorMessage):
     """New terms for a request in flight on ``v2g/dispatch/{request_id}/amend`` (an
     extension): its power, its duration from its start, or both."""
 
@@ -334,7 +346,11 @@ class DispatchAmend(WireModel):
         return self
 
 
-class DispatchSignal(WireModel):
+class DispatchCancel(OperatorMessage):
+    """A cancel on ``v2g/dispatch/{request_id}/cancel``: ``{}`` (the id is the topic's)."""
+
+
+class DispatchSignal(OperatorMessage):
     """One sample of the signal a frequency service follows, on
     ``v2g/dispatch/{request_id}/signal``: a regulation ``value`` in -1..1 (the share of the
     capacity to move, + toward import), or, for containment, the grid ``frequency_hz``."""
@@ -379,7 +395,21 @@ class DispatchResult(WireModel):
     # For containment: the least share of full activation delivered 30 s after a step
     # in frequency, over the steps so far (1 = full).
     fcr_share: float | None = None
+    # What this answers (an extension): a "rejected" answer to an amend or cancel leaves
+    # the request as it was.
+    answer_to: AnswerTo = "request"
     ts: UtcTime
+
+
+class DispatchRejection(WireModel):
+    """The answer to an operator message whose request id cannot be read (an extension),
+    on ``v2g/dispatch/rejected``: why it was refused, and the start of what came."""
+
+    ts: UtcTime
+    reason: str
+    request_id: str | None = None
+    topic: str
+    payload_head: str
 
 
 class DispatchProgress(WireModel):

@@ -57,6 +57,15 @@ class Topics:
         return f"{self.prefix}/dispatch/{request_id}/signal"
 
     @property
+    def dispatch_rejected(self) -> str:
+        """Refusals of operator messages whose request id cannot be read."""
+        return f"{self.prefix}/dispatch/rejected"
+
+    def operator_responses(self, operator: str) -> str:
+        """A private MQTT 5 response topic for one operator client."""
+        return f"{self.prefix}/operators/{operator}/responses"
+
+    @property
     def fleet_status(self) -> str:
         return f"{self.prefix}/fleet/status"
 
@@ -116,7 +125,7 @@ class Topics:
         """Split a contract topic into (kind, id).
 
         kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
-        ``requests`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend``, ``signal`` (id: request),
+        ``requests``, ``rejected`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend``, ``signal`` (id: request),
         ``bridge_telemetry``, ``bridge_setpoints`` (id: bridge).
         Raises InvalidMessage(reason="topic") for anything else.
         """
@@ -126,6 +135,8 @@ class Topics:
         parts = topic[len(head) :].split("/")
         if parts == ["dispatch", "requests"]:
             return "requests", ""
+        if parts == ["dispatch", "rejected"]:
+            return "rejected", ""
         if (len(parts) == 3 and parts[0] == "vehicles" and parts[2] in _VEHICLE_KINDS) or (
             len(parts) == 3 and parts[0] == "dispatch" and parts[2] in _DISPATCH_KINDS
         ):
@@ -137,6 +148,28 @@ class Topics:
         if not _ID_RE.fullmatch(ident):
             raise InvalidMessage("topic", f"id {ident[:80]!r} in topic is not a valid id")
         return kind, ident
+
+
+# An MQTT 5 response topic is where the aggregator publishes on a sender's behalf: a valid
+# publish topic of bounded length, and not one of the contract's own topics (a sender must
+# not make the aggregator speak on a vehicle's setpoint topic or the fleet status).
+MAX_REPLY_TOPIC = 256
+
+
+def check_reply_topic(topic: str, prefix: str) -> str:
+    """Return ``topic`` if the aggregator may answer on it, else raise ValueError saying why."""
+    if not topic or len(topic.encode()) > MAX_REPLY_TOPIC:
+        raise ValueError(f"response topic must be 1-{MAX_REPLY_TOPIC} bytes")
+    if any(c in topic for c in "+#\x00"):
+        raise ValueError(f"response topic {topic[:80]!r} has a wildcard or a NUL")
+    if topic.startswith("$"):
+        raise ValueError(f"response topic {topic[:80]!r} is a broker ($) topic")
+    if topic.startswith(prefix + "/") and not topic.startswith(f"{prefix}/operators/"):
+        raise ValueError(
+            f"response topic {topic[:80]!r} is inside the platform's topics; use"
+            f" {prefix}/operators/<you>/... or a topic outside {prefix}/"
+        )
+    return topic
 
 
 _VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})

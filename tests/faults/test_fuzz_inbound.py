@@ -119,7 +119,15 @@ def test_fuzzed_messages_never_crash_and_every_one_is_counted(
     rejected = sum(n for reason, n in svc.rejected.items() if reason != "stale")
     assert svc.received == len(batch)
     assert svc.accepted + svc.ignored + rejected == svc.received
-    assert set(svc.rejected) <= {"size", "topic", "json", "schema", "identity", "rate"}
+    assert set(svc.rejected) <= {
+        "size",
+        "topic",
+        "json",
+        "schema",
+        "unknown_field",
+        "identity",
+        "rate",
+    }
 
     # Downstream of validation: fold, envelope and dispatch stay finite.
     svc.state.apply_telemetry(svc.inbox.telemetry)
@@ -127,7 +135,7 @@ def test_fuzzed_messages_never_crash_and_every_one_is_counted(
     for w in envelope(view, T0 + 1):
         assert math.isfinite(w.min_power_kw) and math.isfinite(w.max_power_kw)
         assert w.min_power_kw <= w.max_power_kw + 1e-6
-    for req in svc.inbox.requests:
+    for req, _ in svc.inbox.requests:
         answer = svc.dispatcher.submit(req, T0 + 1, view)
         assert answer.status in ("accepted", "partial", "rejected")
     out = svc.dispatcher.step(T0 + 2, view, len(svc.state))

@@ -247,10 +247,13 @@ async def test_the_aggregator_sends_setpoints_on_the_fast_connection_and_resends
             rep = await svc.step()
             cap = rep.capability.windows[0]
             svc.inbox.requests = [
-                DispatchRequest(
-                    request_id=f"fast-{test_id}",
-                    power_kw=round(0.5 * cap.min_power_kw, 1),
-                    duration_s=3600.0,
+                (
+                    DispatchRequest(
+                        request_id=f"fast-{test_id}",
+                        power_kw=round(0.5 * cap.min_power_kw, 1),
+                        duration_s=3600.0,
+                    ),
+                    None,
                 )
             ]
             await svc.step()  # the setpoint connection is not up yet
