@@ -78,6 +78,7 @@ REMEMBERED_ANSWERS = 10_000
 # it. Times are epoch seconds (a float's step there is ~0.2 µs) that went through the
 # wire's microseconds: ends closer than this are the same instant.
 SAME_INSTANT_S = 1e-3
+ENDING_SLACK_STEPS = 0.2
 
 
 def overlaps(a_start: float, a_end: float, b_start: float, b_end: float) -> bool:
@@ -311,11 +312,11 @@ class Dispatcher:
         seen = self._terms.get(req.request_id)
         return seen is not None and seen != req
 
-    @staticmethod
-    def ends_by(d: Dispatch, now: float) -> bool:
-        """Is a running request over at ``now``? (Its window is half-open: at its end it is.)
-        The control step closes it then; admission at that step does not count it."""
-        return now >= d.end - SAME_INSTANT_S
+    def ends_at_step(self, d: Dispatch, now: float) -> bool:
+        """Does a running request end at the control step of ``now``? A step reads the
+        clock a little late or early (its wake-up), so one that started at a step does not
+        end exactly at a later one: within ENDING_SLACK_STEPS of a step, it ends there."""
+        return d.end - now <= max(SAME_INSTANT_S, ENDING_SLACK_STEPS * self.control_step_s)
 
     def knows(self, request_id: str) -> bool:
         """Has a request of this id been answered (and is it remembered)?"""
@@ -365,12 +366,13 @@ class Dispatcher:
         self._seq += 1
         # Requests stack, but the fleet has one net power: two power requests cannot
         # overlap; services that follow a signal stack on either.
-        # One that ends at this step is closed by it (after the requests are admitted).
+        # One that ends at this step does not clash with one that starts at it: for the
+        # moment both run, the stack's books keep each one's energy apart.
         clash = next(
             (
                 o
                 for o in self.dispatches.values()
-                if not (o.state == "active" and self.ends_by(o, now))
+                if not (o.state == "active" and self.ends_at_step(o, now))
                 and overlaps(o.start, o.end, d.start, d.end)
                 and not o.follows_signal
                 and not d.follows_signal
@@ -915,7 +917,7 @@ class Dispatcher:
                     self._sample(d, now, view)
                     self._check_fcr(d, now, measured)
                 self._book(d, min(now, d.end), view, now, base)
-                if self.ends_by(d, now):
+                if now >= d.end - 1e-9:
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
             elif now >= d.start:

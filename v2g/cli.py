@@ -467,15 +467,26 @@ def dispatch_cmd(
 @app.command("cancel")
 def cancel_cmd(
     request_id: Annotated[str, typer.Argument(help="the request to cancel")],
+    timeout: Annotated[float, typer.Option(help="wait this long for the answer")] = 15.0,
     broker: Broker = None,
     topic_prefix: Prefix = None,
 ) -> None:
-    """Cancel a running dispatch request."""
+    """Cancel a running dispatch request and print the answer: cancelled (with the energy
+    delivered) or rejected (with why, e.g. unknown request; exit code 1)."""
     from v2g import operator
 
     settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
-    _run(operator.cancel(settings, request_id))
-    typer.echo(f"cancel sent for {request_id}")
+    answer = _run(operator.cancel(settings, request_id, timeout_s=timeout))
+    if answer is None:  # interrupted
+        raise typer.Exit(1)
+    line = f"{answer.request_id} {answer.status}"
+    if answer.delivered_kwh is not None:
+        line += f": delivered {answer.delivered_kwh:+.2f} kWh of {answer.requested_kwh or 0:+.2f} kWh requested"
+    if answer.reason:
+        line += f" ({answer.reason})"
+    typer.echo(line)
+    if answer.status == "rejected":
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -504,6 +515,8 @@ def amend(
         power_kw=power, duration_s=None if duration is None else parse_duration(duration)
     )
     answer = _run(operator.amend(settings, request_id, change, timeout_s=timeout))
+    if answer is None:  # interrupted
+        raise typer.Exit(1)
     typer.echo(answer.model_dump_json(exclude_none=True))
     if answer.status == "rejected":
         raise typer.Exit(1)

@@ -7,8 +7,10 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import aiomqtt
+from pydantic import ValidationError
 
 from broker.errors import TransportError
 from broker.link import MqttLink
@@ -16,20 +18,58 @@ from broker.models import (
     Capability,
     DispatchAmend,
     DispatchProgress,
+    DispatchRejection,
     DispatchRequest,
     DispatchResult,
     FleetForecast,
     FleetStatus,
 )
+from broker.replies import correlation_of, request_properties
 from broker.settings import Settings
 
 FINAL = frozenset({"completed", "cancelled", "rejected"})
+
+
+def is_final(result: DispatchResult) -> bool:
+    """Does ``result`` end its request? (A refused amendment or cancel leaves it running.)"""
+    return result.status in FINAL and (result.status != "rejected" or result.answer_to == "request")
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     topic: str
     payload: bytes
+    correlation: bytes | None = None  # MQTT 5 correlation data, if the message had any
+
+
+@dataclass(frozen=True, slots=True)
+class Asking:
+    """A private MQTT 5 response topic and the correlation data of one message sent."""
+
+    topic: str
+    correlation: bytes
+
+    @classmethod
+    def fresh(cls, settings: Settings) -> Asking:
+        return cls(settings.topics.operator_responses(uuid.uuid4().hex[:16]), uuid.uuid4().bytes)
+
+    def mine(self, ev: Event) -> bool:
+        return ev.topic == self.topic and ev.correlation == self.correlation
+
+
+def answer_of(payload: bytes, request_id: str) -> DispatchResult:
+    """A DispatchResult from an answer's payload (a ``dispatch/rejected`` notice, which
+    a response topic may carry too, reads as a ``rejected`` result)."""
+    try:
+        return DispatchResult.model_validate_json(payload)
+    except ValidationError:
+        notice = DispatchRejection.model_validate_json(payload)
+        return DispatchResult(
+            request_id=notice.request_id or request_id,
+            status="rejected",
+            reason=notice.reason,
+            ts=notice.ts,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -41,7 +81,7 @@ async def operator_link(
 
     def handler(m: aiomqtt.Message) -> None:
         payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
-        queue.put_nowait(Event(str(m.topic), bytes(payload)))
+        queue.put_nowait(Event(str(m.topic), bytes(payload), correlation_of(m.properties)))
 
     link = MqttLink(
         settings=settings,
@@ -73,50 +113,89 @@ async def dispatch(
     on_result: Callable[[DispatchResult], None],
     on_progress: Callable[[DispatchProgress], None] | None = None,
 ) -> DispatchResult:
-    """Publish a request and return its answer; with ``wait``, follow it to its end."""
+    """Publish a request and return its answer; with ``wait``, follow it to its end.
+
+    Over MQTT 5 the answer comes on a private response topic, matched by correlation
+    data: an answer meant for someone else who used the same request id (a refusal of
+    their request) is never taken for ours, and until ours is in, the request id's
+    topics (another sender's request, perhaps) are not followed."""
     t = settings.topics
     rid = request.request_id
-    subs = [(t.dispatch_result(rid), 1), (t.dispatch_progress(rid), 0)]
+    asking = Asking.fresh(settings)
+    subs = [(t.dispatch_result(rid), 1), (t.dispatch_progress(rid), 0), (asking.topic, 1)]
     async with operator_link(settings, subs, connect_timeout=min(timeout_s, 10.0)) as (link, queue):
-        await link.publish(t.dispatch_requests, request.to_json(), qos=1)
-        last: DispatchResult | None = None
+        v5 = link.protocol == "5"
+        props = request_properties(asking.topic, asking.correlation) if v5 else None
+        await link.publish(t.dispatch_requests, request.to_json(), qos=1, properties=props)
+        answered = not v5  # on MQTT 3.1.1 the request's result topic is all there is
+        seen: set[bytes] = set()  # an answer comes on both topics: take it once
         async with asyncio.timeout(timeout_s):
             while True:
                 ev = await queue.get()
                 # Match topics exactly: some brokers (amqtt) deliver beyond the filter.
-                if ev.topic == t.dispatch_result(rid):
-                    last = DispatchResult.model_validate_json(ev.payload)
+                if asking.mine(ev) or (answered and ev.topic == t.dispatch_result(rid)):
+                    if not ev.payload or ev.payload in seen:
+                        continue
+                    seen.add(ev.payload)
+                    last = answer_of(ev.payload, rid)
+                    answered = True
                     on_result(last)
-                    if not wait or last.status in FINAL:
+                    if not wait or is_final(last):
                         return last
-                elif ev.topic == t.dispatch_progress(rid) and on_progress is not None:
+                elif answered and ev.topic == t.dispatch_progress(rid) and on_progress is not None:
                     on_progress(DispatchProgress.model_validate_json(ev.payload))
 
 
-async def cancel(settings: Settings, request_id: str) -> None:
-    """Ask the aggregator to cancel a running request."""
-    async with operator_link(settings, []) as (link, _):
-        await link.publish(settings.topics.dispatch_cancel(request_id), b"{}", qos=1)
+async def ask(
+    settings: Settings,
+    request_id: str,
+    kind: Literal["cancel", "amend"],
+    payload: bytes,
+    *,
+    timeout_s: float,
+) -> DispatchResult:
+    """Send a cancel or an amendment of ``request_id`` and return the aggregator's
+    answer to it (its own, by correlation data over MQTT 5)."""
+    t = settings.topics
+    topic = t.dispatch_cancel(request_id) if kind == "cancel" else t.dispatch_amend(request_id)
+    asking = Asking.fresh(settings)
+    subs = [(asking.topic, 1), (t.dispatch_result(request_id), 1)]
+    async with operator_link(settings, subs, connect_timeout=min(timeout_s, 10.0)) as (link, queue):
+        v5 = link.protocol == "5"
+        props = request_properties(asking.topic, asking.correlation) if v5 else None
+        await link.publish(topic, payload, qos=1, properties=props)
+        what = "cancel" if kind == "cancel" else "amendment"
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    ev = await queue.get()
+                    if not ev.payload:
+                        continue
+                    if v5 and asking.mine(ev):
+                        return answer_of(ev.payload, request_id)
+                    if not v5 and ev.topic == t.dispatch_result(request_id):
+                        answer = answer_of(ev.payload, request_id)
+                        if answer.answer_to == kind:
+                            return answer
+        except TimeoutError:
+            raise TransportError(
+                f"no answer to the {what} of {request_id} within {timeout_s:g} s; is the"
+                f" aggregator running on {settings.broker_url} with topic prefix"
+                f" {t.prefix!r}? The {what} may still be acted on when it comes back."
+            ) from None
+
+
+async def cancel(settings: Settings, request_id: str, *, timeout_s: float = 15.0) -> DispatchResult:
+    """Ask the aggregator to cancel a running request; returns its answer (``cancelled``
+    with the books, or ``rejected`` with why, e.g. ``unknown request``)."""
+    return await ask(settings, request_id, "cancel", b"{}", timeout_s=timeout_s)
 
 
 async def amend(
     settings: Settings, request_id: str, change: DispatchAmend, *, timeout_s: float
 ) -> DispatchResult:
     """Send new terms for a request in flight and return the aggregator's answer."""
-    t = settings.topics
-    async with operator_link(settings, [(t.dispatch_result(request_id), 1)]) as (link, queue):
-        await link.publish(t.dispatch_amend(request_id), change.to_json(), qos=1)
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    ev = await queue.get()
-                    if ev.topic == t.dispatch_result(request_id) and ev.payload:
-                        return DispatchResult.model_validate_json(ev.payload)
-        except TimeoutError:
-            raise TransportError(
-                f"no answer to the amendment of {request_id} within {timeout_s:.0f} s;"
-                " is the aggregator running, and is the request still running?"
-            ) from None
+    return await ask(settings, request_id, "amend", change.to_json(), timeout_s=timeout_s)
 
 
 async def follow_status(

@@ -149,6 +149,44 @@ def test_overlapping_request_is_rejected_and_a_later_one_is_scheduled() -> None:
     assert d.dispatches["c"].state == "scheduled"
 
 
+def test_a_request_at_the_step_another_ends_is_not_refused_for_overlap() -> None:
+    """Windows are half-open, and a control step reads the clock a little off its beat: a
+    request that started at one step (T0 + 0.37 s) ends a few ms after a later step."""
+    _, state = fleet_and_state(20)
+    d = Dispatcher(control_step_s=STEP)
+    start = T0 + 0.37
+    d.submit(req(-10.0, 600.0, "a"), start, state.view(start, 15.0))
+    step = start + 600.0 - 0.04  # 120 steps on, this step's clock read 40 ms early
+    assert d.dispatches["a"].end > step  # so "a" ends (just) after it
+    view = state.view(step, 15.0)
+    nxt = d.submit(req(-12.0, 600.0, "b"), step, view)
+    assert nxt.status in ("accepted", "partial"), nxt.reason
+    # Back to back, planned: the one after starts exactly where "b" ends.
+    after = d.submit(req(-8.0, 600.0, "c", start=from_epoch(d.dispatches["b"].end)), step, view)
+    assert "overlaps" not in (after.reason or ""), after.reason
+    # A real overlap is still refused, by any amount above the clock's slack.
+    for k, at in enumerate((step + 1.5, d.dispatches["b"].end - 2.0)):
+        clash = d.submit(req(-8.0, 60.0, f"x{k}", start=from_epoch(at)), step, view)
+        assert clash.status == "rejected" and "overlaps" in (clash.reason or ""), clash
+
+
+@given(
+    start=st.floats(1.7e9, 1.9e9),
+    first=st.floats(1.0, 86_400.0),
+    second=st.floats(1.0, 86_400.0),
+)
+def test_back_to_back_windows_never_overlap_and_shared_seconds_always_do(
+    start: float, first: float, second: float
+) -> None:
+    from aggregator.dispatch import overlaps
+
+    end = start + first
+    assert not overlaps(start, end, end, end + second)
+    assert not overlaps(end, end + second, start, end)
+    assert overlaps(start, end, end - 0.5, end + second)
+    assert overlaps(end - 0.5, end + second, start, end)
+
+
 def test_completed_request_reports_delivered_energy_and_releases_vehicles() -> None:
     fleet, state = fleet_and_state()
     d = Dispatcher(control_step_s=STEP)
