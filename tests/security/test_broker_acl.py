@@ -190,6 +190,24 @@ async def test_operator_sends_dispatch_requests_and_reads_results_but_not_setpoi
         assert not any(t.startswith("v2g/vehicles/") or t == "v2g/fleet/status" for t in seen)
 
 
+async def test_the_operator_gets_its_answers_on_a_response_topic_and_a_vehicle_does_not(
+    broker: Broker,
+) -> None:
+    """`v2g dispatch/cancel/amend` ask for their answers on v2g/operators/<them>/responses
+    (MQTT 5 Response Topic): the operator must read there, the aggregator write there."""
+    async with (
+        client(broker, "aggregator") as agg,
+        client(broker, "operator") as op,
+        client(broker, "ev-0000") as ev,
+    ):
+        inbox = "v2g/operators/op-1/responses"
+        await op.subscribe(inbox, qos=1)
+        await ev.subscribe("v2g/operators/#", qos=1)
+        assert await Acks(agg).publish(inbox) == 0
+        assert await collect_until(op, inbox) == [inbox]
+        assert await expect_none(ev, 0.3) == []
+
+
 async def test_a_vehicle_cannot_amend_a_request_or_speak_as_a_bridge(broker: Broker) -> None:
     async with client(broker, "ev-0000") as ev:
         acks = Acks(ev)
