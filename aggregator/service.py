@@ -419,6 +419,7 @@ class AggregatorService:
                 topic=topic[:120],
                 payload=payload[:LOG_PAYLOAD_CHARS].decode("utf-8", "replace"),
                 rejected_total=self.rejected[err.reason],
+                unanswered_total=self.refusals_unanswered,
             )
 
     # -- the loop --------------------------------------------------------------------
