@@ -621,9 +621,12 @@ class AggregatorService:
 
     def _route(self, answer: DispatchResult, reply: ReplyTo | None = None) -> Routed:
         """An answer about a request: on its result topic, to the response topic of the
-        message it answers and to its request's; a final one forgets the latter."""
+        message it answers and to its request's (not a refused amendment or cancel: that
+        changes nothing of it); a final one forgets the latter."""
         rid = answer.request_id
-        routed = Routed(answer, public=True, replies=replies(reply, self._replies.get(rid)))
+        refused = answer.status == "rejected" and answer.answer_to != "request"
+        ours = None if refused else self._replies.get(rid)
+        routed = Routed(answer, public=True, replies=replies(reply, ours))
         if rid not in self.dispatcher.dispatches:
             self._replies.pop(rid, None)
         return routed
@@ -661,7 +664,7 @@ class AggregatorService:
         answer = self.dispatcher.refuse(rid, refusal.reason, now, answer_to)
         if refusal.kind == "requests" and self.dispatcher.knows(rid):
             return self._private(answer, refusal.reply, refusal.payload_head.encode(), now)
-        return Routed(answer, public=True, replies=replies(refusal.reply, self._replies.get(rid)))
+        return Routed(answer, public=True, replies=replies(refusal.reply))
 
     def _not_running(
         self, rid: str, kind: Literal["cancel", "amend"], reply: ReplyTo | None, now: float

@@ -251,3 +251,21 @@ async def test_a_request_reusing_a_running_id_on_other_terms_is_answered_to_its_
     msgs = await owed_after_step(svc)
     (again,) = on(msgs, result_topic)
     assert again["status"] in ("accepted", "partial")
+
+
+async def test_a_refused_amendment_goes_to_its_sender_not_to_the_requests_response_topic() -> None:
+    svc = service()
+    requester, other = f"{P}/operators/a/responses", f"{P}/operators/b/responses"
+    svc.on_payload(REQUESTS, good("am-1"), request_properties(requester, b"a"))
+    await owed_after_step(svc)
+    amend = f"{P}/dispatch/am-1/amend"
+    svc.on_payload(amend, b'{"power_kw": "x"}', request_properties(other, b"b"))
+    svc.on_payload(amend, b'{"duration_s": 1}', request_properties(other, b"b2"))
+    msgs = await owed_after_step(svc)
+    assert requester not in {m.topic for m in msgs}
+    to_other = [DispatchResult.model_validate_json(m.payload) for m in msgs if m.topic == other]
+    assert [(a.status, a.answer_to) for a in to_other] == [("rejected", "amend")] * 2
+    # An amendment that takes effect is news for the requester too.
+    svc.on_payload(amend, b'{"power_kw": -3}', request_properties(other, b"b3"))
+    msgs = await owed_after_step(svc)
+    assert {m.topic for m in msgs} >= {requester, other, f"{P}/dispatch/am-1/result"}
