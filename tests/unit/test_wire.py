@@ -14,7 +14,7 @@ from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from broker.errors import InvalidMessage
-from broker.models import DispatchRequest, DispatchResult, Setpoint, Telemetry
+from broker.models import DispatchAmend, DispatchRequest, DispatchResult, Setpoint, Telemetry
 from broker.topics import Topics
 
 GOOD: dict[str, Any] = {
@@ -180,7 +180,6 @@ def test_fast_telemetry_payloads_are_valid_contract_messages() -> None:
 
 
 def test_an_amendment_needs_new_terms_and_has_its_own_topic() -> None:
-    from broker.models import DispatchAmend
     from broker.topics import Topics
 
     assert DispatchAmend.model_validate_json(b'{"power_kw": -20}').power_kw == -20.0
@@ -191,3 +190,20 @@ def test_an_amendment_needs_new_terms_and_has_its_own_topic() -> None:
     t = Topics("v2g")
     assert t.parse(t.dispatch_amend("r-1")) == ("amend", "r-1")
     assert t.all_amends == "v2g/dispatch/+/amend"
+
+
+def test_operator_messages_refuse_unknown_fields_and_telemetry_still_ignores_them() -> None:
+    from broker.models import DispatchCancel, DispatchSignal
+
+    operator_messages: list[tuple[type[Any], dict[str, Any]]] = [
+        (DispatchRequest, {"request_id": "r1", "power_kw": -5, "duration_s": 900}),
+        (DispatchAmend, {"power_kw": -20}),
+        (DispatchSignal, {"value": 0.5, "ts": "2026-12-03T10:00:00Z"}),
+        (DispatchCancel, {}),
+    ]
+    for model, doc in operator_messages:
+        model.model_validate_json(json.dumps(doc))
+        with pytest.raises(ValidationError, match="strat") as info:
+            model.model_validate_json(json.dumps({**doc, "strat": "2026-12-03T10:00:00Z"}))
+        assert info.value.errors()[0]["type"] == "extra_forbidden"
+    assert Telemetry.model_validate_json(json.dumps({**GOOD, "firmware": "1.2"})).soc == GOOD["soc"]
