@@ -411,6 +411,10 @@ class DispatchRejection(WireModel):
     topic: str
     payload_head: str
 
+    def to_json(self) -> bytes:
+        """The notice as compact JSON, without ``request_id`` when it is not known."""
+        return self.model_dump_json(exclude_none=True).encode()
+
 
 class DispatchProgress(WireModel):
     """Requested vs delivered so far, on ``v2g/dispatch/{request_id}/progress`` each step."""
