@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from aggregator.service import MAX_PAYLOAD_BYTES, AggregatorService
 from aggregator.store import RedisStore
 from broker.clock import SimClock
+from broker.errors import TransportError
 from broker.models import DispatchAmend, DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings
 from v2g import operator
@@ -295,3 +296,9 @@ async def test_the_cli_prints_the_answer_to_a_cancel_and_exits_1_when_refused(
         again = await asyncio.to_thread(runner.invoke, app, ["cancel", rid, *flags])
         assert again.exit_code == 1, again.output
         assert f"{rid} rejected" in again.output and "not running" in again.output
+
+
+async def test_a_cancel_nobody_answers_times_out_with_what_to_check(settings: Settings) -> None:
+    with pytest.raises(TransportError, match="no answer to the cancel of r-1 within 1 s") as info:
+        await operator.cancel(settings, "r-1", timeout_s=1.0)
+    assert settings.topic_prefix in str(info.value)
