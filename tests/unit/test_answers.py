@@ -269,3 +269,24 @@ async def test_a_refused_amendment_goes_to_its_sender_not_to_the_requests_respon
     svc.on_payload(amend, b'{"power_kw": -3}', request_properties(other, b"b3"))
     msgs = await owed_after_step(svc)
     assert {m.topic for m in msgs} >= {requester, other, f"{P}/dispatch/am-1/result"}
+
+
+def test_a_follower_ends_only_on_a_final_answer_to_the_request_itself() -> None:
+    from datetime import UTC, datetime
+
+    from v2g.operator import answer_of, is_final
+
+    at = datetime(2026, 12, 3, tzinfo=UTC)
+
+    def r(status: str, to: str) -> DispatchResult:
+        return DispatchResult.model_validate(
+            {"request_id": "r", "status": status, "answer_to": to, "ts": at}
+        )
+
+    assert is_final(r("rejected", "request")) and is_final(r("completed", "request"))
+    assert is_final(r("cancelled", "cancel"))
+    assert not is_final(r("rejected", "amend")) and not is_final(r("rejected", "cancel"))
+    assert not is_final(r("partial", "amend"))
+    notice = DispatchRejection(ts=at, reason="why", topic="t", payload_head="{")
+    read = answer_of(notice.to_json(), "mine")
+    assert (read.request_id, read.status, read.reason) == ("mine", "rejected", "why")
