@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from broker.clock import Anchor
 from broker.topics import ID_PATTERN, check_id
 
 VehicleId = Annotated[str, AfterValidator(lambda v: check_id(v, "vehicle_id"))]
@@ -326,7 +327,8 @@ class DispatchRequest(OperatorMessage):
         return self
 
 
-ResultStatus = Literal["accepted", "partial", "rejected", "completed", "cancelled"]
+# "started" (an extension): a request planned for later has begun, at ts.
+ResultStatus = Literal["accepted", "partial", "rejected", "started", "completed", "cancelled"]
 # What a result answers: the request itself, or an amendment or cancel of it. A refused
 # amendment leaves the request running: only a "rejected" answer to the request ends it.
 AnswerTo = Literal["request", "amend", "cancel"]
@@ -491,6 +493,34 @@ class FleetStatus(WireModel):
     dispatches: list[ActiveDispatch] = Field(default_factory=list)
     degraded: bool = False
     rejected: dict[str, int] = Field(default_factory=dict)
+
+
+class ClockAnchor(WireModel):
+    """The fleet's platform clock, retained on ``v2g/clock`` (an extension): simulated time
+    ``sim_start`` at wall time ``wall_start``, running ``speed`` simulated seconds per wall
+    second. Every process that publishes it re-publishes it every few wall seconds
+    (``refreshed_at``, wall time); one not refreshed for a while is from a fleet that has
+    stopped, and the next process to start creates a new one."""
+
+    sim_start: UtcTime
+    wall_start: UtcTime
+    speed: Annotated[float, Field(gt=0.0)]
+    refreshed_at: UtcTime
+    set_by: str = ""  # the client id of the process that created it
+
+    @classmethod
+    def of(cls, anchor: Anchor, *, refreshed_at: float, set_by: str) -> ClockAnchor:
+        return cls(
+            sim_start=from_epoch(anchor.sim_start),
+            wall_start=from_epoch(anchor.wall_start),
+            speed=anchor.speed,
+            refreshed_at=from_epoch(refreshed_at),
+            set_by=set_by,
+        )
+
+    @property
+    def anchor(self) -> Anchor:
+        return Anchor(to_epoch(self.sim_start), to_epoch(self.wall_start), self.speed)
 
 
 # -- Batched messages for bridges (OEM clouds, depot gateways): an extension ----------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -30,9 +31,24 @@ class Settings(BaseSettings):
 
     speed: float = Field(1.0, gt=0.0, description="simulated seconds per wall second")
     clock_anchor: float | None = Field(
-        None, description="wall epoch at which simulated time equals sim_start"
+        None,
+        description="wall time (ISO 8601 or epoch s) at which simulated time equals"
+        " sim_start; default: when the fleet's first process started",
     )
-    sim_start: float | None = Field(None, description="simulated epoch at clock_anchor")
+    sim_start: float | None = Field(
+        None,
+        description="simulated time (ISO 8601 or epoch s) the clock starts at; default:"
+        " the wall time when the fleet's first process started",
+    )
+    clock_wait_s: float = Field(
+        1.5, gt=0.0, description="wall seconds to wait for the fleet's retained clock anchor"
+    )
+    clock_refresh_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="wall seconds between re-publishes of the clock anchor; one not"
+        " refreshed for 3 of these is from a stopped fleet",
+    )
 
     telemetry_interval_s: float = Field(5.0, gt=0.0)
     control_step_s: float = Field(5.0, gt=0.0)
@@ -87,6 +103,27 @@ class Settings(BaseSettings):
     def _prefix_has_no_wildcards(cls, v: str) -> str:
         if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
             raise ValueError(f"topic prefix {v!r} must be non-empty, without '+', '#' or edge '/'")
+        return v
+
+    @field_validator("sim_start", "clock_anchor", mode="before")
+    @classmethod
+    def _time_from_iso_or_epoch(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            try:
+                return float(text)
+            except ValueError:
+                pass
+            try:
+                moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(
+                    f"{v!r} is not a time: give ISO 8601 with a zone (2026-12-03T06:00:00Z)"
+                    " or epoch seconds"
+                ) from None
+            if moment.tzinfo is None:
+                raise ValueError(f"{v!r} has no time zone; add Z or +00:00")
+            return moment.timestamp()
         return v
 
     @field_validator("share_group")

@@ -77,6 +77,11 @@ class Topics:
     def fleet_forecast(self) -> str:
         return f"{self.prefix}/fleet/forecast"
 
+    @property
+    def clock(self) -> str:
+        """The fleet's clock anchor (retained): every process of a fleet runs on it."""
+        return f"{self.prefix}/clock"
+
     # Bridges (OEM clouds, depot gateways) carry many vehicles: batched, columnar messages.
     def bridge_telemetry(self, bridge_id: str) -> str:
         return f"{self.prefix}/bridges/{bridge_id}/telemetry"

@@ -20,9 +20,17 @@ import structlog
 import typer
 from pydantic import ValidationError
 
-from broker.clock import SimClock, day_anchor
+from broker.clocklink import SharedClock
 from broker.errors import V2GError
-from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus, Service
+from broker.models import (
+    DispatchProgress,
+    DispatchRequest,
+    DispatchResult,
+    FleetStatus,
+    Service,
+    from_epoch,
+    to_epoch,
+)
 from broker.settings import Settings
 from v2g import logs
 
@@ -54,6 +62,14 @@ Speed = Annotated[
         "--speed", help="simulated seconds per wall second, same for every process [env V2G_SPEED]"
     ),
 ]
+SimStart = Annotated[
+    str | None,
+    typer.Option(
+        "--sim-start",
+        help="simulated time the clock starts at, ISO 8601 or epoch s; default: the fleet's"
+        " (on the bus), else now [env V2G_SIM_START]",
+    ),
+]
 LogFormat = Annotated[
     str | None, typer.Option("--log-format", help="kv (logfmt) or json [env V2G_LOG_FORMAT]")
 ]
@@ -78,12 +94,25 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     raise typer.Exit(code)
 
 
-def _clock(settings: Settings) -> SimClock:
-    """The shared platform clock: processes given the same settings agree on the time."""
-    anchor = settings.clock_anchor
-    if anchor is None and settings.speed != 1.0:
-        anchor = day_anchor()
-    return SimClock(speed=settings.speed, wall_anchor=anchor, sim_anchor=settings.sim_start)
+def _clock_client_id(settings: Settings) -> str:
+    """The clock link's own MQTT client id: never the id of the process's main link."""
+    base = settings.client_id or settings.topic_prefix
+    return f"{base}-clock-{socket.gethostname()}-{os.getpid()}"
+
+
+def _shared_clock(settings: Settings, *, create: bool = True) -> Any:
+    """The platform clock, settled on the fleet's anchor on ``{prefix}/clock`` (broker/
+    clocklink.py): an async context manager yielding a SharedClock."""
+    from broker.clocklink import shared_clock
+
+    return shared_clock(settings, client_id=_clock_client_id(settings), create=create)
+
+
+async def _read_clock(settings: Settings) -> SharedClock:
+    """The fleet's platform clock, read once (a command that publishes no anchor)."""
+    async with _shared_clock(settings, create=False) as shared:
+        got: SharedClock = shared
+        return got
 
 
 def _run(coro: Any) -> Any:
@@ -118,12 +147,18 @@ def parse_duration(text: str) -> float:
     return value * {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}[unit]
 
 
-def parse_start(text: str) -> datetime:
-    """An ISO 8601 time with a zone ('2026-11-26T18:00:00Z'), or '+10m' from now."""
-    if text.startswith("+"):
-        return datetime.now(UTC).replace(microsecond=0) + timedelta(
-            seconds=parse_duration(text[1:])
-        )
+def is_relative(text: str) -> bool:
+    """True for a start like '+10m', counted from the platform clock's now."""
+    return text.strip().startswith("+")
+
+
+def parse_start(text: str, *, now: float | None = None) -> datetime:
+    """An ISO 8601 time with a zone ('2026-11-26T18:00:00Z'), or '+10m' from ``now``, the
+    platform clock's time (simulated when the clock is accelerated), never the wall's."""
+    if is_relative(text):
+        if now is None:
+            raise ValueError("a relative start needs the platform clock's time")
+        return from_epoch(round(now)) + timedelta(seconds=parse_duration(text.strip()[1:]))
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -213,6 +248,7 @@ def aggregator(
     redis: Redis = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
+    sim_start: SimStart = None,
     memory: Annotated[
         bool, typer.Option("--memory", help="keep state in memory, not Redis")
     ] = False,
@@ -257,6 +293,7 @@ def aggregator(
         redis_url=redis,
         topic_prefix=topic_prefix,
         speed=speed,
+        sim_start=sim_start,
         log_format=log_format,
         share_group=share_group,
         lease_ttl_s=lease_ttl,
@@ -274,23 +311,28 @@ def aggregator(
     client_id = "v2g-aggregator"
     if settings.share_group:
         client_id = settings.client_id or f"{client_id}-{socket.gethostname()}-{os.getpid()}"
-    service = AggregatorService(
-        settings=settings,
-        clock=_clock(settings),
-        store=store,
-        ledger=ledger,
-        client_id=client_id,
-        fast_ingest=fast_ingest,
-        fast_setpoints=fast_setpoints,
-    )
-    structlog.get_logger("aggregator").info(
-        "aggregator_starting",
-        broker=settings.broker_url,
-        store="memory" if memory else settings.redis_url,
-        prefix=settings.topic_prefix,
-        speed=settings.speed,
-    )
-    _run(service.run())
+
+    async def main() -> None:
+        async with _shared_clock(settings) as shared:
+            service = AggregatorService(
+                settings=shared.settings,
+                clock=shared.clock,
+                store=store,
+                ledger=ledger,
+                client_id=client_id,
+                fast_ingest=fast_ingest,
+                fast_setpoints=fast_setpoints,
+            )
+            structlog.get_logger("aggregator").info(
+                "aggregator_starting",
+                broker=settings.broker_url,
+                store="memory" if memory else settings.redis_url,
+                prefix=settings.topic_prefix,
+                speed=shared.settings.speed,
+            )
+            await service.run()
+
+    _run(main())
 
 
 @app.command()
@@ -326,6 +368,7 @@ def agents(
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
+    sim_start: SimStart = None,
     log_format: LogFormat = None,
 ) -> None:
     """Run N simulated vehicles that report telemetry and follow setpoints."""
@@ -346,24 +389,32 @@ def agents(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--misbehave") from None
     settings = _settings(
-        broker_url=broker, topic_prefix=topic_prefix, speed=speed, log_format=log_format
+        broker_url=broker,
+        topic_prefix=topic_prefix,
+        speed=speed,
+        sim_start=sim_start,
+        log_format=log_format,
     )
-    clock = _clock(settings)
-    fleet = SimFleet(
-        generate_fleet(count, seed, id_prefix=id_prefix),
-        clock.now(),
-        step_s=settings.telemetry_interval_s,
-        faults=faults,
-    )
-    runtime = AgentRuntime(
-        settings=settings,
-        clock=clock,
-        fleet=fleet,
-        mode=mode,  # type: ignore[arg-type]
-        connections=connections,
-        batch=batch,
-    )
-    _run(runtime.run())
+
+    async def main() -> None:
+        async with _shared_clock(settings) as shared:
+            fleet = SimFleet(
+                generate_fleet(count, seed, id_prefix=id_prefix),
+                shared.clock.now(),
+                step_s=settings.telemetry_interval_s,
+                faults=faults,
+            )
+            runtime = AgentRuntime(
+                settings=shared.settings,
+                clock=shared.clock,
+                fleet=fleet,
+                mode=mode,  # type: ignore[arg-type]
+                connections=connections,
+                batch=batch,
+            )
+            await runtime.run()
+
+    _run(main())
 
 
 @app.command("dispatch")
@@ -383,7 +434,12 @@ def dispatch_cmd(
     duration: Annotated[str, typer.Option("--duration", help="e.g. 900, 15m, 1h")] = "15m",
     service: Annotated[Service, typer.Option("--service", help="grid service")] = Service.MANUAL,
     start: Annotated[
-        str | None, typer.Option("--start", help="ISO time with zone, or +10m; default now")
+        str | None,
+        typer.Option(
+            "--start",
+            help="ISO time with zone, or +10m from now on the platform clock (the fleet's,"
+            " read on the bus); default now",
+        ),
     ] = None,
     request_id: Annotated[
         str | None, typer.Option("--id", help="request id; default a fresh one")
@@ -403,26 +459,39 @@ def dispatch_cmd(
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
+    sim_start: SimStart = None,
 ) -> None:
     """Send a dispatch request and print the answer (and progress with --wait)."""
     from v2g import operator
 
-    settings = _settings(broker_url=broker, topic_prefix=topic_prefix, speed=speed)
+    settings = _settings(
+        broker_url=broker, topic_prefix=topic_prefix, speed=speed, sim_start=sim_start
+    )
     seconds = parse_duration(duration)
+    relative = start is not None and is_relative(start)
+    if relative:
+        assert start is not None
+        parse_duration(start.strip()[1:])  # a bad offset is refused before connecting
+    now: float | None = None
+    if relative or wait:
+        # '+30m' and the wait are on the platform clock, the fleet's (read on the bus).
+        shared = _run(_read_clock(settings))
+        settings, now = shared.settings, shared.clock.now()
     try:
         req = DispatchRequest(
             request_id=request_id or f"req-{uuid.uuid4().hex[:10]}",
             service=service,
             power_kw=power,
             capacity_kw=capacity,
-            start=parse_start(start) if start else None,
+            start=parse_start(start, now=now) if start else None,
             duration_s=seconds,
             priority=priority,
         )
     except ValidationError as err:
         _fail(f"invalid request: {err.errors()[0]['msg']}")
     if wait:
-        timeout = max(timeout, seconds / settings.speed + 60.0)
+        lead = 0.0 if req.start is None or now is None else max(0.0, to_epoch(req.start) - now)
+        timeout = max(timeout, (lead + seconds) / settings.speed + 60.0)
 
     def on_result(r: DispatchResult) -> None:
         if as_json:
