@@ -20,7 +20,7 @@ from agents.battery import Array, baseline_power
 from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
-from aggregator.schedule import Block, cohorts, plan
+from aggregator.schedule import Block, cohorts, grid, index_of, plan
 from aggregator.scoring import FCR_FULL_WITHIN_S, fcr_activation, regulation_score
 from aggregator.scoring import SAMPLE_S as SCORE_SAMPLE_S
 from aggregator.scoring import WINDOW_S as SCORE_WINDOW_S
@@ -86,6 +86,11 @@ def overlaps(a_start: float, a_end: float, b_start: float, b_end: float) -> bool
     return a_start < b_end - SAME_INSTANT_S and b_start < a_end - SAME_INSTANT_S
 
 
+def _entries(schedule: list[list[float]] | None) -> list[tuple[float, float, float]]:
+    """A planned request's schedule as (start, kW, end) intervals."""
+    return [(e[0], e[1], e[2] if len(e) > 2 else e[0] + SCHEDULE_STEP_S) for e in schedule or []]
+
+
 @dataclass(slots=True)
 class Dispatch:
     """One admitted request and its running books."""
@@ -104,7 +109,9 @@ class Dispatch:
     baseline_kw: float = 0.0
     last_t: float | None = None
     meter_start: float | None = None
-    schedule: list[list[float]] | None = None  # [interval start, kW] reserved, if planned
+    # [interval start, kW, interval end] reserved, if planned (records from before the
+    # end was kept have two entries: a 15-min interval)
+    schedule: list[list[float]] | None = None
     # A service that follows a signal: the capacity held, the latest signal (-1..1), the
     # baseline it moves around, and (t, signal, response) samples for its score.
     capacity_kw: float = 0.0
@@ -673,33 +680,36 @@ class Dispatcher:
                 ),
                 requested_kw=d.requested_kw,
             )
-        new = self._block(d, now, horizon, d.requested_kw)
+        # Intervals on the quarter hours and on every request's own start and end, so
+        # each request is planned over exactly its window.
+        cuts = [d.start, d.end]
+        for o in self.dispatches.values():
+            cuts += [o.start, o.end]
+            cuts += [b for t, _, end in _entries(o.schedule) for b in (t, end)]
+        bounds = grid(now, d.end, step_s=SCHEDULE_STEP_S, cuts=cuts)
+        new = self._block(d, bounds, d.requested_kw)
         assert new is not None  # it starts after now and ends within the horizon
         taken: list[Block] = []
         for o in sorted(self.dispatches.values(), key=lambda o: o.start):
-            for b in self._reserved(o, now, horizon):
-                # Grid rounding can make neighbours touch: the earlier keeps the interval.
+            for b in self._reserved(o, bounds):
+                # Overlaps should not happen on exact bounds: the earlier keeps the interval.
                 if not any(b.start < x.end and x.start < b.end for x in [*taken, new]):
                     taken.append(b)
-        cohort = cohorts(
-            view.batteries,
-            view.energy,
-            view.departure,
-            now,
-            step_s=SCHEDULE_STEP_S,
-            horizon=horizon,
-        )
-        p = plan(cohort, taken, new, swing_kw=self._headroom(now, horizon))
+        cohort = cohorts(view.batteries, view.energy, view.departure, now, bounds=bounds)
+        p = plan(cohort, taken, new, swing_kw=self._headroom(bounds))
         got = p.deliverable_kw(new)
-        h = SCHEDULE_STEP_S / 3600.0
+        spans = [
+            (float(bounds[new.start + i]), float(bounds[new.start + i + 1]))
+            for i in range(new.end - new.start)
+        ]
         intervals = [
             ScheduledInterval(
-                start=from_epoch(now + (new.start + i) * SCHEDULE_STEP_S),
-                duration_s=SCHEDULE_STEP_S,
+                start=from_epoch(t0),
+                duration_s=round(t1 - t0, 6),
                 power_kw=round(float(kw), 3),
-                energy_kwh=round(float(kw) * h, 4),
+                energy_kwh=round(float(kw) * (t1 - t0) / 3600.0, 4),
             )
-            for i, kw in enumerate(got)
+            for (t0, t1), kw in zip(spans, got, strict=True)
         ]
         # What the fleet can hold through every interval of the request.
         sign = -1.0 if d.requested_kw < 0 else 1.0
@@ -718,9 +728,7 @@ class Dispatcher:
         d.allocated_kw = hold
         d.shortfall_kw = abs(d.requested_kw - hold)
         # The energy reserved is what the plan gives it, interval by interval.
-        d.schedule = [
-            [now + (new.start + i) * SCHEDULE_STEP_S, sign * float(kw)] for i, kw in enumerate(part)
-        ]
+        d.schedule = [[t0, sign * float(kw), t1] for (t0, t1), kw in zip(spans, part, strict=True)]
         self.dispatches[d.request_id] = d
         status: ResultStatus = "accepted" if d.shortfall_kw <= SCHEDULE_TOL_KW else "partial"
         if status == "accepted":
@@ -745,38 +753,38 @@ class Dispatcher:
             schedule=intervals,
         )
 
-    def _reserved(self, d: Dispatch, now: float, horizon: int) -> list[Block]:
-        """What a request already taken holds on the planning grid from ``now``: its
-        per-interval schedule if it was planned ahead, else its power over its window."""
+    def _reserved(self, d: Dispatch, bounds: Array) -> list[Block]:
+        """What a request already taken holds on the planning grid: its per-interval
+        schedule if it was planned ahead, else its power over its window."""
         if d.follows_signal:
             return []  # it holds headroom both ways, not a power: see _headroom
         if not d.schedule:
-            b = self._block(d, now, horizon, d.allocated_kw)
+            b = self._block(d, bounds, d.allocated_kw)
             return [] if b is None else [b]
         out = []
-        for t, kw in d.schedule:
-            s = round((t - now) / SCHEDULE_STEP_S)
-            e = round((t + SCHEDULE_STEP_S - now) / SCHEDULE_STEP_S)
-            if 0 <= s < e <= horizon:
+        for t, kw, end in _entries(d.schedule):
+            s = index_of(bounds, max(t, float(bounds[0])))
+            e = index_of(bounds, min(end, float(bounds[-1])))
+            if s < e:
                 out.append(Block(s, e, kw))
         return out
 
-    def _headroom(self, now: float, horizon: int) -> Array:
+    def _headroom(self, bounds: Array) -> Array:
         """The capacity signal services hold both ways, per interval of the grid."""
-        swing = np.zeros(horizon)
+        swing = np.zeros(bounds.shape[0] - 1)
         for d in self.dispatches.values():
             if d.follows_signal:
                 kw = d.capacity_kw if d.state == "active" else float(d.request.capacity_kw or 0)
-                b = self._block(d, now, horizon, kw)
+                b = self._block(d, bounds, kw)
                 if b is not None:
                     swing[b.start : b.end] += kw
         return swing
 
     @staticmethod
-    def _block(d: Dispatch, now: float, horizon: int, power_kw: float) -> Block | None:
-        """The request on the planning grid from ``now`` (None if it is past it)."""
-        s = max(0, round((d.start - now) / SCHEDULE_STEP_S))
-        e = min(horizon, max(s + 1, round((d.end - now) / SCHEDULE_STEP_S)))
+    def _block(d: Dispatch, bounds: Array, power_kw: float) -> Block | None:
+        """The request on the planning grid (None if it is not on it)."""
+        s = index_of(bounds, max(d.start, float(bounds[0])))
+        e = index_of(bounds, min(d.end, float(bounds[-1])))
         return Block(s, e, power_kw) if s < e else None
 
     def _check(self, req: DispatchRequest, now: float) -> str | None:
@@ -809,6 +817,24 @@ class Dispatcher:
         if d.follows_signal and d.samples is None:
             d.signal, d.samples = 0.0, []
         return self._take(d, now, view)
+
+    def _started(
+        self, d: Dispatch, answer: DispatchResult, now: float, *, remember: bool
+    ) -> DispatchResult:
+        """The ``started`` result of a request planned for later that begins now, with
+        what it holds at its start (its admission answer's figures)."""
+        return self._result(
+            d.request_id,
+            "started",
+            now,
+            remember=remember,
+            reason=f"began at {from_epoch(now).isoformat()} (planned for"
+            f" {from_epoch(d.start).isoformat()})",
+            requested_kw=answer.requested_kw,
+            allocated_kw=answer.allocated_kw,
+            shortfall_kw=answer.shortfall_kw,
+            vehicles=answer.vehicles,
+        )
 
     def _power_answer(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         """The answer for a power request just settled into the stack (at its start, or
@@ -922,7 +948,11 @@ class Dispatcher:
                     out.results.append(self._close(d, now, "completed"))
             elif now >= d.start:
                 answer = self._admit(d, now, view)
-                if answer.status != "accepted":
+                if answer.status != "rejected":
+                    out.results.append(
+                        self._started(d, answer, now, remember=answer.status == "accepted")
+                    )
+                if answer.status != "accepted":  # cut at its start: say so too
                     out.results.append(answer)
                 d.delivered_kw, d.baseline_kw = measured, base
         out.results += self._notices

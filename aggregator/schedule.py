@@ -23,13 +23,17 @@ cohorts' charger limits to move by their capacity both ways.
 
 Only vehicles plugged in now are planned (causal: announced departures, no arrivals), so
 the plan is conservative about the future.
+
+The intervals need not be equal: :func:`grid` puts the bounds on the quarter hours markets
+settle on and on each request's own start and end, so a request for 10:07-10:37 is
+planned as 10:07-10:15, 10:15-10:30, 10:30-10:37.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,30 @@ from agents.battery import Array, Batteries, energy_floor
 
 THROUGHPUT_COST = 1e-3  # per kWh cycled, against 1 per kWh of shortfall
 TOL_KWH = 1e-6
+# Bounds closer than this (s) are one bound: no interval of a few microseconds.
+BOUND_TOL_S = 1e-3
+
+
+def grid(t0: float, t_end: float, *, step_s: float = 900.0, cuts: Iterable[float] = ()) -> Array:
+    """Interval bounds from ``t0`` to ``t_end`` (epoch s): on the clock's multiples of
+    ``step_s`` (900: the quarter hours markets settle on) and at each of ``cuts`` (the
+    requests' own starts and ends) that falls inside."""
+    if not t_end > t0 or step_s <= 0:
+        raise ValueError(f"need t_end > t0 and step_s > 0, got {t0}, {t_end}, {step_s}")
+    first = math.floor(t0 / step_s) * step_s + step_s
+    inside = [c for c in cuts if t0 < c < t_end]
+    pts = np.unique(np.concatenate([[t0], np.arange(first, t_end, step_s), inside]))
+    kept = [t0]
+    for p in pts[1:].tolist():
+        if p - kept[-1] > BOUND_TOL_S and t_end - p > BOUND_TOL_S:
+            kept.append(p)
+    kept.append(t_end)
+    return np.asarray(kept, dtype=np.float64)
+
+
+def index_of(bounds: Array, t: float) -> int:
+    """The index of the bound at ``t`` (or the first after it)."""
+    return int(np.searchsorted(bounds, t - BOUND_TOL_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +76,7 @@ class Cohorts:
     """Vehicles pooled by the interval they leave in; energies in kWh, powers in kW."""
 
     t0: float
-    step_s: float
+    step_s: float  # the nominal interval; bounds has the real ones
     horizon: int  # intervals planned
     leave: NDArray[np.intp]  # (m,) first interval the cohort is gone for (horizon: stays)
     energy: Array  # (m,) now
@@ -59,10 +87,17 @@ class Cohorts:
     eta_dis: Array
     floor: Array  # (m, horizon + 1): the least energy at each boundary (nan once gone)
     vehicles: NDArray[np.intp]
+    bounds: Array  # (horizon + 1,) epoch s of the interval bounds, t0 first
 
     @property
     def size(self) -> int:
         return int(self.leave.shape[0])
+
+    @property
+    def hours(self) -> Array:
+        """(horizon,) each interval's length in hours."""
+        h: Array = np.diff(self.bounds) / 3600.0
+        return h
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +137,24 @@ def cohorts(
     *,
     step_s: float = 900.0,
     horizon: int = 96,
+    bounds: Array | None = None,
 ) -> Cohorts:
-    """Pool the vehicles plugged in now (dense arrays, as in a FleetView)."""
-    if step_s <= 0 or horizon <= 0:
-        raise ValueError(f"need step_s > 0 and horizon > 0, got {step_s}, {horizon}")
+    """Pool the vehicles plugged in now (dense arrays, as in a FleetView), on ``horizon``
+    intervals of ``step_s`` from ``t0``, or on the intervals between ``bounds`` (from
+    :func:`grid`; ``bounds[0]`` is ``t0``)."""
+    if bounds is None:
+        if step_s <= 0 or horizon <= 0:
+            raise ValueError(f"need step_s > 0 and horizon > 0, got {step_s}, {horizon}")
+        bounds = t0 + step_s * np.arange(horizon + 1, dtype=np.float64)
+    else:
+        bounds = np.asarray(bounds, dtype=np.float64)
+        horizon = bounds.shape[0] - 1
+        if horizon <= 0 or not np.all(np.diff(bounds) > 0) or bounds[0] != t0:
+            raise ValueError("bounds must rise from t0, with at least one interval")
     n = energy.shape[0]
-    dep_in = (departure - t0) / step_s
-    leave = np.where(np.isnan(dep_in), horizon, np.clip(np.floor(dep_in), 0, horizon))
+    # The first interval a vehicle is gone for: the one its departure falls in.
+    gone = np.clip(np.searchsorted(bounds, np.nan_to_num(departure), side="right") - 1, 0, horizon)
+    leave = np.where(np.isnan(departure), horizon, gone)
     key, idx = np.unique(leave.astype(np.intp), return_inverse=True)
     m = key.shape[0]
 
@@ -122,7 +168,7 @@ def cohorts(
     floor = np.full((m, horizon + 1), np.nan)
     reach_rate = bat.max_charge_kw * bat.charge_efficiency / 3600.0
     for b in range(horizon + 1):
-        tau = t0 + b * step_s
+        tau = float(bounds[b])
         # Capped at what flat-out charging reaches: a car under its floor only charges.
         f = np.minimum(
             energy_floor(bat, departure, tau),
@@ -149,6 +195,7 @@ def cohorts(
         ),
         floor=floor,
         vehicles=np.bincount(idx, minlength=m).astype(np.intp),
+        bounds=bounds,
     )
 
 
@@ -201,7 +248,7 @@ def _solve(
 ) -> Plan | None:
     t_start = time.perf_counter()
     m, hz = c.size, c.horizon
-    h = c.step_s / 3600.0
+    hours = c.hours
     ci, ti = np.nonzero(np.arange(hz)[None, :] < c.leave[:, None])  # cohort c acts in t
     k = ci.shape[0]
     # Variables: charge x [0, k), discharge y [k, 2k), energy after the interval e
@@ -212,7 +259,8 @@ def _solve(
     # e_j - e_(j-1) - eta_ch h x_j + h / eta_dis y_j = E_now (first interval) or 0
     r_idx = [rows, rows, rows, later]
     c_idx = [2 * k + rows, rows, k + rows, 2 * k + later - 1]
-    vals = [np.ones(k), -c.eta_ch[ci] * h, h / c.eta_dis[ci], -np.ones(later.shape[0])]
+    hv = hours[ti]  # each variable's interval, in hours
+    vals = [np.ones(k), -c.eta_ch[ci] * hv, hv / c.eta_dis[ci], -np.ones(later.shape[0])]
     b_eq = [np.where(first, c.energy[ci], 0.0)]
     targets: list[tuple[int, float, float]] = []  # (interval, kW, slack weight; 0 = hard)
     for blk in reserved:
@@ -222,7 +270,7 @@ def _solve(
         targets += [(t, new.power_kw, 1.0) for t in range(new.start, new.end)]
     n_slack = 2 * sum(1 for _, _, w in targets if w > 0)
     cost = np.zeros(3 * k + n_slack)
-    cost[: 2 * k] = throughput_cost * h
+    cost[:k] = cost[k : 2 * k] = throughput_cost * hv
     col = 3 * k
     for i, (t, kw, w) in enumerate(targets):
         js = np.flatnonzero(ti == t)
@@ -234,7 +282,7 @@ def _solve(
             r_idx += [np.array([row, row])]
             c_idx += [np.array([col, col + 1])]
             vals += [np.array([-1.0, 1.0])]
-            cost[col : col + 2] = w * h  # kWh of shortfall, weighted
+            cost[col : col + 2] = w * hours[t]  # kWh of shortfall, weighted
             col += 2
         b_eq.append(np.array([kw]))
     a_eq = sp.csr_matrix(
@@ -291,7 +339,8 @@ def _solve(
     power = charge.sum(axis=0) - dis.sum(axis=0)
     short = 0.0
     if new is not None:
-        short = float(np.abs(power[new.start : new.end] - new.power_kw).sum() * h)
+        miss = np.abs(power[new.start : new.end] - new.power_kw)
+        short = float((miss * hours[new.start : new.end]).sum())
     return Plan(
         power_kw=power,
         charge_kw=charge,
@@ -299,7 +348,7 @@ def _solve(
         energy=energy,
         reserved_ok=hard or not reserved,
         shortfall_kwh=short,
-        cycled_kwh=float((charge.sum() + dis.sum()) * h),
+        cycled_kwh=float(((charge + dis) * hours).sum()),
         solve_s=time.perf_counter() - t_start,
     )
 
@@ -312,7 +361,7 @@ def proportional(c: Cohorts, blocks: Sequence[Block]) -> Plan:
     _check_blocks(c, blocks)
     t_start = time.perf_counter()
     m, hz = c.size, c.horizon
-    h = c.step_s / 3600.0
+    hours = c.hours
     target = np.full(hz, np.nan)
     for b in blocks:
         target[b.start : b.end] = b.power_kw
@@ -323,6 +372,7 @@ def proportional(c: Cohorts, blocks: Sequence[Block]) -> Plan:
     dis = np.zeros((m, hz))
     short = 0.0
     for t in range(hz):
+        h = float(hours[t])
         here = t < c.leave
         nxt = np.nan_to_num(c.floor[:, t + 1], nan=0.0)
         # Net power range over the interval from the energy bounds at its end.
@@ -354,6 +404,6 @@ def proportional(c: Cohorts, blocks: Sequence[Block]) -> Plan:
         energy=energy,
         reserved_ok=True,
         shortfall_kwh=short,
-        cycled_kwh=float((charge.sum() + dis.sum()) * h),
+        cycled_kwh=float(((charge + dis) * hours).sum()),
         solve_s=time.perf_counter() - t_start,
     )

@@ -246,7 +246,7 @@ class Simulation:
                 if rec_ is not None:
                     if res.status in ("completed", "cancelled"):
                         rec_.final = res
-                    else:  # re-admission at a scheduled start
+                    elif res.status != "started":  # re-admission at a scheduled start
                         rec_.admission = res
             fleet.setpoint_kw[out.rows] = out.power_kw
             fleet.setpoint_until[out.rows] = out.valid_until
