@@ -7,7 +7,7 @@ import pytest
 
 from aggregator.dispatch import SCHEDULE_STEP_S, Dispatcher
 from broker.models import from_epoch
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req
+from tests.unit.test_dispatch import STEP, T0, close_loop, fleet_and_state, req
 
 
 def later(power: float, minutes_ahead: float, duration: float, rid: str):  # type: ignore[no-untyped-def]
@@ -79,3 +79,71 @@ def test_a_request_beyond_the_planning_horizon_is_rejected_with_a_reason() -> No
     answer = d.submit(later(-10.0, 60 * 47, 7200, "far"), T0, view)
     assert answer.status == "rejected"
     assert "planned up to 48 h ahead" in (answer.reason or "")
+
+
+def test_a_planned_request_is_scheduled_on_its_own_start_and_the_quarter_hours() -> None:
+    """Asked at 21:02 for 22:07-22:37: 22:07-22:15, 22:15-22:30, 22:30-22:37 (not on a
+    15-min grid from the moment it was asked)."""
+    _, state = fleet_and_state()
+    asked = T0 + 120.0
+    view = state.view(asked, 200.0)  # the reports of T0 still count
+    d = Dispatcher(control_step_s=STEP)
+    start = T0 + 3600.0 + 7 * 60.0
+    answer = d.submit(req(-20.0, 1800.0, "q", start=from_epoch(start)), asked, view)
+    assert answer.status == "accepted", answer
+    assert answer.schedule is not None
+    spans = [(i.start.timestamp(), i.duration_s) for i in answer.schedule]
+    assert spans == [(start, 480.0), (T0 + 4500.0, 900.0), (T0 + 5400.0, 420.0)]
+    # Each interval's energy is its power over its own length.
+    for i in answer.schedule:
+        assert i.energy_kwh == pytest.approx(i.power_kw * i.duration_s / 3600.0, abs=1e-3)
+    assert sum(i.duration_s for i in answer.schedule) == 1800.0
+
+
+def test_a_second_request_keeps_off_the_energy_of_one_between_quarter_hours() -> None:
+    """Reserved intervals that do not fall on the quarter hours still hold their energy:
+    an off-grid request, then another right after it, each on its own bounds."""
+    _, state = fleet_and_state()
+    view = state.view(T0, 3 * STEP)
+    d = Dispatcher(control_step_s=STEP)
+    s1 = T0 + 3600.0 + 7 * 60.0  # 22:07 for an hour, then 23:07 for an hour
+    alone = edge(d, view, 127, 3600)  # what 23:07-00:07 could have on its own
+    power = round(0.9 * edge(d, view, 67, 3600), 1)
+    first = d.submit(req(power, 3600.0, "a", start=from_epoch(s1)), T0, view)
+    assert first.status == "accepted", first
+    second = d.submit(req(alone, 3600.0, "b", start=from_epoch(s1 + 3600.0)), T0, view)
+    assert second.schedule is not None
+    q = T0 + 2 * 3600.0  # 23:00
+    assert [i.start.timestamp() for i in second.schedule] == [
+        s1 + 3600.0,
+        q + 900.0,
+        q + 1800.0,
+        q + 2700.0,
+        q + 3600.0,
+    ]
+    # The first one's energy was not offered again: the second gets less than alone.
+    assert second.status == "partial", second
+    assert second.allocated_kw > alone + 1.0
+
+
+def test_a_planned_request_gets_a_started_result_when_it_begins() -> None:
+    fleet, state = fleet_and_state()
+    d = Dispatcher(control_step_s=STEP)
+    view = state.view(T0, 3 * STEP)
+    start = T0 + 60.0
+    answer = d.submit(req(-10.0, 600.0, "soon", start=from_epoch(start)), T0, view)
+    assert answer.status == "accepted"
+    seen: list[tuple[float, str]] = []
+    t = T0
+    while t <= start + 3 * STEP:
+        out = d.step(t, state.view(t, 3 * STEP), len(state))
+        seen += [(t, r.status) for r in out.results if r.request_id == "soon"]
+        if any(r.status == "started" for r in out.results):
+            started = next(r for r in out.results if r.status == "started")
+        t += STEP
+        close_loop(fleet, state, t)
+    assert seen == [(start, "started")], seen
+    assert started.ts.timestamp() == start
+    assert started.allocated_kw == -10.0 and started.shortfall_kw == 0.0
+    assert "planned for" in (started.reason or "")
+    assert d.answers["soon"].status == "started"  # a repeat of the request hears it runs

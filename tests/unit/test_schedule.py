@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from agents.battery import Batteries
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
-from aggregator.schedule import THROUGHPUT_COST, Block, Cohorts, cohorts, plan, proportional
+from aggregator.schedule import (
+    THROUGHPUT_COST,
+    Block,
+    Cohorts,
+    cohorts,
+    grid,
+    index_of,
+    plan,
+    proportional,
+)
 
 T0 = datetime(2024, 6, 3, 17, 0, tzinfo=UTC).timestamp()  # a Monday, 17:00
 STEP = 900.0
@@ -123,3 +132,43 @@ def test_the_lp_is_never_worse_than_proportional_and_stays_in_bounds(
     lp_obj = lp.shortfall_kwh + THROUGHPUT_COST * lp.cycled_kwh
     fast_obj = fast.shortfall_kwh + THROUGHPUT_COST * fast.cycled_kwh
     assert lp_obj <= fast_obj + 1e-6 * max(1.0, fast_obj) + 1e-6 * h
+
+
+def test_the_grid_lies_on_the_quarter_hours_and_on_each_request_s_own_bounds() -> None:
+    ten = datetime(2026, 12, 3, 10, 0, tzinfo=UTC).timestamp()
+    b = grid(ten + 120, ten + 37 * 60, cuts=[ten + 7 * 60, ten + 37 * 60, ten - 60, ten + 3600])
+    assert [round((x - ten) / 60, 3) for x in b] == [2, 7, 15, 30, 37]
+    assert index_of(b, ten + 7 * 60) == 1 and index_of(b, ten + 37 * 60) == 4
+    # A cut within a millisecond of a quarter hour is that quarter hour, not a sliver.
+    b = grid(ten, ten + 1800, cuts=[ten + 900.0002])
+    assert list(np.diff(b)) == [900.0, 900.0]
+    with pytest.raises(ValueError, match="t_end > t0"):
+        grid(ten, ten)
+
+
+def test_on_unequal_intervals_each_one_books_energy_over_its_own_length() -> None:
+    """10:07-10:15, 10:15-10:30, 10:30-10:37: the energy balance of every cohort holds
+    with each interval's own length, and a feasible block is met."""
+    t0 = T0 + 7 * 60
+    fleet = SimFleet(generate_fleet(60, 5), t0, step_s=STEP)
+    on = fleet.plugged
+    bat = Batteries(*(getattr(fleet.bat, f.name)[on] for f in dataclasses.fields(Batteries)))
+    bounds = grid(t0, t0 + 4 * 3600, cuts=[t0 + 3600 + 420])
+    c = cohorts(bat, fleet.energy[on], fleet.departure[on], t0, bounds=bounds)
+    assert c.horizon == len(bounds) - 1 and c.hours[0] == pytest.approx(8 / 60)
+    blk = Block(1, 5, float(np.ceil(10 * export_edge(c, 1, 5))) / 10)  # at its export edge
+    p = plan(c, new=blk)
+    assert p.shortfall_kwh < 1e-6
+    assert_in_bounds(c, p.energy)
+    for j in range(c.size):
+        for t in range(int(c.leave[j])):
+            h = c.hours[t]
+            step = p.charge_kw[j, t] * c.eta_ch[j] * h - p.discharge_kw[j, t] / c.eta_dis[j] * h
+            assert p.energy[j, t + 1] - p.energy[j, t] == pytest.approx(step, abs=1e-5)
+    # The same fleet on equal intervals gives the same plan as without bounds.
+    even = cohorts(bat, fleet.energy[on], fleet.departure[on], t0, step_s=STEP, horizon=8)
+    by_bounds = cohorts(
+        bat, fleet.energy[on], fleet.departure[on], t0, bounds=t0 + STEP * np.arange(9.0)
+    )
+    np.testing.assert_array_equal(even.leave, by_bounds.leave)
+    np.testing.assert_allclose(even.floor, by_bounds.floor)
