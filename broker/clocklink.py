@@ -18,7 +18,7 @@ import structlog
 from pydantic import ValidationError
 
 from broker.clock import Anchor, Settled, SimClock, raise_if_cancelled, reconcile, settle
-from broker.errors import TransportError, V2GError
+from broker.errors import PublishRefused, TransportError, V2GError
 from broker.link import MqttLink
 from broker.models import ClockAnchor, from_epoch
 from broker.settings import Settings
@@ -128,11 +128,21 @@ async def shared_clock(
         if settled.publish:
             # The anchor keeps naming the process that created it.
             set_by = fleet.set_by if fleet is not None and fleet.set_by else client_id
-            await _publish(link, topic, settled.anchor, set_by)
-            keeper = asyncio.create_task(
-                _keep(link, topic, settled.anchor, clock, seen, settings, set_by, given),
-                name="clock-keeper",
-            )
+            try:
+                await _publish(link, topic, settled.anchor, set_by)
+            except PublishRefused as err:  # e.g. a vehicle's login under the ACL
+                log.warning(
+                    "clock_anchor_not_published",
+                    topic=topic,
+                    error=str(err)[:200],
+                    note="this process runs on the clock but cannot share it; start the"
+                    " aggregator first so the others adopt its clock",
+                )
+            else:
+                keeper = asyncio.create_task(
+                    _keep(link, topic, settled.anchor, clock, seen, settings, set_by, given),
+                    name="clock-keeper",
+                )
         yield SharedClock(
             clock, settled, settings.model_copy(update={"speed": settled.anchor.speed})
         )
@@ -157,6 +167,13 @@ def _log_clock(settled: Settled, clock: SimClock, topic: str, fleet: ClockAnchor
     if fleet is not None and settled.source == "adopted":
         fields["set_by"] = fleet.set_by
     log.info("platform_clock", **fields)
+    if settled.source == "local" and (a.speed != 1.0 or a.sim_start != a.wall_start):
+        log.warning(
+            "clock_anchor_missing",
+            topic=topic,
+            note="no fleet clock on the bus (is the fleet running, on this topic prefix?);"
+            " counting from this command's own --speed/--sim-start",
+        )
     if settled.conflict is not None:
         assert fleet is not None
         log.warning(
@@ -196,8 +213,13 @@ async def _keep(
             async with asyncio.timeout(max(0.0, last_pub + refresh - time.monotonic())):
                 await seen.changed.wait()
         seen.changed.clear()
-        other = None if seen.anchor is None else seen.anchor.anchor
-        verdict = reconcile(mine, other, now=time.time(), **given)
+        wall = time.time()
+        # A stale anchor (the one this process replaced) is as good as none.
+        fresh = seen.anchor is not None and not is_stale(
+            seen.anchor, wall_now=wall, refresh_s=refresh
+        )
+        other = seen.anchor.anchor if fresh and seen.anchor is not None else None
+        verdict = reconcile(mine, other, now=wall, **given)
         if verdict == "ignore":
             assert other is not None
             log.warning(

@@ -16,12 +16,13 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from broker.clock import Anchor, prefer
 from broker.clocklink import SharedClock, shared_clock
 from broker.models import ClockAnchor, DispatchRequest, DispatchResult, from_epoch, to_epoch
 from broker.settings import Settings
 from v2g import operator
 
-from .harness import HOST, MQTT_PORT
+from .harness import HOST, MQTT_PORT, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -68,33 +69,70 @@ async def test_a_second_process_adopts_the_first_process_s_retained_clock_anchor
     settings: Settings, test_id: str
 ) -> None:
     first_settings = fresh(settings, speed=30.0)
-    async with anchor_cleared(settings), asyncio.timeout(30.0):
-        async with shared_clock(first_settings, client_id=f"itest-{test_id}-a") as first:
-            assert first.settled.source == "created"
-            # Simulated time starts now, not at 00:00 UTC of the day.
-            assert first.clock.now() == pytest.approx(time.time(), abs=30.0)
-            await asyncio.sleep(0.5)  # the second process starts a little later
+    async with (
+        anchor_cleared(settings),
+        asyncio.timeout(30.0),
+        shared_clock(first_settings, client_id=f"itest-{test_id}-a") as first,
+    ):
+        assert first.settled.source == "created"
+        # Simulated time starts now, not at 00:00 UTC of the day.
+        assert first.clock.now() == pytest.approx(time.time(), abs=30.0)
+        await asyncio.sleep(0.5)  # the second process starts a little later
 
-            # It gives no speed: it takes the fleet's, and the time with it.
-            second: SharedClock
-            async with shared_clock(fresh(settings), client_id=f"itest-{test_id}-b") as second:
-                assert second.settled.source == "adopted", second.settled
-                assert second.settled.anchor.same_as(first.settled.anchor)
-                assert second.clock.speed == 30.0 and second.settings.speed == 30.0
-                assert second.clock.now() == pytest.approx(first.clock.now(), abs=0.5)
+        # It gives no speed: it takes the fleet's, and the time with it.
+        second: SharedClock
+        async with shared_clock(fresh(settings), client_id=f"itest-{test_id}-b") as second:
+            assert second.settled.source == "adopted", second.settled
+            assert second.settled.anchor.same_as(first.settled.anchor)
+            assert second.clock.speed == 30.0 and second.settings.speed == 30.0
+            assert second.clock.now() == pytest.approx(first.clock.now(), abs=0.5)
 
-            # A third with a contradicting speed runs on its own, says so, publishes nothing.
-            async with shared_clock(
-                fresh(settings, speed=60.0), client_id=f"itest-{test_id}-c"
-            ) as third:
-                assert third.settled.source == "explicit"
-                assert third.settled.conflict is not None
-                assert "60" in third.settled.conflict and "30" in third.settled.conflict
+        # A third with a contradicting speed runs on its own, says so, publishes nothing.
+        async with shared_clock(
+            fresh(settings, speed=60.0), client_id=f"itest-{test_id}-c"
+        ) as third:
+            assert third.settled.source == "explicit"
+            assert third.settled.conflict is not None
+            assert "60" in third.settled.conflict and "30" in third.settled.conflict
 
-            on_bus = await retained_anchor(settings)
-            assert on_bus is not None and on_bus.anchor.same_as(first.settled.anchor)
-            assert on_bus.set_by == f"itest-{test_id}-a"
+        on_bus = await retained_anchor(settings)
+        assert on_bus is not None and on_bus.anchor.same_as(first.settled.anchor)
+        assert on_bus.set_by == f"itest-{test_id}-a"
     assert await retained_anchor(settings) is None  # cleaned up
+
+
+async def test_two_processes_that_start_at_once_end_on_one_clock(
+    settings: Settings, test_id: str
+) -> None:
+    """Both wait for an anchor, find none and create one (compose starts the aggregator
+    and the agents together); within a refresh they run on the earlier of the two."""
+    quick = fresh(settings, speed=30.0, clock_refresh_s=0.3)
+    async with (
+        anchor_cleared(settings),
+        asyncio.timeout(30.0),
+        contextlib.AsyncExitStack() as stack,
+    ):
+
+        async def start(name: str) -> SharedClock:
+            cm = shared_clock(quick, client_id=f"itest-{test_id}-{name}")
+            return await stack.enter_async_context(cm)
+
+        a, b = await asyncio.gather(start("a"), start("b"))
+
+        def anchor(c: SharedClock) -> Anchor:
+            return Anchor(c.clock.sim_anchor, c.clock.wall_anchor, c.clock.speed)
+
+        # Each created its own (unless a machine this busy let one see the other's
+        # first): simulated time from its own wall time, a little apart.
+        if a.settled.source == b.settled.source == "created":
+            assert not a.settled.anchor.same_as(b.settled.anchor)
+        await eventually(lambda: anchor(a).same_as(anchor(b)), "one clock for both", 5.0)
+        await asyncio.sleep(1.0)  # a few refreshes: nobody flips it back
+        assert anchor(a).same_as(anchor(b))
+        earlier = prefer(a.settled.anchor, b.settled.anchor)
+        assert anchor(a).same_as(earlier)
+        on_bus = await retained_anchor(settings)
+        assert on_bus is not None and on_bus.anchor.same_as(earlier)
 
 
 async def test_the_readme_example_at_speed_30_starts_half_an_hour_ahead_on_the_fleet_clock(
@@ -112,43 +150,44 @@ async def test_the_readme_example_at_speed_30_starts_half_an_hour_ahead_on_the_f
         "V2G_TOPIC_PREFIX": settings.topic_prefix,
     }
     rid = f"readme-{test_id}"
-    async with anchor_cleared(settings), asyncio.timeout(60.0):
-        async with (
-            shared_clock(fleet_settings, client_id=f"itest-{test_id}-fleet") as fleet,
-            operator.operator_link(settings, [(t.dispatch_requests, 1)]) as (link, queue),
-        ):
-            assert fleet.clock.now() - time.time() == pytest.approx(29 * 3600.0, abs=60.0)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "v2g.cli", "dispatch", "--power", "300",
-                "--duration", "1h", "--start", "+30m", "--id", rid, "--timeout", "20",
-                env=env, cwd=REPO,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            try:
-                async with asyncio.timeout(20.0):
-                    while True:
-                        ev = await queue.get()
-                        if ev.topic == t.dispatch_requests and ev.payload:
-                            break
-                seen_at = fleet.clock.now()
-                req = DispatchRequest.model_validate_json(ev.payload)
-                assert req.request_id == rid and req.start is not None
-                # Half an hour ahead on the fleet's clock (less the CLI's own start-up).
-                ahead = to_epoch(req.start) - seen_at
-                assert 1800.0 - 150.0 < ahead <= 1800.0 + 1.0, (req.start, from_epoch(seen_at))
-                answer = DispatchResult(
-                    request_id=rid,
-                    status="accepted",
-                    reason="scheduled",
-                    allocated_kw=300.0,
-                    ts=from_epoch(seen_at),
-                )
-                await link.publish(t.dispatch_result(rid), answer.to_json(), qos=1)
-                out, err = await proc.communicate()
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+    async with (
+        anchor_cleared(settings),
+        asyncio.timeout(60.0),
+        shared_clock(fleet_settings, client_id=f"itest-{test_id}-fleet") as fleet,
+        operator.operator_link(settings, [(t.dispatch_requests, 1)]) as (link, queue),
+    ):
+        assert fleet.clock.now() - time.time() == pytest.approx(29 * 3600.0, abs=60.0)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "v2g.cli", "dispatch", "--power", "300",
+            "--duration", "1h", "--start", "+30m", "--id", rid, "--timeout", "20",
+            env=env, cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(20.0):
+                while True:
+                    ev = await queue.get()
+                    if ev.topic == t.dispatch_requests and ev.payload:
+                        break
+            seen_at = fleet.clock.now()
+            req = DispatchRequest.model_validate_json(ev.payload)
+            assert req.request_id == rid and req.start is not None
+            # Half an hour ahead on the fleet's clock (less the CLI's own start-up).
+            ahead = to_epoch(req.start) - seen_at
+            assert 1800.0 - 150.0 < ahead <= 1800.0 + 1.0, (req.start, from_epoch(seen_at))
+            answer = DispatchResult(
+                request_id=rid,
+                status="accepted",
+                reason="scheduled",
+                allocated_kw=300.0,
+                ts=from_epoch(seen_at),
+            )
+            await link.publish(t.dispatch_result(rid), answer.to_json(), qos=1)
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     assert proc.returncode == 0, err.decode()
     assert f"{rid} accepted" in out.decode()
     assert "platform_clock" in err.decode() and "adopted" in err.decode()
