@@ -20,7 +20,7 @@ import structlog
 import typer
 from pydantic import ValidationError
 
-from broker.clocklink import SharedClock
+from broker.clocklink import SharedClock, shared_clock
 from broker.errors import V2GError
 from broker.models import (
     DispatchProgress,
@@ -100,19 +100,18 @@ def _clock_client_id(settings: Settings) -> str:
     return f"{base}-clock-{socket.gethostname()}-{os.getpid()}"
 
 
-def _shared_clock(settings: Settings, *, create: bool = True) -> Any:
+def _shared_clock(
+    settings: Settings, *, create: bool = True
+) -> contextlib.AbstractAsyncContextManager[SharedClock]:
     """The platform clock, settled on the fleet's anchor on ``{prefix}/clock`` (broker/
-    clocklink.py): an async context manager yielding a SharedClock."""
-    from broker.clocklink import shared_clock
-
+    clocklink.py), logged, and kept fresh on the bus while the block runs."""
     return shared_clock(settings, client_id=_clock_client_id(settings), create=create)
 
 
 async def _read_clock(settings: Settings) -> SharedClock:
     """The fleet's platform clock, read once (a command that publishes no anchor)."""
     async with _shared_clock(settings, create=False) as shared:
-        got: SharedClock = shared
-        return got
+        return shared
 
 
 def _run(coro: Any) -> Any:
