@@ -149,6 +149,16 @@ class Anchor:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Given:
+    """The clock settings a process was given by flag or V2G_* variable (None: not
+    given): only these can contradict the fleet's clock."""
+
+    speed: float | None = None
+    sim_start: float | None = None
+    wall_anchor: float | None = None
+
+
 # adopted: the fleet's anchor; created: this process defined it and publishes it;
 # explicit: its own settings against the fleet's anchor; local: no anchor on the bus and
 # none created (a command that only reads the clock).
@@ -166,20 +176,14 @@ class Settled:
     conflict: str | None = None
 
 
-def conflict_with(
-    fleet: Anchor,
-    *,
-    speed: float | None,
-    sim_start: float | None,
-    wall_anchor: float | None,
-    now: float,
-) -> str | None:
+def conflict_with(fleet: Anchor, given: Given, *, now: float) -> str | None:
     """Why explicit settings disagree with the fleet's anchor, or None if they agree.
 
     Only what was set explicitly counts: a process that gives nothing takes the fleet's.
     A ``sim_start`` alone is the simulated time the fleet started at; with a
     ``wall_anchor`` too, the two must give the same time now.
     """
+    speed, sim_start, wall_anchor = given.speed, given.sim_start, given.wall_anchor
     why = []
     if speed is not None and not math.isclose(speed, fleet.speed, rel_tol=1e-9):
         why.append(f"speed {speed:g} here, {fleet.speed:g} on the bus")
@@ -196,15 +200,7 @@ def conflict_with(
     return "; ".join(why) or None
 
 
-def settle(
-    fleet: Anchor | None,
-    *,
-    speed: float | None,
-    sim_start: float | None,
-    wall_anchor: float | None,
-    now: float,
-    create: bool = True,
-) -> Settled:
+def settle(fleet: Anchor | None, given: Given, *, now: float, create: bool = True) -> Settled:
     """The clock a process starts on, given the fleet's anchor read from the bus (None if
     there is none) and the process's explicit settings (None where not given).
 
@@ -215,10 +211,9 @@ def settle(
       ``sim_start`` says otherwise; speed 1 unless given) and, if it starts a fleet
       (``create``), publishes it for the others.
     """
+    speed, sim_start, wall_anchor = given.speed, given.sim_start, given.wall_anchor
     if fleet is not None:
-        why = conflict_with(
-            fleet, speed=speed, sim_start=sim_start, wall_anchor=wall_anchor, now=now
-        )
+        why = conflict_with(fleet, given, now=now)
         if why is None:
             return Settled(fleet, "adopted", publish=create)
         own_speed = fleet.speed if speed is None else speed
@@ -242,15 +237,7 @@ def prefer(a: Anchor, b: Anchor) -> Anchor:
 Verdict = Literal["same", "adopt", "republish", "ignore"]
 
 
-def reconcile(
-    running: Anchor,
-    seen: Anchor | None,
-    *,
-    speed: float | None,
-    sim_start: float | None,
-    wall_anchor: float | None,
-    now: float,
-) -> Verdict:
+def reconcile(running: Anchor, seen: Anchor | None, given: Given, *, now: float) -> Verdict:
     """What a process that publishes ``running`` does when the bus shows ``seen`` (None:
     the retained anchor was cleared): nothing, adopt it, or publish its own again.
 
@@ -263,5 +250,4 @@ def reconcile(
         return "same"
     if prefer(running, seen) is running:
         return "republish"
-    why = conflict_with(seen, speed=speed, sim_start=sim_start, wall_anchor=wall_anchor, now=now)
-    return "adopt" if why is None else "ignore"
+    return "adopt" if conflict_with(seen, given, now=now) is None else "ignore"

@@ -17,7 +17,7 @@ import aiomqtt
 import structlog
 from pydantic import ValidationError
 
-from broker.clock import Anchor, Settled, SimClock, raise_if_cancelled, reconcile, settle
+from broker.clock import Anchor, Given, Settled, SimClock, raise_if_cancelled, reconcile, settle
 from broker.errors import PublishRefused, TransportError, V2GError
 from broker.link import MqttLink
 from broker.models import ClockAnchor, from_epoch
@@ -39,14 +39,14 @@ class SharedClock:
     settings: Settings
 
 
-def explicit(settings: Settings) -> dict[str, float | None]:
+def explicit(settings: Settings) -> Given:
     """The clock settings given by flag or ``V2G_*`` variable (None: not given)."""
     given = settings.model_fields_set
-    return {
-        "speed": settings.speed if "speed" in given else None,
-        "sim_start": settings.sim_start if "sim_start" in given else None,
-        "wall_anchor": settings.clock_anchor if "clock_anchor" in given else None,
-    }
+    return Given(
+        speed=settings.speed if "speed" in given else None,
+        sim_start=settings.sim_start if "sim_start" in given else None,
+        wall_anchor=settings.clock_anchor if "clock_anchor" in given else None,
+    )
 
 
 def is_stale(anchor: ClockAnchor, *, wall_now: float, refresh_s: float) -> bool:
@@ -122,7 +122,7 @@ async def shared_clock(
             )
             fleet = None
         given = explicit(settings)
-        settled = settle(None if fleet is None else fleet.anchor, now=wall, create=create, **given)
+        settled = settle(None if fleet is None else fleet.anchor, given, now=wall, create=create)
         clock = settled.anchor.clock()
         _log_clock(settled, clock, topic, fleet)
         if settled.publish:
@@ -200,7 +200,7 @@ async def _keep(
     seen: _Seen,
     settings: Settings,
     set_by: str,
-    given: dict[str, float | None],
+    given: Given,
 ) -> None:
     """Re-publish ``mine`` every refresh period, and settle ties with anchors that other
     processes publish (reconcile in broker/clock.py)."""
@@ -219,7 +219,7 @@ async def _keep(
             seen.anchor, wall_now=wall, refresh_s=refresh
         )
         other = seen.anchor.anchor if fresh and seen.anchor is not None else None
-        verdict = reconcile(mine, other, now=wall, **given)
+        verdict = reconcile(mine, other, given, now=wall)
         if verdict == "ignore":
             assert other is not None
             log.warning(

@@ -19,6 +19,7 @@ import pytest
 from broker.clock import Anchor, prefer
 from broker.clocklink import SharedClock, shared_clock
 from broker.models import ClockAnchor, DispatchRequest, DispatchResult, from_epoch, to_epoch
+from broker.replies import reply_of
 from broker.settings import Settings
 from v2g import operator
 
@@ -154,8 +155,15 @@ async def test_the_readme_example_at_speed_30_starts_half_an_hour_ahead_on_the_f
         anchor_cleared(settings),
         asyncio.timeout(60.0),
         shared_clock(fleet_settings, client_id=f"itest-{test_id}-fleet") as fleet,
-        operator.operator_link(settings, [(t.dispatch_requests, 1)]) as (link, queue),
+        # Stands in for the aggregator: takes the request, answers on its response topic.
+        aiomqtt.Client(
+            HOST,
+            MQTT_PORT,
+            identifier=f"itest-{test_id}-agg",
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ) as agg,
     ):
+        await agg.subscribe(t.dispatch_requests, qos=1)
         assert fleet.clock.now() - time.time() == pytest.approx(29 * 3600.0, abs=60.0)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "v2g.cli", "dispatch", "--power", "300",
@@ -165,12 +173,10 @@ async def test_the_readme_example_at_speed_30_starts_half_an_hour_ahead_on_the_f
         )  # fmt: skip
         try:
             async with asyncio.timeout(20.0):
-                while True:
-                    ev = await queue.get()
-                    if ev.topic == t.dispatch_requests and ev.payload:
-                        break
+                msg = await anext(aiter(agg.messages))
             seen_at = fleet.clock.now()
-            req = DispatchRequest.model_validate_json(ev.payload)
+            assert isinstance(msg.payload, bytes)
+            req = DispatchRequest.model_validate_json(msg.payload)
             assert req.request_id == rid and req.start is not None
             # Half an hour ahead on the fleet's clock (less the CLI's own start-up).
             ahead = to_epoch(req.start) - seen_at
@@ -182,7 +188,9 @@ async def test_the_readme_example_at_speed_30_starts_half_an_hour_ahead_on_the_f
                 allocated_kw=300.0,
                 ts=from_epoch(seen_at),
             )
-            await link.publish(t.dispatch_result(rid), answer.to_json(), qos=1)
+            reply = reply_of(msg.properties, settings.topic_prefix)
+            assert reply is not None, "the CLI asks for its answer on a response topic"
+            await agg.publish(reply.topic, answer.to_json(), qos=1, properties=reply.properties())
             out, err = await proc.communicate()
         finally:
             if proc.returncode is None:

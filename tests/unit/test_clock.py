@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.dispatch import Dispatcher
-from broker.clock import Anchor, SimClock, prefer, reconcile, settle
+from broker.clock import Anchor, Given, SimClock, prefer, reconcile, settle
 from broker.clocklink import explicit, is_stale
 from broker.models import ClockAnchor, DispatchRequest, from_epoch, to_epoch
 from broker.settings import Settings
@@ -19,7 +19,6 @@ from tests.unit.test_dispatch import STEP, T0, fleet_and_state
 from v2g.cli import parse_start
 
 WALL = 1_796_292_000.0  # 2026-12-03 10:00 UTC, a wall time for the pure rules
-NONE: dict[str, float | None] = {"speed": None, "sim_start": None, "wall_anchor": None}
 
 
 # -- relative times --------------------------------------------------------------------
@@ -44,7 +43,7 @@ def test_the_readme_example_at_speed_30_is_accepted_by_the_dispatcher() -> None:
     _, state = fleet_and_state()
     # The fleet's clock, x30, started 2 h of wall time ago so that it reads T0 now.
     wall0 = time.time() - 7200.0
-    anchor = settle(None, speed=30.0, sim_start=T0 - 30 * 7200.0, wall_anchor=wall0, now=wall0)
+    anchor = settle(None, Given(30.0, T0 - 30 * 7200.0, wall0), now=wall0)
     clock = anchor.anchor.clock()
     now = clock.now()
     assert now == pytest.approx(T0, abs=10.0)
@@ -63,7 +62,7 @@ def test_the_readme_example_at_speed_30_is_accepted_by_the_dispatcher() -> None:
 
 # -- the anchor: adopt, create, conflict -------------------------------------------------
 def test_with_no_anchor_on_the_bus_the_clock_starts_now_not_at_midnight() -> None:
-    got = settle(None, now=WALL, **{**NONE, "speed": 30.0})
+    got = settle(None, Given(speed=30.0), now=WALL)
     assert got.source == "created" and got.publish
     assert got.anchor == Anchor(WALL, WALL, 30.0)
     # One minute of wall time later, 30 simulated minutes have passed: not 24 days.
@@ -73,30 +72,30 @@ def test_with_no_anchor_on_the_bus_the_clock_starts_now_not_at_midnight() -> Non
 
 def test_an_explicit_sim_start_sets_the_clock() -> None:
     start = datetime(2026, 12, 3, 6, tzinfo=UTC).timestamp()
-    got = settle(None, now=WALL, **{**NONE, "speed": 30.0, "sim_start": start})
+    got = settle(None, Given(speed=30.0, sim_start=start), now=WALL)
     assert got.anchor == Anchor(start, WALL, 30.0) and got.publish
 
 
 def test_a_later_process_adopts_the_fleet_anchor_speed_included() -> None:
     fleet = Anchor(WALL - 500.0, WALL - 100.0, 30.0)
     for speed in (None, 30.0):  # nothing given, or the same speed
-        got = settle(fleet, now=WALL, **{**NONE, "speed": speed})
+        got = settle(fleet, Given(speed=speed), now=WALL)
         assert got.source == "adopted" and got.anchor == fleet and got.conflict is None
         assert got.publish  # it keeps the anchor fresh with the others
     # The same sim start, written by hand to the second, is the same clock.
-    got = settle(fleet, now=WALL, **{**NONE, "sim_start": round(fleet.sim_start) + 0.4})
+    got = settle(fleet, Given(sim_start=round(fleet.sim_start) + 0.4), now=WALL)
     assert got.source == "adopted"
 
 
 def test_a_command_that_only_reads_the_clock_never_creates_one() -> None:
-    got = settle(None, now=WALL, create=False, **NONE)
+    got = settle(None, Given(), now=WALL, create=False)
     assert got.source == "local" and not got.publish
     assert got.anchor.at(WALL + 10.0) == WALL + 10.0  # the wall clock
 
 
 def test_an_explicit_speed_that_contradicts_the_fleet_wins_with_a_warning_naming_both() -> None:
     fleet = Anchor(WALL - 500.0, WALL - 100.0, 30.0)
-    got = settle(fleet, now=WALL, **{**NONE, "speed": 60.0})
+    got = settle(fleet, Given(speed=60.0), now=WALL)
     assert got.source == "explicit" and not got.publish
     assert got.conflict is not None and "60" in got.conflict and "30" in got.conflict
     # It runs at its own speed from where the fleet's clock is now.
@@ -107,7 +106,7 @@ def test_an_explicit_speed_that_contradicts_the_fleet_wins_with_a_warning_naming
 def test_an_explicit_sim_start_that_contradicts_the_fleet_wins_with_a_warning() -> None:
     fleet = Anchor(WALL - 500.0, WALL - 100.0, 30.0)
     mine = WALL - 86_400.0
-    got = settle(fleet, now=WALL, **{**NONE, "sim_start": mine})
+    got = settle(fleet, Given(sim_start=mine), now=WALL)
     assert got.source == "explicit" and not got.publish
     assert got.anchor.sim_start == mine and got.anchor.speed == 30.0
     assert got.conflict is not None and "sim start" in got.conflict
@@ -123,8 +122,8 @@ def test_an_explicit_sim_start_that_contradicts_the_fleet_wins_with_a_warning() 
 def test_two_processes_started_at_different_times_agree_on_the_time(
     speed: float, first: float, later: float, probe: float
 ) -> None:
-    a = settle(None, now=WALL + first, **{**NONE, "speed": speed})
-    b = settle(a.anchor, now=WALL + first + later, **{**NONE, "speed": speed})
+    a = settle(None, Given(speed=speed), now=WALL + first)
+    b = settle(a.anchor, Given(speed=speed), now=WALL + first + later)
     t = WALL + first + later + probe
     assert b.anchor.at(t) == a.anchor.at(t)
 
@@ -132,13 +131,13 @@ def test_two_processes_started_at_different_times_agree_on_the_time(
 def test_two_anchors_created_at_once_end_as_one_the_earlier() -> None:
     early, late = Anchor(WALL, WALL, 30.0), Anchor(WALL + 0.2, WALL + 0.2, 30.0)
     assert prefer(early, late) is early and prefer(late, early) is early
-    kw = {**NONE, "speed": 30.0}
-    assert reconcile(late, early, now=WALL + 1, **kw) == "adopt"
-    assert reconcile(early, late, now=WALL + 1, **kw) == "republish"
-    assert reconcile(early, Anchor(WALL, WALL, 30.0), now=WALL + 1, **kw) == "same"
-    assert reconcile(early, None, now=WALL + 1, **kw) == "republish"  # cleared: put it back
+    given = Given(speed=30.0)
+    assert reconcile(late, early, given, now=WALL + 1) == "adopt"
+    assert reconcile(early, late, given, now=WALL + 1) == "republish"
+    assert reconcile(early, Anchor(WALL, WALL, 30.0), given, now=WALL + 1) == "same"
+    assert reconcile(early, None, given, now=WALL + 1) == "republish"  # cleared: put it back
     # Never adopt what the explicit settings contradict.
-    assert reconcile(late, Anchor(WALL, WALL, 10.0), now=WALL + 1, **kw) == "ignore"
+    assert reconcile(late, Anchor(WALL, WALL, 10.0), given, now=WALL + 1) == "ignore"
 
 
 def test_the_clock_moves_in_place_when_it_adopts() -> None:
@@ -155,13 +154,13 @@ def test_sim_start_reads_iso_8601_or_epoch_and_only_given_settings_count(
     monkeypatch.setenv("V2G_SPEED", "30")
     s = Settings()
     assert s.sim_start == datetime(2026, 12, 3, 6, tzinfo=UTC).timestamp()
-    assert explicit(s) == {"speed": 30.0, "sim_start": s.sim_start, "wall_anchor": None}
-    assert Settings(sim_start="1796277600").sim_start == 1796277600.0  # type: ignore[arg-type]
+    assert explicit(s) == Given(speed=30.0, sim_start=s.sim_start)
+    assert Settings(sim_start="1796277600").sim_start == 1796277600.0
     with pytest.raises(ValueError, match="no time zone"):
-        Settings(sim_start="2026-12-03T06:00")  # type: ignore[arg-type]
+        Settings(sim_start="2026-12-03T06:00")
     monkeypatch.delenv("V2G_SIM_START")
     monkeypatch.delenv("V2G_SPEED")
-    assert explicit(Settings()) == NONE
+    assert explicit(Settings()) == Given()
 
 
 def test_the_anchor_round_trips_the_wire_and_goes_stale_when_nobody_refreshes_it() -> None:
