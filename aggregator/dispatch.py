@@ -828,8 +828,8 @@ class Dispatcher:
             "started",
             now,
             remember=remember,
-            reason=f"began at {from_epoch(now).isoformat()} (planned for"
-            f" {from_epoch(d.start).isoformat()})",
+            reason=f"began at {from_epoch(now).isoformat(timespec='seconds')}, planned for"
+            f" {from_epoch(d.start).isoformat(timespec='seconds')}",
             requested_kw=answer.requested_kw,
             allocated_kw=answer.allocated_kw,
             shortfall_kw=answer.shortfall_kw,
