@@ -102,6 +102,32 @@ async def test_a_second_process_adopts_the_first_process_s_retained_clock_anchor
     assert await retained_anchor(settings) is None  # cleaned up
 
 
+async def test_an_anchor_left_by_a_fleet_that_stopped_is_replaced_not_adopted(
+    settings: Settings, test_id: str
+) -> None:
+    """Yesterday's x30 session left its anchor retained: adopting it would put today's
+    clock days ahead. Nobody refreshed it, so a new process starts a clock of its own."""
+    wall = time.time()
+    old = ClockAnchor.of(
+        Anchor(wall - 86_400.0, wall - 86_400.0, 30.0),
+        refreshed_at=wall - 3600.0,
+        set_by="yesterday",
+    )
+    async with (
+        anchor_cleared(settings),
+        asyncio.timeout(30.0),
+    ):
+        async with aiomqtt.Client(HOST, MQTT_PORT, identifier=f"itest-{test_id}-old") as c:
+            await c.publish(settings.topics.clock, old.to_json(), qos=1, retain=True)
+        async with shared_clock(
+            fresh(settings, speed=30.0), client_id=f"itest-{test_id}-new"
+        ) as new:
+            assert new.settled.source == "created"
+            assert new.clock.now() == pytest.approx(time.time(), abs=30.0)
+            on_bus = await retained_anchor(settings)
+            assert on_bus is not None and on_bus.set_by == f"itest-{test_id}-new"
+
+
 async def test_two_processes_that_start_at_once_end_on_one_clock(
     settings: Settings, test_id: str
 ) -> None:
