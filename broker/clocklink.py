@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiomqtt
 import structlog
@@ -59,8 +59,8 @@ class _Seen:
     """The latest retained anchor on the topic (None: none, or cleared)."""
 
     anchor: ClockAnchor | None = None
-    any: asyncio.Event | None = None
-    changed: asyncio.Event | None = None
+    any: asyncio.Event = field(default_factory=asyncio.Event)  # one has come since start
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # one came since cleared
 
 
 @contextlib.asynccontextmanager
@@ -75,8 +75,7 @@ async def shared_clock(
     connection closes when the block ends and nothing is published.
     """
     topic = settings.topics.clock
-    seen = _Seen(any=asyncio.Event(), changed=asyncio.Event())
-    assert seen.any is not None and seen.changed is not None
+    seen = _Seen()
 
     def handler(m: aiomqtt.Message) -> None:
         if str(m.topic) != topic:
@@ -90,7 +89,6 @@ async def shared_clock(
             except ValidationError as err:
                 log.warning("clock_anchor_invalid", topic=topic, error=str(err)[:200])
                 return
-        assert seen.any is not None and seen.changed is not None
         seen.any.set()
         seen.changed.set()
 
@@ -204,7 +202,6 @@ async def _keep(
 ) -> None:
     """Re-publish ``mine`` every refresh period, and settle ties with anchors that other
     processes publish (reconcile in broker/clock.py)."""
-    assert seen.changed is not None
     refresh = settings.clock_refresh_s
     last_pub = time.monotonic()
     while True:
