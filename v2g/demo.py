@@ -22,7 +22,7 @@ from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore, RedisStore, StateStore
 from broker.clock import SimClock, day_anchor
 from broker.embedded import EmbeddedBroker
-from broker.models import DispatchRequest, DispatchResult
+from broker.models import DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings
 from v2g import operator
 
@@ -71,7 +71,8 @@ async def run_demo(
         settings=settings, clock=clock, store=store, ledger=ledger, client_id="demo-aggregator"
     )
     print(
-        f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g}, broker"
+        f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g} from"
+        f" {from_epoch(clock.sim_anchor):%Y-%m-%d %H:%M}Z simulated, broker"
         f" {settings.broker_url}{' (embedded)' if broker else ''},"
         f" store {'Redis ' + settings.redis_url if use_redis else 'in memory'}",
         file=out,
