@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from agents.fleet import SimFleet
 from agents.telemetry import status_payload, telemetry_batch_payloads, telemetry_payloads
+from broker.clientid import client_id
 from broker.clock import Clock, raise_if_cancelled
 from broker.errors import TransportError
 from broker.link import MqttLink, Outgoing
@@ -53,11 +54,17 @@ class AgentRuntime:
         fleet: SimFleet,
         mode: Mode = "per-vehicle",
         connections: int = 4,
-        client_prefix: str = "v2g-agent",
+        client_prefix: str | None = None,
         batch: bool = False,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
-        """``batch``: multiplexed connections act as bridges and send batched telemetry."""
+        """``batch``: multiplexed connections act as bridges and send batched telemetry.
+
+        Client ids (broker/clientid.py): ``{topic prefix}-{vehicle_id}`` per vehicle, and
+        ``{topic prefix}-{bridge_id}`` per bridge, a bridge named after the fleet's first
+        vehicle (``ev-0000-mux0``), so two agent processes with their own vehicles never
+        share one. ``client_prefix`` replaces the topic prefix in them (and names the
+        bridges ``{client_prefix}-mux{j}``)."""
         if mode not in ("per-vehicle", "multiplexed"):
             raise ValueError(f"mode must be per-vehicle or multiplexed, got {mode!r}")
         if batch and mode != "multiplexed":
@@ -77,11 +84,12 @@ class AgentRuntime:
         self._heard = asyncio.Event()
         self.ticks = 0
         t = self.topics
+        head = client_prefix or settings.topic_prefix
         if mode == "per-vehicle":
             self.links = [
                 MqttLink(
                     settings=settings,
-                    client_id=f"{client_prefix}-{vid}",
+                    client_id=client_id(head, vid),
                     handler=self.on_message,
                     subscriptions=[(t.setpoint(vid), 1)],
                     will=self._will_of(vid),
@@ -95,20 +103,21 @@ class AgentRuntime:
         else:
             k = max(1, min(connections, len(fleet.ids) or 1))
             self._link_of = [i % k for i in range(len(fleet.ids))]
-            self.bridge_ids = [f"{client_prefix}-mux{j}" for j in range(k)]
+            stem = client_prefix or (fleet.ids[0][:56] if fleet.ids else "agents")
+            self.bridge_ids = [f"{stem}-mux{j}" for j in range(k)]
             self.links = [
                 MqttLink(
                     settings=settings,
-                    client_id=self.bridge_ids[j],
+                    client_id=self.bridge_ids[j] if client_prefix else client_id(head, bid),
                     handler=self.on_message,
                     subscriptions=[
                         *([(t.all_setpoints, 1)] if j == 0 else []),
-                        *([(t.bridge_setpoints(self.bridge_ids[j]), 1)] if batch else []),
+                        *([(t.bridge_setpoints(bid), 1)] if batch else []),
                     ],
                     birth=self._birth_of(fleet.ids[j::k]),
                     logger=self.log,
                 )
-                for j in range(k)
+                for j, bid in enumerate(self.bridge_ids)
             ]
         self._link_rows = np.array(self._link_of, dtype=np.intp)
 
@@ -209,6 +218,13 @@ class AgentRuntime:
 
     async def run(self) -> None:
         """Connect every link, then tick and report until cancelled; go offline cleanly."""
+        ids = [link.client_id for link in self.links]
+        self.log.info(
+            "deployment",
+            role="agents",
+            **self.settings.deployment(),
+            client_ids=ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]} ({len(ids)})",
+        )
         async with asyncio.TaskGroup() as tg:
             for i, link in enumerate(self.links):
                 tg.create_task(link.run(), name=f"agent-link-{i}")

@@ -12,6 +12,11 @@ entry also has ``term``: the fencing token of the leader that wrote it, checked 
 as it appends (:class:`aggregator.scaleout.FencedLedger`). Writes never hold up a control step: the service queues them and a
 writer drains the queue; while Redis is away they wait (bounded) and go out, in order,
 when it is back, so nothing acknowledged is lost to a short outage.
+
+A request that was only ever rejected leaves a stream of nothing but its refusals: that
+stream expires (``V2G_REJECTED_LEDGER_TTL_S``, a day by default), so refused requests,
+bad or hostile, cannot fill Redis. The first answer that is not a refusal (the same id
+sent again, and accepted) makes the stream permanent again.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -120,12 +125,36 @@ class MemoryLedger:
         return None
 
 
+REJECTED_TTL_S = 86_400.0
+# Runs after the XADD of a rejection: a stream that holds only it (new), or that already
+# expires (only refusals so far), expires; the books of a request that ran never do.
+_EXPIRE_IF_REFUSED_ONLY = """
+if redis.call('XLEN', KEYS[1]) == 1 or redis.call('TTL', KEYS[1]) > 0 then
+  return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def is_refusal(entry: Mapping[str, str]) -> bool:
+    """Whether a ledger entry is a ``rejected`` answer."""
+    return entry.get("kind") == "answer" and entry.get("status") == "rejected"
+
+
 class RedisLedger:
     """One Redis stream per request, appended in a pipeline per batch (XADD)."""
 
-    def __init__(self, url: str, *, prefix: str = "v2g", timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "v2g",
+        timeout_s: float = 2.0,
+        rejected_ttl_s: float = REJECTED_TTL_S,
+    ) -> None:
         self.url = url
         self.prefix = prefix
+        self.rejected_ttl_s = rejected_ttl_s
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
@@ -140,10 +169,36 @@ class RedisLedger:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for rid, entry in entries:
                     pipe.xadd(self.key(rid), entry)  # type: ignore[arg-type]
+                self.queue_expiry(pipe, entries)
                 await pipe.execute()
         except (RedisError, OSError) as err:
             raise TransportError(
                 f"writing the ledger to Redis at {self.url} failed: {err}"
+            ) from err
+
+    def queue_expiry(self, pipe: Any, entries: Sequence[tuple[str, Entry]]) -> None:
+        """Queue on ``pipe``, after the entries' XADDs, the expiry of the streams of
+        requests only ever refused, and PERSIST for those that got any other answer."""
+        ttl = max(1, round(self.rejected_ttl_s))
+        for rid, entry in entries:
+            if entry.get("kind") != "answer":
+                continue
+            if is_refusal(entry):
+                pipe.eval(_EXPIRE_IF_REFUSED_ONLY, 1, self.key(rid), ttl)
+            else:
+                pipe.persist(self.key(rid))
+
+    async def apply_expiry(self, entries: Sequence[tuple[str, Entry]]) -> None:
+        """:meth:`queue_expiry` on its own, for entries appended another way (fenced)."""
+        if not any(e.get("kind") == "answer" for _, e in entries):
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                self.queue_expiry(pipe, entries)
+                await pipe.execute()
+        except (RedisError, OSError) as err:
+            raise TransportError(
+                f"setting the ledger's expiry in Redis at {self.url} failed: {err}"
             ) from err
 
     async def read(self, request_id: str) -> list[Entry]:

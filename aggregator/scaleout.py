@@ -32,6 +32,7 @@ step's publishes before it sees that its lease is gone; setpoints carry a short
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -277,6 +278,10 @@ class FencedLedger:
                 self.scale.fenced_out(err)
         except LeaseUnavailable as err:  # kept by the writer and tried again
             raise TransportError(f"writing the ledger to Redis failed: {err}") from err
+        # Written: a rejected request's stream expires as in the plain ledger. Best effort:
+        # the entries are in, and writing them again would duplicate them.
+        with contextlib.suppress(TransportError):
+            await self.inner.apply_expiry(entries)
 
     def _refuse(self, entries: Sequence[tuple[str, Entry]], term: str, why: str) -> None:
         self.refused += len(entries)

@@ -50,12 +50,14 @@ from aggregator.ledger import (
 from aggregator.scaleout import ScaleOut, shared_subscriptions
 from aggregator.settlement import Settlement
 from aggregator.status import fleet_status, log_fields
-from aggregator.store import Snapshot, StateStore
+from aggregator.store import MemoryStore, Snapshot, StateStore
+from broker.clientid import client_id as derive_client_id
+from broker.clientid import main_client_id
 from broker.clock import Clock, raise_if_cancelled
 from broker.errors import InvalidMessage, TransportError
 from broker.fastlink import FastIngest
 from broker.fastpub import Delivery, FastPublisher, setpoint_payloads
-from broker.link import MqttLink, Outgoing
+from broker.link import TAKEN_OVER_HINT, TAKEOVER_WINDOW_S, MqttLink, Outgoing
 from broker.models import (
     MAX_BATCH_VEHICLES,
     AnswerTo,
@@ -135,7 +137,7 @@ class AggregatorService:
         settings: Settings,
         clock: Clock,
         store: StateStore,
-        client_id: str = "v2g-aggregator",
+        client_id: str | None = None,
         ledger: Ledger | None = None,
         fast_ingest: bool = False,
         fast_setpoints: bool = False,
@@ -157,6 +159,13 @@ class AggregatorService:
         self.settings = settings
         self.clock = clock
         self.store = store
+        # broker/clientid.py: {prefix}-aggregator (per process in a share group), unless
+        # given or set (V2G_CLIENT_ID); the lease names its holder by it too.
+        self.client_id = client_id or main_client_id(
+            settings, "aggregator", per_process=settings.share_group is not None
+        )
+        client_id = self.client_id
+        self._in_memory = isinstance(store, MemoryStore)
         # Settlement records go to the ledger off the control path (see aggregator/ledger.py).
         self.ledger = None if ledger is None else LedgerWriter(ledger)
         self._ledger_task: asyncio.Task[bool] | None = None
@@ -235,7 +244,7 @@ class AggregatorService:
         if fast_ingest:
             self.ingest = FastIngest(
                 settings=settings,
-                client_id=f"{client_id}-ingest",
+                client_id=derive_client_id(settings.topic_prefix, "ingest", per_process=True),
                 handler=self.on_payload,
                 filters=[f for f, _ in shared_subscriptions(settings, telemetry)],
                 logger=self.log,
@@ -244,7 +253,9 @@ class AggregatorService:
         self.setpoints: FastPublisher | None = None
         if fast_setpoints:
             self.setpoints = FastPublisher(
-                settings=settings, client_id=f"{client_id}-setpoints", logger=self.log
+                settings=settings,
+                client_id=derive_client_id(settings.topic_prefix, "setpoints", per_process=True),
+                logger=self.log,
             )
         self.link = MqttLink(
             settings=settings,
@@ -425,6 +436,7 @@ class AggregatorService:
     # -- the loop --------------------------------------------------------------------
     async def run(self) -> None:
         """Restore state, then serve until cancelled."""
+        self.log.info("deployment", role="aggregator", **self.deployment())
         await self.restore()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -442,6 +454,18 @@ class AggregatorService:
             await self._finish_ledger()
             if self.scale is not None:  # a graceful stop hands the lease on at once
                 await self.scale.close()
+
+    def deployment(self) -> dict[str, object]:
+        """Broker, Redis, both prefixes and every client id: the start line's fields."""
+        fields: dict[str, object] = {**self.settings.deployment(), "client_id": self.client_id}
+        if self._in_memory:
+            del fields["redis"], fields["redis_prefix"]
+            fields["store"] = "memory"
+        if self.ingest is not None:
+            fields["ingest_client_id"] = self.ingest.client_id
+        if self.setpoints is not None:
+            fields["setpoints_client_id"] = self.setpoints.client_id
+        return fields
 
     async def restore(self) -> None:
         try:
@@ -828,7 +852,22 @@ class AggregatorService:
             self._owed.extend(results)
             self.dispatcher.unsend(out.rows)
             if not self._owed_logged:
-                self.log.warning("broker_unreachable", owed_results=len(self._owed))
+                link = self.link.stats
+                if time.monotonic() - link.taken_over_at < TAKEOVER_WINDOW_S:
+                    # The broker is there: another client keeps taking our connection.
+                    self.log.error(
+                        "mqtt_session_taken_over",
+                        client_id=self.client_id,
+                        hint=TAKEN_OVER_HINT,
+                        owed_results=len(self._owed),
+                    )
+                else:
+                    self.log.warning(
+                        "broker_unreachable",
+                        client_id=self.client_id,
+                        last_error=link.last_disconnect or None,
+                        owed_results=len(self._owed),
+                    )
                 self._owed_logged = True
             return 0
         owed, self._owed = list(self._owed), deque(maxlen=self._owed.maxlen)

@@ -42,6 +42,14 @@ log = structlog.get_logger("broker.link")
 _AUTH_CODES = frozenset({4, 5, 134, 135})
 # ... and "I do not speak MQTT 5": 3.1.1's 1, 5.0's 132, or no CONNACK at all (amqtt).
 _VERSION_CODES = frozenset({1, 132})
+# MQTT 5 DISCONNECT from the broker: another client connected with this client id.
+SESSION_TAKEN_OVER = 0x8E
+TAKEOVER_WINDOW_S = 60.0  # two drops this close, each taken back at once: a takeover
+TAKEN_OVER_HINT = (
+    "another client connected with the same client id and the broker closed this"
+    " connection; give each process its own id (V2G_CLIENT_ID / --client-id, or its own"
+    " --topic-prefix)"
+)
 
 Handler = Callable[[aiomqtt.Message], None]
 MAX_BURST = 50_000  # messages handed to paho at once, well under its 65,535 message ids
@@ -69,6 +77,9 @@ class LinkStats:
     connected_at: float = 0.0  # time.monotonic() of the last successful connect
     refused: int = 0  # publishes the broker acknowledged with a failure reason code
     last_refusal: tuple[str, str] | None = None  # (topic, reason) of the latest
+    taken_over: int = 0  # disconnects because another client connected with our id
+    taken_over_at: float = -1e9  # time.monotonic() of the latest
+    last_disconnect: str = ""  # "session_taken_over", or the error of the last one
 
 
 def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
@@ -107,6 +118,20 @@ def _rc_value(err: aiomqtt.MqttError) -> int | None:
 
 def _is_auth_refusal(err: aiomqtt.MqttError) -> bool:
     return _rc_value(err) in _AUTH_CODES
+
+
+def is_session_taken_over(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is the broker's DISCONNECT 0x8E, "session taken
+    over": aiomqtt raises "Disconnected during message iteration" from a MqttCodeError
+    carrying the DISCONNECT's reason code (MQTT 5 only; 3.1.1 just closes the socket)."""
+    seen: BaseException | None = err
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, aiomqtt.MqttError) and _rc_value(seen) == SESSION_TAKEN_OVER:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _is_version_refusal(err: aiomqtt.MqttError) -> bool:
@@ -215,7 +240,12 @@ class MqttLink:
         lg = self.logger or log
         target = self.settings.mqtt_target()
         delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+        tries = 0  # connect attempts since the last drop
+        first_try = False  # whether the current connection came up at the first attempt
+        last_drop: float | None = None  # monotonic time the broker last dropped us
         while True:
+            tries += 1
+            up = False
             try:
                 async with self._make_client(target) as client:
                     self._client = client
@@ -225,6 +255,7 @@ class MqttLink:
                         await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                     self.stats.connects += 1
                     self.stats.connected_at = time.monotonic()
+                    up, first_try, tries = True, tries == 1, 0
                     self._connected.set()
                     delays = backoff_delays(
                         self.settings.reconnect_min_s, self.settings.reconnect_max_s
@@ -253,12 +284,44 @@ class MqttLink:
                     ) from err
                 self.stats.disconnects += 1
                 delay = next(delays)
-                lg.warning(
-                    "mqtt_disconnected",
-                    client_id=self.client_id,
-                    error=str(err),
-                    retry_in_s=round(delay, 2),
+                now = time.monotonic()
+                # A broker that sends no reason code (Mosquitto < 2.0.15) just closes the
+                # old connection of a taken-over session: a broker that keeps dropping us
+                # and taking us back at once is, most likely, two clients with one id.
+                repeated = (
+                    up
+                    and first_try
+                    and last_drop is not None
+                    and now - last_drop < TAKEOVER_WINDOW_S
                 )
+                if up:
+                    last_drop = now
+                if is_session_taken_over(err) or repeated:
+                    # Not a broker fault: retrying at once would only go on with the tug of
+                    # war with the other client, so wait the longest backoff.
+                    self.stats.taken_over += 1
+                    self.stats.taken_over_at = now
+                    self.stats.last_disconnect = "session_taken_over"
+                    delay = max(delay, self.settings.reconnect_max_s)
+                    lg.error(
+                        "mqtt_session_taken_over",
+                        client_id=self.client_id,
+                        hint=TAKEN_OVER_HINT,
+                        evidence="reason code 0x8E"
+                        if is_session_taken_over(err)
+                        else "the broker closed this connection twice within"
+                        f" {TAKEOVER_WINDOW_S:.0f} s and took it back at once each time",
+                        taken_over=self.stats.taken_over,
+                        retry_in_s=round(delay, 2),
+                    )
+                else:
+                    self.stats.last_disconnect = str(err)[:200]
+                    lg.warning(
+                        "mqtt_disconnected",
+                        client_id=self.client_id,
+                        error=str(err),
+                        retry_in_s=round(delay, 2),
+                    )
                 await asyncio.sleep(delay)
             finally:
                 self._connected.clear()

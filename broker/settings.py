@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.topics import Topics
@@ -21,7 +21,10 @@ class Settings(BaseSettings):
     broker_url: str = "mqtt://127.0.0.1:1883"
     redis_url: str = "redis://127.0.0.1:6379/0"
     topic_prefix: str = "v2g"
-    redis_prefix: str = "v2g"
+    # Empty: the topic prefix, so two deployments on one Redis keep apart by default.
+    redis_prefix: str = Field(
+        "", description="Redis keys live under '{redis_prefix}:'; default the topic prefix"
+    )
     username: str | None = None
     password: SecretStr | None = None
     tls_ca_file: str | None = None
@@ -75,6 +78,12 @@ class Settings(BaseSettings):
         description="how a request is split: proportional to headroom (fast, sticky) or"
         " least cost (throughput cost and energy cycled so far: spreads battery wear)",
     )
+    rejected_ledger_ttl_s: float = Field(
+        86_400.0,
+        gt=0.0,
+        description="wall seconds the ledger stream of a request that was only ever"
+        " rejected is kept in Redis",
+    )
     max_request_kw: float = Field(1_000_000.0, gt=0.0)
     max_request_duration_s: float = Field(7 * 86_400.0, gt=0.0)
     # Scale-out (README "Scale-out"): several aggregators on one MQTT 5 shared subscription,
@@ -126,6 +135,12 @@ class Settings(BaseSettings):
             return moment.timestamp()
         return v
 
+    @model_validator(mode="after")
+    def _redis_prefix_follows_topic_prefix(self) -> Settings:
+        if not self.redis_prefix:
+            self.redis_prefix = self.topic_prefix
+        return self
+
     @field_validator("share_group")
     @classmethod
     def _group_is_one_level(cls, v: str | None) -> str | None:
@@ -144,6 +159,26 @@ class Settings(BaseSettings):
 
     def mqtt_target(self) -> MqttTarget:
         return MqttTarget.parse(self.broker_url, self)
+
+    def deployment(self) -> dict[str, Any]:
+        """Where this process talks and under which names, for its start line: broker and
+        Redis URLs (passwords masked), topic prefix and Redis prefix."""
+        return {
+            "broker": without_password(self.broker_url),
+            "redis": without_password(self.redis_url),
+            "topic_prefix": self.topic_prefix,
+            "redis_prefix": self.redis_prefix,
+        }
+
+
+def without_password(url: str) -> str:
+    """``url`` with any password in it replaced by ``***`` (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclass(frozen=True, slots=True)

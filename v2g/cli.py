@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +53,21 @@ Redis = Annotated[
 ]
 Prefix = Annotated[
     str | None, typer.Option("--topic-prefix", help="topic prefix [env V2G_TOPIC_PREFIX; v2g]")
+]
+RedisPrefix = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-prefix",
+        help="Redis keys go under PREFIX: [env V2G_REDIS_PREFIX; the topic prefix]",
+    ),
+]
+ClientId = Annotated[
+    str | None,
+    typer.Option(
+        "--client-id",
+        help="MQTT client id of the main connection; each process needs its own"
+        " [env V2G_CLIENT_ID; TOPIC_PREFIX-aggregator]",
+    ),
 ]
 Speed = Annotated[
     float | None,
@@ -246,6 +259,8 @@ def aggregator(
     broker: Broker = None,
     redis: Redis = None,
     topic_prefix: Prefix = None,
+    redis_prefix: RedisPrefix = None,
+    client_id: ClientId = None,
     speed: Speed = None,
     sim_start: SimStart = None,
     memory: Annotated[
@@ -291,6 +306,8 @@ def aggregator(
         broker_url=broker,
         redis_url=redis,
         topic_prefix=topic_prefix,
+        redis_prefix=redis_prefix,
+        client_id=client_id,
         speed=speed,
         sim_start=sim_start,
         log_format=log_format,
@@ -303,13 +320,16 @@ def aggregator(
         MemoryStore() if memory else RedisStore(settings.redis_url, prefix=settings.redis_prefix)
     )
     ledger: Ledger = (
-        MemoryLedger() if memory else RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
+        MemoryLedger()
+        if memory
+        else RedisLedger(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            rejected_ttl_s=settings.rejected_ledger_ttl_s,
+        )
     )
-    # Aggregators of one share group need client ids of their own (the broker drops the
-    # older of two connections with one id), and the lease names its holder by it.
-    client_id = "v2g-aggregator"
-    if settings.share_group:
-        client_id = settings.client_id or f"{client_id}-{socket.gethostname()}-{os.getpid()}"
+    # The client id comes from the settings (broker/clientid.py): {prefix}-aggregator,
+    # per process in a share group, or --client-id / V2G_CLIENT_ID.
 
     async def main() -> None:
         async with _shared_clock(settings) as shared:
@@ -318,7 +338,6 @@ def aggregator(
                 clock=shared.clock,
                 store=store,
                 ledger=ledger,
-                client_id=client_id,
                 fast_ingest=fast_ingest,
                 fast_setpoints=fast_setpoints,
             )
@@ -693,6 +712,8 @@ def report(
     ] = 300.0,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="draw report.png")] = True,
     redis: Redis = None,
+    topic_prefix: Prefix = None,
+    redis_prefix: RedisPrefix = None,
 ) -> None:
     """A request's settlement from its ledger in Redis: requested vs baseline vs delivered
     per interval as a table, report.csv and report.png, with the totals, the error, the
@@ -701,7 +722,7 @@ def report(
     from aggregator.ledger import RedisLedger
     from v2g import report as rep
 
-    settings = _settings(redis_url=redis)
+    settings = _settings(redis_url=redis, topic_prefix=topic_prefix, redis_prefix=redis_prefix)
 
     async def read() -> list[dict[str, str]]:
         ledger = RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
@@ -714,7 +735,8 @@ def report(
     if not entries:
         _fail(
             f"no ledger for request {request_id!r} in Redis at {settings.redis_url}"
-            f" (key {settings.redis_prefix}:ledger:{request_id}); check the id and --redis",
+            f" (key {settings.redis_prefix}:ledger:{request_id}); check the id, --redis and"
+            " --topic-prefix / --redis-prefix",
             1,
         )
     r = rep.parse(request_id, entries)

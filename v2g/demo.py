@@ -23,7 +23,7 @@ from aggregator.store import MemoryStore, RedisStore, StateStore
 from broker.clock import SimClock, day_anchor
 from broker.embedded import EmbeddedBroker
 from broker.models import DispatchRequest, DispatchResult, from_epoch
-from broker.settings import Settings
+from broker.settings import Settings, without_password
 from v2g import operator
 
 DEMO_START_TOD_S = 19.5 * 3600  # 19:30 UTC: most cars are home and plugged in
@@ -64,17 +64,18 @@ async def run_demo(
     )
     clock = SimClock(speed=settings.speed, sim_anchor=day_anchor() + DEMO_START_TOD_S)
     fleet = SimFleet(generate_fleet(count, seed), clock.now(), step_s=settings.telemetry_interval_s)
-    agents = AgentRuntime(
-        settings=settings, clock=clock, fleet=fleet, mode=mode, client_prefix="demo-ev"
-    )
-    aggregator = AggregatorService(
-        settings=settings, clock=clock, store=store, ledger=ledger, client_id="demo-aggregator"
-    )
+    # One process, many connections: every client id derives from the topic prefix
+    # (broker/clientid.py); a V2G_CLIENT_ID meant for one connection would collide here.
+    settings = settings.model_copy(update={"client_id": None})
+    agents = AgentRuntime(settings=settings, clock=clock, fleet=fleet, mode=mode)
+    aggregator = AggregatorService(settings=settings, clock=clock, store=store, ledger=ledger)
     print(
         f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g} from"
         f" {from_epoch(clock.sim_anchor):%Y-%m-%d %H:%M}Z simulated, broker"
-        f" {settings.broker_url}{' (embedded)' if broker else ''},"
-        f" store {'Redis ' + settings.redis_url if use_redis else 'in memory'}",
+        f" {without_password(settings.broker_url)}{' (embedded)' if broker else ''},"
+        f" store {'Redis ' + without_password(settings.redis_url) if use_redis else 'in memory'},"
+        f" topic prefix {settings.topic_prefix}"
+        + (f", Redis prefix {settings.redis_prefix}" if use_redis else ""),
         file=out,
         flush=True,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -12,6 +11,7 @@ from typing import Literal
 import aiomqtt
 from pydantic import ValidationError
 
+from broker.clientid import main_client_id
 from broker.errors import TransportError
 from broker.link import MqttLink
 from broker.models import (
@@ -85,7 +85,8 @@ async def operator_link(
 
     link = MqttLink(
         settings=settings,
-        client_id=f"v2g-operator-{uuid.uuid4().hex[:8]}",
+        # {prefix}-cli-{host}-{pid}, or V2G_CLIENT_ID: an operator command is one connection.
+        client_id=main_client_id(settings, "cli", per_process=True),
         handler=handler,
         subscriptions=subscriptions,
     )
