@@ -16,7 +16,7 @@ import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiomqtt
 import numpy as np
@@ -35,6 +35,7 @@ from aggregator.answers import (
     replies,
 )
 from aggregator.capability import envelope, vehicle_ranges
+from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
 from aggregator.forecast import ForecastModel
@@ -97,6 +98,8 @@ FORECAST_PERIOD_S = 3600.0  # hourly market periods
 FORECAST_EVERY_S = 900.0  # simulated seconds between forecasts
 REFUSALS_PER_S = 20.0  # refused operator messages answered a second, on average
 _ID = re.compile(ID_PATTERN)
+CLOCK_WINDOW_STEPS = 12  # telemetry intervals over which the clock warnings count reports
+WARN_LOG_EVERY_S = 30.0  # wall seconds between log lines of a standing warning
 SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
 
 
@@ -199,6 +202,12 @@ class AggregatorService:
         self._refusals = Budget(refusals_per_s)
         self.refusals_unanswered = 0
         self._replies: dict[str, ReplyTo] = {}
+        # Reports far behind or ahead of the platform clock, for the status's warnings.
+        self.clock_watch = ClockWatch(window_s=CLOCK_WINDOW_STEPS * settings.telemetry_interval_s)
+        self._ahead_seen = 0
+        self._folded = 0
+        self._behind_stats: dict[str, Any] = {}
+        self._warned_at = -math.inf
         # received == accepted + ignored + every rejection but "stale" (found at the fold).
         self.received = 0
         self.accepted = 0
@@ -549,7 +558,7 @@ class AggregatorService:
         if self.scale is not None:  # scale-out: fold in what the other processes received
             await self.scale.merge(self, inbox)
         # Telemetry first: a will that arrived after a vehicle's last report must win.
-        applied, stale = self._fold(inbox)
+        applied, stale = self._fold(inbox, now)
         for s in inbox.status:
             self.state.apply_status(s.vehicle_id, s.online, to_epoch(s.ts))
         if stale:
@@ -579,6 +588,7 @@ class AggregatorService:
             # Rows dropped from accepted batches show apart: "future_rows" next to "future".
             rejected=self.rejected
             + Counter({f"{k}_rows": n for k, n in self.rejected_rows.items()}),
+            warnings=self._warnings(),
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         sent = await self._publish(now, out, answers, routed, capability, status)
@@ -730,9 +740,32 @@ class AggregatorService:
             if await self.link.publish_many([out]):
                 self._forecast_at = now
 
-    def _fold(self, inbox: Inbox) -> tuple[int, int]:
+    def _warnings(self) -> list[str]:
+        """The fleet status's warnings; each new one is logged too (at most every 30 s)."""
+        warnings = self.clock_watch.warnings()
+        wall = time.monotonic()
+        if warnings and wall - self._warned_at >= WARN_LOG_EVERY_S:
+            self._warned_at = wall
+            for w in warnings:
+                self.log.warning("telemetry_clock_mismatch", warning=w)
+        return warnings
+
+    def _fold(self, inbox: Inbox, now: float | None = None) -> tuple[int, int]:
         """Fold every report of the step at once, vehicles' own and bridges' batches, and
-        note which bridge (if any) carries each vehicle now."""
+        note which bridge (if any) carries each vehicle now. Reports older than the stale
+        limit are dropped and counted as stale: they could not make a vehicle count, and
+        a fleet of them is a clock mismatch (aggregator/clockwatch.py)."""
+        now = self.clock.now() if now is None else now
+        ahead = self.rejected["future"] + self.rejected_rows["future"]
+        ahead, self._ahead_seen = ahead - self._ahead_seen, ahead
+        applied, stale = self._fold_reports(inbox, now)
+        self.clock_watch.observe(
+            now, reports=self._folded + ahead, ahead=ahead, **self._behind_stats
+        )
+        return applied, stale
+
+    def _fold_reports(self, inbox: Inbox, now: float) -> tuple[int, int]:
+        self._folded, self._behind_stats = 0, {}
         parts = [a for _, a in inbox.batches]
         if inbox.telemetry:
             own = TelemetryArrays.from_telemetry(inbox.telemetry)
@@ -746,7 +779,19 @@ class AggregatorService:
             self._carried_by(reports.vehicle_id, b)
         if not parts:
             return 0, 0
-        return self.state.apply_arrays(TelemetryArrays.concat(parts))
+        reports = TelemetryArrays.concat(parts)
+        self._folded = len(reports)
+        old = behind(reports.ts, now, self.settings.stale_s)
+        if old.any():
+            lag = now - reports.ts[old]
+            self._behind_stats = {
+                "behind": int(old.sum()),
+                "behind_vehicles": len(set(np.asarray(reports.vehicle_id)[old].tolist())),
+                "max_lag_s": float(lag.max()),
+            }
+            reports = reports.take(np.flatnonzero(~old))
+        applied, stale = self.state.apply_arrays(reports)
+        return applied, stale + int(old.sum())
 
     def _carried_by(self, vehicle_ids: list[str], bridge: int) -> None:
         rows = self.state.rows_of(vehicle_ids)

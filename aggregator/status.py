@@ -20,6 +20,7 @@ def fleet_status(
     dispatches: list[ActiveDispatch],
     degraded: bool,
     rejected: dict[str, int],
+    warnings: list[str] | None = None,
 ) -> FleetStatus:
     """Build the FleetStatus message from the step's view and envelope."""
     return FleetStatus(
@@ -34,6 +35,7 @@ def fleet_status(
         dispatches=dispatches,
         degraded=degraded,
         rejected=dict(rejected),
+        warnings=list(warnings or []),
     )
 
 
@@ -56,4 +58,6 @@ def log_fields(status: FleetStatus) -> dict[str, Any]:
         fields["degraded"] = True
     if status.rejected:
         fields["rejected"] = sum(status.rejected.values())
+    if status.warnings:
+        fields["warnings"] = len(status.warnings)
     return fields

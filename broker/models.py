@@ -493,6 +493,8 @@ class FleetStatus(WireModel):
     dispatches: list[ActiveDispatch] = Field(default_factory=list)
     degraded: bool = False
     rejected: dict[str, int] = Field(default_factory=dict)
+    # Extension: what an operator should know, in words (e.g. a clock mismatch).
+    warnings: list[str] = Field(default_factory=list)
 
 
 class ClockAnchor(WireModel):

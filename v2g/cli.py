@@ -640,6 +640,8 @@ def status(
         for d in s.dispatches:
             line += f" [{d.request_id} req={d.requested_kw:+.0f} got={d.delivered_kw:+.0f}kW]"
         typer.echo(line)
+        for w in s.warnings:
+            typer.echo(f"  warning: {w}")
 
     seen = _run(operator.follow_status(settings, follow=follow, timeout_s=timeout, on_status=show))
     if not seen and not follow:
