@@ -773,6 +773,57 @@ def report(
 
 
 @app.command()
+def reset(
+    topic_prefix: Annotated[
+        str,
+        typer.Option(
+            "--topic-prefix", help="the deployment to remove: its topics are PREFIX/... (required)"
+        ),
+    ],
+    redis_prefix: RedisPrefix = None,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    broker: Broker = None,
+    redis: Redis = None,
+) -> None:
+    """Remove a deployment's retained topics (PREFIX/...) and its Redis keys (REDIS_PREFIX:...),
+    after a confirmation; prints what it removed. Stop the deployment's processes first:
+    a running aggregator publishes its retained status again at its next step."""
+    import sys
+
+    from v2g import reset as rs
+
+    settings = _settings(
+        broker_url=broker, redis_url=redis, topic_prefix=topic_prefix, redis_prefix=redis_prefix
+    )
+    where = (
+        f"topics {settings.topic_prefix}/# on {settings.deployment()['broker']} and Redis keys"
+        f" {settings.redis_prefix}:* on {settings.deployment()['redis']}"
+    )
+    found = _run(rs.find(settings))
+    if not found:
+        typer.echo(f"nothing to remove: no retained {where}")
+        return
+    for topic in found.topics:
+        typer.echo(f"retained  {topic}")
+    for key in found.keys:
+        typer.echo(f"redis key {key}")
+    if found.live:
+        typer.echo(
+            f"warning: {found.live} live messages under {settings.topic_prefix}/ while looking:"
+            " the deployment still runs, and will publish its retained topics again",
+            err=True,
+        )
+    what = f"{len(found.topics)} retained topics and {len(found.keys)} Redis keys"
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail(f"not removing {what} without a confirmation: no terminal to ask on; pass --yes")
+        if not typer.confirm(f"remove these {what}?", default=False):
+            _fail("nothing removed", 1)
+    _run(rs.remove(settings, found))
+    typer.echo(f"removed {what} ({where})")
+
+
+@app.command()
 def provision(
     out: Annotated[
         Path, typer.Option("--out", help="directory for passwd, credentials.json and certs/")
