@@ -16,7 +16,7 @@ import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import aiomqtt
 import numpy as np
@@ -205,8 +205,6 @@ class AggregatorService:
         # Reports far behind or ahead of the platform clock, for the status's warnings.
         self.clock_watch = ClockWatch(window_s=CLOCK_WINDOW_STEPS * settings.telemetry_interval_s)
         self._ahead_seen = 0
-        self._folded = 0
-        self._behind_stats: dict[str, Any] = {}
         self._warned_at = -math.inf
         # received == accepted + ignored + every rejection but "stale" (found at the fold).
         self.received = 0
@@ -758,14 +756,31 @@ class AggregatorService:
         now = self.clock.now() if now is None else now
         ahead = self.rejected["future"] + self.rejected_rows["future"]
         ahead, self._ahead_seen = ahead - self._ahead_seen, ahead
-        applied, stale = self._fold_reports(inbox, now)
-        self.clock_watch.observe(
-            now, reports=self._folded + ahead, ahead=ahead, **self._behind_stats
-        )
-        return applied, stale
+        reports = self._gather(inbox)
+        if reports is None:
+            self.clock_watch.observe(now, reports=ahead, ahead=ahead)
+            return 0, 0
+        old = behind(reports.ts, now, self.settings.stale_s)
+        n_old = int(old.sum())
+        seen = len(reports)
+        if n_old:
+            self.clock_watch.observe(
+                now,
+                reports=seen + ahead,
+                ahead=ahead,
+                behind=n_old,
+                behind_vehicles=len(set(np.asarray(reports.vehicle_id)[old].tolist())),
+                max_lag_s=float((now - reports.ts[old]).max()),
+            )
+            reports = reports.take(np.flatnonzero(~old))
+        else:
+            self.clock_watch.observe(now, reports=seen + ahead, ahead=ahead)
+        applied, stale = self.state.apply_arrays(reports)
+        return applied, stale + n_old
 
-    def _fold_reports(self, inbox: Inbox, now: float) -> tuple[int, int]:
-        self._folded, self._behind_stats = 0, {}
+    def _gather(self, inbox: Inbox) -> TelemetryArrays | None:
+        """The step's reports as one set of columns (None if there are none), noting which
+        bridge carries each vehicle."""
         parts = [a for _, a in inbox.batches]
         if inbox.telemetry:
             own = TelemetryArrays.from_telemetry(inbox.telemetry)
@@ -777,21 +792,7 @@ class AggregatorService:
                 b = self._bridge_index[bridge_id] = len(self.bridges)
                 self.bridges.append(bridge_id)
             self._carried_by(reports.vehicle_id, b)
-        if not parts:
-            return 0, 0
-        reports = TelemetryArrays.concat(parts)
-        self._folded = len(reports)
-        old = behind(reports.ts, now, self.settings.stale_s)
-        if old.any():
-            lag = now - reports.ts[old]
-            self._behind_stats = {
-                "behind": int(old.sum()),
-                "behind_vehicles": len(set(np.asarray(reports.vehicle_id)[old].tolist())),
-                "max_lag_s": float(lag.max()),
-            }
-            reports = reports.take(np.flatnonzero(~old))
-        applied, stale = self.state.apply_arrays(reports)
-        return applied, stale + int(old.sum())
+        return TelemetryArrays.concat(parts) if parts else None
 
     def _carried_by(self, vehicle_ids: list[str], bridge: int) -> None:
         rows = self.state.rows_of(vehicle_ids)
