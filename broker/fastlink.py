@@ -27,7 +27,7 @@ from typing import Protocol, TypeVar, cast
 import structlog
 
 from broker.errors import AuthenticationError, TransportError
-from broker.link import LinkStats, backoff_delays, wait_connected
+from broker.link import LinkStats, TakeoverWatch, backoff_delays, log_takeover, wait_connected
 from broker.settings import MqttTarget, Settings
 
 log = structlog.get_logger("broker.fastlink")
@@ -162,6 +162,9 @@ async def keep_alive(transport: asyncio.Transport, proto: Session, keepalive_s: 
 class _Counted(Protocol):
     disconnects: int
     connected_at: float
+    taken_over: int
+    taken_over_at: float
+    last_disconnect: str
 
 
 async def supervise(
@@ -178,19 +181,36 @@ async def supervise(
     capped, jittered backoff between tries, started over after a try that connected.
     AuthenticationError ends it; anything else is logged as ``event`` and retried."""
     delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
+    takeover = TakeoverWatch()
     while True:
         tried = time.monotonic()
+        takeover.attempt()
         try:
             await session()
             raise TransportError("the broker closed the connection")
         except AuthenticationError:
             raise
         except (OSError, TransportError, TimeoutError) as err:
-            if stats.connected_at >= tried:  # it was up: the next try comes soon
+            up = stats.connected_at >= tried
+            if up:  # the next try comes soon
                 delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
             stats.disconnects += 1
             delay = next(delays)
-            lg.warning(event, client_id=client_id, error=str(err)[:200], retry_in_s=round(delay, 2))
+            evidence = takeover.dropped(up=up, now=time.monotonic())
+            if evidence is not None:
+                delay = log_takeover(
+                    lg,
+                    stats,
+                    client_id=client_id,
+                    evidence=evidence,
+                    delay=delay,
+                    max_delay=settings.reconnect_max_s,
+                )
+            else:
+                stats.last_disconnect = str(err)[:200]
+                lg.warning(
+                    event, client_id=client_id, error=str(err)[:200], retry_in_s=round(delay, 2)
+                )
             await asyncio.sleep(delay)
         finally:
             connected.clear()

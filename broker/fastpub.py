@@ -70,6 +70,9 @@ class PublishStats:
     unacked: int = 0  # ... lost with a connection or not acknowledged in time
     refused_offline: int = 0  # messages of bursts refused while disconnected
     connected_at: float = 0.0  # time.monotonic() of the last successful connect
+    taken_over: int = 0  # drops to another client with our id (broker/link.py)
+    taken_over_at: float = -1e9  # time.monotonic() of the latest
+    last_disconnect: str = ""  # "session_taken_over", or the error of the last drop
 
 
 @dataclass(frozen=True, slots=True)

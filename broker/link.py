@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiomqtt
 import structlog
@@ -134,6 +134,78 @@ def is_session_taken_over(err: BaseException) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class TakeoverWatch:
+    """Tells a session taken over by another client from any other lost connection.
+
+    A broker that sends MQTT 5 reason codes says so (0x8E). One that does not (Mosquitto
+    before 2.0.15, and every broker to an MQTT 3.1.1 client) just closes the old
+    connection, so the sign is the tug of war: a connection dropped, taken back at the
+    first try, and dropped again within ``TAKEOVER_WINDOW_S``. A broker that restarts
+    refuses the first tries; a broker that is there and keeps closing us is, most likely,
+    another client with our id. Used by every reconnect loop (MqttLink, the lean links).
+    """
+
+    tries: int = 0  # connect attempts since the last drop of a connection that was up
+    last_drop: float | None = None  # time.monotonic() of that drop
+
+    def attempt(self) -> None:
+        """A connect attempt starts."""
+        self.tries += 1
+
+    def dropped(self, *, up: bool, now: float, reason_code_says: bool = False) -> str | None:
+        """A connection ended (``up``: it had connected): the evidence of a takeover, or None."""
+        repeated = (
+            up
+            and self.tries == 1
+            and self.last_drop is not None
+            and now - self.last_drop < TAKEOVER_WINDOW_S
+        )
+        if up:
+            self.tries, self.last_drop = 0, now
+        if reason_code_says:
+            return "the broker's DISCONNECT, reason code 0x8E"
+        if repeated:
+            return (
+                f"the broker closed this connection twice within {TAKEOVER_WINDOW_S:.0f} s"
+                " and took it back at the first try each time"
+            )
+        return None
+
+
+class TakeoverStats(Protocol):
+    taken_over: int
+    taken_over_at: float
+    last_disconnect: str
+
+
+def log_takeover(
+    lg: structlog.typing.FilteringBoundLogger,
+    stats: TakeoverStats,
+    *,
+    client_id: str,
+    evidence: str,
+    delay: float,
+    max_delay: float,
+) -> float:
+    """Count and log a session taken over; returns how long to wait before trying again:
+    the longest backoff, since trying at once only goes on with the tug of war."""
+    now = time.monotonic()
+    stats.taken_over += 1
+    stats.taken_over_at = now
+    stats.last_disconnect = "session_taken_over"
+    delay = max(delay, max_delay)
+    lg.error(
+        "mqtt_session_taken_over",
+        client_id=client_id,
+        hint=TAKEN_OVER_HINT,
+        evidence=evidence,
+        taken_over=stats.taken_over,
+        retry_in_s=round(delay, 2),
+    )
+    return delay
+
+
 def _is_version_refusal(err: aiomqtt.MqttError) -> bool:
     return isinstance(err, MqttConnectError) and (
         _rc_value(err) is None or _rc_value(err) in _VERSION_CODES
@@ -240,11 +312,9 @@ class MqttLink:
         lg = self.logger or log
         target = self.settings.mqtt_target()
         delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-        tries = 0  # connect attempts since the last drop
-        first_try = False  # whether the current connection came up at the first attempt
-        last_drop: float | None = None  # monotonic time the broker last dropped us
+        takeover = TakeoverWatch()
         while True:
-            tries += 1
+            takeover.attempt()
             up = False
             try:
                 async with self._make_client(target) as client:
@@ -255,7 +325,7 @@ class MqttLink:
                         await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                     self.stats.connects += 1
                     self.stats.connected_at = time.monotonic()
-                    up, first_try, tries = True, tries == 1, 0
+                    up = True
                     self._connected.set()
                     delays = backoff_delays(
                         self.settings.reconnect_min_s, self.settings.reconnect_max_s
@@ -284,35 +354,17 @@ class MqttLink:
                     ) from err
                 self.stats.disconnects += 1
                 delay = next(delays)
-                now = time.monotonic()
-                # A broker that sends no reason code (Mosquitto < 2.0.15) just closes the
-                # old connection of a taken-over session: a broker that keeps dropping us
-                # and taking us back at once is, most likely, two clients with one id.
-                repeated = (
-                    up
-                    and first_try
-                    and last_drop is not None
-                    and now - last_drop < TAKEOVER_WINDOW_S
+                evidence = takeover.dropped(
+                    up=up, now=time.monotonic(), reason_code_says=is_session_taken_over(err)
                 )
-                if up:
-                    last_drop = now
-                if is_session_taken_over(err) or repeated:
-                    # Not a broker fault: retrying at once would only go on with the tug of
-                    # war with the other client, so wait the longest backoff.
-                    self.stats.taken_over += 1
-                    self.stats.taken_over_at = now
-                    self.stats.last_disconnect = "session_taken_over"
-                    delay = max(delay, self.settings.reconnect_max_s)
-                    lg.error(
-                        "mqtt_session_taken_over",
+                if evidence is not None:
+                    delay = log_takeover(
+                        lg,
+                        self.stats,
                         client_id=self.client_id,
-                        hint=TAKEN_OVER_HINT,
-                        evidence="reason code 0x8E"
-                        if is_session_taken_over(err)
-                        else "the broker closed this connection twice within"
-                        f" {TAKEOVER_WINDOW_S:.0f} s and took it back at once each time",
-                        taken_over=self.stats.taken_over,
-                        retry_in_s=round(delay, 2),
+                        evidence=evidence,
+                        delay=delay,
+                        max_delay=self.settings.reconnect_max_s,
                     )
                 else:
                     self.stats.last_disconnect = str(err)[:200]

@@ -16,6 +16,7 @@ from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore, RedisStore
 from broker.clientid import client_id, main_client_id
 from broker.clock import ManualClock
+from broker.link import TAKEOVER_WINDOW_S, TakeoverWatch
 from broker.settings import Settings, without_password
 from v2g.reset import redis_pattern
 
@@ -132,3 +133,30 @@ def test_only_a_rejected_answer_is_a_refusal() -> None:
     assert is_refusal({"kind": "answer", "status": "rejected"})
     assert not is_refusal({"kind": "answer", "status": "accepted"})
     assert not is_refusal({"kind": "step", "status": "rejected"})
+
+
+def test_a_drop_reads_as_a_takeover_only_from_the_reason_code_or_a_tug_of_war() -> None:
+    # The broker says so: at once.
+    w = TakeoverWatch()
+    w.attempt()
+    assert w.dropped(up=True, now=0.0, reason_code_says=True) is not None
+    # Dropped, taken back at the first try, dropped again within the window: a tug of war.
+    w = TakeoverWatch()
+    w.attempt()
+    assert w.dropped(up=True, now=0.0) is None
+    w.attempt()
+    assert w.dropped(up=True, now=5.0) is not None
+    # A restart: the first tries are refused before the broker takes us back.
+    w = TakeoverWatch()
+    w.attempt()
+    assert w.dropped(up=True, now=0.0) is None
+    w.attempt()
+    assert w.dropped(up=False, now=0.2) is None
+    w.attempt()
+    assert w.dropped(up=True, now=5.0) is None
+    # Two drops far apart: a network, not another client.
+    w = TakeoverWatch()
+    w.attempt()
+    assert w.dropped(up=True, now=0.0) is None
+    w.attempt()
+    assert w.dropped(up=True, now=TAKEOVER_WINDOW_S + 1.0) is None
