@@ -219,10 +219,12 @@ class AgentRuntime:
     async def run(self) -> None:
         """Connect every link, then tick and report until cancelled; go offline cleanly."""
         ids = [link.client_id for link in self.links]
+        where = self.settings.deployment()
         self.log.info(
             "deployment",
             role="agents",
-            **self.settings.deployment(),
+            broker=where["broker"],
+            topic_prefix=where["topic_prefix"],
             client_ids=ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]} ({len(ids)})",
         )
         async with asyncio.TaskGroup() as tg:
