@@ -776,9 +776,7 @@ def report(
 def reset(
     topic_prefix: Annotated[
         str,
-        typer.Option(
-            "--topic-prefix", help="the deployment to remove: its topics are PREFIX/... (required)"
-        ),
+        typer.Option("--topic-prefix", help="the deployment to remove: its topics are PREFIX/..."),
     ],
     redis_prefix: RedisPrefix = None,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
