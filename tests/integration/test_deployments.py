@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import uuid
@@ -22,6 +23,9 @@ import redis.asyncio as aioredis
 import structlog
 from structlog.testing import capture_logs
 
+from agents.fleet import SimFleet
+from agents.profiles import generate_fleet
+from agents.runtime import AgentRuntime
 from aggregator.ledger import LedgerWriter, RedisLedger, answer_entry, step_entry
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
@@ -32,7 +36,7 @@ from broker.models import DispatchProgress, DispatchResult, from_epoch
 from broker.settings import Settings
 from v2g import reset
 
-from .harness import HOST, MQTT_PORT, SIM_START, eventually
+from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +173,36 @@ async def test_the_aggregator_command_keeps_its_redis_keys_under_its_topic_prefi
         "redis=redis://",
     ):
         assert part in start, start
+
+
+async def test_agents_on_another_clock_show_as_stale_with_a_warning_not_an_empty_fleet(
+    settings: Settings, retained_cleanup: None
+) -> None:
+    """Seen: agents and aggregator started with other clock speeds; the fleet showed empty
+    with no word why. The agents here run an hour behind the aggregator's clock."""
+    agents_clock = SimClock(speed=settings.speed, sim_anchor=SIM_START)
+    agg_clock = SimClock(speed=settings.speed, sim_anchor=SIM_START + 3600.0)
+    fleet = SimFleet(generate_fleet(10, 2), agents_clock.now(), step_s=STEP_S)
+    agents = AgentRuntime(settings=settings, clock=agents_clock, fleet=fleet, connections=1)
+    agg = AggregatorService(settings=settings, clock=agg_clock, store=MemoryStore())
+    agg.reports = asyncio.Queue()
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(agents.run()), tg.create_task(agg.run())]
+        try:
+            async with asyncio.timeout(30.0):
+                while True:
+                    report = await agg.reports.get()
+                    if report.status.rejected.get("stale", 0) >= len(fleet):
+                        break
+        finally:
+            for t in tasks:
+                t.cancel()
+    status = report.status
+    assert status.vehicles_online == 0
+    (warning,) = status.warnings
+    assert "behind the aggregator's clock" in warning and "--speed" in warning
+    lag = re.search(r"up to (\d+) s behind", warning)
+    assert lag is not None and 3600 <= int(lag.group(1)) <= 3600 + 4 * STEP_S, warning
 
 
 @contextlib.asynccontextmanager
