@@ -3,9 +3,10 @@
 Processes that share a fleet must share the platform clock (same ``--speed``, same
 simulated start). When they do not, every report lands far behind (or ahead of) the
 aggregator's clock: ahead is refused at the door (``future``), behind would count as
-stale at once, and the fleet looks empty with no word why. The aggregator drops reports
-older than the stale limit (counted as ``stale``: they could not make a vehicle count)
-and this watch turns the recent counts into a warning for the fleet status.
+stale at once, and the fleet looks empty with no word why. The aggregator counts reports
+already older than the stale limit when they arrive as ``stale`` (they cannot make a
+vehicle count; they are still folded, in order, into its meter) and this watch turns the
+recent counts into a warning for the fleet status.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class ClockWatch:
             )
             out.append(
                 f"{n_behind} telemetry reports {window} were up to {lag:.0f} s behind the"
-                f" aggregator's clock and were not used (counted as rejected 'stale'): {cause}"
+                f" aggregator's clock, too old to count (counted as rejected 'stale'): {cause}"
             )
         if n_ahead:
             cause = (

@@ -750,9 +750,10 @@ class AggregatorService:
 
     def _fold(self, inbox: Inbox, now: float | None = None) -> tuple[int, int]:
         """Fold every report of the step at once, vehicles' own and bridges' batches, and
-        note which bridge (if any) carries each vehicle now. Reports older than the stale
-        limit are dropped and counted as stale: they could not make a vehicle count, and
-        a fleet of them is a clock mismatch (aggregator/clockwatch.py)."""
+        note which bridge (if any) carries each vehicle now. Reports already older than
+        the stale limit are counted as stale too: they cannot make a vehicle count, and a
+        fleet of them is a clock mismatch (aggregator/clockwatch.py). They are still
+        folded, in order: a report that is only late still belongs in its meter."""
         now = self.clock.now() if now is None else now
         ahead = self.rejected["future"] + self.rejected_rows["future"]
         ahead, self._ahead_seen = ahead - self._ahead_seen, ahead
@@ -772,7 +773,6 @@ class AggregatorService:
                 behind_vehicles=len(set(np.asarray(reports.vehicle_id)[old].tolist())),
                 max_lag_s=float((now - reports.ts[old]).max()),
             )
-            reports = reports.take(np.flatnonzero(~old))
         else:
             self.clock_watch.observe(now, reports=seen + ahead, ahead=ahead)
         applied, stale = self.state.apply_arrays(reports)
