@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 import socket
 
+import aiomqtt
 import pytest
+from aiomqtt.exceptions import MqttCodeError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
@@ -16,7 +20,7 @@ from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore, RedisStore
 from broker.clientid import client_id, main_client_id
 from broker.clock import ManualClock
-from broker.link import TAKEOVER_WINDOW_S, TakeoverWatch
+from broker.link import TAKEOVER_WINDOW_S, TakeoverWatch, is_session_taken_over
 from broker.settings import Settings, without_password
 from v2g.reset import redis_pattern
 
@@ -160,3 +164,21 @@ def test_a_drop_reads_as_a_takeover_only_from_the_reason_code_or_a_tug_of_war() 
     assert w.dropped(up=True, now=0.0) is None
     w.attempt()
     assert w.dropped(up=True, now=TAKEOVER_WINDOW_S + 1.0) is None
+
+
+def test_the_brokers_session_taken_over_reason_code_is_read_through_aiomqtts_error() -> None:
+    """aiomqtt raises "Disconnected during message iteration" from the MqttCodeError that
+    carries the DISCONNECT's reason code (what Mosquitto >= 2.0.15 sends)."""
+
+    def disconnected(code: int) -> aiomqtt.MqttError:
+        try:
+            try:
+                raise MqttCodeError(ReasonCode(PacketTypes.DISCONNECT, identifier=code))
+            except MqttCodeError as cause:
+                raise aiomqtt.MqttError("Disconnected during message iteration") from cause
+        except aiomqtt.MqttError as err:
+            return err
+
+    assert is_session_taken_over(disconnected(0x8E))
+    assert not is_session_taken_over(disconnected(0x80))  # unspecified: a lost connection
+    assert not is_session_taken_over(aiomqtt.MqttError("Disconnected during message iteration"))
