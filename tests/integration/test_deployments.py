@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ pytestmark = pytest.mark.integration
 TROUBLE = {"mqtt_session_taken_over", "broker_unreachable", "mqtt_disconnected"}
 
 
+@pytest.fixture
+def every_level() -> Iterator[None]:
+    """capture_logs sees only what the configured level lets through, and a test before
+    this one may have configured "warning": let info lines through while this one runs."""
+    before = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        yield
+    finally:
+        structlog.configure(**before)
+
+
 def deployment(settings: Settings, name: str, **changes: Any) -> Settings:
     """The test's settings for one more deployment under its prefix, with the Redis
     prefix left to its default (the topic prefix)."""
@@ -51,7 +64,7 @@ def deployment(settings: Settings, name: str, **changes: Any) -> Settings:
 
 
 async def test_two_aggregators_with_other_prefixes_and_default_ids_keep_their_connections(
-    settings: Settings, retained_cleanup: None
+    settings: Settings, retained_cleanup: None, every_level: None
 ) -> None:
     """Seen: two aggregators (other prefixes) both connected as ``v2g-aggregator`` and took
     each other's connection in a loop, logged as ``broker_unreachable``."""
