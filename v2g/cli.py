@@ -29,7 +29,7 @@ from broker.models import (
     from_epoch,
     to_epoch,
 )
-from broker.settings import Settings
+from broker.settings import Settings, without_password
 from v2g import logs
 
 app = typer.Typer(
@@ -343,8 +343,8 @@ def aggregator(
             )
             structlog.get_logger("aggregator").info(
                 "aggregator_starting",
-                broker=settings.broker_url,
-                store="memory" if memory else settings.redis_url,
+                broker=without_password(settings.broker_url),
+                store="memory" if memory else without_password(settings.redis_url),
                 prefix=settings.topic_prefix,
                 speed=shared.settings.speed,
             )
