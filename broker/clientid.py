@@ -12,6 +12,7 @@ aggregator (main)            ``{prefix}-aggregator``; in a share group
                              ``{prefix}-aggregator-{host}-{pid}``
 aggregator's fast links      ``{prefix}-ingest-{host}-{pid}``,
                              ``{prefix}-setpoints-{host}-{pid}``
+a process's clock link       ``{prefix}-clock-{host}-{pid}``
 a vehicle (per-vehicle)      ``{prefix}-{vehicle_id}``
 a bridge (multiplexed)       ``{prefix}-{bridge_id}``
 operator commands            ``{prefix}-cli-{host}-{pid}``

@@ -18,6 +18,7 @@ import structlog
 import typer
 from pydantic import ValidationError
 
+from broker.clientid import client_id as derive_client_id
 from broker.clocklink import SharedClock, shared_clock
 from broker.errors import V2GError
 from broker.models import (
@@ -108,9 +109,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _clock_client_id(settings: Settings) -> str:
-    """The clock link's own MQTT client id: never the id of the process's main link."""
-    base = settings.client_id or settings.topic_prefix
-    return f"{base}-clock-{socket.gethostname()}-{os.getpid()}"
+    """The clock link's own MQTT client id, ``{prefix}-clock-{host}-{pid}`` (broker/
+    clientid.py): never the id of the process's main link."""
+    return derive_client_id(settings.topic_prefix, "clock", per_process=True)
 
 
 def _shared_clock(
