@@ -95,6 +95,9 @@ FORECAST_PERIOD_S = 3600.0  # hourly market periods
 FORECAST_EVERY_S = 900.0  # simulated seconds between forecasts
 REFUSALS_PER_S = 20.0  # refused operator messages answered a second, on average
 _ID = re.compile(ID_PATTERN)
+# A step at a request's end comes this much after it (simulated s): epoch seconds carry
+# ~1e-7 s of rounding, and a step a hair early would leave the request for the next.
+END_MARGIN_S = 1e-3
 SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
 
 
@@ -480,11 +483,16 @@ class AggregatorService:
                 raise_if_cancelled()
                 if self.reports is not None:
                     self.reports.put_nowait(report)
-            next_t += step
             now = self.clock.now()
-            if next_t < now:  # fell behind: do not try to catch up with a burst
-                next_t = now
-            await self.clock.sleep(next_t - now)
+            if next_t <= now:  # a regular step (not one at a request's end)
+                next_t += step
+                if next_t < now:  # fell behind: do not try to catch up with a burst
+                    next_t = now
+            # A request that ends before the next step is closed by a step at its end, so
+            # its books stop there and the fleet is released on time.
+            end = self.dispatcher.next_end(now)
+            wake = next_t if end is None else min(next_t, end + END_MARGIN_S)
+            await self.clock.sleep(wake - now)
 
     async def _signal_loop(self) -> None:
         """Follow signal samples as they come: the new target's setpoints go out at once."""
