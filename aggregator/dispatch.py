@@ -270,10 +270,8 @@ class Dispatcher:
         # Per fleet row: energy cycled under this dispatcher (kWh, charge plus discharge).
         self._cycled: Array = np.zeros(0)
         self._cycled_t: float | None = None
-        # Per fleet row: the power it reported as of the last step (0 if not in the view),
-        # what it held until its next report: the books of a request that ended between
-        # two steps need it.
-        self._seen_kw: Array = np.zeros(0)
+        # Per fleet row: in the view at the last step (a delivery window opening then is
+        # placed only if the fleet is the same vehicles at the next).
         self._seen_in: NDArray[np.bool_] = np.zeros(0, dtype=bool)
         # What was computed from the current view (feasible ranges by (now, window), usable
         # sums, the baseline): admission, settling and planning of a step ask the same.
@@ -992,8 +990,6 @@ class Dispatcher:
                     )
                 if answer.status != "accepted":  # cut at its start: say so too
                     out.results.append(answer)
-        self._seen_kw[:] = 0.0
-        self._seen_kw[view.rows] = view.power
         self._seen_in[:] = False
         self._seen_in[view.rows] = True
         out.results += self._notices
@@ -1079,11 +1075,10 @@ class Dispatcher:
             return  # nothing has run since the books were last brought up to date
         measured = float(view.power.sum())
         if d.meter_start is None:  # books from before the meter: continue from them
-            d.meter_start = (
-                view.meter_kwh - self._after(t, view, now) - d.delivered_kwh - d.stacked_kwh
-            )
-        self._accrue(d, t)
+            meter = view.meter_kwh - measured * max(0.0, now - t) / 3600.0
+            d.meter_start = meter - d.delivered_kwh - d.stacked_kwh
         if d.delivery_start is None:
+            self._accrue(d, t)
             # The meter's energy and the measured power tell of one fleet only if the same
             # vehicles were there when the setpoints went out (the last step) and now.
             self._fit(int(view.rows.max()) + 1 if len(view) else 0)
@@ -1092,7 +1087,8 @@ class Dispatcher:
             since = d.delivery_start
             assert since is not None
         else:
-            meter = view.meter_kwh - self._after(t, view, now)
+            meter = self._meter_at(d, t, view, now)  # from the books as they stand
+            self._accrue(d, t)
             since = d.last_t
         d.baseline_kwh += 0.5 * (d.baseline_kw + base) * max(0.0, t - since) / 3600.0
         d.delivered_kwh = meter - d.meter_start - d.stacked_kwh
@@ -1132,19 +1128,22 @@ class Dispatcher:
             d.stacked_kwh *= keep
         return meter
 
-    def _after(self, t: float, view: FleetView, now: float) -> float:
-        """What the meter counts after ``t`` (kWh, up to ``now``): each vehicle's power since
-        its latest report or ``t``, whichever is later, and, for a vehicle that reported
-        after ``t``, the power it held at the last step (its setpoint in force) before that.
-        A request that ended between steps is booked to its end, not with the power the
-        fleet went to after it."""
-        if now <= t or not len(view):
-            return 0.0
-        self._fit(int(view.rows.max()) + 1)
-        since = np.maximum(view.ts, t)
-        before = np.clip(np.minimum(view.ts, now) - t, 0.0, None)
-        kws = view.power * (now - since) + self._seen_kw[view.rows] * before
-        return float(kws.sum()) / 3600.0
+    @staticmethod
+    def _meter_at(d: Dispatch, t: float, view: FleetView, now: float) -> float:
+        """The fleet meter at ``t``, the request's end, for a step at ``now`` after it.
+
+        If no vehicle has reported since ``t``, each has held its power from before ``t``
+        to now: take that off. If some have (an expired setpoint noticed, the fleet back
+        to plain charging), the meter cannot say vehicle by vehicle when: book the power
+        measured at the last step, while the setpoints were in force, up to ``t``. Never
+        what the fleet drew after the request's end."""
+        assert d.last_t is not None and d.meter_start is not None
+        if now <= t:
+            return view.meter_kwh
+        if not len(view) or float(view.ts.max()) <= t:
+            return view.meter_kwh - float(view.power.sum()) * (now - t) / 3600.0
+        meter_last = d.meter_start + d.delivered_kwh + d.stacked_kwh
+        return meter_last + d.measured_kw * (t - d.last_t) / 3600.0
 
     @staticmethod
     def _accrue(d: Dispatch, t: float) -> None:
@@ -1359,7 +1358,6 @@ class Dispatcher:
             self._ratio = np.concatenate([self._ratio, np.ones(grow)])
             self._ratio_ts = np.concatenate([self._ratio_ts, np.full(grow, -np.inf)])
             self._cycled = np.concatenate([self._cycled, np.zeros(grow)])
-            self._seen_kw = np.concatenate([self._seen_kw, np.zeros(grow)])
             self._seen_in = np.concatenate([self._seen_in, np.zeros(grow, dtype=bool)])
 
     # -- persistence -----------------------------------------------------------------
