@@ -937,6 +937,8 @@ class Dispatcher:
                 requested_kw=new_req.power_kw,
             )  # fmt: skip
         old = (d.request, d.end, d.schedule)
+        if d.state == "active":  # the energy asked until now, on the terms in force until now
+            self._accrue(d, now)
         d.request, d.end = new_req, d.start + new_req.duration_s
         self._terms[request_id] = new_req
         if d.state == "active":
@@ -1282,6 +1284,7 @@ class Dispatcher:
             baseline_kw=round(d.baseline_kw, 3),
             requested_kwh=round(d.requested_kwh, 4),
             delivered_kwh=round(d.delivered_kwh, 4),
+            baseline_kwh=round(d.baseline_kwh, 4),
             vehicles=d.vehicles,
             elapsed_s=round(max(0.0, now - d.start), 3),
             remaining_s=round(max(0.0, d.end - now), 3),

@@ -432,6 +432,7 @@ class DispatchProgress(WireModel):
     baseline_kw: float
     requested_kwh: float
     delivered_kwh: float
+    baseline_kwh: float | None = None  # the baseline's energy over the window so far
     vehicles: int
     elapsed_s: float
     remaining_s: float

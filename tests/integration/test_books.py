@@ -51,7 +51,9 @@ async def test_a_tracked_short_request_books_the_energy_it_asked_within_1pct(
             found.extend(a for a in r.results if a.request_id == rid and a.status == "completed")
             return bool(found)
 
-        await loop.wait_for("the completion", completed, timeout=duration / loop.settings.speed + 10)
+        await loop.wait_for(
+            "the completion", completed, timeout=duration / loop.settings.speed + 10
+        )
     done = found[0]
     end = sent.now + duration
     assert done.delivery_start is not None

@@ -92,9 +92,7 @@ def test_request_beyond_the_envelope_is_partial_with_the_exact_shortfall() -> No
     assert books.stacked_kwh == 0.0
     assert books.delivery_start == pytest.approx(T0 + STEP)
     before = float(view.power.sum()) * STEP / 3600.0
-    assert books.delivered_kwh == pytest.approx(
-        state.view(t, 3 * STEP).meter_kwh - meter0 - before
-    )
+    assert books.delivered_kwh == pytest.approx(state.view(t, 3 * STEP).meter_kwh - meter0 - before)
 
 
 @pytest.mark.parametrize(
