@@ -203,3 +203,27 @@ def test_an_admission_on_the_step_another_request_ends_leaves_the_others_books_a
     assert a.requested_kwh == pytest.approx(power * 30.0 / 3600.0, abs=1e-4)
     assert a.delivered_kwh == pytest.approx(a.requested_kwh, abs=2e-4)
     assert np.isclose(d.dispatches["b"].stacked_kwh, 0.0)
+
+
+def test_an_amendment_books_the_time_before_it_on_the_old_power() -> None:
+    """Amended at T0 + 30 from P to 1.5 P: the 30 s before are asked at P, the 30 s after
+    at 1.5 P (the step before the amendment is not re-booked at the new power)."""
+    agents = Agents(phase=1.0, lag=0.0)
+    d = Dispatcher(control_step_s=STEP)
+    power = discharge(agents, d, 60.0)
+    t = T0
+    done: list[DispatchResult] = []
+    while not done and t <= T0 + 80:
+        agents.run_to(t)
+        view = agents.view(t)
+        if t == T0 + 30.0:
+            answer = d.amend("r", t, view, power_kw=1.5 * power)
+            assert answer is not None and answer.status == "accepted", answer
+        out = d.step(t, view, len(agents.state))
+        agents.send(out, t)
+        done += [r for r in out.results if r.request_id == "r" and r.status == "completed"]
+        t += STEP
+    (result,) = done
+    asked = (power * 30.0 + 1.5 * power * 30.0) / 3600.0
+    assert result.requested_kwh == pytest.approx(asked, abs=1e-4)
+    assert result.delivered_kwh == pytest.approx(asked, abs=2e-4)
