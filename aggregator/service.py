@@ -491,7 +491,9 @@ class AggregatorService:
             # A request that ends before the next step is closed by a step at its end, so
             # its books stop there and the fleet is released on time.
             end = self.dispatcher.next_end(now)
-            wake = next_t if end is None else min(next_t, end + END_MARGIN_S)
+            wake = next_t
+            if end is not None and end < next_t + END_MARGIN_S:
+                wake = end + END_MARGIN_S  # a regular step due as close is this one
             await self.clock.sleep(wake - now)
 
     async def _signal_loop(self) -> None:
@@ -930,8 +932,7 @@ class AggregatorService:
             # end the vehicles are back to plain charging. Read the meters back to then, as
             # the dispatcher books the fleet's (each vehicle's power held since).
             end = min(now, max((self._ends.get(r, now) for r in owners), default=now))
-            meter = meter.copy()
-            meter[view.rows] -= view.power * (now - end) / 3600.0
+            meter = self.settlement.meters_at(end, now, meter, view)
             last = self.settlement.flush(end, meter, ids)
             if last is not None:
                 entries.append(vehicles_entry(last))

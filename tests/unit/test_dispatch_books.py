@@ -22,6 +22,7 @@ from agents.telemetry import telemetry_payloads
 from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView
+from aggregator.settlement import Settlement
 from broker.models import DispatchRequest, DispatchResult, Telemetry
 
 T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC: the home cars are plugged in
@@ -227,3 +228,33 @@ def test_an_amendment_books_the_time_before_it_on_the_old_power() -> None:
     asked = (power * 30.0 + 1.5 * power * 30.0) / 3600.0
     assert result.requested_kwh == pytest.approx(asked, abs=1e-4)
     assert result.delivered_kwh == pytest.approx(asked, abs=2e-4)
+
+
+def test_each_vehicles_settlement_stops_at_the_end_of_the_request() -> None:
+    """The request ends at T0 + 60.5 and the closing step is at T0 + 65; the vehicles
+    noticed the expiry at their tick at T0 + 61 and went back to plain charging. Each
+    vehicle's meter read back to the end is its meter at the last step plus the power
+    it held then, not its power now taken back over the whole gap."""
+    agents = Agents(phase=1.0, lag=0.0)
+    d = Dispatcher(control_step_s=STEP)
+    discharge(agents, d, 60.5)
+    s = Settlement()
+    state = agents.state
+    t = T0
+    while t <= T0 + 60.0:
+        agents.run_to(t)
+        view = agents.view(t)
+        agents.send(d.step(t, view, len(state)), t)
+        s.observe(t, view, state.meters(t, STALE), state.col("plugged"), state.ids, STEP)
+        t += STEP
+    last = agents.view(T0 + 60.0)
+    meter_last = state.meters(T0 + 60.0, STALE)
+    agents.run_to(T0 + 65.0)
+    view = agents.view(T0 + 65.0)
+    assert np.all(view.ts > T0 + 60.5)  # every vehicle reported after the end ...
+    moved = np.abs(view.power - last.power) > 0.1
+    assert moved.sum() >= len(view) // 2  # ... most of them back to another power
+    got = s.meters_at(T0 + 60.5, T0 + 65.0, state.meters(T0 + 65.0, STALE), view)
+    want = meter_last.copy()
+    want[last.rows] += last.power * 0.5 / 3600.0
+    np.testing.assert_allclose(got[view.rows], want[view.rows], atol=1e-9)
