@@ -169,8 +169,10 @@ def _points(r: Report) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     opening at zero, every step, and the final answer's totals (the last piece of the
     window is booked when the request closes, in no step)."""
     s = r.steps
-    t, req, dlv, base = (list(map(float, a)) for a in (s.t, s.requested_kwh, s.delivered_kwh,
-                                                          s.baseline_kwh))  # fmt: skip
+    t: list[float] = s.t.tolist()
+    req: list[float] = s.requested_kwh.tolist()
+    dlv: list[float] = s.delivered_kwh.tolist()
+    base: list[float] = s.baseline_kwh.tolist()
     start = window_start(r)
     if start is not None and (not t or start < t[0]):
         t, req, dlv, base = [start, *t], [0.0, *req], [0.0, *dlv], [0.0, *base]
@@ -184,7 +186,7 @@ def _points(r: Report) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             req.append(final.requested_kwh)
             dlv.append(final.delivered_kwh)
             base.append(last)
-    return tuple(np.array(x, dtype=np.float64) for x in (t, req, dlv, base))  # type: ignore[return-value]
+    return np.array(t), np.array(req), np.array(dlv), np.array(base)
 
 
 def intervals(r: Report, interval_s: float) -> list[Interval]:
