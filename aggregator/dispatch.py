@@ -270,9 +270,11 @@ class Dispatcher:
         # Per fleet row: energy cycled under this dispatcher (kWh, charge plus discharge).
         self._cycled: Array = np.zeros(0)
         self._cycled_t: float | None = None
-        # Per fleet row: in the view at the last step (a delivery window opening then is
-        # placed only if the fleet is the same vehicles at the next).
+        # Per fleet row, at the last step: in the view, its power and its meter (NaN when
+        # unknown). A delivery window opening then is placed from them at the next.
         self._seen_in: NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        self._seen_kw: Array = np.zeros(0)
+        self._seen_meter: Array = np.zeros(0)
         # What was computed from the current view (feasible ranges by (now, window), usable
         # sums, the baseline): admission, settling and planning of a step ask the same.
         self._memo_view: FleetView | None = None
@@ -994,6 +996,8 @@ class Dispatcher:
                     out.results.append(answer)
         self._seen_in[:] = False
         self._seen_in[view.rows] = True
+        self._seen_kw[view.rows] = view.power
+        self._seen_meter[view.rows] = np.nan if view.meters is None else view.meters
         out.results += self._notices
         self._notices = []
         stack = self._stack()
@@ -1081,11 +1085,8 @@ class Dispatcher:
             d.meter_start = meter - d.delivered_kwh - d.stacked_kwh
         if d.delivery_start is None:
             self._accrue(d, t)
-            # The meter's energy and the measured power tell of one fleet only if the same
-            # vehicles were there when the setpoints went out (the last step) and now.
-            self._fit(int(view.rows.max()) + 1 if len(view) else 0)
-            same = len(view) == int(self._seen_in.sum()) and bool(self._seen_in[view.rows].all())
-            meter = self._start_delivery(d, t, view.meter_kwh, measured, now, same)
+            lag, before = self._reaction(d, view, now)
+            meter = self._start_delivery(d, t, view.meter_kwh, lag, before, now)
             since = d.delivery_start
             assert since is not None
         else:
@@ -1097,29 +1098,48 @@ class Dispatcher:
         d.delivered_kw = measured - d.offset_kw
         d.measured_kw, d.baseline_kw, d.last_t = measured, base, t
 
+    def _reaction(self, d: Dispatch, view: FleetView, now: float) -> tuple[float, float]:
+        """How long after they went out (at ``d.last_t``, the last step) the first
+        setpoints took hold, at the first booking after it.
+
+        Until then the fleet drew what it measured then (P0), from then on what it measures
+        now (P1, reports sent after they were applied); the meter's energy E over the Δ
+        between places the moment: lag = (P1·Δ − E) / (P1 − P0), the energy-weighted mean
+        of the vehicles' reaction times. Taken over the vehicles in the view at both steps
+        (those that came or went meanwhile would count in one term and not the other), as
+        the fleet's meter if they are all of them. Returns (lag, the power drawn until then
+        by the vehicles it was taken over); (0, 0) if the fleet barely moved."""
+        assert d.last_t is not None and d.meter_start is not None
+        span = now - d.last_t
+        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+        rows = view.rows
+        was = self._seen_in[rows]
+        if len(view) == int(self._seen_in.sum()) and bool(was.all()):
+            got_kws = (view.meter_kwh - d.meter_start) * 3600.0
+            before, after = d.power_before, float(view.power.sum())
+        elif view.meters is not None and was.any():
+            got_kws = float((view.meters[was] - self._seen_meter[rows[was]]).sum()) * 3600.0
+            before, after = float(self._seen_kw[rows[was]].sum()), float(view.power[was].sum())
+        else:
+            return 0.0, 0.0
+        move = after - before
+        if not math.isfinite(got_kws) or abs(move) <= DRIFT_TOL_KW:
+            return 0.0, 0.0
+        return min(max((after * span - got_kws) / move, 0.0), span), before
+
     @staticmethod
     def _start_delivery(
-        d: Dispatch, t: float, meter_now: float, measured: float, now: float, same: bool
+        d: Dispatch, t: float, meter_now: float, lag: float, before: float, now: float
     ) -> float:
-        """Open the delivery window at the first booking after the first setpoints went out
-        (at ``d.last_t``); returns the meter reading at ``t``.
-
-        Until its setpoints took hold the fleet drew what it drew before (``power_before``),
-        from then on what it measures now (reports sent after they were applied). The
-        meter's energy since they went out places that moment: the energy-weighted mean of
-        the vehicles' reaction times. Energy, requested energy and baseline before it are
-        not the request's. A fleet that barely moved, or whose vehicles changed meanwhile
-        (``same`` false), leaves the moment at the send."""
+        """Open the delivery window ``lag`` after the first setpoints went out (at
+        ``d.last_t``); returns the meter reading at ``t``. Until then the fleet drew what
+        it drew before (``before`` kW): that energy, and the requested energy and the
+        baseline before it, are not the request's."""
         assert d.last_t is not None and d.meter_start is not None
-        t0, span = d.last_t, now - d.last_t
-        got_kws = (meter_now - d.meter_start) * 3600.0
-        move = measured - d.power_before
-        lag = 0.0
-        if same and abs(move) > DRIFT_TOL_KW:
-            lag = min(max((measured * span - got_kws) / move, 0.0), span)
+        t0 = d.last_t
         start = min(t0 + lag, t)
         d.delivery_start = start
-        d.meter_start += d.power_before * (start - t0) / 3600.0
+        d.meter_start += before * (start - t0) / 3600.0
         # In force from ``start`` to ``now``: a request that ended before ``now`` takes
         # its share of that energy, pro rata (setpoints held to its end, not after).
         inside_kwh = meter_now - d.meter_start
@@ -1362,6 +1382,8 @@ class Dispatcher:
             self._ratio_ts = np.concatenate([self._ratio_ts, np.full(grow, -np.inf)])
             self._cycled = np.concatenate([self._cycled, np.zeros(grow)])
             self._seen_in = np.concatenate([self._seen_in, np.zeros(grow, dtype=bool)])
+            self._seen_kw = np.concatenate([self._seen_kw, np.zeros(grow)])
+            self._seen_meter = np.concatenate([self._seen_meter, np.full(grow, np.nan)])
 
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:

@@ -258,3 +258,33 @@ def test_each_vehicles_settlement_stops_at_the_end_of_the_request() -> None:
     want = meter_last.copy()
     want[last.rows] += last.power * 0.5 / 3600.0
     np.testing.assert_allclose(got[view.rows], want[view.rows], atol=1e-9)
+
+
+def test_the_window_opens_when_the_setpoints_took_hold_though_a_car_left_meanwhile() -> None:
+    """A car unplugs 0.5 s after the setpoints went out, before they take hold at T0 + 2:
+    the fleet at the next step is not the one at the send, so the moment is placed from
+    the cars present at both, each with its own meter."""
+    agents = Agents(phase=1.0, lag=2.0)
+    d = Dispatcher(control_step_s=STEP)
+    power = discharge(agents, d, 60.0)
+    out = d.step(T0, agents.view(T0), len(agents.state))
+    agents.send(out, T0)
+    fleet = agents.fleet
+    leaver = int(np.flatnonzero(fleet.plugged)[0])
+    left_kw = float(fleet.power[leaver])
+    fleet.departure[leaver] = T0 + 0.5
+    fleet.tick(T0 + 0.5)
+    agents._report(T0 + 0.5)
+    assert not fleet.plugged[leaver]
+    agents.run_to(T0 + STEP)
+    view = agents.view(T0 + STEP)
+    out = d.step(T0 + STEP, view, len(agents.state))
+    (progress,) = out.progress
+    assert progress.delivery_start is not None
+    assert progress.delivery_start.timestamp() == pytest.approx(T0 + 2.0, abs=0.01)
+    after = float(view.power.sum())  # the others: their shares (the leaver's next step)
+    assert after < 0.5 * power
+    # The leaver's half second before it went is not told apart: within that, exact.
+    assert progress.delivered_kwh == pytest.approx(
+        after * 3.0 / 3600.0, abs=abs(left_kw) * 0.5 / 3600.0 + 2e-4
+    )
