@@ -653,6 +653,17 @@ async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
     assert "status=completed" in text
     assert (tmp_path / "report.csv").exists() and (tmp_path / "report.png").exists()
     assert "drivers_short=0" in text
+    # Its rows add up to the request's totals, the piece booked at the close included.
+    with (tmp_path / "report.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert table and done.requested_kwh is not None
+    tol = 1e-4 * len(table) + 1e-4  # each row to 4 decimals
+    assert sum(float(r["delivered_kwh"]) for r in table) == pytest.approx(
+        done.delivered_kwh, abs=tol
+    )
+    assert sum(float(r["requested_kwh"]) for r in table) == pytest.approx(
+        done.requested_kwh, abs=tol
+    )
     with (tmp_path / "vehicles.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == len(cols["vehicle_id"])
     assert power < 0
