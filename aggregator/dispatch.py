@@ -11,6 +11,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -109,6 +110,12 @@ class Dispatch:
     baseline_kw: float = 0.0
     last_t: float | None = None
     meter_start: float | None = None
+    # The delivery window runs from when the first setpoints are in force (None until the
+    # step after they went out shows when) to ``end``. Until then: the fleet's measured
+    # power when they went out; afterwards the fleet's measured power at the last booking.
+    delivery_start: float | None = None
+    power_before: float = 0.0
+    measured_kw: float = 0.0
     # [interval start, kW, interval end] reserved, if planned (records from before the
     # end was kept have two entries: a 15-min interval)
     schedule: list[list[float]] | None = None
@@ -161,7 +168,10 @@ class Dispatch:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Dispatch:
         request = DispatchRequest.model_validate(record["request"])
-        return cls(request=request, **{k: record[k] for k in _BOOK_FIELDS if k in record})
+        d = cls(request=request, **{k: record[k] for k in _BOOK_FIELDS if k in record})
+        if "delivery_start" not in record and d.state == "active":
+            d.delivery_start = d.start  # books kept before the window had its own start
+        return d
 
 
 _BOOK_FIELDS = (
@@ -178,6 +188,9 @@ _BOOK_FIELDS = (
     "baseline_kw",
     "last_t",
     "meter_start",
+    "delivery_start",
+    "power_before",
+    "measured_kw",
     "schedule",
     "capacity_kw",
     "signal",
@@ -193,6 +206,10 @@ _BOOK_FIELDS = (
     "fcr_check",
     "fcr_shares",
 )
+
+
+def _when(t: float | None) -> datetime | None:
+    return None if t is None else from_epoch(t)
 
 
 # Per-row learned arrays and the snapshot columns they persist as.
@@ -253,6 +270,11 @@ class Dispatcher:
         # Per fleet row: energy cycled under this dispatcher (kWh, charge plus discharge).
         self._cycled: Array = np.zeros(0)
         self._cycled_t: float | None = None
+        # Per fleet row, at the last step: in the view, its power and its meter (NaN when
+        # unknown). A delivery window opening then is placed from them at the next.
+        self._seen_in: NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        self._seen_kw: Array = np.zeros(0)
+        self._seen_meter: Array = np.zeros(0)
         # What was computed from the current view (feasible ranges by (now, window), usable
         # sums, the baseline): admission, settling and planning of a step ask the same.
         self._memo_view: FleetView | None = None
@@ -422,7 +444,7 @@ class Dispatcher:
         d.shortfall_kw = asked - d.capacity_kw
         if d.capacity_kw < SIGNAL_MIN_KW:
             self.dispatches.pop(d.request_id, None)
-            self._settle(now, view, self._stack())  # the others take back what it held
+            self._settle(now, view, self._stack(now))  # the others take back what it held
             return self._result(
                 d.request_id,
                 "rejected",
@@ -458,7 +480,7 @@ class Dispatcher:
     ) -> StepOutput | None:
         """Follow the latest sample of each of these signal services, in one plan for the
         whole stack (so one setpoint a vehicle). None if none is a running signal service."""
-        stack = self._stack()
+        stack = self._stack(now)
         moved = [
             (d, samples[d.request_id])
             for d in stack
@@ -484,12 +506,18 @@ class Dispatcher:
         return out
 
     # -- the stack -------------------------------------------------------------------
-    def _stack(self) -> list[Dispatch]:
-        """The running requests, highest priority first (ties: the earlier admitted)."""
+    def _stack(self, now: float = -math.inf) -> list[Dispatch]:
+        """The running requests, highest priority first (ties: the earlier admitted); with
+        ``now``, not those that have ended by then (closed at the step, but over)."""
         return sorted(
-            (d for d in self.dispatches.values() if d.state == "active"),
+            (d for d in self.dispatches.values() if d.state == "active" and d.end > now + 1e-9),
             key=lambda d: (-d.priority, d.seq),
         )
+
+    def next_end(self, now: float) -> float | None:
+        """When the next running request ends (after ``now``), or None: a step then closes
+        its books at its end rather than up to a control step later."""
+        return min((d.end for d in self._stack(now)), default=None)
 
     def _settle(self, now: float, view: FleetView, stack: list[Dispatch]) -> float:
         """Share the fleet's range among the running requests, in priority order, and
@@ -553,7 +581,12 @@ class Dispatcher:
         Requests of lower priority it cuts are owed a ``partial`` answer saying so."""
         if d.follows_signal:
             d.capacity_kw = float(d.request.capacity_kw or 0.0)
-        stack = self._stack()
+        # New terms change what the rest of the stack asks on top of each request: book
+        # the terms in force until now first (those that ended, to their end).
+        for o in self._stack():
+            if o is not d and o.last_t is not None:
+                self._accrue(o, min(now, o.end))
+        stack = self._stack(now)
         others = [o for o in stack if o is not d]
         below = stack[stack.index(d) + 1 :]
         before: dict[str, float] = {}
@@ -814,6 +847,11 @@ class Dispatcher:
         d.state = "active"
         d.last_t = d.acc_t = now
         d.meter_start = view.meter_kwh
+        # The delivery window opens when these setpoints are in force: the next booking
+        # places it, from the fleet's power now and what it draws once they are.
+        d.delivery_start = None
+        d.power_before = d.measured_kw = float(view.power.sum())
+        d.baseline_kw = self.baseline(view)
         if d.follows_signal and d.samples is None:
             d.signal, d.samples = 0.0, []
         return self._take(d, now, view)
@@ -901,6 +939,8 @@ class Dispatcher:
                 requested_kw=new_req.power_kw,
             )  # fmt: skip
         old = (d.request, d.end, d.schedule)
+        if d.state == "active":  # the energy asked until now, on the terms in force until now
+            self._accrue(d, now)
         d.request, d.end = new_req, d.start + new_req.duration_s
         self._terms[request_id] = new_req
         if d.state == "active":
@@ -954,7 +994,10 @@ class Dispatcher:
                     )
                 if answer.status != "accepted":  # cut at its start: say so too
                     out.results.append(answer)
-                d.delivered_kw, d.baseline_kw = measured, base
+        self._seen_in[:] = False
+        self._seen_in[view.rows] = True
+        self._seen_kw[view.rows] = view.power
+        self._seen_meter[view.rows] = np.nan if view.meters is None else view.meters
         out.results += self._notices
         self._notices = []
         stack = self._stack()
@@ -965,6 +1008,8 @@ class Dispatcher:
                 self._sent_until[live] = -np.inf
             return out
         self._drive(stack, now, view, out)
+        # Before its delivery window opens a request's progress shows nothing delivered
+        # (delivery_start null), not the power the fleet drew before its setpoints.
         out.progress += [self._progress(d, now) for d in stack]
         return out
 
@@ -1025,19 +1070,102 @@ class Dispatcher:
         return float(got)
 
     def _book(self, d: Dispatch, t: float, view: FleetView, now: float, base: float) -> None:
-        """Bring the books to ``t`` (<= now): delivered energy off the fleet meter, the
-        baseline (a model, not a measurement) by trapezoid between steps."""
+        """Bring the books to ``t``: ``now``, or the request's end if it ended since.
+
+        Delivered energy is the fleet meter's over the delivery window only: from when the
+        first setpoints were in force (placed at the first booking after they went out) to
+        ``t``; what the fleet drew after its end is not the request's. The baseline (a
+        model, not a measurement) by trapezoid between steps."""
         assert d.last_t is not None
+        if now <= d.last_t:
+            return  # nothing has run since the books were last brought up to date
         measured = float(view.power.sum())
-        # The meter reads at now; a request that ended between steps stops at its end.
-        meter = view.meter_kwh - measured * max(0.0, now - t) / 3600.0
         if d.meter_start is None:  # books from before the meter: continue from them
+            meter = view.meter_kwh - measured * max(0.0, now - t) / 3600.0
             d.meter_start = meter - d.delivered_kwh - d.stacked_kwh
-        dt_h = max(0.0, t - d.last_t) / 3600.0
-        self._accrue(d, t)
+        if d.delivery_start is None:
+            self._accrue(d, t)
+            lag, before = self._reaction(d, view, now)
+            meter = self._start_delivery(d, t, view.meter_kwh, lag, before, now)
+            since = d.delivery_start
+            assert since is not None
+        else:
+            meter = self._meter_at(d, t, view, now)  # from the books as they stand
+            self._accrue(d, t)
+            since = d.last_t
+        d.baseline_kwh += 0.5 * (d.baseline_kw + base) * max(0.0, t - since) / 3600.0
         d.delivered_kwh = meter - d.meter_start - d.stacked_kwh
-        d.baseline_kwh += 0.5 * (d.baseline_kw + base) * dt_h
-        d.delivered_kw, d.baseline_kw, d.last_t = measured - d.offset_kw, base, t
+        d.delivered_kw = measured - d.offset_kw
+        d.measured_kw, d.baseline_kw, d.last_t = measured, base, t
+
+    def _reaction(self, d: Dispatch, view: FleetView, now: float) -> tuple[float, float]:
+        """How long after they went out (at ``d.last_t``, the last step) the first
+        setpoints took hold, at the first booking after it.
+
+        Until then the fleet drew what it measured then (P0), from then on what it measures
+        now (P1, reports sent after they were applied); the meter's energy E over the Δ
+        between places the moment: lag = (P1·Δ − E) / (P1 − P0), the energy-weighted mean
+        of the vehicles' reaction times. Taken over the vehicles in the view at both steps
+        (those that came or went meanwhile would count in one term and not the other), as
+        the fleet's meter if they are all of them. Returns (lag, the power drawn until then
+        by the vehicles it was taken over); (0, 0) if the fleet barely moved."""
+        assert d.last_t is not None and d.meter_start is not None
+        span = now - d.last_t
+        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+        rows = view.rows
+        was = self._seen_in[rows]
+        if len(view) == int(self._seen_in.sum()) and bool(was.all()):
+            got_kws = (view.meter_kwh - d.meter_start) * 3600.0
+            before, after = d.power_before, float(view.power.sum())
+        elif view.meters is not None and was.any():
+            got_kws = float((view.meters[was] - self._seen_meter[rows[was]]).sum()) * 3600.0
+            before, after = float(self._seen_kw[rows[was]].sum()), float(view.power[was].sum())
+        else:
+            return 0.0, 0.0
+        move = after - before
+        if not math.isfinite(got_kws) or abs(move) <= DRIFT_TOL_KW:
+            return 0.0, 0.0
+        return min(max((after * span - got_kws) / move, 0.0), span), before
+
+    @staticmethod
+    def _start_delivery(
+        d: Dispatch, t: float, meter_now: float, lag: float, before: float, now: float
+    ) -> float:
+        """Open the delivery window ``lag`` after the first setpoints went out (at
+        ``d.last_t``); returns the meter reading at ``t``. Until then the fleet drew what
+        it drew before (``before`` kW): that energy, and the requested energy and the
+        baseline before it, are not the request's."""
+        assert d.last_t is not None and d.meter_start is not None
+        t0 = d.last_t
+        start = min(t0 + lag, t)
+        d.delivery_start = start
+        d.meter_start += before * (start - t0) / 3600.0
+        # In force from ``start`` to ``now``: a request that ended before ``now`` takes
+        # its share of that energy, pro rata (setpoints held to its end, not after).
+        inside_kwh = meter_now - d.meter_start
+        meter = d.meter_start + (inside_kwh * (t - start) / (now - start) if now > start else 0.0)
+        if t > t0:
+            keep = (t - start) / (t - t0)
+            d.requested_kwh *= keep
+            d.stacked_kwh *= keep
+        return meter
+
+    @staticmethod
+    def _meter_at(d: Dispatch, t: float, view: FleetView, now: float) -> float:
+        """The fleet meter at ``t``, the request's end, for a step at ``now`` after it.
+
+        If no vehicle has reported since ``t``, each has held its power from before ``t``
+        to now: take that off. If some have (an expired setpoint noticed, the fleet back
+        to plain charging), the meter cannot say vehicle by vehicle when: book the power
+        measured at the last step, while the setpoints were in force, up to ``t``. Never
+        what the fleet drew after the request's end."""
+        assert d.last_t is not None and d.meter_start is not None
+        if now <= t:
+            return view.meter_kwh
+        if not len(view) or float(view.ts.max()) <= t:
+            return view.meter_kwh - float(view.power.sum()) * (now - t) / 3600.0
+        meter_last = d.meter_start + d.delivered_kwh + d.stacked_kwh
+        return meter_last + d.measured_kw * (t - d.last_t) / 3600.0
 
     @staticmethod
     def _accrue(d: Dispatch, t: float) -> None:
@@ -1176,11 +1304,13 @@ class Dispatcher:
             baseline_kw=round(d.baseline_kw, 3),
             requested_kwh=round(d.requested_kwh, 4),
             delivered_kwh=round(d.delivered_kwh, 4),
+            baseline_kwh=round(d.baseline_kwh, 4),
             vehicles=d.vehicles,
             elapsed_s=round(max(0.0, now - d.start), 3),
             remaining_s=round(max(0.0, d.end - now), 3),
             score=self.score(d) if d.follows_signal else None,
             fcr_share=self.fcr_share(d),
+            delivery_start=_when(d.delivery_start),
         )
 
     def active(self) -> list[ActiveDispatch]:
@@ -1217,6 +1347,7 @@ class Dispatcher:
             baseline_kwh=round(d.baseline_kwh, 4),
             score=self.score(d) if d.follows_signal else None,
             fcr_share=self.fcr_share(d),
+            delivery_start=_when(d.delivery_start),
         )
 
     def _result(
@@ -1250,6 +1381,9 @@ class Dispatcher:
             self._ratio = np.concatenate([self._ratio, np.ones(grow)])
             self._ratio_ts = np.concatenate([self._ratio_ts, np.full(grow, -np.inf)])
             self._cycled = np.concatenate([self._cycled, np.zeros(grow)])
+            self._seen_in = np.concatenate([self._seen_in, np.zeros(grow, dtype=bool)])
+            self._seen_kw = np.concatenate([self._seen_kw, np.zeros(grow)])
+            self._seen_meter = np.concatenate([self._seen_meter, np.full(grow, np.nan)])
 
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:

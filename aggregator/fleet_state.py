@@ -69,6 +69,7 @@ class FleetView:
     power: Array
     ts: Array  # when each vehicle last reported
     meter_kwh: float = 0.0  # the fleet meter: energy through every charger so far
+    meters: Array | None = None  # each of these vehicles' own meter, when known
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -233,6 +234,7 @@ class FleetState:
             min_soc=c["min_soc"][rows],
             target_soc=c["target_soc"][rows],
         )
+        meters = self.meters(now, stale_after_s)
         return FleetView(
             rows,
             bat,
@@ -240,7 +242,8 @@ class FleetState:
             c["departure"][rows],
             c["power_kw"][rows],
             c["last_ts"][rows],
-            self.meter_reading(now, stale_after_s),
+            float(meters.sum()),
+            meters[rows],
         )
 
     def counts(self, now: float, stale_after_s: float) -> tuple[int, int]:

@@ -62,6 +62,8 @@ def step_entry(p: DispatchProgress, setpoints: int) -> Entry:
         "delivered_kwh": repr(p.delivered_kwh),
         "vehicles": str(p.vehicles),
         "setpoints": str(setpoints),
+        **({"baseline_kwh": repr(p.baseline_kwh)} if p.baseline_kwh is not None else {}),
+        **({"delivery_start": f"{p.delivery_start.timestamp():.3f}"} if p.delivery_start else {}),
         **({"score": repr(p.score)} if p.score is not None else {}),
         **({"fcr_share": repr(p.fcr_share)} if p.fcr_share is not None else {}),
     }

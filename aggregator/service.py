@@ -100,6 +100,9 @@ REFUSALS_PER_S = 20.0  # refused operator messages answered a second, on average
 _ID = re.compile(ID_PATTERN)
 CLOCK_WINDOW_STEPS = 12  # telemetry intervals over which the clock warnings count reports
 WARN_LOG_EVERY_S = 30.0  # wall seconds between log lines of a standing warning
+# A step at a request's end comes this much after it (simulated s): epoch seconds carry
+# ~1e-7 s of rounding, and a step a hair early would leave the request for the next.
+END_MARGIN_S = 1e-3
 SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
 
 
@@ -511,11 +514,18 @@ class AggregatorService:
                 raise_if_cancelled()
                 if self.reports is not None:
                     self.reports.put_nowait(report)
-            next_t += step
             now = self.clock.now()
-            if next_t < now:  # fell behind: do not try to catch up with a burst
-                next_t = now
-            await self.clock.sleep(next_t - now)
+            if next_t <= now:  # a regular step (not one at a request's end)
+                next_t += step
+                if next_t < now:  # fell behind: do not try to catch up with a burst
+                    next_t = now
+            # A request that ends before the next step is closed by a step at its end, so
+            # its books stop there and the fleet is released on time.
+            end = self.dispatcher.next_end(now)
+            wake = next_t
+            if end is not None and end < next_t + END_MARGIN_S:
+                wake = end + END_MARGIN_S  # a regular step due as close is this one
+            await self.clock.sleep(wake - now)
 
     async def _signal_loop(self) -> None:
         """Follow signal samples as they come: the new target's setpoints go out at once."""
@@ -1007,8 +1017,7 @@ class AggregatorService:
             # end the vehicles are back to plain charging. Read the meters back to then, as
             # the dispatcher books the fleet's (each vehicle's power held since).
             end = min(now, max((self._ends.get(r, now) for r in owners), default=now))
-            meter = meter.copy()
-            meter[view.rows] -= view.power * (now - end) / 3600.0
+            meter = self.settlement.meters_at(end, now, meter, view)
             last = self.settlement.flush(end, meter, ids)
             if last is not None:
                 entries.append(vehicles_entry(last))

@@ -74,6 +74,7 @@ class Settlement:
         self._meter0 = np.zeros(0)
         self._base_kwh = np.zeros(0)
         self._base_kw = np.zeros(0)  # per row, from the last observation
+        self._power = np.zeros(0)  # per row, what it drew at the last observation
         self._took_part = np.zeros(0, dtype=bool)
         # Per row, at the last observation: present, energy, target energy, departure.
         self._present = np.zeros(0, dtype=bool)
@@ -97,6 +98,7 @@ class Settlement:
         self._meter0 = more(self._meter0, 0.0)
         self._base_kwh = more(self._base_kwh, 0.0)
         self._base_kw = more(self._base_kw, 0.0)
+        self._power = more(self._power, 0.0)
         self._took_part = more(self._took_part, False)
         self._present = more(self._present, False)
         self._energy = more(self._energy, 0.0)
@@ -151,7 +153,23 @@ class Settlement:
         self._departure[rows] = view.departure
         self._base_kw[:] = 0.0
         self._base_kw[rows] = baseline_power(view.batteries, view.energy, step_s)
+        self._power[:] = 0.0
+        self._power[rows] = view.power
         return closed, departures
+
+    def meters_at(self, end: float, now: float, meter: Array, view: FleetView) -> Array:
+        """Each vehicle's meter at ``end`` (the requests' end, <= ``now``) from ``meter``,
+        its meter at ``now``: less its power since its latest report or ``end``, whichever
+        is later, and, before a report made after ``end`` (an expired setpoint noticed),
+        the power it drew at the last observation, while the setpoints were in force."""
+        out: Array = meter.copy()
+        if now <= end or not len(view):
+            return out
+        self._fit(meter.shape[0])
+        since = np.maximum(view.ts, end)
+        after = view.power * (now - since) + self._power[view.rows] * (since - end)
+        out[view.rows] -= after / 3600.0
+        return out
 
     def _accrue(self, t: float) -> None:
         assert self._t is not None

@@ -400,6 +400,9 @@ class DispatchResult(WireModel):
     # What this answers (an extension): a "rejected" answer to an amend or cancel leaves
     # the request as it was.
     answer_to: AnswerTo = "request"
+    # When its delivery window opened: its first setpoints in force (null before). The
+    # books (requested, delivered, baseline) run from here to start + duration_s.
+    delivery_start: UtcTime | None = None
     ts: UtcTime
 
 
@@ -429,11 +432,13 @@ class DispatchProgress(WireModel):
     baseline_kw: float
     requested_kwh: float
     delivered_kwh: float
+    baseline_kwh: float | None = None  # the baseline's energy over the window so far
     vehicles: int
     elapsed_s: float
     remaining_s: float
     score: float | None = None  # a signal service's performance score so far (0..1)
     fcr_share: float | None = None  # containment: least share of activation at 30 s
+    delivery_start: UtcTime | None = None  # its first setpoints in force: the books start
 
 
 class CapabilityWindow(WireModel):

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import re
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -744,24 +744,8 @@ def report(
         )
     r = rep.parse(request_id, entries)
     rows = rep.intervals(r, interval)
-    typer.echo(
-        f"{'start (UTC)':<20} {'requested kW':>12} {'baseline kW':>12} {'delivered kW':>12}"
-        f" {'req kWh':>9} {'del kWh':>9} {'base kWh':>9}"
-    )
-    for row in rows:
-        typer.echo(
-            f"{datetime.fromtimestamp(row.start, UTC):%Y-%m-%d %H:%M:%S} {row.requested_kw:>12.1f}"
-            f" {row.baseline_kw:>12.1f} {row.delivered_kw:>12.1f} {row.requested_kwh:>9.3f}"
-            f" {row.delivered_kwh:>9.3f} {row.baseline_kwh:>9.3f}"
-        )
-    totals = rep.summary(r)
-    typer.echo(" ".join(f"{k}={v}" for k, v in totals.items()))
-    for d in r.vehicles.short:
-        typer.echo(
-            f"driver left short: {d['vehicle_id']} at"
-            f" {datetime.fromtimestamp(float(d['ts']), UTC):%H:%M:%S}Z,"
-            f" {float(d['short_kwh']):.2f} kWh under target"
-        )
+    for line in rep.table(r, rows):
+        typer.echo(line)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         rep.write_csv(rows, out / "report.csv")

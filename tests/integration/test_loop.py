@@ -317,8 +317,12 @@ async def test_restarted_aggregator_restores_fleet_and_dispatch_from_redis_and_c
 
     assert final.status == "completed", results
     assert [r.status for r in results] == ["accepted", "completed"]
-    # The books cover the whole window, the restart gap included ...
-    assert final.requested_kwh == pytest.approx(power * duration_s / 3600.0, abs=2e-3)
+    # The books cover the whole delivery window (from when the setpoints took hold), the
+    # restart gap included ...
+    assert final.delivery_start is not None
+    window_s = restored.end - final.delivery_start.timestamp()
+    assert 0 < duration_s - window_s < STEP_S
+    assert final.requested_kwh == pytest.approx(power * window_s / 3600.0, abs=2e-3)
     # ... and went on from what was restored: the energy delivered after the restart adds to
     # what was delivered before (the fleet was on target for most of what remained).
     assert final.delivered_kwh is not None
@@ -451,11 +455,13 @@ async def test_cancel_stops_a_running_request_with_cancelled_and_delivered_energ
         assert done.status == "cancelled"
         assert done.reason == "cancelled by the operator"
         assert rid not in loop.aggregator.dispatcher.dispatches
-        # The books close at the cancel: requested from acceptance to cancel, and delivered
-        # as the last progress plus one more step on target.
-        assert done.requested_kwh == pytest.approx(
-            power * (stopped.now - accepted.now) / 3600.0, abs=1e-3
-        )
+        # The books close at the cancel: requested from when the setpoints took hold (just
+        # after the acceptance) to the cancel, and delivered as the last progress plus one
+        # more step on target.
+        assert done.delivery_start is not None
+        start = done.delivery_start.timestamp()
+        assert accepted.now < start < accepted.now + STEP_S
+        assert done.requested_kwh == pytest.approx(power * (stopped.now - start) / 3600.0, abs=1e-3)
         last = max(progress, key=lambda p: p.ts)
         step_h = (stopped.now - last.ts.timestamp()) / 3600.0
         assert 0 < step_h * 3600.0 <= 2 * settings.control_step_s
@@ -647,6 +653,17 @@ async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
     assert "status=completed" in text
     assert (tmp_path / "report.csv").exists() and (tmp_path / "report.png").exists()
     assert "drivers_short=0" in text
+    # Its rows add up to the request's totals, the piece booked at the close included.
+    with (tmp_path / "report.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert table and done.requested_kwh is not None
+    tol = 1e-4 * len(table) + 1e-4  # each row to 4 decimals
+    assert sum(float(r["delivered_kwh"]) for r in table) == pytest.approx(
+        done.delivered_kwh, abs=tol
+    )
+    assert sum(float(r["requested_kwh"]) for r in table) == pytest.approx(
+        done.requested_kwh, abs=tol
+    )
     with (tmp_path / "vehicles.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == len(cols["vehicle_id"])
     assert power < 0

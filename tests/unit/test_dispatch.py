@@ -82,13 +82,17 @@ def test_request_beyond_the_envelope_is_partial_with_the_exact_shortfall() -> No
     assert answer.allocated_kw == pytest.approx(lo.sum(), abs=1e-3)
     assert answer.shortfall_kw == pytest.approx(500.0, abs=1e-3)
     assert "export" in (answer.reason or "")
-    # Its delivered energy is the fleet meter's: its own miss is not taken off it.
+    # Its delivered energy is the fleet meter's: its own miss is not taken off it. These
+    # vehicles act on a setpoint at their next tick, a step later: the delivery window
+    # opens then, and the step before (the fleet's power from before) is not booked.
     meter0 = view.meter_kwh
     t, _ = run_loop(fleet, state, d, T0, 6)
     d.step(t, state.view(t, 3 * STEP), len(state))
     books = d.dispatches["r1"]
     assert books.stacked_kwh == 0.0
-    assert books.delivered_kwh == pytest.approx(state.view(t, 3 * STEP).meter_kwh - meter0)
+    assert books.delivery_start == pytest.approx(T0 + STEP)
+    before = float(view.power.sum()) * STEP / 3600.0
+    assert books.delivered_kwh == pytest.approx(state.view(t, 3 * STEP).meter_kwh - meter0 - before)
 
 
 @pytest.mark.parametrize(
@@ -197,10 +201,12 @@ def test_completed_request_reports_delivered_energy_and_releases_vehicles() -> N
     done = [r for o in outs for r in o.results if r.status == "completed"]
     assert len(done) == 1
     r = done[0]
-    assert r.requested_kwh == pytest.approx(target * 600 / 3600, rel=1e-6)
-    # Vehicles act at their next tick: the first of 120 steps still carries the fleet's
-    # pre-request power, which the books count as it was.
-    assert r.delivered_kwh == pytest.approx(r.requested_kwh, rel=0.05)
+    # Vehicles act at their next tick: the delivery window opens a step after the send
+    # (the fleet's pre-request power of that first step is no one's) and ends on time.
+    assert r.delivery_start is not None
+    assert r.delivery_start.timestamp() == pytest.approx(T0 + STEP)
+    assert r.requested_kwh == pytest.approx(target * (600 - STEP) / 3600, rel=1e-6)
+    assert r.delivered_kwh == pytest.approx(r.requested_kwh, rel=0.02)
     assert not d.dispatches
     assert all(o.rows.size == 0 for o in outs[-3:])
 
@@ -212,7 +218,8 @@ def test_cancel_ends_a_request_with_its_books() -> None:
     t, _ = run_loop(fleet, state, d, T0, 40)
     r = d.cancel("r1", t, state.view(t, 15.0))
     assert r is not None and r.status == "cancelled"
-    assert r.requested_kwh == pytest.approx(-20.0 * 200 / 3600, rel=1e-3)  # booked up to the cancel
+    # Booked from the step after the send (these vehicles act a tick later) to the cancel.
+    assert r.requested_kwh == pytest.approx(-20.0 * (200 - STEP) / 3600, rel=1e-3)
     assert r.delivered_kwh is not None and r.delivered_kwh < 0
     assert d.cancel("r1", t, state.view(t, 15.0)) is None
     out = d.step(t, state.view(t, 15.0), len(state))
