@@ -9,7 +9,7 @@ sent, vehicles, and a signal service's score so far), ``vehicles`` (each settlem
 interval: every vehicle's metered and baseline kWh, as columns) and ``departure`` (a
 driver who unplugged while it ran, with their energy and target). Scaled out, every
 entry also has ``term``: the fencing token of the leader that wrote it, checked by Redis
-as it appends (:class:`aggregator.scaleout.FencedLedger`). Writes never hold up a control step: the service queues them and a
+as it appends (:class:`aggregator.fence.FencedLedger`). Writes never hold up a control step: the service queues them and a
 writer drains the queue; while Redis is away they wait (bounded) and go out, in order,
 when it is back, so nothing acknowledged is lost to a short outage.
 

@@ -16,13 +16,18 @@ Enabled by ``V2G_SHARE_GROUP``; unset, nothing here runs and one aggregator work
   them, followers hold the recent ones for a takeover.
 * **Takeover.** When the leader dies its lease expires; another process takes it with
   a higher fencing token, restores fleet and dispatch books from the snapshot, reads the
-  stream from the snapshot's cursor and goes on. The snapshot is written with the token
-  (:func:`aggregator.lease.fenced_hset`), so a paused old leader that wakes up cannot
-  overwrite the new leader's state; the dispatch ledger's entries carry the token of the
-  term that wrote them and are appended only while it is the latest
-  (:class:`FencedLedger`), so it cannot add books the new leader keeps already.
+  stream from the snapshot's cursor and goes on. The snapshot is written through the
+  leader's :class:`aggregator.fence.Fence`, with the token, so a paused old leader that
+  wakes up cannot overwrite the new leader's state; the dispatch ledger's entries carry
+  the token of the term that wrote them and are appended only while it is the latest
+  (:class:`aggregator.fence.FencedLedger`), so it cannot add books the new leader keeps
+  already.
 * **Members.** Every process notes what it received in ``{prefix}:members`` (one field
   each, JSON), for operators and tests.
+
+This module knows nothing of the service: the lease loop decides, and the service asks
+(:meth:`ScaleOut.leadership`, a :class:`Leadership` value each step); forwarding and
+collecting pass :class:`Rows`; on a takeover the service resets and restores itself.
 
 What is not fenced: MQTT publishes. A leader paused mid-step may, on waking, finish that
 step's publishes before it sees that its lease is gone; setpoints carry a short
@@ -32,40 +37,31 @@ step's publishes before it sees that its lease is gone; setpoints carry a short
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
-import itertools
 import json
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from aggregator.dispatch import Dispatcher
-from aggregator.fleet_state import FleetState
-from aggregator.lease import (
-    FencedOut,
-    LeaseUnavailable,
-    RedisLease,
-    fenced_hset,
-    fenced_xadd,
-    lease_keys,
-)
-from aggregator.ledger import Entry, Ledger, RedisLedger
-from aggregator.store import RedisStore, Snapshot, StateStore
+from aggregator.fence import Fence
+from aggregator.lease import FencedOut, RedisLease, lease_keys
 from broker.errors import TransportError
-from broker.models import DispatchRequest, TelemetryArrays, VehicleStatus, from_epoch
+from broker.models import (
+    DispatchRequest,
+    Telemetry,
+    TelemetryArrays,
+    TelemetryRow,
+    VehicleStatus,
+    from_epoch,
+)
 from broker.replies import ReplyTo
 from broker.settings import Settings
-
-if TYPE_CHECKING:  # a runtime import would be circular
-    from aggregator.service import AggregatorService, Inbox
 
 START = "0-0"  # a stream id before every entry
 READ_COUNT = 500  # stream entries per XREAD
@@ -98,6 +94,34 @@ class Rows:
 
     def __len__(self) -> int:
         return sum(len(a) for _, a in self.parts) + len(self.status_ids)
+
+    @classmethod
+    def of(
+        cls,
+        telemetry: Sequence[Telemetry | TelemetryRow],
+        status: Sequence[VehicleStatus],
+        batches: Sequence[tuple[str, TelemetryArrays]],
+    ) -> Rows:
+        """A step's validated reports, statuses and bridges' batches as rows (one pass)."""
+        rows = cls(parts=list(batches))
+        if telemetry:
+            rows.parts.insert(0, ("", TelemetryArrays.from_telemetry(list(telemetry))))
+        if status:
+            rows.status_ids = [s.vehicle_id for s in status]
+            rows.status_online = np.fromiter((s.online for s in status), bool, len(status))
+            rows.status_ts = np.fromiter(
+                (s.ts.timestamp() for s in status), np.float64, len(status)
+            )
+        return rows
+
+    def statuses(self) -> list[VehicleStatus]:
+        """The statuses, as the models they arrived as."""
+        return [
+            VehicleStatus.model_construct(vehicle_id=v, online=bool(on), ts=from_epoch(ts))
+            for v, on, ts in zip(
+                self.status_ids, self.status_online.tolist(), self.status_ts.tolist(), strict=True
+            )
+        ]
 
 
 def encode_rows(process: str, rows: Rows) -> dict[str, bytes]:
@@ -162,146 +186,24 @@ def decode_rows(entry: dict[bytes, bytes]) -> Rows:
     return rows
 
 
-def inbox_rows(inbox: Inbox) -> Rows:
-    """The telemetry and statuses of a service's inbox as :class:`Rows` (one pass)."""
-    rows = Rows(parts=list(inbox.batches))
-    if inbox.telemetry:
-        rows.parts.insert(0, ("", TelemetryArrays.from_telemetry(inbox.telemetry)))
-    if inbox.status:
-        rows.status_ids = [s.vehicle_id for s in inbox.status]
-        rows.status_online = np.fromiter((s.online for s in inbox.status), bool, len(inbox.status))
-        rows.status_ts = np.fromiter(
-            (s.ts.timestamp() for s in inbox.status), np.float64, len(inbox.status)
-        )
-    return rows
-
-
-def fresh_dispatcher(old: Dispatcher) -> Dispatcher:
-    """A new, empty dispatcher configured like ``old``: every constructor parameter is
-    taken from the attribute of the same name (so parameters added later carry over)."""
-    params = inspect.signature(Dispatcher.__init__).parameters
-    kwargs = {name: getattr(old, name) for name in params if name != "self"}
-    return Dispatcher(**kwargs)
-
-
-# -- the store only the leader writes --------------------------------------------------
-class FencedStore:
-    """The service's :class:`RedisStore`, with every save carrying the leader's fencing
-    token and the ingest cursor, checked by Redis in the same script as the write."""
-
-    def __init__(self, inner: RedisStore, scale: ScaleOut) -> None:
-        self.inner = inner
-        self.scale = scale
-        self.key = inner.key
-        self.refused = 0
-
-    async def save(self, snapshot: Snapshot) -> None:
-        lease = self.scale.lease
-        token = lease.token
-        if token is None:  # no longer leader: the new one writes the state now
-            self.refused += 1
-            return
-        mapping: dict[str, bytes | str | float | int] = {
-            "ids": "\n".join(snapshot.ids),
-            "dtypes": json.dumps({k: v.dtype.str for k, v in snapshot.columns.items()}),
-            "dispatches": json.dumps(snapshot.dispatches),
-            "saved_at": snapshot.saved_at,
-            "ingest_cursor": self.scale.saved_cursor,
-            "token": token,
-            "leader": lease.holder,
-        }
-        for name, arr in snapshot.columns.items():
-            mapping[f"col:{name}"] = np.ascontiguousarray(arr).tobytes()
-        try:
-            await fenced_hset(
-                self.scale.redis,
-                token_key=lease.token_key,
-                key=self.key,
-                token=token,
-                mapping=mapping,
-                timeout_s=REDIS_TIMEOUT_S * 2,
-            )
-        except FencedOut as err:
-            self.refused += 1
-            self.scale.fenced_out(err)
-        except LeaseUnavailable as err:
-            raise TransportError(f"saving fleet state to Redis failed: {err}") from err
-
-    async def load(self) -> Snapshot | None:
-        snap = await self.inner.load()
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                cursor: Any = await self.scale.redis.hget(self.key, "ingest_cursor")
-        except (RedisError, OSError, TimeoutError) as err:
-            raise TransportError(f"reading the ingest cursor from Redis failed: {err}") from err
-        self.scale.cursor = self.scale.saved_cursor = cursor.decode() if cursor else START
-        return snap
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-# -- the ledger only the leader writes -------------------------------------------------
-class FencedLedger:
-    """The service's :class:`RedisLedger`, appending each entry with the fencing token of
-    the term that wrote it (its ``term`` field), checked by Redis in the same script: a
-    leader paused past its lease cannot, on waking, add books for steps that the next
-    leader, restored from the snapshot, books again. Refused entries are dropped, counted
-    and logged; an entry of the current term refused means a newer leader exists."""
-
-    def __init__(self, inner: RedisLedger, scale: ScaleOut) -> None:
-        self.inner = inner
-        self.scale = scale
-        self.refused = 0
-
-    async def append(self, entries: Sequence[tuple[str, Entry]]) -> None:
-        # One script per run of entries of the same term, in order.
-        for term, run in itertools.groupby(entries, key=lambda e: e[1].get("term", "")):
-            await self._append_term(term, list(run))
-
-    async def _append_term(self, term: str, entries: Sequence[tuple[str, Entry]]) -> None:
-        if not term.isdigit():
-            self._refuse(entries, term, "written by no leader's term")
-            return
-        token = int(term)
-        try:
-            await fenced_xadd(
-                self.scale.redis,
-                token_key=self.scale.lease.token_key,
-                token=token,
-                entries=[(self.inner.key(rid), e) for rid, e in entries],
-                timeout_s=REDIS_TIMEOUT_S * 2,
-            )
-        except FencedOut as err:
-            self._refuse(entries, term, str(err))
-            if token == self.scale.lease.token:
-                self.scale.fenced_out(err)
-        except LeaseUnavailable as err:  # kept by the writer and tried again
-            raise TransportError(f"writing the ledger to Redis failed: {err}") from err
-        # Written: a rejected request's stream expires as in the plain ledger. Best effort:
-        # the entries are in, and writing them again would duplicate them.
-        with contextlib.suppress(TransportError):
-            await self.inner.apply_expiry(entries)
-
-    def _refuse(self, entries: Sequence[tuple[str, Entry]], term: str, why: str) -> None:
-        self.refused += len(entries)
-        self.scale.log.error(
-            "ledger_entries_fenced",
-            holder=self.scale.holder,
-            term=term,
-            entries=len(entries),
-            requests=sorted({rid for rid, _ in entries})[:10],
-            error=why,
-        )
-
-    async def read(self, request_id: str) -> list[Entry]:
-        return await self.inner.read(request_id)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 # -- the coordinator --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    """This process's role for one control step, as the lease decided it."""
+
+    is_leader: bool
+    term: int | None = None  # the fencing token of this term, while leading
+    took_over: bool = False  # leads now, not at the last step: restore before stepping
+
+
+@dataclass(slots=True)
+class Held:
+    """Requests and cancels a follower kept, handed to it when it takes over."""
+
+    requests: list[tuple[DispatchRequest, ReplyTo | None]]
+    cancels: list[tuple[str, ReplyTo | None]]
+
+
 @dataclass(slots=True)
 class ScaleStats:
     forwarded_rows: int = 0
@@ -316,8 +218,9 @@ class ScaleStats:
 
 class ScaleOut:
     """One aggregator process's part in a scaled-out group: its lease, its forwarding and
-    (while it leads) its merging. Driven by the service's hooks: ``run()`` as a task,
-    ``lead()`` before each control step, ``merge()`` at the start of a leader's step."""
+    (while it leads) its collecting. ``run()`` as a task; before each control step the
+    service asks :meth:`leadership`, then a follower calls :meth:`hold` and
+    :meth:`forward`, a leader :meth:`collect` (and, taking over, :meth:`promoted`)."""
 
     def __init__(
         self,
@@ -338,6 +241,16 @@ class ScaleOut:
         self.lease = RedisLease(
             self.redis, prefix=prefix, holder=holder, ttl_s=settings.lease_ttl_s
         )
+        # What the leader alone may write (the snapshot, the ledger) goes through this.
+        self.fence = Fence(
+            self.redis,
+            token_key=self.lease.token_key,
+            holder=holder,
+            term=lambda: self.lease.token,
+            on_fenced=self.fenced_out,
+            logger=self.log,
+            timeout_s=REDIS_TIMEOUT_S * 2,
+        )
         self.stream_key = f"{prefix}:ingest"
         self.members_key = f"{prefix}:members"
         self.cursor = START  # the last stream entry merged
@@ -354,22 +267,6 @@ class ScaleOut:
         self._poll_s = max(0.05, min(settings.lease_ttl_s / 3.0, step_wall / 2.0))
         self._last_warning = 0.0
         self.received_telemetry = 0  # reports this process took off the broker
-
-    def fence(self, store: StateStore) -> FencedStore:
-        if not isinstance(store, RedisStore):
-            raise ValueError(
-                "scale-out shares fleet state through Redis: V2G_SHARE_GROUP needs a Redis"
-                f" store, not {type(store).__name__} (drop --memory)"
-            )
-        return FencedStore(store, self)
-
-    def fence_ledger(self, ledger: Ledger) -> FencedLedger:
-        if not isinstance(ledger, RedisLedger):
-            raise ValueError(
-                "scale-out keeps the dispatch ledger in Redis: V2G_SHARE_GROUP needs a Redis"
-                f" ledger, not {type(ledger).__name__} (drop --memory)"
-            )
-        return FencedLedger(ledger, self)
 
     # -- the lease --------------------------------------------------------------------
     async def run(self) -> None:
@@ -432,62 +329,64 @@ class ScaleOut:
             await self.redis.aclose()
 
     # -- the control step -------------------------------------------------------------
-    async def lead(self, service: AggregatorService) -> bool:
-        """Before each control step: True if this process steps as leader (restored from
-        the last leader's snapshot first if it just became one), else False after
-        forwarding what it received to the leader."""
+    def leadership(self) -> Leadership:
+        """This process's role for the coming control step, as the lease decides it. A
+        leader that was not one at the last step is taking over: the service restores
+        itself, then calls :meth:`promoted`."""
         held = self.lease.held
-        if held and not self.leading:
-            await self._promote(service)
-        elif not held and self.leading:
+        if not held and self.leading:
             self.leading = False
             self.stats.demotions += 1
             self.log.warning("leader_stepped_down", holder=self.holder)
-        if not self.leading:
-            await self._forward(service)
-        return self.leading
+        if not held:
+            return Leadership(is_leader=False)
+        return Leadership(is_leader=True, term=self.lease.token, took_over=not self.leading)
 
-    async def _promote(self, service: AggregatorService) -> None:
-        t0 = time.perf_counter()
-        # What this process knew before is stale: the last leader's snapshot replaces it.
-        service.state = FleetState()
-        service.dispatcher = fresh_dispatcher(service.dispatcher)
-        service._owed.clear()
-        if service.ledger is not None:  # this term's entries carry its token
-            service.ledger.stamp = {"term": str(self.lease.token)}
-        await service.restore()  # and, through FencedStore.load, the ingest cursor
-        # Requests that reached the old leader and may have died with it: submitting one
-        # it had already taken gets its answer again, not a second dispatch.
+    def resume(self, cursor: str | None) -> None:
+        """Read the forwarded rows on from ``cursor`` (a restored snapshot's; None: from
+        the start of the stream)."""
+        self.cursor = self.saved_cursor = cursor or START
+
+    def promoted(self, *, vehicles: int, dispatches: int, restore_ms: float) -> Held:
+        """Note that this process now leads, restored from the last leader's snapshot.
+        Returns the requests and cancels held for a takeover: those that reached the old
+        leader and may have died with it (submitting one it had already taken gets its
+        answer again, not a second dispatch)."""
         horizon = time.monotonic() - self._hold_s
         held = [item for at, item in self._held if at >= horizon]
         self._held.clear()
-        service.inbox.requests[:0] = [
-            (r, reply) for r, reply in held if isinstance(r, DispatchRequest)
-        ]
-        service.inbox.cancels[:0] = [(r, reply) for r, reply in held if isinstance(r, str)]
         self.leading = True
         self.stats.promotions += 1
         self.log.info(
             "leader_promoted",
             holder=self.holder,
             token=self.lease.token,
-            vehicles=len(service.state),
-            dispatches=len(service.dispatcher.dispatches),
+            vehicles=vehicles,
+            dispatches=dispatches,
             held_requests=len(held),
             cursor=self.cursor,
-            restore_ms=round((time.perf_counter() - t0) * 1e3, 1),
+            restore_ms=restore_ms,
+        )
+        return Held(
+            requests=[(r, reply) for r, reply in held if isinstance(r, DispatchRequest)],
+            cancels=[(r, reply) for r, reply in held if isinstance(r, str)],
         )
 
-    async def _forward(self, service: AggregatorService) -> None:
-        """A follower's step: its inbox, as one stream entry, to the leader."""
-        inbox = service.inbox
-        service.inbox = type(inbox)()
+    def hold(
+        self,
+        requests: Sequence[tuple[DispatchRequest, ReplyTo | None]],
+        cancels: Sequence[tuple[str, ReplyTo | None]],
+    ) -> None:
+        """A follower's step: keep the requests and cancels it got, for a takeover."""
         now = time.monotonic()
-        self._held.extend((now, r) for r in inbox.requests)
-        self._held.extend((now, c) for c in inbox.cancels)
+        self._held.extend((now, r) for r in requests)
+        self._held.extend((now, c) for c in cancels)
         while self._held and self._held[0][0] < now - self._hold_s:
             self._held.popleft()
-        rows = inbox_rows(inbox)
+
+    async def forward(self, rows: Rows) -> None:
+        """A follower's step: what it received, as one stream entry, to the leader."""
+        now = time.monotonic()
         self.received_telemetry += sum(len(a) for _, a in rows.parts)
         if not len(rows):
             return
@@ -518,35 +417,12 @@ class ScaleOut:
         self.stats.forwarded_rows += len(rows)
         self.stats.forwarded_entries += 1
 
-    async def merge(self, service: AggregatorService, inbox: Inbox) -> None:
-        """At the start of a leader's step: fold the other processes' rows and the
-        leader's own reports together, in one ``apply_arrays`` (so the newest report of a
-        vehicle wins whoever received it); bridges' parts and statuses join ``inbox``."""
-        self.received_telemetry += len(inbox.telemetry) + sum(len(a) for _, a in inbox.batches)
+    async def collect(self, received: int) -> Rows:
+        """At the start of a leader's step: the rows the other processes forwarded since
+        the last step. ``received``: the reports the leader itself took off the broker."""
+        self.received_telemetry += received
         self.saved_cursor = self.cursor  # at least once: a replayed report is just stale
-        forwarded = await self._read()
-        own = [a for b, a in forwarded.parts if not b]
-        inbox.batches[:0] = [(b, a) for b, a in forwarded.parts if b]
-        if forwarded.status_ids:
-            inbox.status[:0] = [
-                VehicleStatus.model_construct(vehicle_id=v, online=bool(on), ts=from_epoch(ts))
-                for v, on, ts in zip(
-                    forwarded.status_ids,
-                    forwarded.status_online.tolist(),
-                    forwarded.status_ts.tolist(),
-                    strict=True,
-                )
-            ]
-        if not own:
-            return
-        if inbox.telemetry:
-            own.append(TelemetryArrays.from_telemetry(inbox.telemetry))
-            inbox.telemetry = []
-        reports = TelemetryArrays.concat(own)
-        service._carried_by(reports.vehicle_id, -1)
-        _, stale = service.state.apply_arrays(reports)
-        if stale:
-            service.rejected["stale"] += stale
+        return await self._read()
 
     async def _read(self) -> Rows:
         """Every stream entry after the cursor (up to READ_LIMIT), as one Rows."""

@@ -37,6 +37,7 @@ from aggregator.answers import (
 from aggregator.capability import envelope, vehicle_ranges
 from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
+from aggregator.fence import fence_writes
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
 from aggregator.forecast import ForecastModel
 from aggregator.ledger import (
@@ -48,7 +49,7 @@ from aggregator.ledger import (
     step_entry,
     vehicles_entry,
 )
-from aggregator.scaleout import ScaleOut, shared_subscriptions
+from aggregator.scaleout import Rows, ScaleOut, shared_subscriptions
 from aggregator.settlement import Settlement
 from aggregator.status import fleet_status, log_fields
 from aggregator.store import MemoryStore, Snapshot, StateStore
@@ -190,13 +191,7 @@ class AggregatorService:
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
         self.state = FleetState()
-        self.dispatcher = Dispatcher(
-            control_step_s=settings.control_step_s,
-            setpoint_ttl_s=settings.setpoint_ttl_s,
-            max_request_kw=settings.max_request_kw,
-            max_duration_s=settings.max_request_duration_s,
-            allocation=settings.allocation,
-        )
+        self.dispatcher = self._new_dispatcher()
         self.forecaster = ForecastModel()
         self._forecast_at = -math.inf
         self.rejected: Counter[str] = Counter()
@@ -246,9 +241,9 @@ class AggregatorService:
         self.scale: ScaleOut | None = None
         if settings.share_group:
             self.scale = ScaleOut(settings=settings, holder=client_id, logger=self.log)
-            self.store = self.scale.fence(store)
-            if self.ledger is not None:
-                self.ledger.ledger = self.scale.fence_ledger(self.ledger.ledger)
+            self.store, fenced_ledger = fence_writes(self.scale.fence, store, ledger)
+            if self.ledger is not None and fenced_ledger is not None:
+                self.ledger.ledger = fenced_ledger
         telemetry = [(self.topics.all_telemetry, 0), (self.topics.all_bridge_telemetry, 0)]
         self.ingest: FastIngest | None = None
         if fast_ingest:
@@ -484,6 +479,8 @@ class AggregatorService:
             self.degraded = True
             self.log.error("state_restore_failed", error=str(err))
             return
+        if self.scale is not None:  # forwarded rows on from what the snapshot includes
+            self.scale.resume(snap.ingest_cursor if snap is not None else None)
         if snap is None:
             self.log.info("state_empty", note="starting with an empty fleet")
             return
@@ -502,13 +499,79 @@ class AggregatorService:
             saved_at=from_epoch(snap.saved_at).isoformat() if snap.saved_at else None,
         )
 
+    def _new_dispatcher(self) -> Dispatcher:
+        s = self.settings
+        return Dispatcher(
+            control_step_s=s.control_step_s,
+            setpoint_ttl_s=s.setpoint_ttl_s,
+            max_request_kw=s.max_request_kw,
+            max_duration_s=s.max_request_duration_s,
+            allocation=s.allocation,
+        )
+
+    async def reset_for_takeover(self, term: int) -> None:
+        """Scale-out: this process now leads. What it knew before is stale: it starts again
+        from its own config and restores the last leader's snapshot (and the stream cursor
+        with it); this term's ledger entries carry its fencing token."""
+        self.state = FleetState()
+        self.dispatcher = self._new_dispatcher()
+        self._owed.clear()
+        if self.ledger is not None:
+            self.ledger.stamp = {"term": str(term)}
+        await self.restore()
+
+    async def lead(self) -> bool:
+        """Scale-out, before each control step: True if this process steps as leader
+        (reset and restored from the last leader's snapshot first if it just became one),
+        else False after forwarding what it received to the leader."""
+        assert self.scale is not None, "lead() is for a scaled-out service"
+        role = self.scale.leadership()
+        if role.took_over and role.term is not None:
+            t0 = time.perf_counter()
+            await self.reset_for_takeover(role.term)
+            held = self.scale.promoted(
+                vehicles=len(self.state),
+                dispatches=len(self.dispatcher.dispatches),
+                restore_ms=round((time.perf_counter() - t0) * 1e3, 1),
+            )
+            self.inbox.requests[:0] = held.requests
+            self.inbox.cancels[:0] = held.cancels
+        if not role.is_leader:
+            inbox, self.inbox = self.inbox, Inbox()
+            self.scale.hold(inbox.requests, inbox.cancels)
+            await self.scale.forward(Rows.of(inbox.telemetry, inbox.status, inbox.batches))
+        return role.is_leader
+
+    async def _collect(self, inbox: Inbox) -> None:
+        """Scale-out, at the start of a leader's step: fold the other processes' rows and
+        the leader's own reports together, in one ``apply_arrays`` (so the newest report
+        of a vehicle wins whoever received it); bridges' parts and statuses join
+        ``inbox``."""
+        assert self.scale is not None
+        received = len(inbox.telemetry) + sum(len(a) for _, a in inbox.batches)
+        forwarded = await self.scale.collect(received)
+        own = [a for b, a in forwarded.parts if not b]
+        inbox.batches[:0] = [(b, a) for b, a in forwarded.parts if b]
+        if forwarded.status_ids:
+            inbox.status[:0] = forwarded.statuses()
+        if not own:
+            return
+        if inbox.telemetry:
+            own.append(TelemetryArrays.from_telemetry(inbox.telemetry))
+            inbox.telemetry = []
+        reports = TelemetryArrays.concat(own)
+        self._carried_by(reports.vehicle_id, -1)
+        _, stale = self.state.apply_arrays(reports)
+        if stale:
+            self.rejected["stale"] += stale
+
     async def _control_loop(self) -> None:
         await self.link.wait_connected(self.settings.publish_timeout_s * 3)
         step = self.settings.control_step_s
         next_t = self.clock.now()
         while True:
             # Scale-out: only the leader steps; a follower forwards its inbox to it.
-            if self.scale is None or await self.scale.lead(self):
+            if self.scale is None or await self.lead():
                 async with self._dispatch_lock:
                     report = await self.step()
                 raise_if_cancelled()
@@ -564,7 +627,7 @@ class AggregatorService:
         now = self.clock.now()
         inbox, self.inbox = self.inbox, Inbox()
         if self.scale is not None:  # scale-out: fold in what the other processes received
-            await self.scale.merge(self, inbox)
+            await self._collect(inbox)
         # Telemetry first: a will that arrived after a vehicle's last report must win.
         applied, stale = self._fold(inbox, now)
         for s in inbox.status:
@@ -1066,7 +1129,8 @@ class AggregatorService:
             reply = self._replies.get(record["request"]["request_id"])
             if reply is not None:
                 record["reply_to"] = reply_record(reply)
-        snap = Snapshot(ids, columns, records, saved_at=now)
+        cursor = self.scale.saved_cursor if self.scale is not None else None
+        snap = Snapshot(ids, columns, records, saved_at=now, ingest_cursor=cursor)
         self._saving = asyncio.create_task(self._save(snap), name="aggregator-save")
 
     async def _save(self, snap: Snapshot) -> None:

@@ -4,6 +4,8 @@ Both stores take and give a :class:`Snapshot`; the aggregator writes one per con
 step and reads one at start, so a restarted aggregator resumes where it stopped.
 In Redis a snapshot is one hash: the fleet as binary numpy columns (one field each,
 PERF-NOTES.md: a million vehicles in well under a second) plus the dispatch books as JSON.
+:func:`encode_snapshot` and :func:`decode_snapshot` are its one encoding, for the plain
+store here and the leader's fenced one (:mod:`aggregator.fence`) alike.
 """
 
 from __future__ import annotations
@@ -25,6 +27,49 @@ class Snapshot:
     columns: dict[str, np.ndarray]
     dispatches: list[dict[str, Any]] = field(default_factory=list)
     saved_at: float = 0.0
+    # Scale-out: the last stream entry of forwarded rows this state includes (where a new
+    # leader reads on from); None when not scaled out.
+    ingest_cursor: str | None = None
+
+
+Field = bytes | str | float | int
+
+
+def encode_snapshot(snapshot: Snapshot) -> dict[str, Field]:
+    """A snapshot as the fields of its Redis hash."""
+    mapping: dict[str, Field] = {
+        "ids": "\n".join(snapshot.ids),
+        "dtypes": json.dumps({k: v.dtype.str for k, v in snapshot.columns.items()}),
+        "dispatches": json.dumps(snapshot.dispatches),
+        "saved_at": snapshot.saved_at,
+    }
+    if snapshot.ingest_cursor is not None:
+        mapping["ingest_cursor"] = snapshot.ingest_cursor
+    for name, arr in snapshot.columns.items():
+        mapping[f"col:{name}"] = np.ascontiguousarray(arr).tobytes()
+    return mapping
+
+
+def decode_snapshot(raw: dict[bytes, bytes]) -> Snapshot | None:
+    """The inverse of :func:`encode_snapshot` (None for an empty hash: nothing saved)."""
+    if not raw:
+        return None
+    text = raw[b"ids"].decode()
+    ids = text.split("\n") if text else []
+    dtypes: dict[str, str] = json.loads(raw[b"dtypes"])
+    columns = {
+        name: np.frombuffer(raw[f"col:{name}".encode()], dtype=np.dtype(dt)).copy()
+        for name, dt in dtypes.items()
+        if f"col:{name}".encode() in raw
+    }
+    cursor = raw.get(b"ingest_cursor")
+    return Snapshot(
+        ids=ids,
+        columns=columns,
+        dispatches=json.loads(raw.get(b"dispatches", b"[]")),
+        saved_at=float(raw.get(b"saved_at", b"0")),
+        ingest_cursor=cursor.decode() if cursor is not None else None,
+    )
 
 
 class StateStore(Protocol):
@@ -64,14 +109,7 @@ class RedisStore:
         )
 
     async def save(self, snapshot: Snapshot) -> None:
-        mapping: dict[str, bytes | str | float] = {
-            "ids": "\n".join(snapshot.ids),
-            "dtypes": json.dumps({k: v.dtype.str for k, v in snapshot.columns.items()}),
-            "dispatches": json.dumps(snapshot.dispatches),
-            "saved_at": snapshot.saved_at,
-        }
-        for name, arr in snapshot.columns.items():
-            mapping[f"col:{name}"] = np.ascontiguousarray(arr).tobytes()
+        mapping = encode_snapshot(snapshot)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self.key)
@@ -90,22 +128,7 @@ class RedisStore:
                 f"reading fleet state from Redis at {self.url} failed: {err};"
                 " is Redis running? (check --redis / V2G_REDIS_URL)"
             ) from err
-        if not raw:
-            return None
-        text = raw[b"ids"].decode()
-        ids = text.split("\n") if text else []
-        dtypes: dict[str, str] = json.loads(raw[b"dtypes"])
-        columns = {
-            name: np.frombuffer(raw[f"col:{name}".encode()], dtype=np.dtype(dt)).copy()
-            for name, dt in dtypes.items()
-            if f"col:{name}".encode() in raw
-        }
-        return Snapshot(
-            ids=ids,
-            columns=columns,
-            dispatches=json.loads(raw.get(b"dispatches", b"[]")),
-            saved_at=float(raw.get(b"saved_at", b"0")),
-        )
+        return decode_snapshot(raw)
 
     async def clear(self) -> None:
         await self._redis.delete(self.key)

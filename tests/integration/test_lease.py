@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from aggregator.fence import FencedLedger, FencedStore
 from aggregator.lease import (
     FencedOut,
     LeaseUnavailable,
@@ -162,14 +163,14 @@ async def test_the_fenced_store_saves_with_the_token_and_a_deposed_leader_cannot
     cfg, old_scale, new_scale = deposed_and_successor(settings)
     inner_old = RedisStore(cfg.redis_url, prefix=cfg.redis_prefix)
     inner_new = RedisStore(cfg.redis_url, prefix=cfg.redis_prefix)
-    old_store, new_store = old_scale.fence(inner_old), new_scale.fence(inner_new)
+    old_store = FencedStore(inner_old, old_scale.fence)
+    new_store = FencedStore(inner_new, new_scale.fence)
     try:
         assert await old_scale.lease.acquire() is not None
-        snap = Snapshot(["ev-1"], {"soc": np.array([0.5])}, [], saved_at=1.0)
-        old_scale.saved_cursor = "5-0"
+        snap = Snapshot(["ev-1"], {"soc": np.array([0.5])}, [], saved_at=1.0, ingest_cursor="5-0")
         await old_store.save(snap)
         got = await new_store.load()
-        assert got is not None and got.ids == ["ev-1"] and new_scale.cursor == "5-0"
+        assert got is not None and got.ids == ["ev-1"] and got.ingest_cursor == "5-0"
         await asyncio.sleep(0.3)
         assert await new_scale.lease.acquire() is not None
         await new_store.save(Snapshot(["ev-2"], {"soc": np.array([0.9])}, [], saved_at=2.0))
@@ -190,8 +191,9 @@ async def test_a_deposed_leaders_ledger_entries_are_refused_and_dropped_not_retr
     redis: aioredis.Redis, settings: Settings
 ) -> None:
     cfg, old_scale, new_scale = deposed_and_successor(settings)
-    old = LedgerWriter(old_scale.fence_ledger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix)))
-    new = LedgerWriter(new_scale.fence_ledger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix)))
+    old_ledger = FencedLedger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix), old_scale.fence)
+    new_ledger = FencedLedger(RedisLedger(cfg.redis_url, prefix=cfg.redis_prefix), new_scale.fence)
+    old, new = LedgerWriter(old_ledger), LedgerWriter(new_ledger)
     key = f"{cfg.redis_prefix}:ledger:r1"
     try:
         old_token = await old_scale.lease.acquire()
@@ -209,7 +211,7 @@ async def test_a_deposed_leaders_ledger_entries_are_refused_and_dropped_not_retr
         # The old leader wakes and drains: refused by Redis, dropped (not kept to retry),
         # and it knows it is no longer leader.
         assert await old.drain()
-        assert not old.owed and old.ledger.refused == 1  # type: ignore[attr-defined]
+        assert not old.owed and old_ledger.refused == 1
         assert old_scale.lease.token is None and old_scale.stats.fenced == 1
         got = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await redis.xrange(key)]
         assert got == [
@@ -218,7 +220,7 @@ async def test_a_deposed_leaders_ledger_entries_are_refused_and_dropped_not_retr
         ]
         # Entries of an older term refused do not depose the leader of the current one.
         await new.ledger.append([("r1", {"kind": "step", "ts": "3", "term": str(old_token)})])
-        assert new.ledger.refused == 1  # type: ignore[attr-defined]
+        assert new_ledger.refused == 1
         assert new_scale.lease.token == new_token and new_scale.stats.fenced == 0
         assert await redis.xlen(key) == 2
     finally:

@@ -57,7 +57,7 @@ async def test_a_followers_rows_reach_the_leaders_fleet_state_and_the_newest_rep
     leader, follower = pair
     assert leader.scale is not None and follower.scale is not None
     assert await leader.scale.lease.acquire() is not None
-    assert await leader.scale.lead(leader)  # promoted: restored (an empty fleet)
+    assert await leader.lead()  # promoted: restored (an empty fleet)
     fleet = SimFleet(generate_fleet(6, 3), SIM_START - 10.0)
     ids = fleet.ids
     old, new = reports(fleet, SIM_START - 10.0, 1), reports(fleet, SIM_START - 5.0, 2)
@@ -67,7 +67,7 @@ async def test_a_followers_rows_reach_the_leaders_fleet_state_and_the_newest_rep
     follower.inbox.telemetry = new[:3] + old[3:]
     will = VehicleStatus(vehicle_id=ids[5], online=False, ts=from_epoch(SIM_START - 1.0))
     follower.inbox.status = [will]
-    assert not await follower.scale.lead(follower)  # a follower: forwards, no step
+    assert not await follower.lead()  # a follower: forwards, no step
     assert follower.scale.stats.forwarded_rows == 7
     leader.inbox.telemetry = old[:3] + new[3:]
     report = await leader.step()

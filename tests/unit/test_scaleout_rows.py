@@ -1,17 +1,16 @@
-"""The rows a follower forwards to the leader survive their binary encoding unchanged."""
+"""The rows a follower forwards to the leader survive their binary encoding unchanged; the
+snapshot's one encoding round-trips; a promoted leader resets itself from its own config."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from aggregator.dispatch import Dispatcher
-from aggregator.scaleout import (
-    Rows,
-    decode_rows,
-    encode_rows,
-    fresh_dispatcher,
-    shared_subscriptions,
-)
+from aggregator.fleet_state import FleetState
+from aggregator.ledger import MemoryLedger
+from aggregator.scaleout import Rows, decode_rows, encode_rows, shared_subscriptions
+from aggregator.service import AggregatorService
+from aggregator.store import MemoryStore, Snapshot, decode_snapshot, encode_snapshot
+from broker.clock import ManualClock
 from broker.models import TELEMETRY_BATCH_COLUMNS, TelemetryArrays
 from broker.settings import Settings
 
@@ -83,10 +82,46 @@ def test_only_the_vehicles_filters_move_onto_the_shared_subscription() -> None:
     ]
 
 
-def test_a_promoted_leader_gets_an_empty_dispatcher_configured_like_its_old_one() -> None:
-    old = Dispatcher(control_step_s=2.0, setpoint_ttl_s=11.0, max_request_kw=5.0, settle_s=3.0)
+async def test_a_promoted_leader_resets_itself_from_its_own_config_and_restores() -> None:
+    settings = Settings(
+        topic_prefix="x",
+        control_step_s=2.0,
+        setpoint_ttl_s=11.0,
+        max_request_kw=5.0,
+        log_level="warning",
+    )
+    store = MemoryStore()
+    svc = AggregatorService(
+        settings=settings, clock=ManualClock(1.7e9), store=store, ledger=MemoryLedger()
+    )
+    old = svc.dispatcher
     old.dispatches["x"] = object()  # type: ignore[assignment]
-    new = fresh_dispatcher(old)
+    svc.state.apply_arrays(arrays(["stale-1"], 3))  # what it knew as a follower
+    last = FleetState()
+    last.apply_arrays(arrays(["ev-1", "ev-2"], 4))
+    ids, columns = last.snapshot()
+    await store.save(Snapshot(ids, columns, [], saved_at=1.7e9))  # the last leader's
+    await svc.reset_for_takeover(7)
+    new = svc.dispatcher
     assert new is not old and not new.dispatches
     for name in ("control_step_s", "setpoint_ttl_s", "max_request_kw", "settle_s"):
         assert getattr(new, name) == getattr(old, name)
+    assert sorted(svc.state.ids) == ["ev-1", "ev-2"]
+    assert svc.ledger is not None and svc.ledger.stamp == {"term": "7"}
+
+
+def test_the_snapshot_round_trips_through_its_one_encoding() -> None:
+    columns = {"soc": np.array([0.5, 0.25]), "seq": np.array([3, 4], dtype=np.int64)}
+    for cursor in (None, "17-0"):
+        snap = Snapshot(["a", "b"], columns, [{"k": 1}], saved_at=2.5, ingest_cursor=cursor)
+        raw = {
+            k.encode(): v if isinstance(v, bytes) else str(v).encode()
+            for k, v in encode_snapshot(snap).items()
+        }
+        back = decode_snapshot(raw)
+        assert back is not None and back.ids == ["a", "b"] and back.ingest_cursor == cursor
+        assert back.dispatches == [{"k": 1}] and back.saved_at == 2.5
+        for k, v in columns.items():
+            np.testing.assert_array_equal(back.columns[k], v)
+            assert back.columns[k].dtype == v.dtype
+    assert decode_snapshot({}) is None
