@@ -338,9 +338,10 @@ class ScaleOut:
             self.leading = False
             self.stats.demotions += 1
             self.log.warning("leader_stepped_down", holder=self.holder)
-        if not held:
+        token = self.lease.token
+        if not held or token is None:
             return Leadership(is_leader=False)
-        return Leadership(is_leader=True, term=self.lease.token, took_over=not self.leading)
+        return Leadership(is_leader=True, term=token, took_over=not self.leading)
 
     def resume(self, cursor: str | None) -> None:
         """Read the forwarded rows on from ``cursor`` (a restored snapshot's; None: from

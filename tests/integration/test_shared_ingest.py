@@ -1,9 +1,11 @@
 """Shared ingest through the real Redis: what a follower received reaches the leader's
 fleet state at its next step, folded with the leader's own reports in one pass, so the
-newest report of a vehicle wins whichever process it reached."""
+newest report of a vehicle wins whichever process it reached; a process that takes over
+reads the stream on from the cursor in the last leader's snapshot."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -81,3 +83,33 @@ async def test_a_followers_rows_reach_the_leaders_fleet_state_and_the_newest_rep
     # The cursor moved past the entry: the next step merges nothing twice.
     await leader.step()
     assert leader.scale.stats.merged_rows == 7
+
+
+async def test_a_new_leader_reads_the_stream_on_from_the_snapshots_cursor(
+    pair: tuple[AggregatorService, AggregatorService],
+) -> None:
+    leader, follower = pair
+    assert leader.scale is not None and follower.scale is not None
+    assert await leader.scale.lease.acquire() is not None
+    assert await leader.lead()
+    fleet = SimFleet(generate_fleet(3, 4), SIM_START - 10.0)
+    follower.inbox.telemetry = reports(fleet, SIM_START - 5.0, 1)
+    assert not await follower.lead()
+    await leader.step()  # merges the entry
+    merged_to = leader.scale.cursor
+    assert merged_to != "0-0"
+    # A snapshot records the cursor as of its step's start: the next steps' carry this one.
+    async with asyncio.timeout(10):
+        while True:
+            await leader.step()
+            snap = await leader.store.load()
+            if snap is not None and snap.ingest_cursor == merged_to:
+                break
+            await asyncio.sleep(0.05)
+    assert await leader.scale.lease.release()
+    assert await follower.scale.lease.acquire() is not None
+    assert await follower.lead()  # took over: reset, restored, cursor from the snapshot
+    assert follower.scale.cursor == merged_to
+    assert sorted(follower.state.ids) == sorted(fleet.ids)
+    await follower.step()
+    assert follower.scale.stats.merged_rows == 0, "merged the old leader's rows again"
