@@ -4,12 +4,21 @@ snapshot's one encoding round-trips; a promoted leader resets itself from its ow
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import redis.asyncio as aioredis
 
+from aggregator.fence import Fence, fence_writes
 from aggregator.fleet_state import FleetState
 from aggregator.ledger import MemoryLedger
 from aggregator.scaleout import Rows, decode_rows, encode_rows, shared_subscriptions
 from aggregator.service import AggregatorService
-from aggregator.store import MemoryStore, Snapshot, decode_snapshot, encode_snapshot
+from aggregator.store import (
+    MemoryStore,
+    RedisStore,
+    Snapshot,
+    decode_snapshot,
+    encode_snapshot,
+)
 from broker.clock import ManualClock
 from broker.models import TELEMETRY_BATCH_COLUMNS, TelemetryArrays
 from broker.settings import Settings
@@ -125,3 +134,20 @@ def test_the_snapshot_round_trips_through_its_one_encoding() -> None:
             np.testing.assert_array_equal(back.columns[k], v)
             assert back.columns[k].dtype == v.dtype
     assert decode_snapshot({}) is None
+
+
+async def test_fenced_writes_need_the_store_and_the_ledger_in_redis() -> None:
+    url = "redis://127.0.0.1:6379/0"  # never contacted: the check comes first
+    redis = aioredis.Redis.from_url(url)
+    fence = Fence(redis, token_key="k", holder="h", term=lambda: None, on_fenced=print)
+    store = RedisStore(url, prefix="unit-fence")
+    try:
+        with pytest.raises(ValueError, match="needs a Redis store, not MemoryStore"):
+            fence_writes(fence, MemoryStore(), None)
+        with pytest.raises(ValueError, match="needs a Redis ledger, not MemoryLedger"):
+            fence_writes(fence, store, MemoryLedger())
+        fenced_store, fenced_ledger = fence_writes(fence, store, None)
+        assert fenced_store.inner is store and fenced_ledger is None
+    finally:
+        await store.close()
+        await redis.aclose()
