@@ -47,8 +47,11 @@ async def run_demo(
     use_redis: bool,
     mode: Mode,
     out: TextIO = sys.stdout,
+    warm_start: bool = True,
 ) -> list[Outcome]:
-    """Run the demo to its end and return what each request delivered."""
+    """Run the demo to its end and return what each request delivered. ``warm_start``: the
+    cars plugged in at the start hold what their baseline charging put in them since they
+    arrived (see SimFleet)."""
     wall0 = time.monotonic()
     broker = None if use_broker else EmbeddedBroker()
     if broker is not None:
@@ -63,7 +66,12 @@ async def run_demo(
         else MemoryLedger()
     )
     clock = SimClock(speed=settings.speed, sim_anchor=day_anchor() + DEMO_START_TOD_S)
-    fleet = SimFleet(generate_fleet(count, seed), clock.now(), step_s=settings.telemetry_interval_s)
+    fleet = SimFleet(
+        generate_fleet(count, seed),
+        clock.now(),
+        step_s=settings.telemetry_interval_s,
+        warm_start=warm_start,
+    )
     # One process, many connections: every client id derives from the topic prefix
     # (broker/clientid.py); a V2G_CLIENT_ID meant for one connection would collide here.
     settings = settings.model_copy(update={"client_id": None})
