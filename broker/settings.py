@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.topics import Topics
 
-
 _BROKER_SCHEMES = ("mqtt", "mqtts", "tcp", "ssl")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -62,6 +61,11 @@ class Settings(BaseSettings):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     client_id: str | None = None
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto",
+        description="MQTT version of the general client: auto tries 5 and falls back to"
+        " 3.1.1 when the broker refuses it; name the broker's own to skip the refusal",
+    )
 
     speed: float = Field(1.0, gt=0.0, description="simulated seconds per wall second")
     clock_anchor: float | None = Field(
@@ -94,6 +98,9 @@ class Settings(BaseSettings):
     )
     setpoint_ttl_s: float = Field(60.0, gt=0.0)
     status_every_wall_s: float = Field(5.0, gt=0.0)
+    summary_every_wall_s: float = Field(
+        60.0, gt=0.0, description="how often the agents log a summary of their fleet"
+    )
     keepalive_s: int = Field(15, ge=2)
     will_delay_s: int = Field(
         0,

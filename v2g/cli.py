@@ -12,8 +12,9 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -261,18 +262,64 @@ async def _read_clock(settings: Settings) -> SharedClock:
         return shared
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, process: str | None = None) -> Any:
+    """Run ``coro`` to its end; our own errors end the command with one line. A
+    ``process`` (a long-running service) also stops cleanly on SIGTERM as on Ctrl-C, and
+    logs one ``process_stopped`` line saying why: signal, error or end."""
+    stop: list[str] = []
+    error: str | None = None
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_until_signal(coro, stop) if process else coro)
     except KeyboardInterrupt:
+        stop.append("SIGINT")
         return None
     except V2GError as err:
-        _fail(str(err), 1)
+        error = str(err)
+        _fail(error, 1)
     except ExceptionGroup as group:  # from a TaskGroup: report our own errors plainly
+        error = str(_first_leaf(group))
         ours = group.subgroup(V2GError)
         if ours is None:
             raise
         _fail(str(_first_leaf(ours)), 1)
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        if process is not None:
+            log = logs.lifecycle()
+            if error is not None:
+                log.error("process_stopped", process=process, reason="error", error=error)
+            elif stop:
+                log.info("process_stopped", process=process, reason="signal", signal=stop[0])
+            else:
+                log.info("process_stopped", process=process, reason="end")
+
+
+async def _until_signal(coro: Coroutine[Any, Any, Any], stop: list[str]) -> Any:
+    """Await ``coro``; SIGINT or SIGTERM cancels it, so its cleanup runs (offline status,
+    closed connections), and records which signal in ``stop``."""
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop.append(sig.name)
+        task.cancel()
+
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig)
+            handled.append(sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stop:
+            return None
+        raise
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
 
 
 def _first_leaf(err: BaseException) -> BaseException:
@@ -378,7 +425,8 @@ def demo(
             use_redis=redis is not None,
             mode=mode,  # type: ignore[arg-type]
             warm_start=not cold_start,
-        )
+        ),
+        process="demo",
     )
 
 
@@ -398,7 +446,7 @@ def broker_cmd(
             log.info("broker_listening", url=b.url, note="development broker; Ctrl-C stops it")
             await asyncio.Event().wait()
 
-    _run(serve())
+    _run(serve(), process="broker")
 
 
 @app.command()
@@ -499,7 +547,7 @@ def aggregator(
             )
             await service.run()
 
-    _run(main())
+    _run(main(), process="aggregator")
 
 
 @app.command()
@@ -586,7 +634,7 @@ def agents(
             )
             await runtime.run()
 
-    _run(main())
+    _run(main(), process="agents")
 
 
 @app.command(
@@ -832,9 +880,9 @@ def status(
     topic_prefix: Prefix = None,
     speed: Speed = None,
 ) -> None:
-    """Print the fleet status (retained on v2g/fleet/status); --follow keeps going. cap15 is
-    the capability for 15 min: the fleet net kW range (- export, + import) it can hold for
-    the next 15 minutes."""
+    """Print the fleet status (retained on v2g/fleet/status); --follow keeps going.
+    capability_15min is the fleet net kW range (- export, + import) it can hold for the
+    next 15 minutes."""
     from v2g import operator
 
     settings = _settings(broker_url=broker, topic_prefix=topic_prefix, speed=speed)
@@ -847,7 +895,7 @@ def status(
             typer.echo(s.model_dump_json())
             return
         cap = (
-            f" cap15={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f}kW"
+            f" capability_15min={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f}kW"
             if s.capability
             else ""
         )

@@ -56,7 +56,9 @@ async def run_demo(
     broker = None if use_broker else EmbeddedBroker()
     if broker is not None:
         await broker.start()
-        settings = settings.model_copy(update={"broker_url": broker.url})
+        settings = settings.model_copy(
+            update={"broker_url": broker.url, "mqtt_protocol": broker.PROTOCOL}
+        )
     store: StateStore = (
         RedisStore(settings.redis_url, prefix=settings.redis_prefix) if use_redis else MemoryStore()
     )
@@ -164,7 +166,11 @@ async def _print_status(aggregator: AggregatorService, out: TextIO) -> None:
             f" power={s.power_kw:+8.1f} kW energy={s.energy_kwh:8.1f} kWh"
         )
         if s.capability is not None:
-            line += f" cap15={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f} kW"
+            # The 15-min window of the capability envelope: fleet net kW it can hold.
+            line += (
+                f" can hold {s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f} kW"
+                " for 15 min"
+            )
         for d in s.dispatches:
             line += f" [{d.request_id}: req {d.requested_kw:+.0f} / got {d.delivered_kw:+.0f} kW]"
         print(line, file=out, flush=True)

@@ -240,3 +240,40 @@ def test_every_passes_one_message_per_period_of_platform_time() -> None:
 def test_commands_take_the_flags_their_work_needs(cmd: str, flags: list[str]) -> None:
     names = {name for c, p, _ in _options() if c == cmd for name in (*p.opts, *p.secondary_opts)}
     assert set(flags) <= names, (cmd, set(flags) - names)
+
+
+def test_a_service_logs_why_it_stopped_signal_error_or_end(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from broker.errors import TransportError
+    from v2g.cli import _run
+
+    async def ends() -> int:
+        return 7
+
+    async def fails() -> None:
+        raise TransportError("the broker went away")
+
+    cleaned: list[bool] = []
+
+    async def terminated() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append(True)  # a stop by signal still runs the service's cleanup
+
+    assert _run(ends(), process="svc-a") == 7
+    with pytest.raises(typer.Exit):
+        _run(fails(), process="svc-b")
+    assert _run(terminated(), process="svc-c") is None
+    assert cleaned == [True]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "process_stopped" in ln]
+    assert len(lines) == 3, lines
+    assert "process=svc-a reason=end" in lines[0]
+    assert "process=svc-b reason=error" in lines[1] and "the broker went away" in lines[1]
+    assert "process=svc-c reason=signal signal=SIGTERM" in lines[2]
