@@ -13,15 +13,17 @@ import importlib.metadata
 import json
 import math
 import signal
+import sys
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import structlog
 import typer
 from pydantic import ValidationError
+from typer.core import TyperGroup
 
 from broker.clientid import client_id as derive_client_id
 from broker.clocklink import SharedClock, shared_clock
@@ -38,7 +40,37 @@ from broker.models import (
 from broker.settings import Settings, check_broker_url, check_redis_url, without_password
 from v2g import logs, units
 
+# typer exports BadParameter but not its base, click's UsageError (of whichever copy of
+# click this typer carries); every attribute used below is UsageError's own.
+_UsageError = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[1])
+
+
+class _OneLineErrors(TyperGroup):
+    """The ``v2g`` group: a bad flag is one line, what was wrong and where the flags are
+    listed, instead of click's usage block around it."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except _UsageError as err:
+            if err.ctx is None or type(err).__name__ == "NoArgsIsHelpError":
+                err.show()  # no command yet: the help page itself
+            else:
+                typer.echo(
+                    f"error: {err.format_message()} (see {err.ctx.command_path} --help)",
+                    err=True,
+                )
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help=(
         "V2G fleet aggregation: simulated EVs, an aggregator and a dispatcher over MQTT.\n\n"
         "Sign convention: power_kw > 0 charges the vehicles (grid import), < 0 discharges"
@@ -51,14 +83,15 @@ app = typer.Typer(
 )
 
 
-def parse_duration(text: str | float) -> float:
-    """'900', '900s', '15m', '1.5h', '1d' -> seconds, as scenario files write them."""
+def parse_duration(text: str | float, flag: str | None = None) -> float:
+    """'900', '900s', '15m', '1.5h', '1d' -> seconds, as scenario files write them; a bad
+    one is a usage error of ``flag``."""
     if isinstance(text, int | float):  # a default typer hands through the parser as is
         return float(text)
     try:
         return units.seconds(text)
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        raise typer.BadParameter(str(err), param_hint=flag) from None
 
 
 def every(seconds: float) -> Callable[[float], bool]:
@@ -693,8 +726,9 @@ def dispatch_cmd(
     timeout: Annotated[
         float,
         typer.Option(
+            min=0.1,
             help="give up after this many wall seconds (with --wait, at least the request's"
-            " duration at --speed plus 60 s)"
+            " duration at --speed plus 60 s)",
         ),
     ] = 30.0,
     every_s: Every = 0.0,
@@ -711,11 +745,11 @@ def dispatch_cmd(
     settings = _settings(
         broker_url=broker, topic_prefix=topic_prefix, speed=speed, sim_start=sim_start
     )
-    seconds = parse_duration(duration)
+    seconds = parse_duration(duration, "--duration")
     relative = start is not None and is_relative(start)
     if relative:
         assert start is not None
-        parse_duration(start.strip()[1:])  # a bad offset is refused before connecting
+        parse_duration(start.strip()[1:], "--start")  # a bad offset is refused before connecting
     now: float | None = None
     if relative or wait:
         # '+30m' and the wait are on the platform clock, the fleet's (read on the bus).
@@ -835,7 +869,9 @@ def amend(
             show_default="unchanged",
         ),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="wait this long for the answer")] = 15.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
+    ] = 15.0,
     as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
@@ -850,7 +886,8 @@ def amend(
         raise typer.BadParameter("give --power, --duration or both", param_hint="--power")
     settings = _settings(broker_url=broker, topic_prefix=topic_prefix, speed=speed)
     change = DispatchAmend(
-        power_kw=power, duration_s=None if duration is None else parse_duration(duration)
+        power_kw=power,
+        duration_s=None if duration is None else parse_duration(duration, "--duration"),
     )
     answer = _run(operator.amend(settings, request_id, change, timeout_s=timeout))
     if answer is None:  # interrupted
@@ -875,7 +912,9 @@ def status(
     as_json: Annotated[
         bool, typer.Option("--json", help="print each FleetStatus as one JSON object per line")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="wait this long for a retained status")] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for a retained status")
+    ] = 5.0,
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
@@ -927,7 +966,9 @@ def capability(
             "--json", help="print the Capability and FleetForecast, one JSON object per line"
         ),
     ] = False,
-    timeout: Annotated[float, typer.Option(help="wait this long for the retained messages")] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for the retained messages")
+    ] = 5.0,
     broker: Broker = None,
     topic_prefix: Prefix = None,
 ) -> None:
