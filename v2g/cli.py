@@ -56,7 +56,7 @@ class _OneLineErrors(TyperGroup):
             code = super().main(*args, **{**kwargs, "standalone_mode": False})
         except _UsageError as err:
             if err.ctx is None or type(err).__name__ == "NoArgsIsHelpError":
-                err.show()  # no command yet: the help page itself
+                err.show()  # the help page itself (no command given), or a bare message
             else:
                 typer.echo(
                     f"error: {err.format_message()} (see {err.ctx.command_path} --help)",
@@ -240,7 +240,11 @@ def _examples(*lines: str) -> str:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"v2g {importlib.metadata.version('v2g-fleet')}")
+        try:
+            version = importlib.metadata.version("v2g-fleet")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown (run from a source tree that is not installed: pip install -e .)"
+        typer.echo(f"v2g {version}")
         raise typer.Exit()
 
 
