@@ -48,12 +48,13 @@ async def test_the_agents_log_their_summary_periodically() -> None:
     with capture_logs() as logs:
         task = asyncio.create_task(rt._summary_loop(), name="summary-under-test")
         try:
-            await asyncio.sleep(0.18)
+            async with asyncio.timeout(5.0):
+                while sum(e["event"] == "agents_summary" for e in logs) < 2:
+                    await asyncio.sleep(0.01)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     lines = [e for e in logs if e["event"] == "agents_summary"]
-    assert 2 <= len(lines) <= 4
-    assert lines[0]["plugged"] == int(rt.fleet.plugged.sum())
+    assert lines[0]["plugged"] == int(rt.fleet.plugged.sum()) > 0
     assert {"following", "departed", "drivers_short"} <= set(lines[0])
