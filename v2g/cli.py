@@ -825,7 +825,9 @@ def _result_line(r: DispatchResult) -> str:
 @app.command("cancel")
 def cancel_cmd(
     request_id: Annotated[str, typer.Argument(help="the request to cancel")],
-    timeout: Annotated[float, typer.Option(help="wait this long for the answer")] = 15.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
+    ] = 15.0,
     as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
