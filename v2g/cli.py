@@ -207,7 +207,7 @@ SimStart = Annotated[
         "sim_start",
         "simulated time the clock starts at, ISO 8601 or epoch s",
         metavar="TIME",
-        default="the fleet's (on the bus), else now",
+        default="the fleet's on the bus, else now",
     ),
 ]
 LogFormat = Annotated[
