@@ -10,7 +10,8 @@ A lease alone cannot stop a paused holder (a GC pause, SIGSTOP, a frozen VM) fro
 after it expired. So the writes only the leader may do carry its token, and Redis checks
 it in the same script as the write (:func:`fenced_hset`, :func:`fenced_xadd`): once a
 newer leader has taken the lease, an old token is refused, whatever the old holder
-believes.
+believes. The snapshot and the ledger reach these scripts through one
+:class:`aggregator.fence.Fence`; this module knows neither them nor the service.
 
 Errors (all from :mod:`broker.errors`)::
 
