@@ -1,0 +1,477 @@
+"""The capability envelope as a linear programme: the range of fleet net power the fleet
+can hold constant for a whole window, with every car's departure (and announced arrival)
+inside it taken into account and every driver's floor kept at every step.
+
+Why not the sum of each car's constant-power range (aggregator/capability.py before issue
+14)? A car that leaves inside the window contributes only until it leaves: its
+must-charge and its discharge both go with it. The fleet's net power must stay the same
+after it has gone, so the others must be able to hold it alone, and before it goes a
+leaving car can charge harder (it has less time to fill) while a staying one can spend
+energy early and win it back later. Summing ranges is too strict on one side and too
+generous on the other exactly when many cars come and go.
+
+The window is cut into ``K`` equal steps. A **unit** (one vehicle in the reference, a
+cohort in production) is present from the step its arrival falls on (rounded up) to the
+step its departure falls in (rounded down: it counts as gone for the whole step it
+leaves in, and must already be on its departure floor at that step's start). Rounding
+that way only ever narrows the envelope: a car that is in fact still there can hold
+0 kW. Per present step a unit charges ``x`` and discharges ``y`` (kW), and its energy
+after the step, ``e``, is ``e_prev + eta_ch·x·h − y·h/eta_dis``, within
+[floor(step end), capacity]. The floor is the driver's E_min(τ) (DESIGN.md), capped at
+what charging flat out from now (or from arrival) reaches, so a car under its floor
+charges flat out and keeps the programme feasible. At every step the units present sum
+to the same P; the envelope is [min P, max P].
+
+- :func:`reference`: one unit per vehicle; exact on the step grid, for tests and the
+  bench (it is too big for a control loop at 100k vehicles).
+- :func:`window`: the production computation. Vehicles are pooled into cohorts by the
+  steps they arrive and leave in, as aggregator/schedule.py pools them. Pooling alone
+  would let one car's room cover another's charger (a full car and an empty one pooled
+  charge at both chargers' power), so each cohort's per-step charge and discharge limits
+  are the sums of its vehicles' own per-step limits, each already cut by what that car's
+  energy allows in that step (the energy it can at least / at most have at the step's
+  start, against its capacity and its floor at the step's end), and a car that must
+  charge in a step adds that to its cohort's least charge. The property test holds it
+  to :func:`reference` within 1% on random fleets with departures and arrivals.
+
+When no constant power can be held (a car under its floor must charge flat out and
+leaves mid-window, and the rest cannot make up for it afterwards), the envelope is the
+single power that comes closest, and ``feasible`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import NDArray
+from scipy.optimize import linprog
+
+from agents.battery import Array, Batteries, energy_floor
+
+# A unit-per-kWh cost of energy cycled, against 1 per kW of P: breaks ties toward
+# solutions without pointless cycling (and without charging and discharging a cohort at
+# once), far too small to move P.
+CYCLE_COST = 1e-7
+# Steps the production window is cut into, at most; never shorter than MIN_STEP_S.
+MAX_STEPS = 16
+MIN_STEP_S = 5.0
+# A fleet smaller than this is solved one unit per vehicle (exact, and still small).
+EXACT_BELOW = 64
+# Cohorts split alike vehicles into this many buckets per trait (see kinds).
+KIND_BUCKETS = 3
+ENERGY_EPS_KWH = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The range of fleet net power that can be held constant for the whole window."""
+
+    duration_s: float
+    min_power_kw: float
+    max_power_kw: float
+    feasible: bool = True  # False: no constant power holds; min = max = the closest one
+    units: int = 0  # vehicles (reference) or cohorts (production) in the programme
+    steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Units:
+    """What the programme sees: per unit, when it is present and its per-step limits.
+
+    Steps k = 0..K-1; boundaries b = 0..K. A unit is present in steps [first, last)."""
+
+    step_s: float
+    first: NDArray[np.intp]  # (m,)
+    last: NDArray[np.intp]  # (m,)
+    energy: Array  # (m,) at the start of step ``first``
+    capacity: Array  # (m,)
+    eta_ch: Array  # (m, K): of charge above x_min, in each step
+    eta_dis: Array  # (m, K)
+    forced_kwh: Array  # (m, K): what charging x_min stores in each step
+    floor: Array  # (m, K + 1): the least energy at each boundary
+    ceiling: Array  # (m, K + 1): the most energy at each boundary
+    x_max: Array  # (m, K): the most it can charge in each step (kW)
+    x_min: Array  # (m, K): the least it must charge
+    y_max: Array  # (m, K): the most it can discharge
+
+    @property
+    def size(self) -> int:
+        return int(self.first.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.x_max.shape[1])
+
+
+def grid(window_s: float, max_steps: int = MAX_STEPS, min_step_s: float = MIN_STEP_S) -> int:
+    """How many equal steps a window is cut into: as many as allowed, none shorter than
+    ``min_step_s``."""
+    return max(1, min(max_steps, math.floor(window_s / min_step_s + 1e-9)))
+
+
+def scaled(bat: Batteries, energy: Array, ratio: Array | None) -> tuple[Batteries, Array]:
+    """A fleet whose vehicle i is ``ratio[i]`` times itself: every limit a car has is
+    proportional to its size, so this scales its feasible power set by exactly the ratio
+    (a car that delivers half its setpoints counts as half a car)."""
+    if ratio is None:
+        return bat, energy
+    r = np.maximum(ratio, 0.0)
+    return (
+        Batteries(
+            capacity_kwh=bat.capacity_kwh * r,
+            max_charge_kw=bat.max_charge_kw * r,
+            max_discharge_kw=bat.max_discharge_kw * r,
+            charge_efficiency=bat.charge_efficiency,
+            discharge_efficiency=bat.discharge_efficiency,
+            min_soc=bat.min_soc,
+            target_soc=bat.target_soc,
+        ),
+        energy * r,
+    )
+
+
+def vehicle_units(
+    bat: Batteries,
+    energy: Array,
+    departure: Array,
+    now: float,
+    window_s: float,
+    steps: int,
+    arrival: Array | None = None,
+) -> Units:
+    """One unit per vehicle (``energy`` is at arrival for a car not there yet; ``arrival``
+    NaN or <= now: plugged in now; ``departure`` NaN: unknown, it stays)."""
+    n = energy.shape[0]
+    k_steps = steps
+    step_s = window_s / k_steps
+    arr = np.full(n, now) if arrival is None else np.where(np.isnan(arrival), now, arrival)
+    arr = np.maximum(arr, now)
+    first = np.clip(np.ceil((arr - now) / step_s - 1e-6), 0, k_steps).astype(np.intp)
+    dep_steps = np.floor((departure - now) / step_s + 1e-6)
+    last = np.where(np.isnan(departure), k_steps, np.clip(dep_steps, 0, k_steps)).astype(np.intp)
+    last = np.maximum(last, first)
+    t_first = now + first * step_s  # when the unit's programme starts
+    b = np.arange(k_steps + 1)
+    tau = now + b[None, :] * step_s  # (1, K + 1)
+    # On the last boundary of a car that leaves inside the window, its departure floor.
+    leaves = last < k_steps
+    at = np.where(leaves[:, None] & (b[None, :] == last[:, None]), departure[:, None], tau)
+    f = energy_floor(_col(bat), departure[:, None], at)
+    cap = bat.capacity_kwh[:, None]
+    since_h = np.maximum(tau - t_first[:, None], 0.0) / 3600.0
+    high = np.minimum(
+        cap, energy[:, None] + (bat.max_charge_kw * bat.charge_efficiency)[:, None] * since_h
+    )
+    floor = np.maximum(np.minimum(np.minimum(f, high), cap), 0.0)
+    low = np.maximum(
+        floor,
+        energy[:, None] - (bat.max_discharge_kw / bat.discharge_efficiency)[:, None] * since_h,
+    )
+    low = np.minimum(low, high)
+    h = step_s / 3600.0
+    eta_ch = bat.charge_efficiency[:, None]
+    eta_dis = bat.discharge_efficiency[:, None]
+    mc = bat.max_charge_kw[:, None]
+    md = bat.max_discharge_kw[:, None]
+    x_max = np.minimum(mc, np.maximum(cap - low[:, :-1], 0.0) / (eta_ch * h))
+    y_max = np.minimum(md, np.maximum(high[:, :-1] - floor[:, 1:], 0.0) * eta_dis / h)
+    x_min = np.minimum(x_max, np.maximum(floor[:, 1:] - high[:, :-1], 0.0) / (eta_ch * h))
+    return Units(
+        step_s=step_s,
+        first=first,
+        last=last,
+        energy=energy.astype(np.float64),
+        capacity=bat.capacity_kwh.astype(np.float64),
+        eta_ch=np.broadcast_to(eta_ch, x_max.shape).astype(np.float64),
+        eta_dis=np.broadcast_to(eta_dis, x_max.shape).astype(np.float64),
+        forced_kwh=eta_ch * x_min * h,
+        floor=low,
+        ceiling=high,
+        x_max=x_max,
+        x_min=x_min,
+        y_max=y_max,
+    )
+
+
+def _col(bat: Batteries) -> Batteries:
+    """The batteries as column vectors, to broadcast against boundaries."""
+    return Batteries(
+        capacity_kwh=bat.capacity_kwh[:, None],
+        max_charge_kw=bat.max_charge_kw[:, None],
+        max_discharge_kw=bat.max_discharge_kw[:, None],
+        charge_efficiency=bat.charge_efficiency[:, None],
+        discharge_efficiency=bat.discharge_efficiency[:, None],
+        min_soc=bat.min_soc[:, None],
+        target_soc=bat.target_soc[:, None],
+    )
+
+
+def pool(u: Units, kind: NDArray[np.intp] | None = None) -> Units:
+    """Cohorts: the units that arrive and leave in the same steps (and are of the same
+    ``kind``), summed. Efficiencies are weighted by charger power (harmonic for
+    discharge), as in the schedule."""
+    k_steps = u.steps
+    key = u.first * (k_steps + 1) + u.last
+    if kind is not None:
+        key = key + (k_steps + 1) ** 2 * kind
+    keys, idx = np.unique(key, return_inverse=True)
+    m = keys.shape[0]
+    one_hot = sp.csr_matrix((np.ones(u.size), (idx, np.arange(u.size))), shape=(m, u.size))
+
+    def total(x: Array) -> Array:
+        out: Array = np.asarray(one_hot @ x, dtype=np.float64)
+        return out
+
+    # Forced charge is booked at each car's own efficiency; what is free to choose is
+    # weighted by how much of it each car has, step by step.
+    free = u.x_max - u.x_min + 1e-12
+    yw = u.y_max + 1e-12
+    return Units(
+        step_s=u.step_s,
+        first=((keys // (k_steps + 1)) % (k_steps + 1)).astype(np.intp),
+        last=(keys % (k_steps + 1)).astype(np.intp),
+        energy=total(u.energy),
+        capacity=total(u.capacity),
+        eta_ch=total(free * u.eta_ch) / total(free),
+        eta_dis=total(yw) / total(yw / u.eta_dis),
+        forced_kwh=total(u.forced_kwh),
+        floor=total(u.floor),
+        ceiling=total(u.ceiling),
+        x_max=total(u.x_max),
+        x_min=total(u.x_min),
+        y_max=total(u.y_max),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Programme:
+    """The part every envelope LP shares: per present (unit, step), variables x, y, e."""
+
+    ui: NDArray[np.intp]
+    ki: NDArray[np.intp]
+    dynamics: sp.csr_matrix  # (v, 3v): e_k - e_(k-1) - eta_ch h x + h / eta_dis y
+    rhs: Array  # (v,)
+    lower: Array  # (3v,)
+    upper: Array  # (3v,)
+
+    @property
+    def size(self) -> int:
+        return int(self.ui.shape[0])
+
+    def fleet_sum(self, steps: int, width: int) -> sp.csr_matrix:
+        """(steps, width): row k is the fleet's net power in step k, Σ (x - y)."""
+        v = self.size
+        return sp.csr_matrix(
+            (
+                np.concatenate([np.ones(v), -np.ones(v)]),
+                (
+                    np.concatenate([self.ki, self.ki]),
+                    np.concatenate([np.arange(v), v + np.arange(v)]),
+                ),
+            ),
+            shape=(steps, width),
+        )
+
+
+def _programme(u: Units) -> _Programme:
+    h = u.step_s / 3600.0
+    steps = np.arange(u.steps)
+    ui, ki = np.nonzero((steps[None, :] >= u.first[:, None]) & (steps[None, :] < u.last[:, None]))
+    v = ui.shape[0]
+    rows = np.arange(v)
+    starts = ki == u.first[ui]
+    later = np.flatnonzero(~starts)
+    eta_ch, eta_dis = u.eta_ch[ui, ki], u.eta_dis[ui, ki]
+    x_hi = u.x_max[ui, ki]
+    x_lo = np.minimum(u.x_min[ui, ki], x_hi)
+    dynamics = sp.csr_matrix(
+        (
+            np.concatenate([np.ones(v), -eta_ch * h, h / eta_dis, -np.ones(later.shape[0])]),
+            (
+                np.concatenate([rows, rows, rows, later]),
+                np.concatenate([2 * v + rows, rows, v + rows, 2 * v + later - 1]),
+            ),
+        ),
+        shape=(v, 3 * v),
+    )
+    # The forced charge x_min stores forced_kwh (at each car's own efficiency); only what
+    # is charged above it goes at the unit's efficiency.
+    rhs = np.where(starts, u.energy[ui], 0.0) + u.forced_kwh[ui, ki] - eta_ch * x_lo * h
+    e_hi = u.ceiling[ui, ki + 1]
+    e_lo = np.minimum(u.floor[ui, ki + 1], e_hi)
+    return _Programme(
+        ui=ui,
+        ki=ki,
+        dynamics=dynamics,
+        rhs=rhs,
+        lower=np.concatenate([x_lo, np.zeros(v), e_lo]),
+        upper=np.concatenate([x_hi, u.y_max[ui, ki], e_hi]),
+    )
+
+
+def _linprog(
+    cost: Array,
+    a_eq: sp.csr_matrix,
+    b_eq: Array,
+    lower: Array,
+    upper: Array,
+    a_ub: sp.csr_matrix | None = None,
+    b_ub: Array | None = None,
+) -> Any:
+    return linprog(  # type: ignore[call-overload]  # the stubs know no sparse matrices
+        cost,
+        A_ub=a_ub,
+        b_ub=b_ub,
+        A_eq=a_eq,
+        b_eq=b_eq,
+        bounds=np.column_stack([lower, upper]),
+        method="highs",
+    )
+
+
+def solve(u: Units, window_s: float) -> Envelope:
+    """The envelope of these units: max and min of the P every step's units sum to."""
+    k_steps = u.steps
+    pr = _programme(u)
+    v = pr.size
+    if v == 0 or np.any(np.bincount(pr.ki, minlength=k_steps) == 0):
+        # Some step has no unit present: the fleet holds 0 kW then, so 0 kW or nothing.
+        return Envelope(window_s, 0.0, 0.0, holds(u, 0.0), u.size, k_steps)
+    # Variables: x, y, e, then P; per step Σ (x - y) - P = 0.
+    width = 3 * v + 1
+    p_col = sp.csr_matrix(
+        (-np.ones(k_steps), (np.arange(k_steps), np.full(k_steps, 3 * v))), shape=(k_steps, width)
+    )
+    a_eq = sp.vstack(
+        [sp.hstack([pr.dynamics, sp.csr_matrix((v, 1))]), pr.fleet_sum(k_steps, width) + p_col]
+    ).tocsr()
+    b_eq = np.concatenate([pr.rhs, np.zeros(k_steps)])
+    big = float(u.x_max.sum() + u.y_max.sum()) + 1.0
+    lower = np.concatenate([pr.lower, [-big]])
+    upper = np.concatenate([pr.upper, [big]])
+    h = u.step_s / 3600.0
+    cost = np.concatenate([np.full(2 * v, CYCLE_COST * h), np.zeros(v), [0.0]])
+    got: list[float] = []
+    for sign in (1.0, -1.0):  # min P, then max P
+        cost[-1] = sign
+        res = _linprog(cost, a_eq, b_eq, lower, upper)
+        if res.status == 2:  # infeasible: no constant power holds
+            return _closest(u, pr, window_s)
+        if res.status != 0:  # pragma: no cover - bounded, so only numerical trouble
+            raise RuntimeError(f"the envelope LP failed: {res.message}")
+        got.append(float(res.x[-1]))
+    return Envelope(window_s, got[0], got[1], True, u.size, k_steps)
+
+
+def holds(u: Units, power_kw: float) -> bool:
+    """Can these units hold ``power_kw`` in every step (0 kW in a step nobody is in)?"""
+    k_steps = u.steps
+    pr = _programme(u)
+    v = pr.size
+    if v == 0:
+        return True
+    live = np.bincount(pr.ki, minlength=k_steps) > 0
+    sums = pr.fleet_sum(k_steps, 3 * v)[np.flatnonzero(live)]
+    a_eq = sp.vstack([pr.dynamics, sums]).tocsr()
+    b_eq = np.concatenate([pr.rhs, np.full(int(live.sum()), power_kw)])
+    res = _linprog(np.zeros(3 * v), a_eq, b_eq, pr.lower, pr.upper)
+    return bool(res.status == 0)
+
+
+def _closest(u: Units, pr: _Programme, window_s: float) -> Envelope:
+    """No constant power holds: the one the fleet comes closest to (least worst miss)."""
+    k_steps = u.steps
+    v = pr.size
+    # Variables: x, y, e, then P and the worst miss w; per step |Σ(x - y) - P| <= w.
+    width = 3 * v + 2
+    sums = pr.fleet_sum(k_steps, width)
+    r = np.arange(k_steps)
+    p_col = sp.csr_matrix((np.ones(k_steps), (r, np.full(k_steps, 3 * v))), shape=(k_steps, width))
+    w_col = sp.csr_matrix(
+        (np.ones(k_steps), (r, np.full(k_steps, 3 * v + 1))), shape=(k_steps, width)
+    )
+    a_ub = sp.vstack([sums - p_col - w_col, -sums + p_col - w_col]).tocsr()
+    a_eq = sp.hstack([pr.dynamics, sp.csr_matrix((v, 2))]).tocsr()
+    big = float(u.x_max.sum() + u.y_max.sum()) + 1.0
+    cost = np.zeros(width)
+    cost[-1] = 1.0
+    res = _linprog(
+        cost,
+        a_eq,
+        pr.rhs,
+        np.concatenate([pr.lower, [-big, 0.0]]),
+        np.concatenate([pr.upper, [big, big]]),
+        a_ub,
+        np.zeros(2 * k_steps),
+    )
+    if res.status != 0:  # pragma: no cover - always feasible: w absorbs any miss
+        raise RuntimeError(f"the envelope LP failed: {res.message}")
+    p = float(res.x[-2])
+    return Envelope(window_s, p, p, False, u.size, k_steps)
+
+
+def reference(
+    bat: Batteries,
+    energy: Array,
+    departure: Array,
+    now: float,
+    window_s: float,
+    steps: int,
+    arrival: Array | None = None,
+) -> Envelope:
+    """The exact envelope on a grid of ``steps`` equal steps: one unit per vehicle."""
+    return solve(vehicle_units(bat, energy, departure, now, window_s, steps, arrival), window_s)
+
+
+def kinds(u: Units, window_s: float, buckets: int = KIND_BUCKETS) -> NDArray[np.intp]:
+    """Which vehicles pool well together: pooling lets one car's room, slack or charger
+    cover another's, which is harmless only between cars alike in how soon they fill up
+    (room over what their charger adds in the window), how soon they run out of slack
+    (energy above their departure floor over what their discharger takes), and when
+    their floor catches up with them (never, or in which part of the window)."""
+    k_steps = u.steps
+    h = window_s / 3600.0
+    end = u.floor[np.arange(u.size), u.last]
+    mc = u.x_max.max(axis=1, initial=0.0) + 1e-9
+    md = u.y_max.max(axis=1, initial=0.0) + 1e-9
+    fill = (u.capacity - u.energy) / (mc * u.eta_ch[:, 0] * h)
+    empty = np.maximum(u.energy - end, 0.0) * u.eta_dis[:, 0] / (md * h)
+    above = u.floor > u.energy[:, None] + ENERGY_EPS_KWH
+    caught = np.where(above.any(axis=1), above.argmax(axis=1), k_steps + 1)
+
+    def bucket(x: Array) -> NDArray[np.intp]:
+        return np.clip(np.floor(x * buckets), 0, buckets - 1).astype(np.intp)
+
+    when = np.minimum(np.floor(caught / (k_steps + 1) * buckets), buckets).astype(np.intp)
+    return (when * buckets + bucket(fill)) * buckets + bucket(empty)
+
+
+def window(
+    bat: Batteries,
+    energy: Array,
+    departure: Array,
+    now: float,
+    window_s: float,
+    *,
+    steps: int | None = None,
+    arrival: Array | None = None,
+    ratio: Array | None = None,
+    exact_below: int = EXACT_BELOW,
+) -> Envelope:
+    """The production envelope for one window: the same programme, one unit per vehicle
+    for a fleet under ``exact_below`` vehicles, over cohorts of alike vehicles above.
+
+    ``ratio`` (per vehicle) is the share of its setpoints each car is measured to
+    deliver; a car counts for that share of itself."""
+    bat, energy = scaled(bat, energy, ratio)
+    k_steps = grid(window_s) if steps is None else steps
+    if energy.shape[0] == 0:
+        return Envelope(window_s, 0.0, 0.0, True, 0, k_steps)
+    units = vehicle_units(bat, energy, departure, now, window_s, k_steps, arrival)
+    if energy.shape[0] < exact_below:
+        return solve(units, window_s)
+    return solve(pool(units, kinds(units, window_s)), window_s)

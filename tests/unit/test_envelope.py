@@ -1,0 +1,140 @@
+"""The capability envelope as a linear programme (aggregator/envelope.py): hand-made
+fleets whose answer is known, and the production (cohort) computation held to the
+per-vehicle reference within 1% on random fleets with departures and arrivals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agents.battery import Batteries, feasible_range
+from aggregator import envelope as ev
+
+NOW = 1_800_000_000.0
+HOUR = 3600.0
+
+
+def cars(n: int, **over: list[float]) -> Batteries:
+    """``n`` cars of 100 kWh, 10 kW both ways, lossless, no reserve and no target."""
+    base = {
+        "capacity_kwh": [100.0] * n,
+        "max_charge_kw": [10.0] * n,
+        "max_discharge_kw": [10.0] * n,
+        "charge_efficiency": [1.0] * n,
+        "discharge_efficiency": [1.0] * n,
+        "min_soc": [0.0] * n,
+        "target_soc": [0.0] * n,
+    }
+    base.update(over)
+    return Batteries(**{k: np.array(v, dtype=np.float64) for k, v in base.items()})
+
+
+def both(
+    bat: Batteries, energy: list[float], departure: list[float], **kw: object
+) -> list[ev.Envelope]:
+    """The reference and the production envelope (pooled, whatever the fleet's size)."""
+    e, d = np.array(energy), np.array(departure)
+    arrival = kw.get("arrival")
+    arr = None if arrival is None else np.array(arrival)
+    return [
+        ev.reference(bat, e, d, NOW, HOUR, 4, arr),
+        ev.window(bat, e, d, NOW, HOUR, steps=4, arrival=arr, exact_below=0),
+    ]
+
+
+def test_a_car_that_leaves_mid_window_counts_only_until_it_leaves() -> None:
+    # B leaves at half time: after it, A alone must hold the fleet's power, so the
+    # fleet can hold ±10 kW, not the ±20 kW the sum of constant ranges says.
+    bat = cars(2)
+    energy, departure = [50.0, 50.0], [np.nan, NOW + HOUR / 2]
+    lo, hi = feasible_range(bat, np.array(energy), np.array(departure), NOW, HOUR)
+    assert (lo.sum(), hi.sum()) == pytest.approx((-20.0, 20.0))  # today's envelope
+    for env in both(bat, energy, departure):
+        assert (env.min_power_kw, env.max_power_kw) == pytest.approx((-10.0, 10.0), abs=1e-6)
+        assert env.feasible
+
+
+def test_a_leaving_cars_must_charge_goes_with_it() -> None:
+    # B needs 5 kWh more by its departure in half an hour: 10 kW, flat out, until it
+    # leaves. Then A alone holds P, so P in [0, 10]; the sum of ranges says [0, 20].
+    bat = cars(2, target_soc=[0.0, 0.5])
+    energy, departure = [50.0, 45.0], [np.nan, NOW + HOUR / 2]
+    lo, hi = feasible_range(bat, np.array(energy), np.array(departure), NOW, HOUR)
+    assert (lo.sum(), hi.sum()) == pytest.approx((0.0, 20.0))
+    for env in both(bat, energy, departure):
+        assert (env.min_power_kw, env.max_power_kw) == pytest.approx((0.0, 10.0), abs=1e-6)
+
+
+def test_an_announced_arrival_takes_over_from_a_car_running_low() -> None:
+    # A has 2.5 kWh to give: alone, -2.5 kW for the hour. C arrives at half time with
+    # plenty: A gives -5 kW for the first half, C the second, so -5 kW holds.
+    bat = cars(2)
+    for env in both(bat, [2.5, 80.0], [np.nan, np.nan], arrival=[np.nan, NOW + HOUR / 2]):
+        assert (env.min_power_kw, env.max_power_kw) == pytest.approx((-5.0, 10.0), abs=1e-6)
+
+
+def test_the_only_power_held_with_nobody_plugged_in_for_a_step_is_zero() -> None:
+    bat = cars(1)
+    for env in both(bat, [50.0], [NOW + HOUR / 2]):
+        assert (env.min_power_kw, env.max_power_kw) == pytest.approx((0.0, 0.0), abs=1e-9)
+        assert env.feasible
+
+
+def test_a_fleet_that_cannot_hold_any_constant_power_says_so() -> None:
+    # B is under its floor and charges flat out (10 kW) until it leaves at half time;
+    # A can neither charge nor give anything, so the fleet draws 10 kW, then 0: no
+    # constant power holds, and the answer is the closest one, 5 kW (5 kW off at worst).
+    bat = cars(2, target_soc=[0.0, 1.0], max_charge_kw=[0.0, 10.0])
+    for env in both(bat, [0.0, 10.0], [np.nan, NOW + HOUR / 2]):
+        assert not env.feasible
+        assert env.min_power_kw == env.max_power_kw == pytest.approx(5.0, abs=1e-6)
+
+
+def test_follow_ratio_scales_each_car() -> None:
+    bat = cars(2)
+    e, d = np.array([50.0, 50.0]), np.array([np.nan, np.nan])
+    env = ev.window(bat, e, d, NOW, HOUR, steps=4, ratio=np.array([1.0, 0.5]))
+    assert (env.min_power_kw, env.max_power_kw) == pytest.approx((-15.0, 15.0), abs=1e-6)
+
+
+@st.composite
+def random_fleets(draw: st.DrawFn) -> tuple[Batteries, np.ndarray, np.ndarray, np.ndarray]:
+    """Fleets like the simulated ones, departures and arrivals on the 12-step grid of a
+    900-s window: some leave inside it, some arrive, some stay with no departure."""
+    n = draw(st.integers(20, 40))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    cap = rng.uniform(30.0, 90.0, n)
+    bat = Batteries(
+        capacity_kwh=cap,
+        max_charge_kw=rng.choice([3.7, 7.4, 11.0, 22.0], n),
+        max_discharge_kw=rng.choice([0.0, 7.4, 11.0], n),
+        charge_efficiency=rng.uniform(0.88, 0.96, n),
+        discharge_efficiency=rng.uniform(0.88, 0.96, n),
+        min_soc=rng.uniform(0.1, 0.3, n),
+        target_soc=rng.uniform(0.6, 1.0, n),
+    )
+    energy = rng.uniform(0.1, 1.0, n) * cap
+    step = 900.0 / 12
+    departure = NOW + rng.integers(1, 36, n) * step
+    departure = np.where(rng.random(n) < 0.2, np.nan, departure)
+    arrival = np.where(rng.random(n) < 0.3, NOW + rng.integers(1, 12, n) * step, np.nan)
+    departure = np.where(~np.isnan(arrival) & (departure <= arrival), arrival + 5 * step, departure)
+    return bat, energy, departure, arrival
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_fleets())
+def test_cohort_envelope_is_within_one_percent_of_the_per_vehicle_lp(
+    fleet: tuple[Batteries, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    bat, energy, departure, arrival = fleet
+    ref = ev.reference(bat, energy, departure, NOW, 900.0, 12, arrival)
+    got = ev.window(bat, energy, departure, NOW, 900.0, steps=12, arrival=arrival, exact_below=0)
+    assert got.units < ref.units  # it did pool
+    scale = max(abs(ref.min_power_kw), abs(ref.max_power_kw), 1.0)
+    assert got.feasible == ref.feasible
+    assert abs(got.min_power_kw - ref.min_power_kw) <= 0.01 * scale
+    assert abs(got.max_power_kw - ref.max_power_kw) <= 0.01 * scale
