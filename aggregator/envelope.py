@@ -154,41 +154,63 @@ def vehicle_units(
     dep_steps = np.floor((departure - now) / step_s + 1e-6)
     last = np.where(np.isnan(departure), k_steps, np.clip(dep_steps, 0, k_steps)).astype(np.intp)
     last = np.maximum(last, first)
-    t_first = now + first * step_s  # when the unit's programme starts
-    b = np.arange(k_steps + 1)
-    tau = now + b[None, :] * step_s  # (1, K + 1)
-    # On the last boundary of a car that leaves inside the window, its departure floor.
-    leaves = last < k_steps
-    at = np.where(leaves[:, None] & (b[None, :] == last[:, None]), departure[:, None], tau)
-    f = energy_floor(_col(bat), departure[:, None], at)
+    dt_h: Array = np.arange(k_steps + 1, dtype=np.float64) * (step_s / 3600.0)  # (K + 1,) h
+    # Hours each unit has been in its programme at each boundary (all of them for the
+    # cars plugged in now: one row, broadcast).
+    if arrival is None:
+        since_h: Array = dt_h[None, :]
+    else:
+        since_h = np.maximum(dt_h[None, :] - (first * (step_s / 3600.0))[:, None], 0.0)
     cap = bat.capacity_kwh[:, None]
-    since_h = np.maximum(tau - t_first[:, None], 0.0) / 3600.0
-    high = np.minimum(
-        cap, energy[:, None] + (bat.max_charge_kw * bat.charge_efficiency)[:, None] * since_h
+    e0 = energy[:, None]
+    # The driver's floor at each boundary (energy_floor, written out to spend one pass per
+    # operation on the (n, K + 1) arrays, which dominate the cost at 100k vehicles).
+    rate = (bat.max_charge_kw * bat.charge_efficiency)[:, None]
+    to_go = (departure - now)[:, None] / 3600.0 - dt_h[None, :]
+    np.maximum(to_go, 0.0, out=to_go)
+    to_go *= rate
+    floor = np.subtract((bat.target_soc * bat.capacity_kwh)[:, None], to_go, out=to_go)
+    np.fmax(floor, (bat.min_soc * bat.capacity_kwh)[:, None], out=floor)
+    # A car that leaves inside the window must be on its departure floor at the start of
+    # the step it leaves in (it counts as gone from then).
+    leaves = np.flatnonzero(last < k_steps)
+    floor[leaves, last[leaves]] = energy_floor(
+        _rows(bat, leaves), departure[leaves], departure[leaves]
     )
-    floor = np.maximum(np.minimum(np.minimum(f, high), cap), 0.0)
-    low = np.maximum(
-        floor,
-        energy[:, None] - (bat.max_discharge_kw / bat.discharge_efficiency)[:, None] * since_h,
-    )
-    low = np.minimum(low, high)
+    high = rate * since_h
+    high += e0
+    np.minimum(high, cap, out=high)
+    # Capped at what charging flat out reaches: a car under its floor charges flat out.
+    np.minimum(floor, high, out=floor)
+    np.maximum(floor, 0.0, out=floor)
+    low = (bat.max_discharge_kw / bat.discharge_efficiency)[:, None] * since_h
+    np.subtract(e0, low, out=low)
+    np.maximum(low, floor, out=low)
+    np.minimum(low, high, out=low)
     h = step_s / 3600.0
     eta_ch = bat.charge_efficiency[:, None]
     eta_dis = bat.discharge_efficiency[:, None]
-    mc = bat.max_charge_kw[:, None]
-    md = bat.max_discharge_kw[:, None]
-    x_max = np.minimum(mc, np.maximum(cap - low[:, :-1], 0.0) / (eta_ch * h))
-    y_max = np.minimum(md, np.maximum(high[:, :-1] - floor[:, 1:], 0.0) * eta_dis / h)
-    x_min = np.minimum(x_max, np.maximum(floor[:, 1:] - high[:, :-1], 0.0) / (eta_ch * h))
+    x_max = np.subtract(cap, low[:, :-1])
+    np.maximum(x_max, 0.0, out=x_max)
+    x_max /= eta_ch * h
+    np.minimum(x_max, bat.max_charge_kw[:, None], out=x_max)
+    y_max = np.subtract(high[:, :-1], floor[:, 1:])
+    np.maximum(y_max, 0.0, out=y_max)
+    y_max *= eta_dis / h
+    np.minimum(y_max, bat.max_discharge_kw[:, None], out=y_max)
+    x_min = np.subtract(floor[:, 1:], high[:, :-1])
+    np.maximum(x_min, 0.0, out=x_min)
+    x_min /= eta_ch * h
+    np.minimum(x_min, x_max, out=x_min)
     return Units(
         step_s=step_s,
         first=first,
         last=last,
         energy=energy.astype(np.float64),
         capacity=bat.capacity_kwh.astype(np.float64),
-        eta_ch=np.broadcast_to(eta_ch, x_max.shape).astype(np.float64),
-        eta_dis=np.broadcast_to(eta_dis, x_max.shape).astype(np.float64),
-        forced_kwh=eta_ch * x_min * h,
+        eta_ch=np.broadcast_to(eta_ch, x_max.shape),
+        eta_dis=np.broadcast_to(eta_dis, x_max.shape),
+        forced_kwh=(eta_ch * h) * x_min,
         floor=low,
         ceiling=high,
         x_max=x_max,
@@ -197,34 +219,53 @@ def vehicle_units(
     )
 
 
-def _col(bat: Batteries) -> Batteries:
-    """The batteries as column vectors, to broadcast against boundaries."""
+def _rows(bat: Batteries, rows: NDArray[np.intp]) -> Batteries:
+    """Some vehicles' batteries."""
     return Batteries(
-        capacity_kwh=bat.capacity_kwh[:, None],
-        max_charge_kw=bat.max_charge_kw[:, None],
-        max_discharge_kw=bat.max_discharge_kw[:, None],
-        charge_efficiency=bat.charge_efficiency[:, None],
-        discharge_efficiency=bat.discharge_efficiency[:, None],
-        min_soc=bat.min_soc[:, None],
-        target_soc=bat.target_soc[:, None],
+        capacity_kwh=bat.capacity_kwh[rows],
+        max_charge_kw=bat.max_charge_kw[rows],
+        max_discharge_kw=bat.max_discharge_kw[rows],
+        charge_efficiency=bat.charge_efficiency[rows],
+        discharge_efficiency=bat.discharge_efficiency[rows],
+        min_soc=bat.min_soc[rows],
+        target_soc=bat.target_soc[rows],
     )
 
 
-def pool(u: Units, kind: NDArray[np.intp] | None = None) -> Units:
-    """Cohorts: the units that arrive and leave in the same steps (and are of the same
-    ``kind``), summed. Efficiencies are weighted by charger power (harmonic for
-    discharge), as in the schedule."""
+def cohort_of(
+    u: Units, kind: NDArray[np.intp] | None = None
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """(cohort keys, each unit's cohort): the units that arrive and leave in the same
+    steps and are of the same ``kind``."""
     k_steps = u.steps
     key = u.first * (k_steps + 1) + u.last
     if kind is not None:
         key = key + (k_steps + 1) ** 2 * kind
     keys, idx = np.unique(key, return_inverse=True)
+    return keys, idx.astype(np.intp)
+
+
+def pool(
+    u: Units,
+    kind: NDArray[np.intp] | None = None,
+    cohorts: tuple[NDArray[np.intp], NDArray[np.intp]] | None = None,
+) -> Units:
+    """Cohorts (see cohort_of), summed. Efficiencies are weighted by charger power
+    (harmonic for discharge), as in the schedule."""
+    k_steps = u.steps
+    keys, idx = cohort_of(u, kind) if cohorts is None else cohorts
     m = keys.shape[0]
-    one_hot = sp.csr_matrix((np.ones(u.size), (idx, np.arange(u.size))), shape=(m, u.size))
+    flat = (idx[:, None] * k_steps + np.arange(k_steps)).ravel()
+    flat_b = (idx[:, None] * (k_steps + 1) + np.arange(k_steps + 1)).ravel()
 
     def total(x: Array) -> Array:
-        out: Array = np.asarray(one_hot @ x, dtype=np.float64)
-        return out
+        """Per cohort: sums of a per-vehicle column, or of a per-step or per-boundary row."""
+        if x.ndim == 1:
+            return np.bincount(idx, weights=x, minlength=m).astype(np.float64)
+        cols = x.shape[1]
+        at = flat if cols == k_steps else flat_b
+        out = np.bincount(at, weights=np.ravel(x), minlength=m * cols)
+        return out.astype(np.float64).reshape(m, cols)
 
     # Forced charge is booked at each car's own efficiency; what is free to choose is
     # weighted by how much of it each car has, step by step.
@@ -384,6 +425,12 @@ def holds(u: Units, power_kw: float) -> bool:
 
 def _closest(u: Units, pr: _Programme, window_s: float) -> Envelope:
     """No constant power holds: the one the fleet comes closest to (least worst miss)."""
+    p = float(_closest_plan(u, pr)[-2])
+    return Envelope(window_s, p, p, False, u.size, u.steps)
+
+
+def _closest_plan(u: Units, pr: _Programme) -> Array:
+    """The plan (x, y, e, then P and the worst miss) closest to holding one power."""
     k_steps = u.steps
     v = pr.size
     # Variables: x, y, e, then P and the worst miss w; per step |Σ(x - y) - P| <= w.
@@ -410,8 +457,8 @@ def _closest(u: Units, pr: _Programme, window_s: float) -> Envelope:
     )
     if res.status != 0:  # pragma: no cover - always feasible: w absorbs any miss
         raise RuntimeError(f"the envelope LP failed: {res.message}")
-    p = float(res.x[-2])
-    return Envelope(window_s, p, p, False, u.size, k_steps)
+    x: Array = res.x
+    return x
 
 
 def reference(
@@ -475,3 +522,76 @@ def window(
     if energy.shape[0] < exact_below:
         return solve(units, window_s)
     return solve(pool(units, kinds(units, window_s)), window_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """The first step of a plan that holds a fleet power for the rest of a window."""
+
+    power_kw: Array  # per vehicle: what to deliver now (kW, + charge)
+    lo_kw: Array  # per vehicle: the range it can deliver now, floors kept
+    hi_kw: Array
+    holds: bool  # the plan holds the power in every step (else: as close as it can)
+
+
+def steer(
+    bat: Batteries,
+    energy: Array,
+    departure: Array,
+    now: float,
+    window_s: float,
+    power_kw: float,
+    *,
+    ratio: Array | None = None,
+    exact_below: int = EXACT_BELOW,
+) -> Steering:
+    """What each vehicle should deliver now so that the fleet holds ``power_kw`` for the
+    rest of the window: the first step of the least-cycling plan (per vehicle for a
+    small fleet, per cohort above, each cohort's power shared by its vehicles in
+    proportion to their room this step). A commitment made from the envelope is held by
+    following this every control step, the plan solved afresh for what is left."""
+    bat, energy = scaled(bat, energy, ratio)
+    n = energy.shape[0]
+    k_steps = grid(window_s)
+    units = vehicle_units(bat, energy, departure, now, window_s, k_steps)
+    lo = np.where(units.x_min[:, 0] > 0.0, units.x_min[:, 0], -units.y_max[:, 0])
+    hi = units.x_max[:, 0].copy()
+    if n == 0:
+        return Steering(np.zeros(0), lo, hi, True)
+    if n < exact_below:
+        cohorts = (np.arange(n, dtype=np.intp), np.arange(n, dtype=np.intp))
+        pooled = units
+    else:
+        cohorts = cohort_of(units, kinds(units, window_s))
+        pooled = pool(units, cohorts=cohorts)
+    first, ok = _first_step(pooled, power_kw)
+    idx = cohorts[1]
+    lo_c = np.bincount(idx, weights=lo, minlength=pooled.size)
+    hi_c = np.bincount(idx, weights=hi, minlength=pooled.size)
+    room = hi_c - lo_c
+    share = np.clip(np.divide(first - lo_c, room, out=np.zeros_like(room), where=room > 0), 0, 1)
+    return Steering(lo + share[idx] * (hi - lo), lo, hi, ok)
+
+
+def _first_step(u: Units, power_kw: float) -> tuple[Array, bool]:
+    """Each unit's net power in step 0 of the least-cycling plan holding ``power_kw`` in
+    every step someone is present (or, if none holds, of the closest plan)."""
+    k_steps = u.steps
+    pr = _programme(u)
+    v = pr.size
+    if v == 0:
+        return np.zeros(u.size), True
+    h = u.step_s / 3600.0
+    live = np.bincount(pr.ki, minlength=k_steps) > 0
+    sums = pr.fleet_sum(k_steps, 3 * v)[np.flatnonzero(live)]
+    a_eq = sp.vstack([pr.dynamics, sums]).tocsr()
+    b_eq = np.concatenate([pr.rhs, np.full(int(live.sum()), power_kw)])
+    cost = np.concatenate([np.full(2 * v, h), np.zeros(v)])
+    res = _linprog(cost, a_eq, b_eq, pr.lower, pr.upper)
+    ok = res.status == 0
+    x = res.x if ok else _closest_plan(u, pr)
+    net = x[:v] - x[v : 2 * v]
+    at0 = pr.ki == 0
+    out = np.zeros(u.size)
+    out[pr.ui[at0]] = net[at0]
+    return out, bool(ok)
