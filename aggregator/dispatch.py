@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agents.battery import Array, baseline_power
+from aggregator import envelope as ev
 from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
@@ -140,6 +141,11 @@ class Dispatch:
     # sample t, last sample kW, activation] and the shares of full activation found.
     fcr_check: list[float] | None = None
     fcr_shares: list[float] | None = None
+    # A power request's commitment: once answered, allocated_kw is what the fleet holds
+    # until the request is amended or the fleet changes; ``changed`` says how it changed.
+    committed: bool = False
+    changed: str | None = None
+    lost: int = 0  # vehicles gone unannounced (or offline) since the commitment
 
     @property
     def request_id(self) -> str:
@@ -205,6 +211,9 @@ _BOOK_FIELDS = (
     "acc_t",
     "fcr_check",
     "fcr_shares",
+    "committed",
+    "changed",
+    "lost",
 )
 
 
@@ -287,6 +296,10 @@ class Dispatcher:
         self._swing_above: dict[str, float] = {}
         # Answers owed to requests a higher-priority one pre-empted; sent with the next step.
         self._notices: list[DispatchResult] = []
+        # Recent fleet ranges by (end of window, ratio version): see _usable_sums.
+        self._sums: dict[tuple[float, int], tuple[float, int, float, float]] = {}
+        # The vehicles of the last step and their announced departures: who left early.
+        self._seen: tuple[NDArray[np.intp], Array] = (np.zeros(0, np.intp), np.zeros(0))
 
     def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
         """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
@@ -313,25 +326,40 @@ class Dispatcher:
             got = memo[key] = (lo, hi)
         return got
 
-    def _usable(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
-        """Each vehicle's range for the window as it will be delivered: its feasible range
-        scaled by its follow ratio, so a car that draws half of what it is told counts
-        for half its headroom and the others are asked for the rest."""
-        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
-        lo, hi = self.ranges(view, now, window_s)
-        r = self._ratio[view.rows]
-        return r * lo, r * hi
-
     def _usable_sums(self, view: FleetView, now: float, window_s: float) -> tuple[float, float]:
-        """The fleet's usable range for the window (sums of ``_usable``), computed once per
-        view, time, window and state of the learned ratios: the stack is settled several
-        times a step (admission, answers, the step itself), on the same numbers."""
+        """The fleet's range for the window as it will be delivered (the envelope, each car
+        counted for the share of its setpoints it delivers). The stack is settled several
+        times a step and at every signal sample in between: a range worked out less than
+        a control step ago for the same end of window and the same learned ratios is
+        used again (the fleet moves little in that time; the LP costs ~0.2 s at 100k)."""
+        end = round(now + window_s, 6)
+        key = (end, self._ratio_version)
+        got = self._sums.get(key)
+        if got is not None and now - got[0] < self.control_step_s and got[1] == len(view):
+            return got[2], got[3]
+        env = self.envelope(view, now, window_s)
+        self._sums = {k: v for k, v in self._sums.items() if now - v[0] < self.control_step_s}
+        self._sums[key] = (now, len(view), env.min_power_kw, env.max_power_kw)
+        return env.min_power_kw, env.max_power_kw
+
+    def envelope(self, view: FleetView, now: float, window_s: float) -> ev.Envelope:
+        """The capability envelope for the window (aggregator/envelope.py), each car counted
+        for the share of its setpoints it delivers; computed once per view, time, window
+        and state of the learned ratios."""
         memo = self._memo(view)
-        key = ("usable", now, window_s, self._ratio_version)
+        key = ("envelope", now, window_s, self._ratio_version)
         got = memo.get(key)
         if got is None:
-            lo, hi = self._usable(view, now, window_s)
-            got = memo[key] = (float(lo.sum()), float(hi.sum()))
+            self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+            got = memo[key] = ev.window(
+                view.batteries,
+                view.energy,
+                view.departure,
+                now,
+                window_s,
+                ratio=self._ratio[view.rows],
+            )
+        assert isinstance(got, ev.Envelope)
         return got
 
     # -- admission -------------------------------------------------------------------
@@ -534,6 +562,10 @@ class Dispatcher:
         self._swing_above = {}
         for d in stack:
             self._swing_above[d.request_id] = swing
+            if not d.follows_signal and d.committed and swing == 0.0:
+                # A commitment stands: what the fleet holds was said in the answer.
+                point = d.allocated_kw
+                continue
             lo_sum, hi_sum = self._usable_sums(view, now, max(d.end - now, self.control_step_s))
             if d.follows_signal:
                 room = (
@@ -581,6 +613,8 @@ class Dispatcher:
         Requests of lower priority it cuts are owed a ``partial`` answer saying so."""
         if d.follows_signal:
             d.capacity_kw = float(d.request.capacity_kw or 0.0)
+        else:
+            d.committed, d.lost = False, 0  # new terms: answered afresh
         # New terms change what the rest of the stack asks on top of each request: book
         # the terms in force until now first (those that ended, to their end).
         for o in self._stack():
@@ -603,6 +637,7 @@ class Dispatcher:
         )
         if answer.status == "rejected":
             return answer
+        d.committed = not d.follows_signal
         for o in below:
             if before[o.request_id] - self._holding(o) > 1e-6:
                 held = o.held_kw if o.follows_signal else o.allocated_kw
@@ -953,6 +988,10 @@ class Dispatcher:
                 d.request, d.end, d.schedule = old
                 self.dispatches[request_id] = d
                 self._terms[request_id] = old[0]
+        if d.state == "active" and answer.status != "rejected" and not d.follows_signal:
+            d.changed = (
+                f"amended at {from_epoch(now):%H:%M:%S}Z: {d.allocated_kw:.1f} kW held from then"
+            )
         reason = "amended" + (f"; {answer.reason}" if answer.reason else "")
         return answer.model_copy(update={"reason": reason})
 
@@ -975,6 +1014,7 @@ class Dispatcher:
             self._cycled[view.rows] += np.abs(view.power) * (now - self._cycled_t) / 3600.0
         self._cycled_t = now
         out = StepOutput()
+        self._count_lost(now, view)
         measured = float(view.power.sum())
         base = self.baseline(view)
         for d in list(self.dispatches.values()):
@@ -1013,12 +1053,37 @@ class Dispatcher:
         out.progress += [self._progress(d, now) for d in stack]
         return out
 
+    def _count_lost(self, now: float, view: FleetView) -> None:
+        """Count, against every running commitment, the vehicles gone since the last step
+        that were not due to leave (no announced departure, or one still ahead): they
+        left early, unplugged, went offline or fell silent. A car that leaves when it
+        said it would is no change: the commitment was made knowing it."""
+        prev_rows, prev_dep = self._seen
+        self._seen = (view.rows.copy(), view.departure.copy())
+        if prev_rows.size == 0:
+            return
+        gone = ~np.isin(prev_rows, view.rows)
+        if not gone.any():
+            return
+        dep = prev_dep[gone]
+        early = int(np.count_nonzero(np.isnan(dep) | (dep > now + self.control_step_s)))
+        if early:
+            for d in self.dispatches.values():
+                if d.committed and d.state == "active":
+                    d.lost += early
+
     def _drive(self, stack: list[Dispatch], now: float, view: FleetView, out: StepOutput) -> None:
         """Settle the stack, plan the fleet for the power it asks together, and give any
         miss to the request of lowest priority (the others hold their reserves)."""
         target = self._settle(now, view, stack)
         end = max(d.end for d in stack)
-        total = self._plan(target, end, stack[0].request_id, now, view, out)
+        head = stack[0]
+        steering = None
+        if len(stack) == 1 and not head.follows_signal and head.committed:
+            # A power request alone: follow a plan that holds its commitment to its end.
+            steering = self._steer(head, now, view)
+            target = head.allocated_kw
+        total = self._plan(target, end, head.request_id, now, view, out, steering)
         for d in stack:
             d.vehicles = len(view)
             if d.follows_signal:
@@ -1027,7 +1092,7 @@ class Dispatcher:
             else:
                 d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
         miss = total - target
-        if abs(miss) > 1e-6:
+        if abs(miss) > 1e-6 and steering is None:
             last = stack[-1]
             if last.follows_signal:
                 last.allocated_kw = max(0.0, last.held_kw - abs(miss))
@@ -1035,6 +1100,61 @@ class Dispatcher:
             else:
                 last.allocated_kw += miss
                 last.shortfall_kw = abs(last.requested_kw - last.allocated_kw)
+
+    def _steer(self, d: Dispatch, now: float, view: FleetView) -> ev.Steering:
+        """The plan that holds ``d``'s commitment for the rest of its window. If none holds
+        any more because the fleet changed (a car left before its announced departure or
+        went offline), the commitment moves to what the fleet can now hold, and the
+        progress and the result say why."""
+        window_s = max(d.end - now, self.control_step_s)
+        gain = self._gain(view)
+        plan = self._plan_for(view, now, window_s, d.allocated_kw, gain)
+        if plan.holds or d.lost == 0:
+            # No change in the fleet: the plan closest to the commitment is followed.
+            return plan
+        env = self.envelope(view, now, window_s)
+        want = float(d.request.power_kw or 0.0)
+        held = min(max(want, env.min_power_kw), env.max_power_kw)
+        d.changed = (
+            f"the fleet changed at {from_epoch(now):%H:%M:%S}Z: {d.lost} vehicle(s) left"
+            f" before their announced departure or went offline; it can hold"
+            f" {env.min_power_kw:.1f}..{env.max_power_kw:.1f} kW for the remaining"
+            f" {window_s:.0f} s, so {held:.1f} kW is held from now (was {d.allocated_kw:.1f})"
+        )
+        d.lost = 0
+        d.allocated_kw = held
+        d.shortfall_kw = abs(want - held)
+        return self._plan_for(view, now, window_s, held, gain)
+
+    def _gain(self, view: FleetView) -> Array:
+        """Each vehicle's follow ratio as the allocation uses it (1 for a car not steered
+        through its ratio)."""
+        ratio = self._ratio[view.rows]
+        out: Array = np.where(ratio >= FOLLOW_MIN_RATIO, ratio, 1.0)
+        return out
+
+    def _plan_for(
+        self, view: FleetView, now: float, window_s: float, power_kw: float, gain: Array
+    ) -> ev.Steering:
+        return ev.steer(
+            view.batteries,
+            view.energy,
+            view.departure,
+            now,
+            window_s,
+            power_kw,
+            ratio=gain,
+            weight=self._weights(view) if self.allocation == "cost" else None,
+        )
+
+    def _weights(self, view: FleetView) -> Array:
+        """Each vehicle's throughput cost per kWh: a kWh is a deeper cycle of a small
+        battery, and a battery that has cycled more than the fleet's mean costs more."""
+        cycled = self._cycled[view.rows]
+        out: Array = (REFERENCE_CAPACITY_KWH / view.batteries.capacity_kwh) * (
+            1.0 + cycled / max(float(cycled.mean()), CYCLED_FLOOR_KWH)
+        )
+        return out
 
     def _split(
         self,
@@ -1047,11 +1167,7 @@ class Dispatcher:
     ) -> Allocation:
         if self.allocation == "proportional":
             return allocate(target, lo, hi, ref)
-        cycled = self._cycled[view.rows]
-        # Throughput cost per kWh: a kWh is a deeper cycle of a small battery.
-        weight = (REFERENCE_CAPACITY_KWH / view.batteries.capacity_kwh) * (
-            1.0 + cycled / max(float(cycled.mean()), CYCLED_FLOOR_KWH)
-        )
+        weight = self._weights(view)
         return allocate_cost(target, lo, hi, weight if subset is None else weight[subset])
 
     def cycled_kwh(self, rows: NDArray[np.intp]) -> Array:
@@ -1214,11 +1330,13 @@ class Dispatcher:
         now: float,
         view: FleetView,
         out: StepOutput,
+        steering: ev.Steering | None = None,
     ) -> float:
         """Setpoints for fleet net power ``target`` until ``end``; returns the total the
-        vehicles are told (what the fleet can give of it)."""
+        vehicles are told (what the fleet can give of it). With ``steering`` (a plan that
+        holds the target to the end, made with the follow ratios) each vehicle starts
+        from the plan's power, within its range for the plan's first step."""
         rows = view.rows
-        lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
         sent = self._sent_kw[rows]
         live = self._sent_until[rows] > now
         ratio = self._ratio[rows]
@@ -1227,9 +1345,27 @@ class Dispatcher:
         # more, up to its limits, and what it still cannot give falls to the others.
         steered = ratio >= FOLLOW_MIN_RATIO
         gain = np.where(steered, ratio, 1.0)
-        # Allocate as moves from what each vehicle was last told, so a steady request
-        # does not churn every setpoint every step.
-        ref = np.where(live, sent, 0.0)
+        split = self._split
+        if steering is None:
+            lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
+            # Allocate as moves from what each vehicle was last told, so a steady request
+            # does not churn every setpoint every step.
+            ref = np.where(live, sent, 0.0)
+        else:
+            # The plan's ranges and powers are in delivered kW; proportional from them, so
+            # that a plan the fleet follows is exactly what each car is told.
+            lo, hi, ref = steering.lo_kw / gain, steering.hi_kw / gain, steering.power_kw / gain
+
+            def split(
+                target: float,
+                lo: Array,
+                hi: Array,
+                ref: Array,
+                view: FleetView,
+                subset: NDArray[np.bool_] | None,
+            ) -> Allocation:
+                return allocate(target, lo, hi, ref)
+
         # Vehicles that were told a power, had time to act, and hold another than their
         # ratio says: assume they stay where they are and let the rest cover the gap.
         settled = view.ts >= self._sent_at[rows] + self.settle_s
@@ -1241,7 +1377,7 @@ class Dispatcher:
             held = view.power[drifting]
             rest = ~drifting
             g = gain[rest]
-            cover = self._split(
+            cover = split(
                 target - float(held.sum()),
                 g * lo[rest],
                 g * hi[rest],
@@ -1253,7 +1389,7 @@ class Dispatcher:
             power[rest] = cover.power / g
             total = float(held.sum()) + cover.total_kw
         else:
-            alloc = self._split(target, gain * lo, gain * hi, gain * ref, view, None)
+            alloc = split(target, gain * lo, gain * hi, gain * ref, view, None)
             power, total = alloc.power / gain, alloc.total_kw
         power = np.clip(power, lo, hi)  # dividing by the ratio may round past a bound
 
@@ -1311,6 +1447,7 @@ class Dispatcher:
             score=self.score(d) if d.follows_signal else None,
             fcr_share=self.fcr_share(d),
             delivery_start=_when(d.delivery_start),
+            reason=d.changed,
         )
 
     def active(self) -> list[ActiveDispatch]:
@@ -1333,6 +1470,8 @@ class Dispatcher:
         self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None
     ) -> DispatchResult:
         self._signal_rows.pop(d.request_id, None)
+        if d.changed is not None:  # the commitment moved on the way: say so at the end
+            reason = d.changed if reason is None else f"{reason}; {d.changed}"
         return self._result(
             d.request_id,
             status,

@@ -50,7 +50,7 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 from scipy.optimize import linprog
 
-from agents.battery import Array, Batteries, energy_floor
+from agents.battery import ENERGY_TOL_KWH, Array, Batteries, energy_floor
 
 # A unit-per-kWh cost of energy cycled, against 1 per kW of P: breaks ties toward
 # solutions without pointless cycling (and without charging and discharging a cohort at
@@ -97,6 +97,11 @@ class Units:
     x_max: Array  # (m, K): the most it can charge in each step (kW)
     x_min: Array  # (m, K): the least it must charge
     y_max: Array  # (m, K): the most it can discharge
+    frac: Array  # (m,): the share of its last step a unit is there for (1: all of it)
+    # (K,): what cars charging flat out until they leave, part-way through a step, add to
+    # the fleet's power in it: all of their power (while there) and its step average.
+    load_full: Array
+    load_avg: Array
 
     @property
     def size(self) -> int:
@@ -151,7 +156,9 @@ def vehicle_units(
     arr = np.full(n, now) if arrival is None else np.where(np.isnan(arrival), now, arrival)
     arr = np.maximum(arr, now)
     first = np.clip(np.ceil((arr - now) / step_s - 1e-6), 0, k_steps).astype(np.intp)
-    dep_steps = np.floor((departure - now) / step_s + 1e-6)
+    # A car is present up to the step it leaves in, for the part of it before it leaves.
+    dep_at = (departure - now) / step_s
+    dep_steps = np.ceil(dep_at - 1e-6)
     last = np.where(np.isnan(departure), k_steps, np.clip(dep_steps, 0, k_steps)).astype(np.intp)
     last = np.maximum(last, first)
     dt_h: Array = np.arange(k_steps + 1, dtype=np.float64) * (step_s / 3600.0)  # (K + 1,) h
@@ -171,19 +178,27 @@ def vehicle_units(
     to_go *= rate
     floor = np.subtract((bat.target_soc * bat.capacity_kwh)[:, None], to_go, out=to_go)
     np.fmax(floor, (bat.min_soc * bat.capacity_kwh)[:, None], out=floor)
-    # A car that leaves inside the window must be on its departure floor at the start of
-    # the step it leaves in (it counts as gone from then).
-    leaves = np.flatnonzero(last < k_steps)
-    floor[leaves, last[leaves]] = energy_floor(
-        _rows(bat, leaves), departure[leaves], departure[leaves]
-    )
+    # A car that leaves inside the window must be on its departure floor when it leaves:
+    # the boundary after its last step stands for its departure (and what it can reach
+    # by then), and in that step it is there for ``frac`` of the time.
+    leaves = np.flatnonzero((last > first) & (dep_at < k_steps - 1e-6))
+    lk = last[leaves]
+    frac = np.ones(n)
+    frac[leaves] = np.clip(dep_at[leaves] - (lk - 1), 1e-6, 1.0)
+    lb = _rows(bat, leaves)
+    floor[leaves, lk] = energy_floor(lb, departure[leaves], departure[leaves])
     high = rate * since_h
     high += e0
+    if leaves.size:
+        gone_h = (departure[leaves] - now) / 3600.0 - (first[leaves] * step_s / 3600.0)
+        high[leaves, lk] = energy[leaves] + rate[leaves, 0] * gone_h
     np.minimum(high, cap, out=high)
     # Capped at what charging flat out reaches: a car under its floor charges flat out.
     np.minimum(floor, high, out=floor)
     np.maximum(floor, 0.0, out=floor)
     low = (bat.max_discharge_kw / bat.discharge_efficiency)[:, None] * since_h
+    if leaves.size:
+        low[leaves, lk] = (bat.max_discharge_kw / bat.discharge_efficiency)[leaves] * gone_h
     np.subtract(e0, low, out=low)
     np.maximum(low, floor, out=low)
     np.minimum(low, high, out=low)
@@ -202,6 +217,31 @@ def vehicle_units(
     np.maximum(x_min, 0.0, out=x_min)
     x_min /= eta_ch * h
     np.minimum(x_min, x_max, out=x_min)
+    # The step a car leaves in part-way: its power would count for the whole step, but it
+    # is there for only part of it, so it gets no say in it. A car that can be on its
+    # departure floor by the step's start is held there and idles (it counts as gone);
+    # one that cannot charges flat out until it leaves, which the fleet's power includes
+    # while it is there and not after: the envelope counts it whole toward its least
+    # import and not at all toward its most (and a plan, on average).
+    part = leaves[frac[leaves] < 1.0 - 1e-9]
+    load_full = np.zeros(k_steps)
+    load_avg = np.zeros(k_steps)
+    if part.size:
+        pk = last[part] - 1
+        need = floor[part, pk + 1] - high[part, pk]
+        flat_out = need > ENERGY_EPS_KWH
+        pb = _rows(bat, part)
+        x_min[part, pk] = x_max[part, pk] = y_max[part, pk] = 0.0
+        idle, ik = part[~flat_out], pk[~flat_out]
+        low[idle, ik] = np.maximum(low[idle, ik], floor[idle, ik + 1])
+        f_rows, f_k = part[flat_out], pk[flat_out]
+        np.add.at(load_full, f_k, pb.max_charge_kw[flat_out])
+        avg = need[flat_out] / (pb.charge_efficiency[flat_out] * h)
+        np.add.at(load_avg, f_k, avg)
+        forced_kwh = (eta_ch * h) * x_min
+        forced_kwh[f_rows, f_k] = need[flat_out]
+    else:
+        forced_kwh = (eta_ch * h) * x_min
     return Units(
         step_s=step_s,
         first=first,
@@ -210,12 +250,15 @@ def vehicle_units(
         capacity=bat.capacity_kwh.astype(np.float64),
         eta_ch=np.broadcast_to(eta_ch, x_max.shape),
         eta_dis=np.broadcast_to(eta_dis, x_max.shape),
-        forced_kwh=(eta_ch * h) * x_min,
+        forced_kwh=forced_kwh,
         floor=low,
         ceiling=high,
         x_max=x_max,
         x_min=x_min,
         y_max=y_max,
+        frac=frac,
+        load_full=load_full,
+        load_avg=load_avg,
     )
 
 
@@ -285,6 +328,9 @@ def pool(
         x_max=total(u.x_max),
         x_min=total(u.x_min),
         y_max=total(u.y_max),
+        frac=np.ones(m),
+        load_full=u.load_full,
+        load_avg=u.load_avg,
     )
 
 
@@ -390,15 +436,17 @@ def solve(u: Units, window_s: float) -> Envelope:
     a_eq = sp.vstack(
         [sp.hstack([pr.dynamics, sp.csr_matrix((v, 1))]), pr.fleet_sum(k_steps, width) + p_col]
     ).tocsr()
-    b_eq = np.concatenate([pr.rhs, np.zeros(k_steps)])
-    big = float(u.x_max.sum() + u.y_max.sum()) + 1.0
+    big = float(u.x_max.sum() + u.y_max.sum() + u.load_full.sum()) + 1.0
     lower = np.concatenate([pr.lower, [-big]])
     upper = np.concatenate([pr.upper, [big]])
     h = u.step_s / 3600.0
     cost = np.concatenate([np.full(2 * v, CYCLE_COST * h), np.zeros(v), [0.0]])
     got: list[float] = []
-    for sign in (1.0, -1.0):  # min P, then max P
+    # Σ (x - y) + load - P = 0: the load of cars leaving part-way through a step counts
+    # whole toward the least P, not at all toward the most (see vehicle_units).
+    for sign, load in ((1.0, u.load_full), (-1.0, np.zeros(k_steps))):
         cost[-1] = sign
+        b_eq = np.concatenate([pr.rhs, -load])
         res = _linprog(cost, a_eq, b_eq, lower, upper)
         if res.status == 2:  # infeasible: no constant power holds
             return _closest(u, pr, window_s)
@@ -418,7 +466,7 @@ def holds(u: Units, power_kw: float) -> bool:
     live = np.bincount(pr.ki, minlength=k_steps) > 0
     sums = pr.fleet_sum(k_steps, 3 * v)[np.flatnonzero(live)]
     a_eq = sp.vstack([pr.dynamics, sums]).tocsr()
-    b_eq = np.concatenate([pr.rhs, np.full(int(live.sum()), power_kw)])
+    b_eq = np.concatenate([pr.rhs, power_kw - u.load_avg[live]])
     res = _linprog(np.zeros(3 * v), a_eq, b_eq, pr.lower, pr.upper)
     return bool(res.status == 0)
 
@@ -453,7 +501,7 @@ def _closest_plan(u: Units, pr: _Programme) -> Array:
         np.concatenate([pr.lower, [-big, 0.0]]),
         np.concatenate([pr.upper, [big, big]]),
         a_ub,
-        np.zeros(2 * k_steps),
+        np.concatenate([-u.load_avg, u.load_avg]),
     )
     if res.status != 0:  # pragma: no cover - always feasible: w absorbs any miss
         raise RuntimeError(f"the envelope LP failed: {res.message}")
@@ -543,6 +591,7 @@ def steer(
     power_kw: float,
     *,
     ratio: Array | None = None,
+    weight: Array | None = None,
     exact_below: int = EXACT_BELOW,
 ) -> Steering:
     """What each vehicle should deliver now so that the fleet holds ``power_kw`` for the
@@ -556,6 +605,13 @@ def steer(
     units = vehicle_units(bat, energy, departure, now, window_s, k_steps)
     lo = np.where(units.x_min[:, 0] > 0.0, units.x_min[:, 0], -units.y_max[:, 0])
     hi = units.x_max[:, 0].copy()
+    # A car leaving part-way through the first step that must charge flat out until then
+    # does so now, whatever the plan (which counts its average over the step).
+    flat_now = (units.last == 1) & (units.frac < 1.0 - 1e-9) & (units.forced_kwh[:, 0] > 0.0)
+    # So does a car under its floor now (agents.battery.protect): it reaches it faster
+    # than the plan's average over the step, then the plan takes over.
+    flat_now |= energy < energy_floor(bat, departure, now) - ENERGY_TOL_KWH
+    lo[flat_now] = hi[flat_now] = bat.max_charge_kw[flat_now]
     if n == 0:
         return Steering(np.zeros(0), lo, hi, True)
     if n < exact_below:
@@ -566,11 +622,50 @@ def steer(
         pooled = pool(units, cohorts=cohorts)
     first, ok = _first_step(pooled, power_kw)
     idx = cohorts[1]
-    lo_c = np.bincount(idx, weights=lo, minlength=pooled.size)
-    hi_c = np.bincount(idx, weights=hi, minlength=pooled.size)
+    planned = ~flat_now  # the flat-out leavers are outside the plan's variables
+    lo_c = np.bincount(idx, weights=np.where(planned, lo, 0.0), minlength=pooled.size)
+    hi_c = np.bincount(idx, weights=np.where(planned, hi, 0.0), minlength=pooled.size)
+    if weight is not None:
+        power = _least_cost(first, lo, hi, weight, idx, planned, pooled.size)
+        power[flat_now] = lo[flat_now]
+        return Steering(power, lo, hi, ok)
     room = hi_c - lo_c
     share = np.clip(np.divide(first - lo_c, room, out=np.zeros_like(room), where=room > 0), 0, 1)
     return Steering(lo + share[idx] * (hi - lo), lo, hi, ok)
+
+
+def _least_cost(
+    want: Array,
+    lo: Array,
+    hi: Array,
+    weight: Array,
+    idx: NDArray[np.intp],
+    planned: NDArray[np.bool_],
+    m: int,
+    iterations: int = 50,
+) -> Array:
+    """Share each cohort's power ``want`` over its vehicles at least cost (minimise
+    Σ weight·p²/2 within [lo, hi]), as allocation.allocate_cost does for the fleet: one
+    water level per cohort, found by bisection for all cohorts at once."""
+    w = np.maximum(weight, 1e-9)
+    lo_p, hi_p = np.where(planned, lo, 0.0), np.where(planned, hi, 0.0)
+    goal = np.clip(
+        want,
+        np.bincount(idx, weights=lo_p, minlength=m),
+        np.bincount(idx, weights=hi_p, minlength=m),
+    )
+    a = np.full(m, np.inf)
+    b = np.full(m, -np.inf)
+    np.minimum.at(a, idx, lo_p * w)
+    np.maximum.at(b, idx, hi_p * w)
+    for _ in range(iterations):
+        mid = 0.5 * (a + b)
+        got = np.bincount(idx, weights=np.clip(mid[idx] / w, lo_p, hi_p), minlength=m)
+        low = got < goal
+        a = np.where(low, mid, a)
+        b = np.where(low, b, mid)
+    power: Array = np.clip(0.5 * (a + b)[idx] / w, lo_p, hi_p)
+    return power
 
 
 def _first_step(u: Units, power_kw: float) -> tuple[Array, bool]:
@@ -585,7 +680,7 @@ def _first_step(u: Units, power_kw: float) -> tuple[Array, bool]:
     live = np.bincount(pr.ki, minlength=k_steps) > 0
     sums = pr.fleet_sum(k_steps, 3 * v)[np.flatnonzero(live)]
     a_eq = sp.vstack([pr.dynamics, sums]).tocsr()
-    b_eq = np.concatenate([pr.rhs, np.full(int(live.sum()), power_kw)])
+    b_eq = np.concatenate([pr.rhs, power_kw - u.load_avg[live]])
     cost = np.concatenate([np.full(2 * v, h), np.zeros(v)])
     res = _linprog(cost, a_eq, b_eq, pr.lower, pr.upper)
     ok = res.status == 0

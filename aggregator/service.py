@@ -34,7 +34,7 @@ from aggregator.answers import (
     read_request_id,
     replies,
 )
-from aggregator.capability import envelope, vehicle_ranges
+from aggregator.capability import Envelopes, vehicle_ranges
 from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
@@ -198,6 +198,7 @@ class AggregatorService:
             allocation=settings.allocation,
         )
         self.forecaster = ForecastModel()
+        self.envelopes = Envelopes()
         self._forecast_at = -math.inf
         self.rejected: Counter[str] = Counter()
         # Refusals answered at most this fast; where each running request's sender wants
@@ -580,7 +581,7 @@ class AggregatorService:
         routed += [self._route(a) for a in out.results]
         # What the fleet offers is what it will deliver: partial followers count for
         # their measured share, as admission counts them.
-        windows = envelope(view, now, scale=self.dispatcher.follow_ratio(view.rows))
+        windows = self.envelopes.update(view, now, self.dispatcher.follow_ratio(view.rows))
         lo, hi = vehicle_ranges(view, now, self.settings.control_step_s)
         online, plugged = self.state.counts(now, self.settings.stale_s)
         status = fleet_status(

@@ -439,6 +439,8 @@ class DispatchProgress(WireModel):
     score: float | None = None  # a signal service's performance score so far (0..1)
     fcr_share: float | None = None  # containment: least share of activation at 30 s
     delivery_start: UtcTime | None = None  # its first setpoints in force: the books start
+    # Why allocated_kw is not what the first answer said (amended, or the fleet changed).
+    reason: str | None = None
 
 
 class CapabilityWindow(WireModel):
