@@ -1145,6 +1145,7 @@ class Dispatcher:
             power_kw,
             ratio=gain,
             weight=self._weights(view) if self.allocation == "cost" else None,
+            ref=np.where(self._sent_until[view.rows] > now, self._sent_kw[view.rows], 0.0) * gain,
         )
 
     def _weights(self, view: FleetView) -> Array:

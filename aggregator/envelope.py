@@ -64,6 +64,9 @@ EXACT_BELOW = 64
 # Cohorts split alike vehicles into this many buckets per trait (see kinds).
 KIND_BUCKETS = 3
 ENERGY_EPS_KWH = 1e-9
+# A plan's cost per kW it moves a unit from its power now (against h per kWh cycled):
+# plans are sticky, so a steady request does not reshuffle the fleet every step.
+STICKY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +595,7 @@ def steer(
     *,
     ratio: Array | None = None,
     weight: Array | None = None,
+    ref: Array | None = None,
     exact_below: int = EXACT_BELOW,
 ) -> Steering:
     """What each vehicle should deliver now so that the fleet holds ``power_kw`` for the
@@ -620,18 +624,27 @@ def steer(
     else:
         cohorts = cohort_of(units, kinds(units, window_s))
         pooled = pool(units, cohorts=cohorts)
-    first, ok = _first_step(pooled, power_kw)
     idx = cohorts[1]
     planned = ~flat_now  # the flat-out leavers are outside the plan's variables
-    lo_c = np.bincount(idx, weights=np.where(planned, lo, 0.0), minlength=pooled.size)
-    hi_c = np.bincount(idx, weights=np.where(planned, hi, 0.0), minlength=pooled.size)
+    m = pooled.size
+    lo_c = np.bincount(idx, weights=np.where(planned, lo, 0.0), minlength=m)
+    hi_c = np.bincount(idx, weights=np.where(planned, hi, 0.0), minlength=m)
+    # Sticky: each cohort (and in it each car) moves from what it was last told, so a
+    # steady request does not reshuffle the fleet every step.
+    was = np.clip(np.zeros(n) if ref is None else ref, lo, hi)
+    was_c = np.bincount(idx, weights=np.where(planned, was, 0.0), minlength=m).astype(np.float64)
+    first, ok = _first_step(pooled, power_kw, was_c)
     if weight is not None:
-        power = _least_cost(first, lo, hi, weight, idx, planned, pooled.size)
+        power = _least_cost(first, lo, hi, weight, idx, planned, m)
         power[flat_now] = lo[flat_now]
         return Steering(power, lo, hi, ok)
-    room = hi_c - lo_c
-    share = np.clip(np.divide(first - lo_c, room, out=np.zeros_like(room), where=room > 0), 0, 1)
-    return Steering(lo + share[idx] * (hi - lo), lo, hi, ok)
+    goal = np.clip(first, lo_c, hi_c)
+    up = goal >= was_c
+    room = np.where(up, hi_c - was_c, was_c - lo_c)
+    alpha = np.divide(np.abs(goal - was_c), room, out=np.zeros(m), where=room > 1e-12)
+    alpha = np.clip(alpha, 0.0, 1.0)[idx]
+    power = np.where(up[idx], was + alpha * (hi - was), was - alpha * (was - lo))
+    return Steering(power, lo, hi, ok)
 
 
 def _least_cost(
@@ -668,9 +681,10 @@ def _least_cost(
     return power
 
 
-def _first_step(u: Units, power_kw: float) -> tuple[Array, bool]:
-    """Each unit's net power in step 0 of the least-cycling plan holding ``power_kw`` in
-    every step someone is present (or, if none holds, of the closest plan)."""
+def _first_step(u: Units, power_kw: float, was: Array) -> tuple[Array, bool]:
+    """Each unit's net power in step 0 of a plan holding ``power_kw`` in every step
+    someone is present (or, if none holds, of the closest plan): the plan that moves
+    least from ``was`` (each unit's power now) in step 0, then cycles least."""
     k_steps = u.steps
     pr = _programme(u)
     v = pr.size
@@ -678,13 +692,38 @@ def _first_step(u: Units, power_kw: float) -> tuple[Array, bool]:
         return np.zeros(u.size), True
     h = u.step_s / 3600.0
     live = np.bincount(pr.ki, minlength=k_steps) > 0
-    sums = pr.fleet_sum(k_steps, 3 * v)[np.flatnonzero(live)]
-    a_eq = sp.vstack([pr.dynamics, sums]).tocsr()
-    b_eq = np.concatenate([pr.rhs, power_kw - u.load_avg[live]])
-    cost = np.concatenate([np.full(2 * v, h), np.zeros(v)])
-    res = _linprog(cost, a_eq, b_eq, pr.lower, pr.upper)
-    ok = res.status == 0
-    x = res.x if ok else _closest_plan(u, pr)
+    # Step 0's move from ``was``, as slack pairs: (x - y) - up + down = was.
+    at0 = np.flatnonzero(pr.ki == 0)
+    z = at0.shape[0]
+    width = 3 * v + 2 * z
+    r = np.arange(z)
+    moves = sp.csr_matrix(
+        (
+            np.concatenate([np.ones(z), -np.ones(z), -np.ones(z), np.ones(z)]),
+            (np.tile(r, 4), np.concatenate([at0, v + at0, 3 * v + r, 3 * v + z + r])),
+        ),
+        shape=(z, width),
+    )
+    sums = pr.fleet_sum(k_steps, width)[np.flatnonzero(live)]
+    dyn = sp.hstack([pr.dynamics, sp.csr_matrix((v, 2 * z))])
+    a_eq = sp.vstack([dyn, sums, moves]).tocsr()
+    lower = np.concatenate([pr.lower, np.zeros(2 * z)])
+    upper = np.concatenate([pr.upper, np.full(2 * z, np.inf)])
+    cost = np.concatenate([np.full(2 * v, h), np.zeros(v), np.full(2 * z, STICKY)])
+    # Cars charging flat out until they leave part-way through a step are all there now:
+    # in step 0 the others make room for their whole power. Later, as the envelope
+    # counts them (whole toward the least import, not at all toward the most), the
+    # first of the two that holds.
+    after = np.zeros(k_steps)
+    after[0] = u.load_full[0]
+    res = None
+    for load in (u.load_full, after):
+        b_eq = np.concatenate([pr.rhs, power_kw - load[live], was[pr.ui[at0]]])
+        res = _linprog(cost, a_eq, b_eq, lower, upper)
+        if res.status == 0:
+            break
+    ok = res is not None and res.status == 0
+    x: Array = res.x if res is not None and ok else _closest_plan(u, pr)
     net = x[:v] - x[v : 2 * v]
     at0 = pr.ki == 0
     out = np.zeros(u.size)
