@@ -51,6 +51,7 @@ from numpy.typing import NDArray
 from scipy.optimize import linprog
 
 from agents.battery import ENERGY_TOL_KWH, Array, Batteries, energy_floor
+from aggregator.allocation import allocate
 
 # A unit-per-kWh cost of energy cycled, against 1 per kW of P: breaks ties toward
 # solutions without pointless cycling (and without charging and discharging a cohort at
@@ -599,10 +600,14 @@ def steer(
     exact_below: int = EXACT_BELOW,
 ) -> Steering:
     """What each vehicle should deliver now so that the fleet holds ``power_kw`` for the
-    rest of the window: the first step of the least-cycling plan (per vehicle for a
-    small fleet, per cohort above, each cohort's power shared by its vehicles in
-    proportion to their room this step). A commitment made from the envelope is held by
-    following this every control step, the plan solved afresh for what is left."""
+    rest of the window: the first step of the plan that moves least, in that step, from
+    the fast allocation (``power_kw`` split from ``ref``, what each car was told in
+    delivered kW, in proportion to room: spread over the fleet, so a car whose follow
+    ratio is not yet known carries no more than its share), then cycles least. Per
+    vehicle for a small fleet; per cohort above, each cohort's power shared by its
+    vehicles from where they are, in proportion to their room this step (or at least
+    cost with ``weight``). A commitment made from the envelope is held by following
+    this every control step, the plan solved afresh for what is left."""
     bat, energy = scaled(bat, energy, ratio)
     n = energy.shape[0]
     k_steps = grid(window_s)
@@ -632,6 +637,8 @@ def steer(
     # Sticky: each cohort (and in it each car) moves from what it was last told, so a
     # steady request does not reshuffle the fleet every step.
     was = np.clip(np.zeros(n) if ref is None else ref, lo, hi)
+    fixed = float(lo[flat_now].sum())
+    was[planned] = allocate(power_kw - fixed, lo[planned], hi[planned], was[planned]).power
     was_c = np.bincount(idx, weights=np.where(planned, was, 0.0), minlength=m).astype(np.float64)
     first, ok = _first_step(pooled, power_kw, was_c)
     if weight is not None:
