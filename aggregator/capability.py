@@ -26,11 +26,18 @@ def vehicle_ranges(view: FleetView, now: float, window_s: float) -> tuple[Array,
 
 
 def window(
-    view: FleetView, now: float, window_s: float, scale: Array | None = None
+    view: FleetView,
+    now: float,
+    window_s: float,
+    scale: Array | None = None,
+    step_s: float = ev.MIN_STEP_S,
 ) -> CapabilityWindow:
     """The fleet's range for one window; ``scale`` (per vehicle, e.g. the share of its
-    setpoints a vehicle is measured to deliver) counts each car for that share of itself."""
-    env = ev.window(view.batteries, view.energy, view.departure, now, window_s, ratio=scale)
+    setpoints a vehicle is measured to deliver) counts each car for that share of itself;
+    the programme's steps are no shorter than ``step_s`` (the control step)."""
+    env = ev.window(
+        view.batteries, view.energy, view.departure, now, window_s, ratio=scale, min_step_s=step_s
+    )
     return as_window(env)
 
 
@@ -40,6 +47,7 @@ def as_window(env: ev.Envelope) -> CapabilityWindow:
         duration_s=env.duration_s,
         min_power_kw=round(env.min_power_kw, 3),
         max_power_kw=round(env.max_power_kw, 3),
+        feasible=env.feasible,
     )
 
 
@@ -60,10 +68,14 @@ class Envelopes:
     steps old)."""
 
     def __init__(
-        self, windows: tuple[float, ...] = WINDOWS_S, all_below: int = ALL_WINDOWS_BELOW
+        self,
+        windows: tuple[float, ...] = WINDOWS_S,
+        all_below: int = ALL_WINDOWS_BELOW,
+        step_s: float = ev.MIN_STEP_S,
     ) -> None:
         self.windows = windows
         self.all_below = all_below
+        self.step_s = step_s
         self._last: dict[float, CapabilityWindow] = {}
         self._turn = 0
 
@@ -77,5 +89,5 @@ class Envelopes:
             todo = (self.windows[self._turn % len(self.windows)],)
             self._turn += 1
         for w in todo:
-            self._last[w] = window(view, now, w, scale)
+            self._last[w] = window(view, now, w, scale, self.step_s)
         return [self._last[w] for w in self.windows]

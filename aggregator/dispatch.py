@@ -358,6 +358,7 @@ class Dispatcher:
                 now,
                 window_s,
                 ratio=self._ratio[view.rows],
+                min_step_s=self.control_step_s,
             )
         assert isinstance(got, ev.Envelope)
         return got
@@ -924,13 +925,19 @@ class Dispatcher:
                 vehicles=d.vehicles,
             )
         side = "import" if d.requested_kw > d.allocated_kw else "export"
+        limit = f"{side} limited to {d.allocated_kw:.1f} kW"
+        if not self.envelope(view, now, max(d.end - now, self.control_step_s)).feasible:
+            limit = (
+                "no constant power holds for that long (cars that must charge flat out"
+                f" leave inside it): {d.allocated_kw:.1f} kW comes closest"
+            )
         return self._result(
             d.request_id,
             "partial",
             now,
             reason=(
                 f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW for {d.end - now:.0f} s"
-                f"{self._above_text(d)}; {side} limited to {d.allocated_kw:.1f} kW"
+                f"{self._above_text(d)}; {limit}"
             ),
             requested_kw=d.requested_kw,
             allocated_kw=d.allocated_kw,
@@ -1146,6 +1153,7 @@ class Dispatcher:
             ratio=gain,
             weight=self._weights(view) if self.allocation == "cost" else None,
             ref=np.where(self._sent_until[view.rows] > now, self._sent_kw[view.rows], 0.0) * gain,
+            min_step_s=self.control_step_s,
         )
 
     def _weights(self, view: FleetView) -> Array:

@@ -560,6 +560,7 @@ def window(
     arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
+    min_step_s: float = MIN_STEP_S,
 ) -> Envelope:
     """The production envelope for one window: the same programme, one unit per vehicle
     for a fleet under ``exact_below`` vehicles, over cohorts of alike vehicles above.
@@ -567,7 +568,7 @@ def window(
     ``ratio`` (per vehicle) is the share of its setpoints each car is measured to
     deliver; a car counts for that share of itself."""
     bat, energy = scaled(bat, energy, ratio)
-    k_steps = grid(window_s) if steps is None else steps
+    k_steps = grid(window_s, min_step_s=min_step_s) if steps is None else steps
     if energy.shape[0] == 0:
         return Envelope(window_s, 0.0, 0.0, True, 0, k_steps)
     units = vehicle_units(bat, energy, departure, now, window_s, k_steps, arrival)
@@ -598,6 +599,7 @@ def steer(
     weight: Array | None = None,
     ref: Array | None = None,
     exact_below: int = EXACT_BELOW,
+    min_step_s: float = MIN_STEP_S,
 ) -> Steering:
     """What each vehicle should deliver now so that the fleet holds ``power_kw`` for the
     rest of the window: the first step of the plan that moves least, in that step, from
@@ -610,7 +612,8 @@ def steer(
     this every control step, the plan solved afresh for what is left."""
     bat, energy = scaled(bat, energy, ratio)
     n = energy.shape[0]
-    k_steps = grid(window_s)
+    # The plan's first step is held for a whole control step: none may be shorter.
+    k_steps = grid(window_s, min_step_s=min_step_s)
     units = vehicle_units(bat, energy, departure, now, window_s, k_steps)
     lo = np.where(units.x_min[:, 0] > 0.0, units.x_min[:, 0], -units.y_max[:, 0])
     hi = units.x_max[:, 0].copy()

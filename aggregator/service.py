@@ -198,7 +198,7 @@ class AggregatorService:
             allocation=settings.allocation,
         )
         self.forecaster = ForecastModel()
-        self.envelopes = Envelopes()
+        self.envelopes = Envelopes(step_s=settings.control_step_s)
         self._forecast_at = -math.inf
         self.rejected: Counter[str] = Counter()
         # Refusals answered at most this fast; where each running request's sender wants

@@ -449,6 +449,10 @@ class CapabilityWindow(WireModel):
     duration_s: float
     min_power_kw: float
     max_power_kw: float
+    # False when no constant power can be held for the whole window (cars that must
+    # charge flat out leave inside it and the rest cannot make up for them): then
+    # min = max = the power the fleet comes closest to holding.
+    feasible: bool = True
 
 
 class Capability(WireModel):

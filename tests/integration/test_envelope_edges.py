@@ -50,7 +50,9 @@ async def probe(loop: Loop, settings: Settings, which: str, share: float) -> Non
     topics = settings.topics
     async with spy(settings, topics.dispatch_progress(rid), topics.dispatch_result(rid)) as events:
         loop.drain()
-        answer = await request(settings, DispatchRequest(request_id=rid, power_kw=power, duration_s=900.0))
+        answer = await request(
+            settings, DispatchRequest(request_id=rid, power_kw=power, duration_s=900.0)
+        )
         what = f"{which} {share:.0%} of {bound:.1f} kW (published {win})"
         if inside:
             assert answer.status == "accepted", (what, answer)
@@ -66,7 +68,9 @@ async def probe(loop: Loop, settings: Settings, which: str, share: float) -> Non
             assert answer.allocated_kw == pytest.approx(bound, rel=0.005, abs=0.5), what
             assert answer.shortfall_kw == pytest.approx(abs(power - answer.allocated_kw), abs=1e-2)
         committed = answer.allocated_kw
-        powers = [(await loop.next_report()).status.power_kw for _ in range(SETTLE_STEPS + HOLD_STEPS)]
+        powers = [
+            (await loop.next_report()).status.power_kw for _ in range(SETTLE_STEPS + HOLD_STEPS)
+        ]
         assert all(on_target(p, committed) for p in powers[SETTLE_STEPS:]), (
             f"{what}: fleet {powers} kW off the {TOL:.0%} band around {committed} kW"
         )
