@@ -35,7 +35,9 @@ HOLD_STEPS = 3  # ... and stay there for this many more
 BOUNDS = re.compile(r"can hold (-?[\d.]+)\.\.(-?[\d.]+) kW")
 
 
-async def probe(loop: Loop, settings: Settings, which: str, share: float) -> None:
+async def probe(
+    loop: Loop, settings: Settings, which: str, share: float, arrivals: list[int]
+) -> None:
     """Ask for ``share`` of one bound of the 900-s window the fleet has just published;
     check the answer, that the fleet holds it, and that progress and the cancellation
     keep the answer's allocated_kw."""
@@ -68,21 +70,29 @@ async def probe(loop: Loop, settings: Settings, which: str, share: float) -> Non
             assert answer.allocated_kw == pytest.approx(bound, rel=0.005, abs=0.5), what
             assert answer.shortfall_kw == pytest.approx(abs(power - answer.allocated_kw), abs=1e-2)
         committed = answer.allocated_kw
-        powers = [
-            (await loop.next_report()).status.power_kw for _ in range(SETTLE_STEPS + HOLD_STEPS)
-        ]
-        assert all(on_target(p, committed) for p in powers[SETTLE_STEPS:]), (
-            f"{what}: fleet {powers} kW off the {TOL:.0%} band around {committed} kW"
-        )
+        steps = [(await loop.next_report()).status for _ in range(SETTLE_STEPS + HOLD_STEPS)]
+        powers = [s.power_kw for s in steps]
+        plugged = [s.vehicles_plugged_in for s in steps]
+        came = [k for k in range(1, len(steps)) if plugged[k] > plugged[k - 1]]
+        arrivals.extend(came)
+        for k in range(SETTLE_STEPS, len(steps)):
+            # A car that plugs in unannounced charges on its own until the platform has
+            # heard of it: the step it shows up in may be off, and only that one.
+            assert on_target(powers[k], committed) or k in came, (
+                f"{what}: fleet {powers} kW off the {TOL:.0%} band around {committed} kW"
+                f" (plugged in: {plugged})"
+            )
         await operator.cancel(settings, rid)
-        closed = await next_event(
-            events,
-            lambda e: e.topic == topics.dispatch_result(rid) and b'"cancelled"' in e.payload,
-            10.0,
-        )
+        seen: list[operator.Event] = []
+
+        def cancelled(e: operator.Event) -> bool:
+            seen.append(e)
+            return e.topic == topics.dispatch_result(rid) and b'"cancelled"' in e.payload
+
+        closed = await next_event(events, cancelled, 10.0)
         progress = [
             DispatchProgress.model_validate_json(e.payload)
-            for e in drain_events(events)
+            for e in seen + drain_events(events)
             if e.topic == topics.dispatch_progress(rid)
         ]
     result = DispatchResult.model_validate_json(closed.payload)
@@ -107,12 +117,13 @@ async def test_requests_at_the_edges_of_the_envelope_in_a_wave(
         settings, clock, store, test_id, count=120, seed=7, mode="multiplexed", connections=2
     ) as loop:
         await loop.wait_all_online()
+        arrivals: list[int] = []
         for which in ("max", "min"):
             for share in (0.99, 1.01):
-                await probe(loop, settings, which, share)
+                await probe(loop, settings, which, share, arrivals)
         fleet = loop.fleet
         assert fleet.short == 0, fleet.short_ids
         if wave == "departures":
             assert fleet.departed > 0, "no car left during the departure wave"
         else:
-            assert int(fleet.plugged.sum()) > 0
+            assert arrivals, "no car plugged in during the arrival wave"
