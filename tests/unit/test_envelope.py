@@ -4,13 +4,21 @@ per-vehicle reference within 1% on random fleets with departures and arrivals.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.battery import Batteries, feasible_range
+from agents.fleet import SimFleet
+from agents.profiles import generate_fleet
 from aggregator import envelope as ev
+from aggregator.dispatch import Dispatcher
+from aggregator.fleet_state import FleetView
+from broker.models import DispatchRequest, Service
+from v2g.simcore import Simulation, fleet_view
 
 NOW = 1_800_000_000.0
 HOUR = 3600.0
@@ -138,3 +146,80 @@ def test_cohort_envelope_is_within_one_percent_of_the_per_vehicle_lp(
     assert got.feasible == ref.feasible
     assert abs(got.min_power_kw - ref.min_power_kw) <= 0.01 * scale
     assert abs(got.max_power_kw - ref.max_power_kw) <= 0.01 * scale
+
+
+# -- commitments: what the dispatcher answers is what the fleet then holds ---------------
+def wave_view(n: int, at: float, seed: int = 7) -> tuple[SimFleet, FleetView]:
+    fleet = SimFleet(generate_fleet(n, seed), at, step_s=5.0)
+    return fleet, fleet_view(fleet, at, np.zeros(n), 0.0)
+
+
+DEPARTURES = 86_400.0 * 20_000 + 7.25 * HOUR  # 07:15, home cars leave for work
+
+
+@pytest.mark.parametrize("which", ["min", "max"])
+def test_a_commitment_at_the_bound_is_held_through_a_departure_wave(which: str) -> None:
+    # The case: 300 cars at 07:15. Asked a little beyond a bound, the answer is
+    # partial with the envelope's bound, the fleet holds it within 2% at every step, no
+    # driver is left short, and the completed result reports the same allocated_kw.
+    prof = generate_fleet(300, 7)
+    _, view = wave_view(300, DEPARTURES)
+    env = ev.window(view.batteries, view.energy, view.departure, DEPARTURES, 900.0)
+    bound = env.max_power_kw if which == "max" else env.min_power_kw
+    ask = round(bound + (1.0 if which == "max" else -1.0) * 0.01 * abs(bound), 1)
+    req = DispatchRequest(request_id="wave", service=Service.MANUAL, power_kw=ask, duration_s=900)
+    res = Simulation(prof, start=DEPARTURES, step_s=5.0, steps=182, requests=[req]).run()
+    rec = res.requests[0]
+    assert rec.admission is not None and rec.final is not None
+    assert rec.admission.status == "partial"
+    assert rec.admission.allocated_kw == pytest.approx(bound, abs=1e-3)
+    assert res.departed > 10  # it is a departure wave
+    held = res.fleet_kw[~np.isnan(res.requested_kw)]
+    assert np.all(np.abs(held - bound) <= 0.02 * abs(bound)), held
+    assert rec.final.status == "completed"
+    assert rec.final.allocated_kw == rec.admission.allocated_kw
+    assert rec.final.reason is None
+    assert res.short_total == 0
+
+
+def test_the_commitment_moves_only_when_the_fleet_changed_and_says_why() -> None:
+    # Committed at the most the fleet can export; then a third of the cars go offline
+    # (no departure announced for then): the fleet cannot hold it any more, so the
+    # commitment moves to what it can hold, and progress and the result say why.
+    fleet, view = wave_view(120, DEPARTURES)
+    d = Dispatcher(control_step_s=5.0)
+    env = d.envelope(view, DEPARTURES, 900.0)
+    answer = d.submit(
+        DispatchRequest(
+            request_id="c", service=Service.MANUAL, power_kw=env.min_power_kw - 5.0, duration_s=900
+        ),
+        DEPARTURES,
+        view,
+    )
+    assert answer.status == "partial"
+    committed = answer.allocated_kw
+    out = d.step(DEPARTURES, view, len(fleet))
+    assert [p.allocated_kw for p in out.progress] == [committed]
+    assert out.progress[0].reason is None
+    t = DEPARTURES + 5.0
+    keep = np.ones(len(view), dtype=bool)
+    keep[: len(view) // 3] = False
+    gone = dataclasses.replace(
+        view,
+        rows=view.rows[keep],
+        batteries=Batteries(
+            *(getattr(view.batteries, f.name)[keep] for f in dataclasses.fields(Batteries))
+        ),
+        energy=view.energy[keep],
+        departure=view.departure[keep],
+        power=view.power[keep],
+        ts=np.full(int(keep.sum()), t),
+    )
+    out = d.step(t, gone, len(fleet))
+    moved = out.progress[0]
+    assert moved.allocated_kw != committed
+    assert moved.reason is not None and "the fleet changed" in moved.reason
+    assert f"{len(view) - int(keep.sum())} vehicle(s) left" in moved.reason
+    result = d.cancel("c", t + 5.0, gone)
+    assert result is not None and result.allocated_kw == moved.allocated_kw
+    assert "the fleet changed" in (result.reason or "")
