@@ -25,7 +25,6 @@ import dataclasses
 import platform
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -197,12 +196,10 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=30, help="random fleets for the worst error")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "envelope.json"))
     args = ap.parse_args()
-    t = time.perf_counter()
     result = wave_errors() + random_errors(args.random)
     for n in (int(s) for s in args.sizes.split(",") if s):
         result.extend(costs(n))
     print_table(result)
-    print(f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     write_results(result, args.out, **provenance())
 
 
