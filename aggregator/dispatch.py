@@ -1116,8 +1116,12 @@ class Dispatcher:
         window_s = max(d.end - now, self.control_step_s)
         gain = self._gain(view)
         plan = self._plan_for(view, now, window_s, d.allocated_kw, gain)
-        if plan.holds or d.lost == 0:
-            # No change in the fleet: the plan closest to the commitment is followed.
+        if plan.holds:
+            d.lost = 0  # whoever left, the rest still hold it
+            return plan
+        if d.lost == 0:
+            # The fleet is as it was when it was answered: the commitment stands, and the
+            # plan closest to it is followed.
             return plan
         env = self.envelope(view, now, window_s)
         want = float(d.request.power_kw or 0.0)
