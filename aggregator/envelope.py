@@ -10,29 +10,38 @@ leaving car can charge harder (it has less time to fill) while a staying one can
 energy early and win it back later. Summing ranges is too strict on one side and too
 generous on the other exactly when many cars come and go.
 
-The window is cut into ``K`` equal steps. A **unit** (one vehicle in the reference, a
-cohort in production) is present from the step its arrival falls on (rounded up) to the
-step its departure falls in (rounded down: it counts as gone for the whole step it
-leaves in, and must already be on its departure floor at that step's start). Rounding
-that way only ever narrows the envelope: a car that is in fact still there can hold
-0 kW. Per present step a unit charges ``x`` and discharges ``y`` (kW), and its energy
-after the step, ``e``, is ``e_prev + eta_ch·x·h − y·h/eta_dis``, within
-[floor(step end), capacity]. The floor is the driver's E_min(τ) (DESIGN.md), capped at
-what charging flat out from now (or from arrival) reaches, so a car under its floor
-charges flat out and keeps the programme feasible. At every step the units present sum
-to the same P; the envelope is [min P, max P].
+The window is cut into ``K`` equal steps (at most 16, none shorter than the control
+step). A **unit** (one vehicle in the reference, a cohort in production) is present from
+the step its announced arrival falls in (rounded up) to the step it leaves in. Per
+present step a unit charges ``x`` and discharges ``y`` (kW), and its energy after the
+step, ``e``, is ``e_prev + eta_ch·x·h − y·h/eta_dis``, within [floor, ceiling] at the
+step's end. The floor is the driver's E_min(τ) (DESIGN.md), capped at what charging
+flat out reaches, so a car under its floor charges flat out and keeps the programme
+feasible; at the boundary after its last step a leaving car must be on its departure
+floor. At every step the units present sum to the same P; the envelope is
+[min P, max P].
+
+A car that leaves part-way through a step would count for the whole step if it had a
+say in it, and the others could lean on it after it has gone. So it has none: if it can
+be on its departure floor by the step's start it idles there (it counts as gone), and
+if it must charge flat out until it leaves, that charge is a fixed load on the step,
+counted whole toward the least P and not at all toward the most. Against a programme on
+5-s control steps this only narrows the envelope, by well under 1% (bench/envelope.py).
 
 - :func:`reference`: one unit per vehicle; exact on the step grid, for tests and the
   bench (it is too big for a control loop at 100k vehicles).
-- :func:`window`: the production computation. Vehicles are pooled into cohorts by the
-  steps they arrive and leave in, as aggregator/schedule.py pools them. Pooling alone
-  would let one car's room cover another's charger (a full car and an empty one pooled
-  charge at both chargers' power), so each cohort's per-step charge and discharge limits
-  are the sums of its vehicles' own per-step limits, each already cut by what that car's
-  energy allows in that step (the energy it can at least / at most have at the step's
-  start, against its capacity and its floor at the step's end), and a car that must
-  charge in a step adds that to its cohort's least charge. The property test holds it
-  to :func:`reference` within 1% on random fleets with departures and arrivals.
+- :func:`window`: the production computation. Under ``EXACT_BELOW`` vehicles it is the
+  reference; above, vehicles are pooled into cohorts by the steps they arrive and leave
+  in and by :func:`kinds`, as aggregator/schedule.py pools them. Pooling alone would let
+  one car's room cover another's charger (a full car and an empty one pooled charge at
+  both chargers' power), so each cohort's per-step charge and discharge limits are the
+  sums of its vehicles' own per-step limits, each already cut by what that car's energy
+  allows in that step (the least and most energy it can have at the step's start,
+  against its capacity and its floor at the step's end); a car's forced charge is
+  booked at its own efficiency. The property test holds it to :func:`reference` within
+  1% on random fleets with departures and arrivals.
+- :func:`steer`: the first step of a plan that holds a committed power to the end of its
+  window, for the dispatcher to follow each control step.
 
 When no constant power can be held (a car under its floor must charge flat out and
 leaves mid-window, and the rest cannot make up for it afterwards), the envelope is the
@@ -86,7 +95,8 @@ class Envelope:
 class Units:
     """What the programme sees: per unit, when it is present and its per-step limits.
 
-    Steps k = 0..K-1; boundaries b = 0..K. A unit is present in steps [first, last)."""
+    Steps k = 0..K-1; boundaries b = 0..K. A unit is present in steps [first, last). The
+    per-step powers are averages over the step."""
 
     step_s: float
     first: NDArray[np.intp]  # (m,)
