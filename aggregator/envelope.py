@@ -643,22 +643,27 @@ def steer(
         cohorts = cohort_of(units, kinds(units, window_s))
         pooled = pool(units, cohorts=cohorts)
     idx = cohorts[1]
-    planned = ~flat_now  # the flat-out leavers are outside the plan's variables
+    planned = ~flat_now  # their power now is not the plan's to choose
     m = pooled.size
-    lo_c = np.bincount(idx, weights=np.where(planned, lo, 0.0), minlength=m)
-    hi_c = np.bincount(idx, weights=np.where(planned, hi, 0.0), minlength=m)
-    # Sticky: each cohort (and in it each car) moves from what it was last told, so a
-    # steady request does not reshuffle the fleet every step.
+
+    def per_cohort(x: Array) -> Array:
+        return np.bincount(idx, weights=x, minlength=m).astype(np.float64)
+
+    lo_c, hi_c = per_cohort(np.where(planned, lo, 0.0)), per_cohort(np.where(planned, hi, 0.0))
+    # Sticky: the plan moves least from the fast split of the target, itself made from
+    # what each car was last told, so a steady request does not reshuffle the fleet.
     was = np.clip(np.zeros(n) if ref is None else ref, lo, hi)
-    fixed = float(lo[flat_now].sum())
-    was[planned] = allocate(power_kw - fixed, lo[planned], hi[planned], was[planned]).power
-    was_c = np.bincount(idx, weights=np.where(planned, was, 0.0), minlength=m).astype(np.float64)
-    first, ok = _first_step(pooled, power_kw, was_c)
+    fixed = np.where(flat_now, lo, 0.0)
+    was[planned] = allocate(power_kw - fixed.sum(), lo[planned], hi[planned], was[planned]).power
+    first, ok = _first_step(pooled, power_kw, per_cohort(was))
+    # What each cohort's other cars are to give, beside its cars charging flat out now.
+    goal = first - per_cohort(fixed)
     if weight is not None:
-        power = _least_cost(first, lo, hi, weight, idx, planned, m)
+        power = _least_cost(goal, lo, hi, weight, idx, planned, m)
         power[flat_now] = lo[flat_now]
         return Steering(power, lo, hi, ok)
-    goal = np.clip(first, lo_c, hi_c)
+    was_c = per_cohort(np.where(planned, was, 0.0))
+    goal = np.clip(goal, lo_c, hi_c)
     up = goal >= was_c
     room = np.where(up, hi_c - was_c, was_c - lo_c)
     alpha = np.divide(np.abs(goal - was_c), room, out=np.zeros(m), where=room > 1e-12)
