@@ -223,3 +223,24 @@ def test_the_commitment_moves_only_when_the_fleet_changed_and_says_why() -> None
     result = d.cancel("c", t + 5.0, gone)
     assert result is not None and result.allocated_kw == moved.allocated_kw
     assert "the fleet changed" in (result.reason or "")
+
+
+def test_a_large_fleet_follows_its_plan_between_solves_and_stays_on_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Above replan_every_step_below (here: always) the plan is solved again only when its
+    # first step has run out or a car comes or goes; the fleet stays on the commitment.
+    from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req, run_loop
+
+    solves = []
+    real = ev.steer
+    monkeypatch.setattr(ev, "steer", lambda *a, **k: solves.append(a[3]) or real(*a, **k))
+    fleet, state = fleet_and_state(80)
+    d = Dispatcher(control_step_s=STEP, replan_every_step_below=0)
+    view = state.view(T0, 3 * STEP)
+    target = round(0.5 * d.envelope(view, T0, 1800.0).min_power_kw, 1)
+    assert d.submit(req(target, 1800.0), T0, view).status == "accepted"
+    t, _ = run_loop(fleet, state, d, T0, 12)
+    assert 1 <= len(solves) < 12  # 1800 s / 16 steps: one solve every ~112 s at most
+    assert state.view(t, 3 * STEP).power.sum() == pytest.approx(target, rel=0.02)
+    assert d.dispatches["r1"].allocated_kw == target
