@@ -559,6 +559,42 @@ def kinds(u: Units, window_s: float, buckets: int = KIND_BUCKETS) -> NDArray[np.
     return (when * buckets + bucket(fill)) * buckets + bucket(empty)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A fleet made ready for one window's programmes: its units, and the cohorts they
+    pool into (each unit its own cohort for a small fleet). The envelope and a plan for
+    the same fleet, time and window share it."""
+
+    units: Units
+    cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]
+    pooled: Units
+
+
+def prepare(
+    bat: Batteries,
+    energy: Array,
+    departure: Array,
+    now: float,
+    window_s: float,
+    *,
+    ratio: Array | None = None,
+    exact_below: int = EXACT_BELOW,
+    min_step_s: float = MIN_STEP_S,
+) -> Prepared:
+    """The fleet's units for the window (each car counted for ``ratio`` of itself) and
+    their cohorts: what :func:`window` and :func:`steer` solve over."""
+    bat, energy = scaled(bat, energy, ratio)
+    n = energy.shape[0]
+    units = vehicle_units(
+        bat, energy, departure, now, window_s, grid(window_s, min_step_s=min_step_s)
+    )
+    if n < exact_below:
+        each = np.arange(n, dtype=np.intp)
+        return Prepared(units, (each, each), units)
+    cohorts = cohort_of(units, kinds(units, window_s))
+    return Prepared(units, cohorts, pool(units, cohorts=cohorts))
+
+
 def window(
     bat: Batteries,
     energy: Array,
@@ -571,12 +607,18 @@ def window(
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
+    prepared: Prepared | None = None,
 ) -> Envelope:
     """The production envelope for one window: the same programme, one unit per vehicle
     for a fleet under ``exact_below`` vehicles, over cohorts of alike vehicles above.
 
     ``ratio`` (per vehicle) is the share of its setpoints each car is measured to
-    deliver; a car counts for that share of itself."""
+    deliver; a car counts for that share of itself. ``prepared`` (from :func:`prepare`,
+    with the same arguments) saves doing that again."""
+    if prepared is not None and steps is None and arrival is None:
+        if prepared.units.size == 0:
+            return Envelope(window_s, 0.0, 0.0, True, 0, prepared.units.steps)
+        return solve(prepared.pooled, window_s)
     bat, energy = scaled(bat, energy, ratio)
     k_steps = grid(window_s, min_step_s=min_step_s) if steps is None else steps
     if energy.shape[0] == 0:
@@ -610,6 +652,7 @@ def steer(
     ref: Array | None = None,
     exact_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
+    prepared: Prepared | None = None,
 ) -> Steering:
     """What each vehicle should deliver now so that the fleet holds ``power_kw`` for the
     rest of the window: the first step of the plan that moves least, in that step, from
@@ -620,11 +663,21 @@ def steer(
     vehicles from where they are, in proportion to their room this step (or at least
     cost with ``weight``). A commitment made from the envelope is held by following
     this every control step, the plan solved afresh for what is left."""
+    # The plan's first step is held for a whole control step: none may be shorter.
+    if prepared is None:
+        prepared = prepare(
+            bat,
+            energy,
+            departure,
+            now,
+            window_s,
+            ratio=ratio,
+            exact_below=exact_below,
+            min_step_s=min_step_s,
+        )
     bat, energy = scaled(bat, energy, ratio)
     n = energy.shape[0]
-    # The plan's first step is held for a whole control step: none may be shorter.
-    k_steps = grid(window_s, min_step_s=min_step_s)
-    units = vehicle_units(bat, energy, departure, now, window_s, k_steps)
+    units = prepared.units
     lo = np.where(units.x_min[:, 0] > 0.0, units.x_min[:, 0], -units.y_max[:, 0])
     hi = units.x_max[:, 0].copy()
     # A car leaving part-way through the first step that must charge flat out until then
@@ -636,12 +689,7 @@ def steer(
     lo[flat_now] = hi[flat_now] = bat.max_charge_kw[flat_now]
     if n == 0:
         return Steering(np.zeros(0), lo, hi, True)
-    if n < exact_below:
-        cohorts = (np.arange(n, dtype=np.intp), np.arange(n, dtype=np.intp))
-        pooled = units
-    else:
-        cohorts = cohort_of(units, kinds(units, window_s))
-        pooled = pool(units, cohorts=cohorts)
+    cohorts, pooled = prepared.cohorts, prepared.pooled
     idx = cohorts[1]
     planned = ~flat_now  # their power now is not the plan's to choose
     m = pooled.size
