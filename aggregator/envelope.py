@@ -508,16 +508,17 @@ def _closest_plan(u: Units, pr: _Programme) -> Array:
     big = float(u.x_max.sum() + u.y_max.sum()) + 1.0
     cost = np.zeros(width)
     cost[-1] = 1.0
-    res = _linprog(
-        cost,
-        a_eq,
-        pr.rhs,
-        np.concatenate([pr.lower, [-big, 0.0]]),
-        np.concatenate([pr.upper, [big, big]]),
-        a_ub,
-        np.concatenate([-u.load_avg, u.load_avg]),
-    )
-    if res.status != 0:  # pragma: no cover - always feasible: w absorbs any miss
+    lower = np.concatenate([pr.lower, [-big, 0.0]])
+    upper = np.concatenate([pr.upper, [big, big]])
+    b_ub = np.concatenate([-u.load_avg, u.load_avg])
+    res = _linprog(cost, a_eq, pr.rhs, lower, upper, a_ub, b_ub)
+    if res.status == 2:
+        # Pooled, a cohort's energies may not fit its cars' summed bounds (one efficiency
+        # for cars of several): the closest plan without them. Never empty: charge only
+        # what is forced, discharge nothing, and the energy only rises from >= 0.
+        lower[2 * v : 3 * v], upper[2 * v : 3 * v] = 0.0, np.inf
+        res = _linprog(cost, a_eq, pr.rhs, lower, upper, a_ub, b_ub)
+    if res.status != 0:  # pragma: no cover - see above: always feasible
         raise RuntimeError(f"the envelope LP failed: {res.message}")
     x: Array = res.x
     return x
