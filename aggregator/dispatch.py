@@ -309,7 +309,7 @@ class Dispatcher:
         self._replan_at: dict[str, tuple[float, float]] = {}
         self._plan_rows: NDArray[np.intp] = np.zeros(0, np.intp)
         # The vehicles of the last step and their announced departures: who left early.
-        self._seen: tuple[NDArray[np.intp], Array] = (np.zeros(0, np.intp), np.zeros(0))
+        self._fleet_before: tuple[NDArray[np.intp], Array] = (np.zeros(0, np.intp), np.zeros(0))
 
     def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
         """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
@@ -1100,8 +1100,8 @@ class Dispatcher:
         that were not due to leave (no announced departure, or one still ahead): they
         left early, unplugged, went offline or fell silent. A car that leaves when it
         said it would is no change: the commitment was made knowing it."""
-        prev_rows, prev_dep = self._seen
-        self._seen = (view.rows.copy(), view.departure.copy())
+        prev_rows, prev_dep = self._fleet_before
+        self._fleet_before = (view.rows.copy(), view.departure.copy())
         if prev_rows.size == 0:
             return
         gone = ~np.isin(prev_rows, view.rows)
