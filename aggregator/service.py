@@ -508,6 +508,7 @@ class AggregatorService:
         step = self.settings.control_step_s
         next_t = self.clock.now()
         while True:
+            began = self.clock.now()
             # Scale-out: only the leader steps; a follower forwards its inbox to it.
             if self.scale is None or await self.scale.lead(self):
                 async with self._dispatch_lock:
@@ -522,11 +523,13 @@ class AggregatorService:
                     next_t = now
             # A request that ends before the next step is closed by a step at its end, so
             # its books stop there and the fleet is released on time.
-            end = self.dispatcher.next_end(now)
+            # Counted from when this step began: a request that ended while it ran (a long
+            # step at high clock speed) is closed by a step at once, not one period later.
+            end = self.dispatcher.next_end(began)
             wake = next_t
             if end is not None and end < next_t + END_MARGIN_S:
                 wake = end + END_MARGIN_S  # a regular step due as close is this one
-            await self.clock.sleep(wake - now)
+            await self.clock.sleep(max(0.0, wake - now))
 
     async def _signal_loop(self) -> None:
         """Follow signal samples as they come: the new target's setpoints go out at once."""
