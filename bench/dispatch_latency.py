@@ -62,7 +62,8 @@ from aggregator.dispatch import StepOutput
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
 from broker.clock import ManualClock
-from broker.fastpub import setpoint_payloads
+from broker.codec import setpoint_payloads
+from broker.columns import TelemetryArrays
 from broker.link import Outgoing
 from broker.models import DispatchRequest, Telemetry, TelemetryBatch, from_epoch
 from broker.settings import Settings
@@ -214,7 +215,7 @@ def load_fleet(svc: AggregatorService, n: int, batched: bool) -> SimFleet:
             rows = np.arange(start, min(start + PER_BRIDGE, n))
             for body in telemetry_batch_payloads(fleet, T0, rows, bridge):
                 svc.inbox.batches.append(
-                    (bridge, TelemetryBatch.model_validate_json(body).arrays())
+                    (bridge, TelemetryArrays.from_batch(TelemetryBatch.model_validate_json(body)))
                 )
     else:
         svc.inbox.telemetry = [

@@ -19,8 +19,10 @@ from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
 from broker.clock import ManualClock
+from broker.codec import setpoint_payloads
+from broker.columns import TelemetryArrays
 from broker.fastlink import _Protocol as IngestProtocol
-from broker.fastpub import Delivery, FastPublisher, _Burst, _Protocol, setpoint_payloads
+from broker.fastpub import Delivery, FastPublisher, _Burst, _Protocol
 from broker.link import LinkStats, Outgoing
 from broker.models import Setpoint, Telemetry, TelemetryBatch, from_epoch
 from broker.settings import Settings
@@ -205,7 +207,7 @@ def test_the_service_resends_exactly_the_rows_whose_setpoint_was_not_acknowledge
     fleet = SimFleet(generate_fleet(12, 4), now)
     own = [Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, now, np.arange(6))]
     batches = [
-        (gw, TelemetryBatch.model_validate_json(body).arrays())
+        (gw, TelemetryArrays.from_batch(TelemetryBatch.model_validate_json(body)))
         for gw, part in (("gw-1", np.arange(6, 9)), ("gw-2", np.arange(9, 12)))
         for body in telemetry_batch_payloads(fleet, now, part, gw)
     ]
