@@ -36,15 +36,8 @@ import structlog
 from numpy.typing import NDArray
 
 from broker.errors import TransportError
-from broker.fastlink import (
-    BAD_LENGTH,
-    MAX_FRAME_BYTES,
-    close_session,
-    keep_alive,
-    open_session,
-    remaining_length,
-    supervise,
-)
+from broker.fastlink import close_session, keep_alive, open_session, supervise
+from broker.framing import BAD_LENGTH, MAX_FRAME_BYTES, decode_length, encode_length
 from broker.link import Outgoing, wait_connected
 from broker.settings import MqttTarget, Settings
 
@@ -52,8 +45,6 @@ log = structlog.get_logger("broker.fastpub")
 
 MAX_INFLIGHT = 65_535  # MQTT packet ids are 16 bits, 0 is not one
 CHUNK = 512  # messages framed into one write: the broker starts on the first ones at once
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"
 
 
 @dataclass(slots=True)
@@ -84,19 +75,6 @@ class Delivery:
     @property
     def complete(self) -> bool:
         return bool(self.acked.all())
-
-
-def _remaining_length(n: int) -> bytes:
-    if n < 128:
-        return bytes((n,))
-    if n < 16_384:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 class _Burst:
@@ -183,7 +161,7 @@ class _Protocol(asyncio.Protocol):
                     if not burst.pending and not burst.settled.done():
                         burst.settled.set_result(None)
                 continue
-            length, i = remaining_length(buf, pos + 1, n)
+            length, i = decode_length(buf, pos + 1, n)
             if length == BAD_LENGTH:
                 self._broken("bad remaining length")
                 return
@@ -228,7 +206,7 @@ class _Protocol(asyncio.Protocol):
                 burst.pending += 1
                 add(
                     bytes((0x32 | (1 if m.retain else 0),))
-                    + _remaining_length(tlen + 4 + len(payload))
+                    + encode_length(tlen + 4 + len(payload))
                     + tlen.to_bytes(2, "big")
                     + topic
                     + pid.to_bytes(2, "big")
@@ -238,7 +216,7 @@ class _Protocol(asyncio.Protocol):
                 burst.acked[k] = 1
                 add(
                     bytes((0x30 | (1 if m.retain else 0),))
-                    + _remaining_length(tlen + 2 + len(payload))
+                    + encode_length(tlen + 2 + len(payload))
                     + tlen.to_bytes(2, "big")
                     + topic
                     + payload
