@@ -301,22 +301,6 @@ def test_a_batch_folds_to_the_same_columns_as_the_same_reports_one_by_one(
 
 
 # -- batched setpoints -------------------------------------------------------------------
-def test_the_aggregators_setpoint_batch_holds_to_the_model() -> None:
-    body = setpoint_batch_payload(
-        "gw",
-        "r1",
-        datetime(2026, 11, 26, 18, tzinfo=UTC),
-        ["ev-1", "ev-2"],
-        np.array([-7.12345, 3.0]),
-        np.array([T0 + 30] * 2),
-    )
-    sb = SetpointBatch.model_validate_json(body)
-    assert sb.power_kw == [-7.123, 3.0]
-    bad = json.loads(body) | {"valid_until": [T0, T0 + 30]}  # one not after issued_at
-    with pytest.raises(ValueError, match="after issued_at"):
-        SetpointBatch.model_validate_json(json.dumps(bad))
-
-
 def test_setpoints_of_vehicles_behind_a_bridge_go_out_batched_and_the_rest_one_by_one() -> None:
     svc = service()
     deliver(svc, json.dumps(good_doc(3)).encode())
