@@ -237,12 +237,13 @@ def setpoint_batch_payload(
     until = np.asarray(valid_until, dtype=np.float64)
     if not power.shape[0] == until.shape[0] == n:
         raise ValueError("vehicle_ids, power_kw and valid_until must be as long as each other")
-    if not np.isfinite(power).all() or float(np.abs(power).max()) > MAX_VEHICLE_KW:
+    if not float(np.abs(power).max()) <= MAX_VEHICLE_KW:  # NaN fails it too
         raise ValueError(f"setpoint power must be finite and within +-{MAX_VEHICLE_KW:g} kW")
     issued = issued_at.astimezone(UTC)
-    if not (until > EPOCH_MIN_S).all() or not (until < EPOCH_MAX_S).all():
+    first, last = float(until.min()), float(until.max())
+    if not EPOCH_MIN_S < first <= last < EPOCH_MAX_S:  # NaN fails it too
         raise ValueError(f"valid_until must be epoch seconds in ({EPOCH_MIN_S:g}, {EPOCH_MAX_S:g})")
-    if float(until.min()) <= issued.timestamp():
+    if first <= issued.timestamp():
         raise ValueError("every valid_until must be after issued_at")
     return json.dumps(
         {
