@@ -233,7 +233,8 @@ def setpoint_batch_payload(
     n = len(vehicle_ids)
     if not 1 <= n <= MAX_BATCH_VEHICLES:
         raise ValueError(f"a setpoint batch carries 1..{MAX_BATCH_VEHICLES} vehicles, not {n}")
-    power = np.round(np.asarray(power_kw, dtype=np.float64), 3)
+    with np.errstate(over="ignore"):  # a power past 1e305 rounds to inf, refused below
+        power = np.round(np.asarray(power_kw, dtype=np.float64), 3)
     until = np.asarray(valid_until, dtype=np.float64)
     if not power.shape[0] == until.shape[0] == n:
         raise ValueError("vehicle_ids, power_kw and valid_until must be as long as each other")
