@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from broker.columns import TelemetryRow
+from broker.columns import TelemetryArrays, TelemetryRow
 from broker.models import (
     EPOCH_MAX_S,
     EPOCH_MIN_S,
@@ -153,6 +153,104 @@ def telemetry_row(payload: bytes, vehicle_id: str) -> TelemetryRow | None:
     if at is None or leave is None:
         return None
     return _row((vid, seq, plugged, at, soc, cap, power, mch, mdis, ech, edis, low, tgt, leave))
+
+
+# -- Telemetry out: what simulated vehicles and bridges send -----------------------------
+# Formatted directly rather than through the models: this runs for every vehicle every
+# interval. Times as ISO 8601 with microseconds and 'Z'; soc to 6 decimals and power_kw to
+# 4 (finer is noise); the other numbers as they are.
+
+
+def _iso_us(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stamps(ts: NDArray[np.float64]) -> list[str]:
+    """Each time as text. Most vehicles share one clock: it is formatted once, and so is
+    each other distinct time, however many they are."""
+    n = ts.shape[0]
+    if not n:
+        return []
+    odd = np.flatnonzero(ts != ts[0])
+    if odd.size <= n // 2:
+        out = [_iso_us(float(ts[0]))] * n
+        for i, t in zip(odd.tolist(), ts[odd].tolist(), strict=True):
+            out[i] = _iso_us(t)
+        return out
+    moments, inverse = np.unique(ts, return_inverse=True)
+    return list(np.array([_iso_us(t) for t in moments.tolist()], dtype=object)[inverse])
+
+
+def telemetry_payloads(reports: TelemetryArrays) -> list[bytes]:
+    """One ``Telemetry`` JSON payload per report, in order (``departure`` null where NaN).
+
+    The reports must be valid (within the model's bounds): they come from a simulated
+    fleet, and tests/unit/test_codec.py holds the output to the model.
+    """
+    ts = _stamps(reports.ts)
+    v = reports.values
+    soc, cap, power = v["soc"].tolist(), v["capacity_kwh"].tolist(), v["power_kw"].tolist()
+    mch, mdis = v["max_charge_kw"].tolist(), v["max_discharge_kw"].tolist()
+    ech, edis = v["charge_efficiency"].tolist(), v["discharge_efficiency"].tolist()
+    mins, tgt = v["min_soc"].tolist(), v["target_soc"].tolist()
+    departure = v["departure"].tolist()
+    plugged = reports.plugged_in.tolist()
+    seq = reports.seq.tolist()
+    out = []
+    for i, vid in enumerate(reports.vehicle_id):
+        d = departure[i]
+        dep = "null" if d != d else f'"{_iso_us(d)}"'  # NaN: unknown
+        out.append(
+            (
+                f'{{"vehicle_id":"{vid}","seq":{seq[i]},"ts":"{ts[i]}",'
+                f'"plugged_in":{"true" if plugged[i] else "false"},"soc":{soc[i]:.6f},'
+                f'"capacity_kwh":{cap[i]!r},"power_kw":{power[i]:.4f},'
+                f'"max_charge_kw":{mch[i]!r},"max_discharge_kw":{mdis[i]!r},'
+                f'"charge_efficiency":{ech[i]!r},"discharge_efficiency":{edis[i]!r},'
+                f'"min_soc":{mins[i]!r},"target_soc":{tgt[i]!r},"departure":{dep}}}'
+            ).encode()
+        )
+    return out
+
+
+def telemetry_batch_payloads(
+    bridge_id: str,
+    sent_at: float,
+    reports: TelemetryArrays,
+    max_vehicles: int = MAX_BATCH_VEHICLES,
+) -> list[bytes]:
+    """The reports as ``TelemetryBatch`` messages of ``bridge_id`` sent at epoch
+    ``sent_at``, split at ``max_vehicles`` (one message unless the bridge carries more);
+    the same values, at the same precision, as :func:`telemetry_payloads`."""
+    stamp = _iso_us(sent_at)
+    out = []
+    v = reports.values
+    for k in range(0, len(reports), max_vehicles):
+        part = slice(k, k + max_vehicles)  # views: no column is copied
+        dep = v["departure"][part]
+        departure: list[float | None] = dep.tolist()
+        for i in np.flatnonzero(np.isnan(dep)).tolist():
+            departure[i] = None
+        columns = {
+            "bridge_id": bridge_id,
+            "sent_at": stamp,
+            "vehicle_id": reports.vehicle_id[part],
+            "seq": reports.seq[part].tolist(),
+            "ts": np.round(reports.ts[part], 6).tolist(),
+            "plugged_in": reports.plugged_in[part].tolist(),
+            "soc": np.round(v["soc"][part], 6).tolist(),
+            "capacity_kwh": v["capacity_kwh"][part].tolist(),
+            "power_kw": np.round(v["power_kw"][part], 4).tolist(),
+            "max_charge_kw": v["max_charge_kw"][part].tolist(),
+            "max_discharge_kw": v["max_discharge_kw"][part].tolist(),
+            "charge_efficiency": v["charge_efficiency"][part].tolist(),
+            "discharge_efficiency": v["discharge_efficiency"][part].tolist(),
+            "min_soc": v["min_soc"][part].tolist(),
+            "target_soc": v["target_soc"][part].tolist(),
+            "departure": departure,
+        }
+        out.append(json.dumps(columns, separators=(",", ":")).encode())
+    return out
 
 
 # -- Setpoints out -----------------------------------------------------------------------

@@ -5,6 +5,10 @@ the one MQTT remaining-length codec (broker/framing.py) is the spec's.
   random invalid ones it refuses (None: the model decides) or agrees with the model; at
   every bound of every field, read off the model itself, it accepts exactly what the
   model accepts, so a bound changed in broker/models.py and not in the codec fails here.
+- ``telemetry_payloads`` and ``telemetry_batch_payloads`` (what simulated vehicles and
+  bridges send): what they write parses back through ``Telemetry`` / ``TelemetryBatch``
+  to the values given, at the precision they promise, and the ingest's fast path reads
+  every per-vehicle payload.
 - ``setpoint_payloads`` and ``setpoint_batch_payload``: what they write parses back
   through ``Setpoint`` / ``SetpointBatch`` to the values they were given (power rounded
   to 3 decimals); they raise exactly when the model would refuse the same values.
@@ -30,8 +34,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from broker.codec import setpoint_batch_payload, setpoint_payloads, telemetry_row, utc_stamp
-from broker.columns import TelemetryRow
+from broker.codec import (
+    setpoint_batch_payload,
+    setpoint_payloads,
+    telemetry_batch_payloads,
+    telemetry_payloads,
+    telemetry_row,
+    utc_stamp,
+)
+from broker.columns import TelemetryArrays, TelemetryRow
 from broker.fastlink import _Protocol as IngestProtocol
 from broker.framing import (
     BAD_LENGTH,
@@ -51,6 +62,7 @@ from broker.models import (
     Setpoint,
     SetpointBatch,
     Telemetry,
+    TelemetryBatch,
     from_epoch,
 )
 from broker.topics import ID_PATTERN
@@ -198,6 +210,107 @@ def test_the_fast_decoder_has_the_models_bounds_exactly(field: str) -> None:
     for seq in (0, SEQ_LIMIT - 1, SEQ_LIMIT, -1):
         payload = json.dumps(doc | {"seq": seq}).encode()
         assert (telemetry_row(payload, "ev-1") is None) == (model_row(payload) is None), seq
+
+
+# -- telemetry_payloads, telemetry_batch_payloads ---------------------------------------------
+@st.composite
+def fleets(draw: st.DrawFn) -> TelemetryArrays:
+    """Valid reports of a few vehicles as columns; some share a clock, as a fleet does."""
+    n = draw(st.integers(1, 12))
+    clock = draw(st.floats(EPOCH_MIN_S + 100.0, EPOCH_MAX_S - 1e6))  # +-60 s stays valid
+    ts = [clock if draw(st.booleans()) else clock + draw(st.floats(-60.0, 60.0)) for _ in range(n)]
+    values = {k: np.array([draw(within(k)) for _ in range(n)]) for k in FLOAT_FIELDS}
+    values["departure"] = np.array(
+        [draw(st.just(math.nan) | st.floats(clock, clock + 86_400.0)) for _ in range(n)]
+    )
+    return TelemetryArrays(
+        vehicle_id=draw(st.lists(ids, min_size=n, max_size=n)),
+        seq=np.array(draw(st.lists(st.integers(0, SEQ_LIMIT - 1), min_size=n, max_size=n))),
+        ts=np.array(ts),
+        plugged_in=np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n))),
+        values=values,
+    )
+
+
+DIGITS = {"soc": 6, "power_kw": 4}  # the decimals the encoders keep; others as they are
+
+
+def sent(reports: TelemetryArrays) -> list[tuple[Any, ...]]:
+    """What the encoders promise: soc to 6 decimals, power_kw to 4, times to microseconds."""
+    v = reports.values
+    return [
+        (
+            reports.vehicle_id[i],
+            int(reports.seq[i]),
+            bool(reports.plugged_in[i]),
+            round(float(reports.ts[i]), 6),
+            *(
+                round(float(v[k][i]), DIGITS[k]) if k in DIGITS else float(v[k][i])
+                for k in FLOAT_FIELDS
+            ),
+            None if math.isnan(v["departure"][i]) else round(float(v["departure"][i]), 6),
+        )
+        for i in range(len(reports))
+    ]
+
+
+# Positions in a row of what the encoders round: ts, soc, power_kw, departure.
+ROUNDED = {3, 4, 6, 13}
+
+
+def close(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g[:3] == w[:3]
+        for j, (a, b) in enumerate(zip(g[3:], w[3:], strict=True), start=3):
+            assert (a is None) == (b is None), (g, w)
+            if j in ROUNDED and a is not None:  # give or take the last bit of a time
+                assert a == pytest.approx(b, rel=0, abs=2e-6), (g, w)
+            else:
+                assert a == b, (g, w)
+
+
+@given(fleets())
+def test_telemetry_payloads_parse_back_through_the_model_to_their_values(
+    reports: TelemetryArrays,
+) -> None:
+    models = [Telemetry.model_validate_json(p) for p in telemetry_payloads(reports)]
+    got = [
+        (
+            *TelemetryRow.of(t)[:13],
+            None if t.departure is None else t.departure.timestamp(),
+        )
+        for t in models
+    ]
+    close(got, sent(reports))
+    # and the ingest's fast path reads every one of them, to the model's values
+    for t, body in zip(models, telemetry_payloads(reports), strict=True):
+        row = telemetry_row(body, t.vehicle_id)
+        assert row is not None and bits(row) == bits(TelemetryRow.of(t))
+
+
+@given(fleets(), st.integers(1, 5))
+def test_telemetry_batches_parse_back_through_the_model_to_their_values(
+    reports: TelemetryArrays, per_batch: int
+) -> None:
+    bodies = telemetry_batch_payloads("gw", float(reports.ts[0]), reports, per_batch)
+    assert len(bodies) == -(-len(reports) // per_batch)
+    got: list[tuple[Any, ...]] = []
+    for body in bodies:
+        b = TelemetryBatch.model_validate_json(body)
+        assert b.bridge_id == "gw" and len(b) <= per_batch
+        for i in range(len(b)):
+            got.append(
+                (
+                    b.vehicle_id[i],
+                    b.seq[i],
+                    b.plugged_in[i],
+                    b.ts[i],
+                    *(getattr(b, k)[i] for k in FLOAT_FIELDS),
+                    b.departure[i],
+                )
+            )
+    close(got, sent(reports))
 
 
 # -- setpoints ----------------------------------------------------------------------------
