@@ -1,12 +1,14 @@
 """Every hand-written decoder and encoder of the wire models, in one place.
 
 Where a pydantic model per message costs more than the work around it (the ingest of
-per-vehicle telemetry, the setpoints of a step), these read or write the models' JSON
-directly. Each checks what its model checks, with the model's own bounds (the constants of
-broker/models.py and the id pattern of broker/topics.py, never a copy), and
-tests/unit/test_codec.py holds each to its model: a decoder never accepts what the model
-refuses and yields the model's values; an encoder's output parses back through the model to
-the values it was given.
+per-vehicle telemetry, the setpoints of a step, a simulated fleet's telemetry), these read
+or write the models' JSON directly. The decoder and the setpoint encoders check what their
+model checks, with the model's own bounds (the constants of broker/models.py and the id
+pattern of broker/topics.py, never a copy); the telemetry encoders take a simulated
+fleet's valid columns. tests/unit/test_codec.py holds each to its model: the decoder
+never accepts what the model refuses and yields the model's values; an encoder's output
+parses back through the model to the values it was given, and a setpoint encoder raises
+exactly where the model would refuse.
 
 The MQTT packet framing of the lean clients is broker/framing.py; the decoded forms
 (rows, numpy columns) are broker/columns.py.
@@ -49,7 +51,7 @@ _FLOATS = TELEMETRY_FLOAT_COLUMNS
 # orjson and plain comparisons instead, and answers None for anything it cannot vouch for:
 # the model then decides, so a refused message is refused by the model, with its reason
 # and detail, exactly as before. What the fast path accepts, the model accepts with the
-# same values (tests/unit/test_telemetry_decode.py fuzzes the two against each other).
+# same values (tests/unit/test_codec.py and test_telemetry_decode.py fuzz the two).
 
 _required = itemgetter(
     "vehicle_id", "seq", "ts", "plugged_in", *(k for k in _FLOATS if k != "departure")

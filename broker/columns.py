@@ -22,7 +22,7 @@ from broker.models import Telemetry, TelemetryBatch
 
 class TelemetryRow(NamedTuple):
     """One vehicle's ``Telemetry``, validated, as the fold takes it: times in epoch seconds,
-    ``departure`` NaN when unknown; the floats from ``ts`` on in ``_FLOATS`` order.
+    ``departure`` NaN when unknown; the floats from ``ts`` on in ``TELEMETRY_FLOAT_COLUMNS`` order.
 
     One object for the garbage collector to walk per queued report, at each of its full
     collections, where a model is two (itself and its set of fields): with models,
@@ -73,7 +73,7 @@ class TelemetryArrays:
     seq: NDArray[np.int64]
     ts: NDArray[np.float64]  # epoch seconds
     plugged_in: NDArray[np.bool_]
-    values: dict[str, NDArray[np.float64]]  # the _FLOATS columns; departure NaN if unknown
+    values: dict[str, NDArray[np.float64]]  # TELEMETRY_FLOAT_COLUMNS; departure NaN if unknown
 
     def __len__(self) -> int:
         return len(self.vehicle_id)
