@@ -102,6 +102,16 @@ def baseline_power(bat: Batteries, energy: Array, step_s: float) -> Array:
     return np.minimum(np.maximum(rate, 0.0), bat.max_charge_kw)  # np.clip, at half the cost
 
 
+def baseline_energy(bat: Batteries, energy: Array, elapsed_s: Array) -> Array:
+    """Stored energy after ``elapsed_s`` of plain charging from ``energy``: full power toward
+    the target until it is reached, then nothing (a car above its target stays put)."""
+    gained = (
+        energy + bat.max_charge_kw * bat.charge_efficiency * np.maximum(elapsed_s, 0.0) / 3600.0
+    )
+    reached = np.minimum(np.minimum(bat.target_soc, 1.0) * bat.capacity_kwh, gained)
+    return np.maximum(energy, reached)
+
+
 def protect(
     bat: Batteries, energy: Array, departure: Array, now: float, step_s: float, wanted: Array
 ) -> Array:

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, Batteries, baseline_power, energy_floor, protect, step_energy
+from agents.battery import (
+    Array,
+    Batteries,
+    baseline_energy,
+    baseline_power,
+    energy_floor,
+    protect,
+    step_energy,
+)
 from agents.faults import Misbehaviour
 from agents.profiles import DAY_S, FleetProfile, sessions_at
 
@@ -43,7 +51,12 @@ class SimFleet:
         *,
         step_s: float = 5.0,
         faults: Misbehaviour | None = None,
+        warm_start: bool = False,
     ) -> None:
+        """``warm_start``: a car plugged in at ``start`` holds what plain charging since its
+        arrival would have put in it (a fleet started at night is mostly at its targets),
+        not its arrival energy. Off by default, so a fleet made for a test starts as it
+        always did: every plugged-in car at its arrival state of charge, still charging."""
         n = len(profile.ids)
         self.profile = profile
         self.ids = profile.ids
@@ -53,14 +66,21 @@ class SimFleet:
         self.now = start
         self.arrival, self.departure = sessions_at(profile, start)
         self.plugged: NDArray[np.bool_] = self.arrival <= start
-        self.energy: Array = profile.arrival_soc * self.bat.capacity_kwh
+        arrived: Array = profile.arrival_soc * self.bat.capacity_kwh
+        self.energy: Array = arrived
+        if warm_start:
+            warm = baseline_energy(self.bat, arrived, start - self.arrival)
+            self.energy = np.where(self.plugged, warm, arrived)
         self.power: Array = np.zeros(n)
         self.setpoint_kw: Array = np.zeros(n)
         self.setpoint_until: Array = np.full(n, -np.inf)
         self.reachable: Array = self._reachable(start)
-        # Where each session started, for judging a driver who leaves early.
-        self.plug_t: Array = np.full(n, start)
-        self.plug_energy: Array = self.energy.copy()
+        # Where each session started, for judging a driver who leaves early: a warm car's
+        # session began at its arrival, with its arrival energy.
+        self.plug_t: Array = (
+            np.where(self.plugged, self.arrival, start) if warm_start else np.full(n, start)
+        )
+        self.plug_energy: Array = arrived.copy() if warm_start else self.energy.copy()
         self.seq: NDArray[np.int64] = np.zeros(n, dtype=np.int64)
         self.departed = 0
         self.left_early = 0

@@ -231,11 +231,35 @@ class AgentRuntime:
             for i, link in enumerate(self.links):
                 tg.create_task(link.run(), name=f"agent-link-{i}")
             tg.create_task(self._react_loop(), name="agent-react")
+            tg.create_task(self._summary_loop(), name="agent-summary")
             try:
                 await self._tick_loop()
             finally:
                 # The links are still up here; the task group closes them after this.
                 await self._say_offline()
+
+    def summary(self) -> dict[str, int]:
+        """What the fleet is doing, as counts: how many are plugged in, how many follow a
+        setpoint in force (the rest charge on their baseline), and since the start how
+        many departed, left early and left short of what plain charging would have given."""
+        f = self.fleet
+        return {
+            "vehicles": len(f),
+            "plugged": int(f.plugged.sum()),
+            "following": int((f.plugged & (f.now < f.setpoint_until)).sum()),
+            "departed": f.departed,
+            "left_early": f.left_early,
+            "drivers_short": f.short,
+            "setpoints_applied": self.setpoints_applied,
+            "setpoints_rejected": sum(self.rejected.values()),
+        }
+
+    async def _summary_loop(self) -> None:
+        """Log :meth:`summary` every ``summary_every_wall_s`` wall seconds: a running fleet
+        says what it does without anyone subscribing to its telemetry."""
+        while True:
+            await asyncio.sleep(self.settings.summary_every_wall_s)
+            self.log.info("agents_summary", **self.summary())
 
     async def _react_loop(self) -> None:
         """Act on new setpoints within ~50 ms, as a charger does, not at the next report,

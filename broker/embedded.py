@@ -23,6 +23,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """``async with EmbeddedBroker() as b:`` serves MQTT on ``b.url`` until the block ends."""
 
+    # amqtt speaks MQTT 3.1.1 only: clients that try 5 first are refused (and logged as
+    # "Invalid protocol ... 5") before they fall back, so its clients say 3.1.1 at once.
+    PROTOCOL = "3.1.1"
+
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)

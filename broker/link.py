@@ -229,6 +229,9 @@ class MqttLink:
     _v5: bool = True
     _refused: dict[int, ReasonCode] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._v5 = self.settings.mqtt_protocol != "3.1.1"
+
     @property
     def protocol(self) -> str:
         return "5" if self._v5 else "3.1.1"
@@ -337,7 +340,8 @@ class MqttLink:
             except aiomqtt.MqttError as err:
                 self._connected.clear()
                 self._client = None
-                if self._v5 and self.stats.connects == 0 and _is_version_refusal(err):
+                auto = self.settings.mqtt_protocol == "auto"
+                if auto and self._v5 and self.stats.connects == 0 and _is_version_refusal(err):
                     self._v5 = False
                     lg.info(
                         "mqtt_protocol_fallback",

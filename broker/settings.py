@@ -12,6 +12,36 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.topics import Topics
 
+_BROKER_SCHEMES = ("mqtt", "mqtts", "tcp", "ssl")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` if it names a broker, ``mqtt[s]://[user:pass@]HOST[:PORT]``; else ValueError
+    saying how to write one."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in _BROKER_SCHEMES and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{url!r} is not a broker URL; use mqtt://HOST:PORT (mqtts:// for TLS)")
+    return url
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if it names a Redis server, ``redis[s]://HOST[:PORT][/DB]`` or ``unix://``."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in _REDIS_SCHEMES and bool(parts.hostname or parts.scheme == "unix")
+        _ = parts.port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{url!r} is not a Redis URL; use redis://HOST:PORT/DB")
+    return url
+
 
 class Settings(BaseSettings):
     """One settings object per process; every timing value is here so tests can shrink it."""
@@ -31,6 +61,11 @@ class Settings(BaseSettings):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     client_id: str | None = None
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto",
+        description="MQTT version of the general client: auto tries 5 and falls back to"
+        " 3.1.1 when the broker refuses it; name the broker's own to skip the refusal",
+    )
 
     speed: float = Field(1.0, gt=0.0, description="simulated seconds per wall second")
     clock_anchor: float | None = Field(
@@ -63,6 +98,9 @@ class Settings(BaseSettings):
     )
     setpoint_ttl_s: float = Field(60.0, gt=0.0)
     status_every_wall_s: float = Field(5.0, gt=0.0)
+    summary_every_wall_s: float = Field(
+        60.0, gt=0.0, description="how often the agents log a summary of their fleet"
+    )
     keepalive_s: int = Field(15, ge=2)
     will_delay_s: int = Field(
         0,
@@ -106,6 +144,16 @@ class Settings(BaseSettings):
     )
     log_format: Literal["kv", "json"] = "kv"
     log_level: str = "info"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _is_broker_url(cls, v: str) -> str:
+        return check_broker_url(v)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _is_redis_url(cls, v: str) -> str:
+        return check_redis_url(v)
 
     @field_validator("topic_prefix")
     @classmethod
@@ -194,7 +242,7 @@ class MqttTarget:
     @classmethod
     def parse(cls, url: str, settings: Settings | None = None) -> MqttTarget:
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        if parts.scheme not in _BROKER_SCHEMES:
             raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
         if not parts.hostname:
             raise ValueError(f"broker URL {url!r} has no host; e.g. mqtt://127.0.0.1:1883")

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
+import dataclasses
+import importlib.metadata
+import json
+import math
+import signal
+import sys
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import structlog
 import typer
 from pydantic import ValidationError
+from typer.core import TyperGroup
 
 from broker.clientid import client_id as derive_client_id
 from broker.clocklink import SharedClock, shared_clock
@@ -30,10 +37,40 @@ from broker.models import (
     from_epoch,
     to_epoch,
 )
-from broker.settings import Settings, without_password
-from v2g import logs
+from broker.settings import Settings, check_broker_url, check_redis_url, without_password
+from v2g import logs, units
+
+# typer exports BadParameter but not its base, click's UsageError (of whichever copy of
+# click this typer carries); every attribute used below is UsageError's own.
+_UsageError = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[1])
+
+
+class _OneLineErrors(TyperGroup):
+    """The ``v2g`` group: a bad flag is one line, what was wrong and where the flags are
+    listed, instead of click's usage block around it."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except _UsageError as err:
+            if err.ctx is None or type(err).__name__ == "NoArgsIsHelpError":
+                err.show()  # the help page itself (no command given), or a bare message
+            else:
+                typer.echo(
+                    f"error: {err.format_message()} (see {err.ctx.command_path} --help)",
+                    err=True,
+                )
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     help=(
         "V2G fleet aggregation: simulated EVs, an aggregator and a dispatcher over MQTT.\n\n"
         "Sign convention: power_kw > 0 charges the vehicles (grid import), < 0 discharges"
@@ -42,51 +79,185 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+
+
+def parse_duration(text: str | float, flag: str | None = None) -> float:
+    """'900', '900s', '15m', '1.5h', '1d' -> seconds, as scenario files write them; a bad
+    one is a usage error of ``flag``."""
+    if isinstance(text, int | float):  # a default typer hands through the parser as is
+        return float(text)
+    try:
+        return units.seconds(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint=flag) from None
+
+
+def every(seconds: float) -> Callable[[float], bool]:
+    """A filter that passes a message stamped ``ts`` (platform epoch s) when ``seconds``
+    have gone by since the last one it passed; 0 passes every one."""
+    last = -math.inf
+
+    def due(ts: float) -> bool:
+        nonlocal last
+        if ts - last < seconds:
+            return False
+        last = ts
+        return True
+
+    return due
+
+
+# The flag that sets each Settings field, for errors that name what the user typed.
+FLAG_OF: dict[str, str] = {}
+
+
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """A typer parser from a ``ValueError``-raising check: a bad value is a usage error."""
+
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+
+    return parse
+
+
+def setting_option(
+    flag: str,
+    field: str,
+    help: str,
+    *,
+    metavar: str,
+    parser: Callable[[str], Any] | None = None,
+    default: str | None = None,
+) -> Any:
+    """A flag for ``Settings.<field>``. Its help shows the V2G_* variable and the default,
+    both taken from Settings so neither can drift from what the process does; typer reads
+    the variable too, so a bad value in it is named like a bad flag."""
+    FLAG_OF[field] = flag
+    if default is None:
+        value = Settings.model_fields[field].default
+        default = "none" if value is None else str(value)
+    return typer.Option(
+        flag,
+        help=help,
+        envvar=f"V2G_{field.upper()}",
+        show_envvar=True,
+        show_default=default,
+        metavar=metavar,
+        parser=parser,
+    )
+
 
 Broker = Annotated[
     str | None,
-    typer.Option("--broker", help="MQTT broker URL [env V2G_BROKER_URL; mqtt://127.0.0.1:1883]"),
+    setting_option(
+        "--broker",
+        "broker_url",
+        "MQTT broker URL",
+        metavar="URL",
+        parser=_checked(check_broker_url),
+    ),
 ]
 Redis = Annotated[
     str | None,
-    typer.Option("--redis", help="Redis URL [env V2G_REDIS_URL; redis://127.0.0.1:6379/0]"),
+    setting_option(
+        "--redis", "redis_url", "Redis URL", metavar="URL", parser=_checked(check_redis_url)
+    ),
 ]
 Prefix = Annotated[
-    str | None, typer.Option("--topic-prefix", help="topic prefix [env V2G_TOPIC_PREFIX; v2g]")
+    str | None, setting_option("--topic-prefix", "topic_prefix", "topic prefix", metavar="PREFIX")
 ]
 RedisPrefix = Annotated[
     str | None,
-    typer.Option(
+    setting_option(
         "--redis-prefix",
-        help="Redis keys go under PREFIX: [env V2G_REDIS_PREFIX; the topic prefix]",
+        "redis_prefix",
+        "Redis keys go under PREFIX:",
+        metavar="PREFIX",
+        default="the topic prefix",
     ),
 ]
 ClientId = Annotated[
     str | None,
-    typer.Option(
+    setting_option(
         "--client-id",
-        help="MQTT client id of the main connection; each process needs its own"
-        " [env V2G_CLIENT_ID; TOPIC_PREFIX-aggregator]",
+        "client_id",
+        "MQTT client id of the main connection; each process needs its own",
+        metavar="ID",
+        default="TOPIC_PREFIX-aggregator",
     ),
 ]
 Speed = Annotated[
     float | None,
-    typer.Option(
-        "--speed", help="simulated seconds per wall second, same for every process [env V2G_SPEED]"
+    setting_option(
+        "--speed",
+        "speed",
+        "simulated seconds per wall second, the same for every process",
+        metavar="X",
     ),
 ]
 SimStart = Annotated[
     str | None,
-    typer.Option(
+    setting_option(
         "--sim-start",
-        help="simulated time the clock starts at, ISO 8601 or epoch s; default: the fleet's"
-        " (on the bus), else now [env V2G_SIM_START]",
+        "sim_start",
+        "simulated time the clock starts at, ISO 8601 or epoch s",
+        metavar="TIME",
+        default="the fleet's on the bus, else now",
     ),
 ]
 LogFormat = Annotated[
-    str | None, typer.Option("--log-format", help="kv (logfmt) or json [env V2G_LOG_FORMAT]")
+    str | None, setting_option("--log-format", "log_format", "kv (logfmt) or json", metavar="FMT")
 ]
+ColdStart = Annotated[
+    bool,
+    typer.Option(
+        "--cold-start",
+        help="start every plugged-in car at its arrival energy, as if it had just plugged in"
+        " (default: with what its baseline charging since arrival put in it)",
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="print each answer as one JSON object per line")]
+Every = Annotated[
+    float,
+    typer.Option(
+        "--every",
+        parser=parse_duration,
+        metavar="SECONDS",
+        help="print at most one line per this much platform time (e.g. 60, 5m); 0: every one",
+    ),
+]
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of example command lines, kept as written (``\\b`` stops rewrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = importlib.metadata.version("v2g-fleet")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown (run from a source tree that is not installed: pip install -e .)"
+        typer.echo(f"v2g {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -96,9 +267,9 @@ def _settings(**overrides: Any) -> Settings:
     except ValidationError as err:
         first = err.errors()[0]
         name = ".".join(str(p) for p in first["loc"])
-        _fail(
-            f"bad setting {name}: {first['msg']} (flag --{name.replace('_', '-')} or V2G_{name.upper()})"
-        )
+        flag = FLAG_OF.get(name, "--" + name.replace("_", "-"))
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        _fail(f"{flag} (or V2G_{name.upper()}): {msg}")
     logs.configure(settings.log_format, settings.log_level)
     return settings
 
@@ -128,36 +299,70 @@ async def _read_clock(settings: Settings) -> SharedClock:
         return shared
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, process: str | None = None) -> Any:
+    """Run ``coro`` to its end; our own errors end the command with one line. A
+    ``process`` (a long-running service) also stops cleanly on SIGTERM as on Ctrl-C, and
+    logs one ``process_stopped`` line saying why: signal, error or end."""
+    stop: list[str] = []
+    error: str | None = None
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_until_signal(coro, stop) if process else coro)
     except KeyboardInterrupt:
+        stop.append("SIGINT")
         return None
     except V2GError as err:
-        _fail(str(err), 1)
+        error = str(err)
+        _fail(error, 1)
     except ExceptionGroup as group:  # from a TaskGroup: report our own errors plainly
+        error = str(_first_leaf(group))
         ours = group.subgroup(V2GError)
         if ours is None:
             raise
         _fail(str(_first_leaf(ours)), 1)
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        if process is not None:
+            log = logs.lifecycle()
+            if error is not None:
+                log.error("process_stopped", process=process, reason="error", error=error)
+            elif stop:
+                log.info("process_stopped", process=process, reason="signal", signal=stop[0])
+            else:
+                log.info("process_stopped", process=process, reason="end")
+
+
+async def _until_signal(coro: Coroutine[Any, Any, Any], stop: list[str]) -> Any:
+    """Await ``coro``; SIGINT or SIGTERM cancels it, so its cleanup runs (offline status,
+    closed connections), and records which signal in ``stop``."""
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop.append(sig.name)
+        task.cancel()
+
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig)
+            handled.append(sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stop:
+            return None
+        raise
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
 
 
 def _first_leaf(err: BaseException) -> BaseException:
     while isinstance(err, BaseExceptionGroup):
         err = err.exceptions[0]
     return err
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """'900', '900s', '15m', '1.5h' -> seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise typer.BadParameter(f"{text!r} is not a duration; use e.g. 900, 900s, 15m or 1h")
-    value, unit = float(m.group(1)), m.group(2) or "s"
-    return value * {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}[unit]
 
 
 def is_relative(text: str) -> bool:
@@ -198,12 +403,36 @@ def demo(
         float, typer.Option(min=1.0, help="telemetry and control step, simulated s")
     ] = 15.0,
     broker: Annotated[
-        str | None, typer.Option("--broker", help="use this broker instead of the embedded one")
+        str | None,
+        typer.Option(
+            "--broker",
+            help="use this broker instead of the embedded one",
+            metavar="URL",
+            parser=_checked(check_broker_url),
+            show_default="embedded",
+        ),
     ] = None,
     redis: Annotated[
-        str | None, typer.Option("--redis", help="persist to this Redis instead of memory")
+        str | None,
+        typer.Option(
+            "--redis",
+            help="persist to this Redis instead of memory",
+            metavar="URL",
+            parser=_checked(check_redis_url),
+            show_default="in memory",
+        ),
     ] = None,
-    topic_prefix: Prefix = None,
+    cold_start: ColdStart = False,
+    topic_prefix: Annotated[
+        str | None,
+        setting_option(
+            "--topic-prefix",
+            "topic_prefix",
+            "topic prefix",
+            metavar="PREFIX",
+            default="v2g-demo-RANDOM",
+        ),
+    ] = None,
     log_format: LogFormat = None,
 ) -> None:
     """Run the whole loop on embedded defaults (no servers needed) and print a summary."""
@@ -232,7 +461,9 @@ def demo(
             use_broker=broker is not None,
             use_redis=redis is not None,
             mode=mode,  # type: ignore[arg-type]
-        )
+            warm_start=not cold_start,
+        ),
+        process="demo",
     )
 
 
@@ -252,7 +483,7 @@ def broker_cmd(
             log.info("broker_listening", url=b.url, note="development broker; Ctrl-C stops it")
             await asyncio.Event().wait()
 
-    _run(serve())
+    _run(serve(), process="broker")
 
 
 @app.command()
@@ -269,16 +500,18 @@ def aggregator(
     ] = False,
     share_group: Annotated[
         str | None,
-        typer.Option(
+        setting_option(
             "--share-group",
-            help="run as one of several aggregators on an MQTT 5 shared subscription"
-            " ($share/GROUP/...), sharing state through Redis, one leading by a Redis lease"
-            " [env V2G_SHARE_GROUP]",
+            "share_group",
+            "run as one of several aggregators on an MQTT 5 shared subscription"
+            " ($share/GROUP/...), sharing state through Redis, one leading by a Redis lease",
+            metavar="GROUP",
+            default="none: one aggregator",
         ),
     ] = None,
     lease_ttl: Annotated[
         float | None,
-        typer.Option("--lease-ttl", help="leader lease, wall seconds [env V2G_LEASE_TTL_S; 10]"),
+        setting_option("--lease-ttl", "lease_ttl_s", "leader lease, wall seconds", metavar="S"),
     ] = None,
     fast_ingest: Annotated[
         bool,
@@ -351,7 +584,7 @@ def aggregator(
             )
             await service.run()
 
-    _run(main())
+    _run(main(), process="aggregator")
 
 
 @app.command()
@@ -371,8 +604,9 @@ def agents(
                 " partial=0.2,lag=0.2,early=0.1,skew=0.05. partial: draw only 30-80% of"
                 " the setpoint; lag: ramp over 1-5 s; early: unplug 10 min-2 h before the"
                 " announced departure; skew: clock 30-300 s ahead or behind, or stopped."
-                " Seeded by --seed; default none"
-            )
+                " Seeded by --seed"
+            ),
+            show_default="none",
         ),
     ] = "",
     batch: Annotated[
@@ -384,13 +618,16 @@ def agents(
             " takes their setpoints in batches",
         ),
     ] = False,
+    cold_start: ColdStart = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
     sim_start: SimStart = None,
     log_format: LogFormat = None,
 ) -> None:
-    """Run N simulated vehicles that report telemetry and follow setpoints."""
+    """Run N simulated vehicles that report telemetry and follow setpoints. A car plugged in
+    at the start holds what plain charging since its arrival put in it (--cold-start: its
+    arrival energy, as if it had just plugged in)."""
     from agents.faults import Misbehaviour, parse_fractions
     from agents.fleet import SimFleet
     from agents.profiles import generate_fleet
@@ -422,6 +659,7 @@ def agents(
                 shared.clock.now(),
                 step_s=settings.telemetry_interval_s,
                 faults=faults,
+                warm_start=not cold_start,
             )
             runtime = AgentRuntime(
                 settings=shared.settings,
@@ -433,14 +671,25 @@ def agents(
             )
             await runtime.run()
 
-    _run(main())
+    _run(main(), process="agents")
 
 
-@app.command("dispatch")
+@app.command(
+    "dispatch",
+    epilog=_examples(
+        "v2g dispatch --power -500 --duration 15m --wait --every 60",
+        "v2g dispatch --power 200 --start +30m --duration 1h --id evening-1",
+        "v2g dispatch --service frequency_regulation --capacity 300 --duration 1d --json",
+    ),
+)
 def dispatch_cmd(
     power: Annotated[
         float | None,
-        typer.Option("--power", help="fleet net kW: + charge (import), - discharge (export)"),
+        typer.Option(
+            "--power",
+            help="fleet net kW: + charge (import), - discharge (export)",
+            show_default="none: give --power or --capacity",
+        ),
     ] = None,
     capacity: Annotated[
         float | None,
@@ -448,49 +697,63 @@ def dispatch_cmd(
             "--capacity",
             help="kW held both ways, for a service that follows a signal"
             " (frequency_regulation, frequency_containment) instead of --power",
+            show_default="none",
         ),
     ] = None,
-    duration: Annotated[str, typer.Option("--duration", help="e.g. 900, 15m, 1h")] = "15m",
+    duration: Annotated[
+        str, typer.Option("--duration", metavar="DURATION", help="e.g. 900, 15m, 4h, 1d")
+    ] = "15m",
     service: Annotated[Service, typer.Option("--service", help="grid service")] = Service.MANUAL,
     start: Annotated[
         str | None,
         typer.Option(
             "--start",
+            metavar="TIME",
             help="ISO time with zone, or +10m from now on the platform clock (the fleet's,"
-            " read on the bus); default now",
+            " read on the bus)",
+            show_default="now",
         ),
     ] = None,
     request_id: Annotated[
-        str | None, typer.Option("--id", help="request id; default a fresh one")
+        str | None, typer.Option("--id", help="request id", show_default="a fresh one")
     ] = None,
     priority: Annotated[
         int | None,
         typer.Option(
-            help="when requests stack: higher keeps its reserve first (default 0; ties go"
-            " to the earlier)"
+            help="when requests stack: higher keeps its reserve first (ties go to the earlier)",
+            show_default="0",
         ),
     ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="follow progress until the request ends")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="give up after this many wall seconds")] = 30.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print messages as JSON lines")] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="give up after this many wall seconds (with --wait, at least the request's"
+            " duration at --speed plus 60 s)",
+        ),
+    ] = 30.0,
+    every_s: Every = 0.0,
+    as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
     sim_start: SimStart = None,
 ) -> None:
-    """Send a dispatch request and print the answer (and progress with --wait)."""
+    """Send a dispatch request and print the answer (and progress with --wait; --every
+    thins the progress lines)."""
     from v2g import operator
 
     settings = _settings(
         broker_url=broker, topic_prefix=topic_prefix, speed=speed, sim_start=sim_start
     )
-    seconds = parse_duration(duration)
+    seconds = parse_duration(duration, "--duration")
     relative = start is not None and is_relative(start)
     if relative:
         assert start is not None
-        parse_duration(start.strip()[1:])  # a bad offset is refused before connecting
+        parse_duration(start.strip()[1:], "--start")  # a bad offset is refused before connecting
     now: float | None = None
     if relative or wait:
         # '+30m' and the wait are on the platform clock, the fleet's (read on the bus).
@@ -513,17 +776,13 @@ def dispatch_cmd(
         timeout = max(timeout, (lead + seconds) / settings.speed + 60.0)
 
     def on_result(r: DispatchResult) -> None:
-        if as_json:
-            typer.echo(r.model_dump_json())
-            return
-        line = f"{r.request_id} {r.status}: allocated {r.allocated_kw:+.1f} kW, shortfall {r.shortfall_kw:.1f} kW, {r.vehicles} vehicles"
-        if r.delivered_kwh is not None:
-            line += f", delivered {r.delivered_kwh:+.2f} kWh of {r.requested_kwh or 0:+.2f} kWh requested"
-        if r.reason:
-            line += f" ({r.reason})"
-        typer.echo(line)
+        typer.echo(r.model_dump_json() if as_json else _result_line(r))
+
+    due = every(every_s)
 
     def on_progress(p: DispatchProgress) -> None:
+        if not due(to_epoch(p.ts)):
+            return
         if as_json:
             typer.echo(p.model_dump_json())
             return
@@ -552,10 +811,24 @@ def dispatch_cmd(
         raise typer.Exit(1)
 
 
+def _result_line(r: DispatchResult) -> str:
+    line = f"{r.request_id} {r.status}: allocated {r.allocated_kw:+.1f} kW, shortfall {r.shortfall_kw:.1f} kW, {r.vehicles} vehicles"
+    if r.delivered_kwh is not None:
+        line += (
+            f", delivered {r.delivered_kwh:+.2f} kWh of {r.requested_kwh or 0:+.2f} kWh requested"
+        )
+    if r.reason:
+        line += f" ({r.reason})"
+    return line
+
+
 @app.command("cancel")
 def cancel_cmd(
     request_id: Annotated[str, typer.Argument(help="the request to cancel")],
-    timeout: Annotated[float, typer.Option(help="wait this long for the answer")] = 15.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
+    ] = 15.0,
+    as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
 ) -> None:
@@ -567,6 +840,11 @@ def cancel_cmd(
     answer = _run(operator.cancel(settings, request_id, timeout_s=timeout))
     if answer is None:  # interrupted
         raise typer.Exit(1)
+    if as_json:
+        typer.echo(answer.model_dump_json(exclude_none=True))
+        if answer.status == "rejected":
+            raise typer.Exit(1)
+        return
     line = f"{answer.request_id} {answer.status}"
     if answer.delivered_kwh is not None:
         line += f": delivered {answer.delivered_kwh:+.2f} kWh of {answer.requested_kwh or 0:+.2f} kWh requested"
@@ -582,14 +860,28 @@ def amend(
     request_id: Annotated[str, typer.Argument(help="the request to change")],
     power: Annotated[
         float | None,
-        typer.Option("--power", help="new fleet net kW: + charge (import), - discharge (export)"),
+        typer.Option(
+            "--power",
+            help="new fleet net kW: + charge (import), - discharge (export)",
+            show_default="unchanged",
+        ),
     ] = None,
     duration: Annotated[
-        str | None, typer.Option("--duration", help="new duration from its start, e.g. 30m")
+        str | None,
+        typer.Option(
+            "--duration",
+            metavar="DURATION",
+            help="new duration from its start, e.g. 30m, 2h, 1d",
+            show_default="unchanged",
+        ),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="wait this long for the answer")] = 15.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
+    ] = 15.0,
+    as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
+    speed: Speed = None,
 ) -> None:
     """Change a request in flight (power, duration or both) and print the answer. A running
     request keeps its books; refused new terms leave the old ones standing."""
@@ -598,39 +890,57 @@ def amend(
 
     if power is None and duration is None:
         raise typer.BadParameter("give --power, --duration or both", param_hint="--power")
-    settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix, speed=speed)
     change = DispatchAmend(
-        power_kw=power, duration_s=None if duration is None else parse_duration(duration)
+        power_kw=power,
+        duration_s=None if duration is None else parse_duration(duration, "--duration"),
     )
     answer = _run(operator.amend(settings, request_id, change, timeout_s=timeout))
     if answer is None:  # interrupted
         raise typer.Exit(1)
-    typer.echo(answer.model_dump_json(exclude_none=True))
+    typer.echo(answer.model_dump_json(exclude_none=True) if as_json else _result_line(answer))
     if answer.status == "rejected":
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "v2g status",
+        "v2g status --follow --every 5m",
+        "v2g status --json --topic-prefix my-fleet",
+    )
+)
 def status(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="keep printing each new status")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the raw FleetStatus JSON")] = False,
-    timeout: Annotated[float, typer.Option(help="wait this long for a retained status")] = 5.0,
+    every_s: Every = 0.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print each FleetStatus as one JSON object per line")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for a retained status")
+    ] = 5.0,
     broker: Broker = None,
     topic_prefix: Prefix = None,
+    speed: Speed = None,
 ) -> None:
-    """Print the fleet status (retained on v2g/fleet/status); --follow keeps going."""
+    """Print the fleet status (retained on v2g/fleet/status); --follow keeps going.
+    capability_15min is the fleet net kW range (- export, + import) it can hold for the
+    next 15 minutes."""
     from v2g import operator
 
-    settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix, speed=speed)
+    due = every(every_s)
 
     def show(s: FleetStatus) -> None:
+        if not due(to_epoch(s.ts)):
+            return
         if as_json:
             typer.echo(s.model_dump_json())
             return
         cap = (
-            f" cap15={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f}kW"
+            f" capability_15min={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f}kW"
             if s.capability
             else ""
         )
@@ -652,12 +962,19 @@ def status(
         )
 
 
-@app.command()
+@app.command(
+    epilog=_examples("v2g capability", "v2g capability --json --broker mqtt://127.0.0.1:1883")
+)
 def capability(
     as_json: Annotated[
-        bool, typer.Option("--json", help="print the raw Capability and FleetForecast JSON")
+        bool,
+        typer.Option(
+            "--json", help="print the Capability and FleetForecast, one JSON object per line"
+        ),
     ] = False,
-    timeout: Annotated[float, typer.Option(help="wait this long for the retained messages")] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="wait this many wall seconds for the retained messages")
+    ] = 5.0,
     broker: Broker = None,
     topic_prefix: Prefix = None,
 ) -> None:
@@ -704,16 +1021,32 @@ def capability(
         )
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "v2g report evening-1",
+        "v2g report evening-1 --interval 60 --out reports/evening-1",
+        "v2g report evening-1 --json --redis redis://127.0.0.1:6379/0",
+    )
+)
 def report(
     request_id: Annotated[str, typer.Argument(help="the request's id")],
     out: Annotated[
-        Path | None, typer.Option("--out", help="directory for report.csv and report.png")
+        Path | None,
+        typer.Option(
+            "--out", help="directory for report.csv and report.png", show_default="none: no files"
+        ),
     ] = None,
     interval: Annotated[
         float, typer.Option("--interval", min=1.0, help="seconds of platform time per row")
     ] = 300.0,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="draw report.png")] = True,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="print one JSON object per row, then one with the totals and drivers left short",
+        ),
+    ] = False,
     redis: Redis = None,
     topic_prefix: Prefix = None,
     redis_prefix: RedisPrefix = None,
@@ -744,6 +1077,12 @@ def report(
         )
     r = rep.parse(request_id, entries)
     rows = rep.intervals(r, interval)
+    if as_json:  # times as the table prints them, ISO 8601 UTC
+        for row in rows:
+            fields = dataclasses.asdict(row)
+            typer.echo(json.dumps({**fields, "start": rep.iso(row.start), "end": rep.iso(row.end)}))
+        typer.echo(json.dumps({"totals": rep.summary(r), "short": list(r.vehicles.short)}))
+        return
     for line in rep.table(r, rows):
         typer.echo(line)
     if out is not None:
@@ -812,10 +1151,14 @@ def provision(
         Path, typer.Option("--out", help="directory for passwd, credentials.json and certs/")
     ],
     vehicles: Annotated[
-        str | None, typer.Option(help="comma-separated vehicle ids, e.g. ev-0000,ev-0001")
+        str | None,
+        typer.Option(help="comma-separated vehicle ids, e.g. ev-0000,ev-0001", show_default="none"),
     ] = None,
     count: Annotated[
-        int | None, typer.Option(min=0, help="or: this many vehicles, named PREFIX-0000...")
+        int | None,
+        typer.Option(
+            min=0, help="or: this many vehicles, named PREFIX-0000...", show_default="none"
+        ),
     ] = None,
     id_prefix: Annotated[str, typer.Option(help="vehicle id prefix for --count")] = "ev",
     operator: Annotated[
@@ -834,7 +1177,10 @@ def provision(
         str | None,
         typer.Option(
             "--broker",
-            help="URL printed for clients [mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883]",
+            help="URL printed for clients",
+            metavar="URL",
+            parser=_checked(check_broker_url),
+            show_default="mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883",
         ),
     ] = None,
 ) -> None:
@@ -891,10 +1237,14 @@ def simulate(
             min=1,
             help="fleet size instead of the scenario's; request powers and regulation"
             " capacity scale with it",
+            show_default="the scenario's",
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="fleet seed instead of the scenario's")
+        int | None,
+        typer.Option(
+            "--seed", help="fleet seed instead of the scenario's", show_default="the scenario's"
+        ),
     ] = None,
     plot: Annotated[
         bool, typer.Option("--plot/--no-plot", help="draw plot.png (matplotlib)")
@@ -902,6 +1252,9 @@ def simulate(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="show a progress bar on stderr")
     ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="end with the summary as one JSON object")
+    ] = False,
 ) -> None:
     """Run a scenario headless: the same vehicle physics, driver profiles and dispatcher as
     the live platform, on a discrete simulated clock, as fast as the CPU allows (no MQTT,
@@ -951,7 +1304,10 @@ def simulate(
             done = sim.run(scen, out_dir, plot=plot)
     except ScenarioError as err:
         _fail(str(err), 1)
-    typer.echo(sim.summary_line(done.summary, out_dir))
+    if as_json:
+        typer.echo(json.dumps(done.summary, default=str))
+    else:
+        typer.echo(sim.summary_line(done.summary, out_dir))
 
 
 def main() -> None:

@@ -47,13 +47,18 @@ async def run_demo(
     use_redis: bool,
     mode: Mode,
     out: TextIO = sys.stdout,
+    warm_start: bool = True,
 ) -> list[Outcome]:
-    """Run the demo to its end and return what each request delivered."""
+    """Run the demo to its end and return what each request delivered. ``warm_start``: the
+    cars plugged in at the start hold what their baseline charging put in them since they
+    arrived (see SimFleet)."""
     wall0 = time.monotonic()
     broker = None if use_broker else EmbeddedBroker()
     if broker is not None:
         await broker.start()
-        settings = settings.model_copy(update={"broker_url": broker.url})
+        settings = settings.model_copy(
+            update={"broker_url": broker.url, "mqtt_protocol": broker.PROTOCOL}
+        )
     store: StateStore = (
         RedisStore(settings.redis_url, prefix=settings.redis_prefix) if use_redis else MemoryStore()
     )
@@ -63,7 +68,12 @@ async def run_demo(
         else MemoryLedger()
     )
     clock = SimClock(speed=settings.speed, sim_anchor=day_anchor() + DEMO_START_TOD_S)
-    fleet = SimFleet(generate_fleet(count, seed), clock.now(), step_s=settings.telemetry_interval_s)
+    fleet = SimFleet(
+        generate_fleet(count, seed),
+        clock.now(),
+        step_s=settings.telemetry_interval_s,
+        warm_start=warm_start,
+    )
     # One process, many connections: every client id derives from the topic prefix
     # (broker/clientid.py); a V2G_CLIENT_ID meant for one connection would collide here.
     settings = settings.model_copy(update={"client_id": None})
@@ -156,7 +166,11 @@ async def _print_status(aggregator: AggregatorService, out: TextIO) -> None:
             f" power={s.power_kw:+8.1f} kW energy={s.energy_kwh:8.1f} kWh"
         )
         if s.capability is not None:
-            line += f" cap15={s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f} kW"
+            # The 15-min window of the capability envelope: fleet net kW it can hold.
+            line += (
+                f" can hold {s.capability.min_power_kw:+.0f}..{s.capability.max_power_kw:+.0f} kW"
+                " for 15 min"
+            )
         for d in s.dispatches:
             line += f" [{d.request_id}: req {d.requested_kw:+.0f} / got {d.delivered_kw:+.0f} kW]"
         print(line, file=out, flush=True)

@@ -20,6 +20,9 @@ class _Stderr:
         sys.stderr.flush()
 
 
+_processors: list[structlog.typing.Processor] = []
+
+
 def configure(fmt: str = "kv", level: str = "info") -> None:
     """Set up structlog for the process; call once, first thing."""
     lvl = logging.getLevelNamesMapping().get(level.upper())
@@ -32,14 +35,15 @@ def configure(fmt: str = "kv", level: str = "info") -> None:
             key_order=["ts", "level", "event"], drop_missing=True
         )
     )
+    _processors[:] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=list(_processors),
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
@@ -51,3 +55,15 @@ def configure(fmt: str = "kv", level: str = "info") -> None:
     # aiomqtt warns on every publish while more than 10 are pending: a burst of setpoints
     # is exactly that, by design.
     logging.getLogger("aiomqtt").setLevel(logging.ERROR)
+
+
+def lifecycle() -> structlog.typing.FilteringBoundLogger:
+    """A logger for a process's start and stop lines, written whatever the log level (the
+    demo runs at warning): why a process ended is always worth its one line."""
+    if not _processors:
+        configure()
+    return structlog.wrap_logger(  # type: ignore[no-any-return]
+        structlog.PrintLogger(file=_Stderr()),  # type: ignore[arg-type]
+        processors=list(_processors),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -33,11 +32,9 @@ from agents.profiles import PATTERNS
 from broker.errors import V2GError
 from broker.models import SIGNAL_SERVICES, Service, to_epoch
 from broker.topics import check_id
+from v2g import units
 
 MAX_STEPS = 1_000_000
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
-_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86_400.0}
 
 
 class ScenarioError(V2GError):
@@ -46,12 +43,7 @@ class ScenarioError(V2GError):
 
 def parse_duration(value: Any) -> Any:
     """Seconds from a number or a string like '900', '900s', '15m', '4h', '1d'."""
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration; use e.g. 900, 900s, 15m, 4h or 1d")
-        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    return value
+    return units.seconds(value) if isinstance(value, str) else value
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0.0, allow_inf_nan=False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 
@@ -11,7 +12,10 @@ from v2g.demo import run_demo
 
 
 @pytest.mark.timeout(90)
-async def test_demo_runs_both_requests_to_completion_on_embedded_defaults() -> None:
+async def test_demo_runs_both_requests_to_completion_on_embedded_defaults(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.WARNING)
     settings = Settings(
         topic_prefix="demo-test",
         speed=60.0,
@@ -44,3 +48,10 @@ async def test_demo_runs_both_requests_to_completion_on_embedded_defaults() -> N
         assert r.shortfall_kw == 0.0
     assert "left short: 0" in text
     assert "(embedded)" in text
+    assert "for 15 min" in text and "cap15" not in text  # the capability, spelled out
+    # A successful run warns about nothing: no library's warnings (amqtt refused every
+    # MQTT 5 connect before the clients fell back to 3.1.1), no structured ones.
+    loud = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == []
+    err = capfd.readouterr().err
+    assert not [line for line in err.splitlines() if "warning" in line.lower()], err

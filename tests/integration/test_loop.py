@@ -666,6 +666,20 @@ async def test_the_ledger_in_redis_records_a_request_and_v2g_report_reads_it(
     )
     with (tmp_path / "vehicles.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == len(cols["vehicle_id"])
+    # --json: the same rows, one JSON object a line, then the totals.
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "v2g"),
+        "report", rid, "--redis", settings.redis_url, "--interval", "20", "--json",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60.0):
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    *rows, last = [json.loads(line) for line in out.decode().splitlines()]
+    assert len(rows) == len(table)
+    assert rows[0]["start"] == table[0]["start"] and rows[0]["start"].endswith("Z")
+    assert sum(r["delivered_kwh"] for r in rows) == pytest.approx(done.delivered_kwh, abs=tol)
+    assert last["totals"]["status"] == "completed" and last["short"] == []
     assert power < 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 from agents.battery import ENERGY_TOL_KWH, energy_floor, feasible_range
 from agents.fleet import SimFleet
@@ -114,3 +115,56 @@ def test_deciding_on_shared_ranges_holds_what_protect_would(
         np.testing.assert_array_equal(shared.power, own.power)
         moved += int(np.count_nonzero(own.power))
     assert moved > 0  # the check saw vehicles at work, not an idle fleet
+
+
+def _night_cars(fleet: SimFleet) -> NDArray[np.bool_]:
+    kinds = np.array(fleet.profile.pattern)
+    return fleet.plugged & np.isin(kinds, ["home", "depot"])
+
+
+def test_a_warm_night_fleet_is_mostly_at_its_targets_with_room_to_charge_more() -> None:
+    """Started at 02:00, home and depot cars have been charging on their baseline for
+    hours: most are at their targets and idle, not all charging flat out."""
+    fleet = SimFleet(generate_fleet(400, 1), DAY0 + 2 * 3600.0, step_s=5.0, warm_start=True)
+    bat, night = fleet.bat, _night_cars(fleet)
+    assert night.sum() > 100
+    at_target = np.isclose(fleet.energy, bat.target_soc * bat.capacity_kwh, atol=1e-6)
+    assert at_target[night].mean() > 0.9
+    flat_out = fleet.power >= bat.max_charge_kw - 1e-9
+    assert flat_out[night].mean() < 0.1
+    # The cars still on the road come back later with their arrival energy.
+    arrived = fleet.profile.arrival_soc * bat.capacity_kwh
+    np.testing.assert_array_equal(fleet.energy[~fleet.plugged], arrived[~fleet.plugged])
+
+
+def test_a_cold_fleet_starts_every_car_at_its_arrival_energy_charging() -> None:
+    fleet = SimFleet(generate_fleet(400, 1), DAY0 + 2 * 3600.0, step_s=5.0)
+    bat, night = fleet.bat, _night_cars(fleet)
+    np.testing.assert_array_equal(fleet.energy, fleet.profile.arrival_soc * bat.capacity_kwh)
+    assert np.all(fleet.power[night] > 0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), start_h=st.floats(0.0, 48.0))
+def test_a_warm_car_holds_what_its_baseline_put_in_never_above_target_or_capacity(
+    seed: int, start_h: float
+) -> None:
+    t = DAY0 + start_h * 3600.0
+    profile = generate_fleet(120, seed)
+    warm = SimFleet(profile, t, step_s=60.0, warm_start=True)
+    bat = warm.bat
+    arrived = profile.arrival_soc * bat.capacity_kwh
+    target = bat.target_soc * bat.capacity_kwh
+    assert np.all(warm.energy <= np.maximum(target, arrived) + 1e-9)
+    assert np.all(warm.energy <= bat.capacity_kwh + 1e-9)
+    assert np.all(warm.energy >= arrived - 1e-9)  # the baseline never discharges
+    # The same as ticking a cold fleet made at each car's arrival on its baseline (exact
+    # to within one step's rounding), car by car, for a few of them.
+    for i in np.flatnonzero(warm.plugged)[:5]:
+        arrival = float(warm.arrival[i])
+        cold = SimFleet(profile, arrival, step_s=60.0)
+        steps = int((t - arrival) // 60.0)
+        for k in range(1, steps + 1):
+            cold.tick(arrival + 60.0 * k)
+        cold.tick(t)
+        assert abs(cold.energy[i] - warm.energy[i]) < 1e-6 * bat.capacity_kwh[i] + 1e-6, i
