@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -572,3 +574,16 @@ async def test_the_ingest_parsers_inlined_decode_agrees_at_every_length_boundary
     assert len(packet) == 1 + len(encode_length(size)) + size
     proto.data_received(packet + packet)
     assert got == [(topic, payload), (topic, payload)]
+
+
+# -- the split ----------------------------------------------------------------------------
+def test_the_wire_models_stand_alone_without_the_codec_columns_or_numpy() -> None:
+    """broker/models.py is the contract only: the codec and the columns import it, never
+    the other way round (a fresh interpreter, so other tests' imports do not count)."""
+    code = (
+        "import sys, broker.models\n"
+        "bad = [m for m in ('broker.codec', 'broker.columns', 'broker.framing', 'numpy',"
+        " 'orjson') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
