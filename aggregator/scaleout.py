@@ -59,8 +59,9 @@ from aggregator.lease import (
 )
 from aggregator.ledger import Entry, Ledger, RedisLedger
 from aggregator.store import RedisStore, Snapshot, StateStore
+from broker.columns import TelemetryArrays
 from broker.errors import TransportError
-from broker.models import DispatchRequest, TelemetryArrays, VehicleStatus, from_epoch
+from broker.models import DispatchRequest, VehicleStatus, from_epoch
 from broker.replies import ReplyTo
 from broker.settings import Settings
 
