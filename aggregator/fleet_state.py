@@ -13,8 +13,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agents.battery import Array, Batteries
+from broker.columns import TelemetryArrays, TelemetryRow
 from broker.errors import InvalidMessage
-from broker.models import Telemetry, TelemetryArrays, TelemetryRow
+from broker.models import Telemetry
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
 _TELEMETRY_COLUMNS = (

@@ -51,15 +51,9 @@ from redis.exceptions import RedisError
 
 from aggregator.fence import Fence
 from aggregator.lease import FencedOut, RedisLease, lease_keys
+from broker.columns import TelemetryArrays, TelemetryRow
 from broker.errors import TransportError
-from broker.models import (
-    DispatchRequest,
-    Telemetry,
-    TelemetryArrays,
-    TelemetryRow,
-    VehicleStatus,
-    from_epoch,
-)
+from broker.models import DispatchRequest, Telemetry, VehicleStatus, from_epoch
 from broker.replies import ReplyTo
 from broker.settings import Settings
 
