@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agents.battery import Array, feasible_range
 from aggregator.fleet_state import FleetView
 from broker.models import CapabilityWindow
+from core.physics import Array, feasible_range
 
 WINDOWS_S: tuple[float, ...] = (900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, baseline_power
 from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
@@ -38,6 +37,7 @@ from broker.models import (
     from_epoch,
     to_epoch,
 )
+from core.physics import Array, baseline_power
 
 # A vehicle whose reported power is off its setpoint by more than this (after it had
 # time to act on it) is drifting: the others are asked to cover for it.

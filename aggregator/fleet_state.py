@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, Batteries
 from broker.errors import InvalidMessage
 from broker.models import Telemetry, TelemetryArrays, TelemetryRow
+from core.physics import Array, Batteries
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
 _TELEMETRY_COLUMNS = (

@@ -32,8 +32,8 @@ from pydantic import (
     model_validator,
 )
 
-from broker.clock import Anchor
 from broker.topics import ID_PATTERN, check_id
+from core.clock import Anchor
 
 VehicleId = Annotated[str, AfterValidator(lambda v: check_id(v, "vehicle_id"))]
 RequestId = Annotated[str, AfterValidator(lambda v: check_id(v, "request_id"))]

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from agents.runtime import AgentRuntime
-from broker.clock import SimClock
 from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus, to_epoch
 from broker.settings import Settings
+from core.clock import SimClock
 from tests.conftest import Recorder
 from tests.integration.conftest import settings, test_id  # noqa: F401  (fixtures)
 from tests.integration.harness import SIM_START, make_fleet

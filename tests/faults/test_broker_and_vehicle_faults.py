@@ -26,9 +26,9 @@ import pytest
 from aggregator.fleet_state import FleetState
 from aggregator.service import StepReport
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.link import MqttLink
 from broker.settings import Settings
+from core.clock import SimClock
 from tests.conftest import Recorder
 from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
     clock,

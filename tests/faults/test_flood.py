@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.models import from_epoch
 from broker.settings import Settings
+from core.clock import SimClock
 from tests.conftest import Recorder
 from tests.integration.conftest import settings, test_id  # noqa: F401  (fixtures)
 from tests.integration.harness import make_aggregator

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from aggregator.capability import envelope
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.settings import Settings
+from core.clock import ManualClock
 from tests.conftest import Recorder
 from tests.unit.test_wire import GOOD
 

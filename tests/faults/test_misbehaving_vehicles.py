@@ -19,9 +19,9 @@ from numpy.typing import NDArray
 
 from agents.faults import Misbehaviour
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.models import DispatchRequest
 from broker.settings import Settings
+from core.clock import SimClock
 from tests.conftest import Recorder
 from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
     clock,

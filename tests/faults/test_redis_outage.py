@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from aggregator.store import RedisStore
-from broker.clock import SimClock
 from broker.settings import Settings
+from core.clock import SimClock
 from tests.conftest import Recorder
 from tests.integration.conftest import clock, settings, test_id  # noqa: F401  (fixtures)
 from tests.integration.harness import STEP_WALL_S, running_loop

@@ -28,9 +28,9 @@ from agents.fleet import SimFleet
 from agents.runtime import AgentRuntime
 from aggregator.lease import FencedOut, fenced_hset
 from aggregator.scaleout import scale_keys
-from broker.clock import SimClock
 from broker.models import DispatchRequest, FleetStatus, to_epoch
 from broker.settings import Settings
+from core.clock import SimClock
 from tests.conftest import Recorder
 from tests.integration.conftest import settings, test_id  # noqa: F401  (fixtures)
 from tests.integration.harness import SIM_START, make_fleet

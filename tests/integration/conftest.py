@@ -22,8 +22,8 @@ import redis
 import redis.asyncio as aioredis
 
 from aggregator.store import RedisStore
-from broker.clock import SimClock
 from broker.settings import Settings
+from core.clock import SimClock
 
 from .harness import HOST, MQTT_PORT, REDIS_PORT, SIM_START, SPEED, STEP_S, Loop, running_loop
 

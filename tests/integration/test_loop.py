@@ -30,7 +30,6 @@ from aggregator.fleet_state import FleetState
 from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.service import StepReport
 from aggregator.store import RedisStore, Snapshot
-from broker.clock import SimClock
 from broker.models import (
     Capability,
     DispatchAmend,
@@ -44,6 +43,7 @@ from broker.models import (
     from_epoch,
 )
 from broker.settings import Settings
+from core.clock import SimClock
 from v2g import operator
 
 from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, Loop, make_aggregator

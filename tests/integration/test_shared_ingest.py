@@ -13,9 +13,9 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import RedisStore
-from broker.clock import ManualClock
 from broker.models import Telemetry, VehicleStatus, from_epoch
 from broker.settings import Settings
+from core.clock import ManualClock
 
 from .harness import SIM_START
 

@@ -22,7 +22,6 @@ from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.fleet_state import FleetState
 from aggregator.service import AggregatorService, setpoint_batch_payload
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.models import (
     MAX_BATCH_VEHICLES,
     TELEMETRY_BATCH_COLUMNS,
@@ -35,6 +34,7 @@ from broker.models import (
 )
 from broker.settings import Settings
 from broker.topics import Topics
+from core.clock import ManualClock
 
 T0 = 1_795_716_000.0  # 2026-11-26T18:00:00Z
 SENT = "2026-11-26T18:00:00Z"

@@ -18,13 +18,13 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.fastlink import _Protocol as IngestProtocol
 from broker.fastpub import Delivery, FastPublisher, _Burst, _Protocol, setpoint_payloads
 from broker.link import LinkStats, Outgoing
 from broker.models import Setpoint, Telemetry, TelemetryBatch, from_epoch
 from broker.settings import Settings
 from broker.topics import ID_PATTERN
+from core.clock import ManualClock
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
 powers = st.floats(-1000.0, 1000.0, allow_nan=False) | st.sampled_from(

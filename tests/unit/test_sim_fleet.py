@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from agents.battery import ENERGY_TOL_KWH, energy_floor, feasible_range
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet, sessions_at
+from core.physics import ENERGY_TOL_KWH, energy_floor, feasible_range
 from v2g.simcore import fleet_view
 
 DAY0 = 1_795_651_200.0  # 2026-11-26T00:00:00Z

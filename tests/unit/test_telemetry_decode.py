@@ -29,10 +29,10 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.models import Telemetry, TelemetryArrays, telemetry_row
 from broker.settings import Settings
 from broker.topics import ID_PATTERN
+from core.clock import ManualClock
 from tests.unit.test_wire import GOOD
 
 T0 = 1_795_716_000.0  # GOOD's ts
