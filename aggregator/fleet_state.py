@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from broker.errors import InvalidMessage
 from broker.models import Telemetry, TelemetryArrays, TelemetryRow
+from core.errors import InvalidMessage
 from core.physics import Array, Batteries
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.

@@ -12,7 +12,7 @@ it in the same script as the write (:func:`fenced_hset`, :func:`fenced_xadd`): o
 newer leader has taken the lease, an old token is refused, whatever the old holder
 believes.
 
-Errors (all from :mod:`broker.errors`)::
+Errors (all from :mod:`core.errors`)::
 
     V2GError
     ├── TransportError
@@ -35,7 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from broker.errors import TransportError, V2GError
+from core.errors import TransportError, V2GError
 
 FENCED = "FENCED"
 

@@ -59,10 +59,10 @@ from aggregator.lease import (
 )
 from aggregator.ledger import Entry, Ledger, RedisLedger
 from aggregator.store import RedisStore, Snapshot, StateStore
-from broker.errors import TransportError
 from broker.models import DispatchRequest, TelemetryArrays, VehicleStatus, from_epoch
 from broker.replies import ReplyTo
 from broker.settings import Settings
+from core.errors import TransportError
 
 if TYPE_CHECKING:  # a runtime import would be circular
     from aggregator.service import AggregatorService, Inbox

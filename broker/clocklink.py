@@ -17,11 +17,11 @@ import aiomqtt
 import structlog
 from pydantic import ValidationError
 
-from broker.errors import PublishRefused, TransportError, V2GError
 from broker.link import MqttLink
 from broker.models import ClockAnchor, from_epoch
 from broker.settings import Settings
 from core.clock import Anchor, Given, Settled, SimClock, raise_if_cancelled, reconcile, settle
+from core.errors import PublishRefused, TransportError, V2GError
 
 log = structlog.get_logger("clock")
 

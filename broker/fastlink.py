@@ -26,9 +26,9 @@ from typing import Protocol, TypeVar, cast
 
 import structlog
 
-from broker.errors import AuthenticationError, TransportError
 from broker.link import LinkStats, TakeoverWatch, backoff_delays, log_takeover, wait_connected
 from broker.settings import MqttTarget, Settings
+from core.errors import AuthenticationError, TransportError
 
 log = structlog.get_logger("broker.fastlink")
 

@@ -37,7 +37,6 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from broker.errors import TransportError
 from broker.fastlink import (
     BAD_LENGTH,
     MAX_FRAME_BYTES,
@@ -51,6 +50,7 @@ from broker.link import Outgoing, wait_connected
 from broker.models import from_epoch
 from broker.settings import MqttTarget, Settings
 from broker.topics import check_id
+from core.errors import TransportError
 
 log = structlog.get_logger("broker.fastpub")
 

@@ -28,9 +28,9 @@ from pydantic import (
 )
 
 from agents.profiles import PATTERNS
-from broker.errors import V2GError
 from broker.models import SIGNAL_SERVICES, Service, to_epoch
 from broker.topics import check_id
+from core.errors import V2GError
 from core.physics import Array
 from v2g import units
 

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 
 from aggregator.service import MAX_PAYLOAD_BYTES, AggregatorService
 from aggregator.store import RedisStore
-from broker.errors import TransportError
 from broker.models import DispatchAmend, DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings
 from core.clock import SimClock
+from core.errors import TransportError
 from v2g import operator
 from v2g.cli import app
 

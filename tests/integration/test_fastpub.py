@@ -22,13 +22,13 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.errors import AuthenticationError, TransportError
 from broker.fastlink import _frame, _Protocol, _utf8, connect_packet
 from broker.fastpub import MAX_INFLIGHT, FastPublisher
 from broker.link import LinkStats, Outgoing
 from broker.models import DispatchRequest, Setpoint, Telemetry
 from broker.settings import Settings
 from core.clock import ManualClock
+from core.errors import AuthenticationError, TransportError
 from tests.faults.servers import Mosquitto, free_port
 
 from .harness import HOST, MQTT_PORT, eventually

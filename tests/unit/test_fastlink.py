@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import fastlink
-from broker.errors import TransportError
 from broker.fastlink import _frame, _Protocol, _utf8, connect_packet, subscribe_packet
 from broker.link import LinkStats
 from broker.settings import Settings
+from core.errors import TransportError
 
 
 def publish(topic: str, payload: bytes, qos: int = 0) -> bytes:

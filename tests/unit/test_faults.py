@@ -23,10 +23,10 @@ from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetState, check_not_ahead
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.errors import InvalidMessage
 from broker.models import Telemetry, to_epoch
 from broker.settings import Settings
 from core.clock import ManualClock
+from core.errors import InvalidMessage
 from core.physics import ENERGY_TOL_KWH, energy_floor
 from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req, run_loop
 from tests.unit.test_wire import GOOD

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
-from broker.errors import InvalidMessage
 from broker.models import DispatchAmend, DispatchRequest, DispatchResult, Setpoint, Telemetry
 from broker.topics import Topics
+from core.errors import InvalidMessage
 
 GOOD: dict[str, Any] = {
     "vehicle_id": "ev-0001",
