@@ -16,8 +16,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import Recorder
-
-from .servers import HOST, Mosquitto
+from tests.support.servers import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from aggregator.store import MemoryStore
 from broker.settings import Settings
 from core.clock import ManualClock
 from tests.conftest import Recorder
-from tests.unit.test_wire import GOOD
+from tests.support.samples import GOOD
 
 T0 = 1_795_716_000.0  # GOOD's ts
 BATCH = 50

@@ -27,10 +27,9 @@ from broker.models import DispatchAmend, DispatchRequest, DispatchResult, from_e
 from broker.settings import Settings
 from core.clock import SimClock
 from core.errors import TransportError
+from tests.support.harness import HOST, MQTT_PORT, STEP_WALL_S, make_aggregator
 from v2g import operator
 from v2g.cli import app
-
-from .harness import HOST, MQTT_PORT, STEP_WALL_S, make_aggregator
 
 pytestmark = pytest.mark.integration
 

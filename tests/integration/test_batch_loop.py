@@ -20,9 +20,8 @@ from aggregator.store import RedisStore
 from broker.models import SetpointBatch, TelemetryBatch
 from broker.settings import Settings
 from core.clock import SimClock
-
-from .harness import HOST, MQTT_PORT, eventually
-from .test_loop import discharge_half, drain_events, next_event, spy, track
+from tests.support.harness import HOST, MQTT_PORT, eventually
+from tests.support.loop import discharge_half, drain_events, next_event, spy, track
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,8 @@ from broker.models import ClockAnchor, DispatchRequest, DispatchResult, from_epo
 from broker.replies import reply_of
 from broker.settings import Settings
 from core.clock import Anchor, prefer
+from tests.support.harness import HOST, MQTT_PORT, eventually
 from v2g import operator
-
-from .harness import HOST, MQTT_PORT, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -35,9 +35,8 @@ from broker.link import MqttLink
 from broker.models import DispatchProgress, DispatchResult, from_epoch
 from broker.settings import Settings
 from core.clock import SimClock
+from tests.support.harness import HOST, MQTT_PORT, SIM_START, STEP_S, eventually
 from v2g import reset
-
-from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -29,9 +29,8 @@ from broker.models import DispatchRequest, Setpoint, Telemetry
 from broker.settings import Settings
 from core.clock import ManualClock
 from core.errors import AuthenticationError, TransportError
-from tests.faults.servers import Mosquitto, free_port
-
-from .harness import HOST, MQTT_PORT, eventually
+from tests.support.harness import HOST, MQTT_PORT, eventually
+from tests.support.servers import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
 

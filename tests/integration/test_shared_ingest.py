@@ -16,8 +16,7 @@ from aggregator.store import RedisStore
 from broker.models import Telemetry, VehicleStatus, from_epoch
 from broker.settings import Settings
 from core.clock import ManualClock
-
-from .harness import SIM_START
+from tests.support.harness import SIM_START
 
 pytestmark = pytest.mark.integration
 

@@ -28,8 +28,8 @@ from broker.settings import Settings
 from core.clock import ManualClock
 from core.errors import InvalidMessage
 from core.physics import ENERGY_TOL_KWH, energy_floor
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req, run_loop
-from tests.unit.test_wire import GOOD
+from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
+from tests.support.samples import GOOD
 from v2g.cli import app
 
 DAY0 = 1_795_651_200.0  # 2026-11-26T00:00:00Z

@@ -33,7 +33,7 @@ from broker.models import Telemetry, TelemetryArrays, telemetry_row
 from broker.settings import Settings
 from broker.topics import ID_PATTERN
 from core.clock import ManualClock
-from tests.unit.test_wire import GOOD
+from tests.support.samples import GOOD
 
 T0 = 1_795_716_000.0  # GOOD's ts
 # GOOD as the platform's agents write it: every number a float.

@@ -16,23 +16,7 @@ from agents.telemetry import telemetry_payloads
 from broker.models import DispatchAmend, DispatchRequest, DispatchResult, Setpoint, Telemetry
 from broker.topics import Topics
 from core.errors import InvalidMessage
-
-GOOD: dict[str, Any] = {
-    "vehicle_id": "ev-0001",
-    "seq": 3,
-    "ts": "2026-11-26T18:00:00Z",
-    "plugged_in": True,
-    "soc": 0.5,
-    "capacity_kwh": 60,
-    "power_kw": -7.4,
-    "max_charge_kw": 11,
-    "max_discharge_kw": 11,
-    "charge_efficiency": 0.95,
-    "discharge_efficiency": 0.93,
-    "min_soc": 0.2,
-    "target_soc": 0.8,
-    "departure": "2026-11-27T07:30:00+00:00",
-}
+from tests.support.samples import GOOD
 
 
 def test_good_telemetry_is_accepted_with_aware_utc_times() -> None:
