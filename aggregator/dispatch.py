@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from aggregator import envelope as ev
 from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
 from aggregator.fleet_state import FleetView
@@ -75,6 +76,9 @@ SCHEDULE_TOL_KW = 0.01
 # How many finished requests are remembered, so that a repeated request_id gets the
 # same answer instead of a second dispatch.
 REMEMBERED_ANSWERS = 10_000
+# A committed request's plan is solved every control step for a fleet under this many
+# vehicles, and above only when its first step runs out or a car comes or goes.
+REPLAN_EVERY_STEP_BELOW = 20_000
 # Windows are half-open, [start, end): one that starts where another ends does not overlap
 # it. Times are epoch seconds (a float's step there is ~0.2 µs) that went through the
 # wire's microseconds: ends closer than this are the same instant.
@@ -140,6 +144,11 @@ class Dispatch:
     # sample t, last sample kW, activation] and the shares of full activation found.
     fcr_check: list[float] | None = None
     fcr_shares: list[float] | None = None
+    # A power request's commitment: once answered, allocated_kw is what the fleet holds
+    # until the request is amended or the fleet changes; ``changed`` says how it changed.
+    committed: bool = False
+    changed: str | None = None
+    lost: int = 0  # vehicles gone unannounced (or offline) since the commitment
 
     @property
     def request_id(self) -> str:
@@ -205,6 +214,9 @@ _BOOK_FIELDS = (
     "acc_t",
     "fcr_check",
     "fcr_shares",
+    "committed",
+    "changed",
+    "lost",
 )
 
 
@@ -245,12 +257,14 @@ class Dispatcher:
         max_duration_s: float = 7 * 86_400.0,
         settle_s: float | None = None,
         allocation: Literal["proportional", "cost"] = "proportional",
+        replan_every_step_below: int = REPLAN_EVERY_STEP_BELOW,
     ) -> None:
         self.control_step_s = control_step_s
         # proportional: the fast split in proportion to headroom, sticky from step to step.
         # cost: the least-cost split, each battery weighted by its throughput cost and by
         # the energy it has cycled so far, so wear spreads over the fleet.
         self.allocation = allocation
+        self.replan_every_step_below = replan_every_step_below
         self.setpoint_ttl_s = setpoint_ttl_s
         self.max_request_kw = max_request_kw
         self.max_duration_s = max_duration_s
@@ -287,6 +301,15 @@ class Dispatcher:
         self._swing_above: dict[str, float] = {}
         # Answers owed to requests a higher-priority one pre-empted; sent with the next step.
         self._notices: list[DispatchResult] = []
+        # Recent fleet ranges by (end of window, ratio version): see _usable_sums.
+        self._sums: dict[tuple[float, int], tuple[float, int, float, float]] = {}
+        # The plan a committed request follows (delivered kW by fleet row) and, by request,
+        # when to solve it again and for which commitment: see _keep_plan.
+        self._plan_kw: Array = np.zeros(0)
+        self._replan_at: dict[str, tuple[float, float]] = {}
+        self._plan_rows: NDArray[np.intp] = np.zeros(0, np.intp)
+        # The vehicles of the last step and their announced departures: who left early.
+        self._fleet_before: tuple[NDArray[np.intp], Array] = (np.zeros(0, np.intp), np.zeros(0))
 
     def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
         """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
@@ -313,26 +336,66 @@ class Dispatcher:
             got = memo[key] = (lo, hi)
         return got
 
-    def _usable(self, view: FleetView, now: float, window_s: float) -> tuple[Array, Array]:
-        """Each vehicle's range for the window as it will be delivered: its feasible range
-        scaled by its follow ratio, so a car that draws half of what it is told counts
-        for half its headroom and the others are asked for the rest."""
-        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
-        lo, hi = self.ranges(view, now, window_s)
-        r = self._ratio[view.rows]
-        return r * lo, r * hi
-
     def _usable_sums(self, view: FleetView, now: float, window_s: float) -> tuple[float, float]:
-        """The fleet's usable range for the window (sums of ``_usable``), computed once per
-        view, time, window and state of the learned ratios: the stack is settled several
-        times a step (admission, answers, the step itself), on the same numbers."""
+        """The fleet's range for the window as it will be delivered (the envelope, each car
+        counted for the share of its setpoints it delivers). The stack is settled several
+        times a step and at every signal sample in between: a range worked out less than
+        a control step ago for the same end of window and the same learned ratios is
+        used again (the fleet moves little in that time; the LP costs ~0.2 s at 100k)."""
+        end = round(now + window_s, 6)
+        key = (end, self._ratio_version)
+        got = self._sums.get(key)
+        if got is not None and now - got[0] < self.control_step_s and got[1] == len(view):
+            return got[2], got[3]
+        env = self.envelope(view, now, window_s)
+        self._sums = {k: v for k, v in self._sums.items() if now - v[0] < self.control_step_s}
+        self._sums[key] = (now, len(view), env.min_power_kw, env.max_power_kw)
+        return env.min_power_kw, env.max_power_kw
+
+    def envelope(self, view: FleetView, now: float, window_s: float) -> ev.Envelope:
+        """The capability envelope for the window (aggregator/envelope.py), each car counted
+        for the share of its setpoints it delivers; computed once per view, time, window
+        and state of the learned ratios."""
         memo = self._memo(view)
-        key = ("usable", now, window_s, self._ratio_version)
+        key = ("envelope", now, window_s, self._ratio_version)
         got = memo.get(key)
         if got is None:
-            lo, hi = self._usable(view, now, window_s)
-            got = memo[key] = (float(lo.sum()), float(hi.sum()))
+            self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+            ratio = self._ratio[view.rows]
+            got = memo[key] = ev.window(
+                view.batteries,
+                view.energy,
+                view.departure,
+                now,
+                window_s,
+                ratio=ratio,
+                min_step_s=self.control_step_s,
+                prepared=self._prepared(view, now, window_s, ratio),
+            )
+        assert isinstance(got, ev.Envelope)
         return got
+
+    def _prepared(self, view: FleetView, now: float, window_s: float, scale: Array) -> ev.Prepared:
+        """The fleet made ready for a window's programmes, once per view, time, window
+        and scale: admitting a request and planning it in the same step share it (most
+        of the cost at 100k vehicles is here, not in the LP)."""
+        memo = self._memo(view)
+        key = ("prepared", now, window_s)
+        got = memo.get(key)
+        if got is not None and np.array_equal(got[0], scale):
+            prepared: ev.Prepared = got[1]
+            return prepared
+        prepared = ev.prepare(
+            view.batteries,
+            view.energy,
+            view.departure,
+            now,
+            window_s,
+            ratio=scale,
+            min_step_s=self.control_step_s,
+        )
+        memo[key] = (scale.copy(), prepared)
+        return prepared
 
     # -- admission -------------------------------------------------------------------
     def reuses_id(self, req: DispatchRequest) -> bool:
@@ -534,6 +597,10 @@ class Dispatcher:
         self._swing_above = {}
         for d in stack:
             self._swing_above[d.request_id] = swing
+            if not d.follows_signal and d.committed and swing == 0.0:
+                # A commitment stands: what the fleet holds was said in the answer.
+                point = d.allocated_kw
+                continue
             lo_sum, hi_sum = self._usable_sums(view, now, max(d.end - now, self.control_step_s))
             if d.follows_signal:
                 room = (
@@ -581,6 +648,9 @@ class Dispatcher:
         Requests of lower priority it cuts are owed a ``partial`` answer saying so."""
         if d.follows_signal:
             d.capacity_kw = float(d.request.capacity_kw or 0.0)
+        else:
+            d.committed, d.lost = False, 0  # new terms: answered afresh, planned afresh
+            self._replan_at.pop(d.request_id, None)
         # New terms change what the rest of the stack asks on top of each request: book
         # the terms in force until now first (those that ended, to their end).
         for o in self._stack():
@@ -603,6 +673,7 @@ class Dispatcher:
         )
         if answer.status == "rejected":
             return answer
+        d.committed = not d.follows_signal
         for o in below:
             if before[o.request_id] - self._holding(o) > 1e-6:
                 held = o.held_kw if o.follows_signal else o.allocated_kw
@@ -889,13 +960,19 @@ class Dispatcher:
                 vehicles=d.vehicles,
             )
         side = "import" if d.requested_kw > d.allocated_kw else "export"
+        limit = f"{side} limited to {d.allocated_kw:.1f} kW"
+        if not self.envelope(view, now, max(d.end - now, self.control_step_s)).feasible:
+            limit = (
+                "no constant power holds for that long (cars that must charge flat out"
+                f" leave inside it): {d.allocated_kw:.1f} kW comes closest"
+            )
         return self._result(
             d.request_id,
             "partial",
             now,
             reason=(
                 f"the fleet can hold {lo_sum:.1f}..{hi_sum:.1f} kW for {d.end - now:.0f} s"
-                f"{self._above_text(d)}; {side} limited to {d.allocated_kw:.1f} kW"
+                f"{self._above_text(d)}; {limit}"
             ),
             requested_kw=d.requested_kw,
             allocated_kw=d.allocated_kw,
@@ -953,6 +1030,10 @@ class Dispatcher:
                 d.request, d.end, d.schedule = old
                 self.dispatches[request_id] = d
                 self._terms[request_id] = old[0]
+        if d.state == "active" and answer.status != "rejected" and not d.follows_signal:
+            d.changed = (
+                f"amended at {from_epoch(now):%H:%M:%S}Z: {d.allocated_kw:.1f} kW held from then"
+            )
         reason = "amended" + (f"; {answer.reason}" if answer.reason else "")
         return answer.model_copy(update={"reason": reason})
 
@@ -975,6 +1056,7 @@ class Dispatcher:
             self._cycled[view.rows] += np.abs(view.power) * (now - self._cycled_t) / 3600.0
         self._cycled_t = now
         out = StepOutput()
+        self._count_lost(now, view)
         measured = float(view.power.sum())
         base = self.baseline(view)
         for d in list(self.dispatches.values()):
@@ -1013,12 +1095,37 @@ class Dispatcher:
         out.progress += [self._progress(d, now) for d in stack]
         return out
 
+    def _count_lost(self, now: float, view: FleetView) -> None:
+        """Count, against every running commitment, the vehicles gone since the last step
+        that were not due to leave (no announced departure, or one still ahead): they
+        left early, unplugged, went offline or fell silent. A car that leaves when it
+        said it would is no change: the commitment was made knowing it."""
+        prev_rows, prev_dep = self._fleet_before
+        self._fleet_before = (view.rows.copy(), view.departure.copy())
+        if prev_rows.size == 0:
+            return
+        gone = ~np.isin(prev_rows, view.rows)
+        if not gone.any():
+            return
+        dep = prev_dep[gone]
+        early = int(np.count_nonzero(np.isnan(dep) | (dep > now + self.control_step_s)))
+        if early:
+            for d in self.dispatches.values():
+                if d.committed and d.state == "active":
+                    d.lost += early
+
     def _drive(self, stack: list[Dispatch], now: float, view: FleetView, out: StepOutput) -> None:
         """Settle the stack, plan the fleet for the power it asks together, and give any
         miss to the request of lowest priority (the others hold their reserves)."""
         target = self._settle(now, view, stack)
         end = max(d.end for d in stack)
-        total = self._plan(target, end, stack[0].request_id, now, view, out)
+        head = stack[0]
+        steering = None
+        if len(stack) == 1 and not head.follows_signal and head.committed:
+            # A power request alone: follow a plan that holds its commitment to its end.
+            steering = self._steer(head, now, view)
+            target = head.allocated_kw
+        total = self._plan(target, end, head.request_id, now, view, out, steering)
         for d in stack:
             d.vehicles = len(view)
             if d.follows_signal:
@@ -1027,7 +1134,7 @@ class Dispatcher:
             else:
                 d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
         miss = total - target
-        if abs(miss) > 1e-6:
+        if abs(miss) > 1e-6 and steering is None:
             last = stack[-1]
             if last.follows_signal:
                 last.allocated_kw = max(0.0, last.held_kw - abs(miss))
@@ -1035,6 +1142,100 @@ class Dispatcher:
             else:
                 last.allocated_kw += miss
                 last.shortfall_kw = abs(last.requested_kw - last.allocated_kw)
+
+    def _steer(self, d: Dispatch, now: float, view: FleetView) -> ev.Steering:
+        """The plan that holds ``d``'s commitment for the rest of its window. If none holds
+        any more because the fleet changed (a car left before its announced departure or
+        went offline), the commitment moves to what the fleet can now hold, and the
+        progress and the result say why."""
+        window_s = max(d.end - now, self.control_step_s)
+        gain = self._gain(view)
+        cached = self._replan_at.get(d.request_id)
+        if (
+            len(view) >= self.replan_every_step_below
+            and cached is not None
+            and now < cached[0]
+            and cached[1] == d.allocated_kw
+            and np.array_equal(view.rows, self._plan_rows)
+        ):
+            return self._follow_plan(view, now, gain)
+        plan = self._plan_for(view, now, window_s, d.allocated_kw, gain)
+        if plan.holds:
+            d.lost = 0  # whoever left, the rest still hold it
+            self._keep_plan(d, view, now, window_s, plan)
+            return plan
+        if d.lost == 0:
+            # The fleet is as it was when it was answered: the commitment stands, and the
+            # plan closest to it is followed.
+            return plan
+        env = self.envelope(view, now, window_s)
+        want = float(d.request.power_kw or 0.0)
+        held = min(max(want, env.min_power_kw), env.max_power_kw)
+        d.changed = (
+            f"the fleet changed at {from_epoch(now):%H:%M:%S}Z: {d.lost} vehicle(s) left"
+            f" before their announced departure or went offline; it can hold"
+            f" {env.min_power_kw:.1f}..{env.max_power_kw:.1f} kW for the remaining"
+            f" {window_s:.0f} s, so {held:.1f} kW is held from now (was {d.allocated_kw:.1f})"
+        )
+        d.lost = 0
+        d.allocated_kw = held
+        d.shortfall_kw = abs(want - held)
+        return self._plan_for(view, now, window_s, held, gain)
+
+    def _keep_plan(
+        self, d: Dispatch, view: FleetView, now: float, window_s: float, plan: ev.Steering
+    ) -> None:
+        """Keep a plan that holds for its first step. A large fleet (the LP costs ~0.15 s at
+        100k vehicles) solves it again only when that step has run out or a car comes or
+        goes, and follows it in between: each car's power in it is an average it can hold
+        that long. A smaller one solves it every control step, which holds the edges of
+        the envelope more tightly (cars reaching their floor mid-step)."""
+        self._plan_kw[:] = np.nan
+        self._plan_kw[view.rows] = plan.power_kw
+        self._plan_rows = view.rows.copy()
+        step = window_s / ev.grid(window_s, min_step_s=self.control_step_s)
+        self._replan_at = {d.request_id: (now + step - 0.5 * self.control_step_s, d.allocated_kw)}
+
+    def _follow_plan(self, view: FleetView, now: float, gain: Array) -> ev.Steering:
+        """The kept plan's powers, within what each car can do this control step; the
+        allocation covers any gap in proportion."""
+        lo, hi = self.ranges(view, now, self.control_step_s)
+        lo, hi = gain * lo, gain * hi
+        ref = np.clip(np.nan_to_num(self._plan_kw[view.rows], nan=0.0), lo, hi)
+        return ev.Steering(ref, lo, hi, True)
+
+    def _gain(self, view: FleetView) -> Array:
+        """Each vehicle's follow ratio as the allocation uses it (1 for a car not steered
+        through its ratio)."""
+        ratio = self._ratio[view.rows]
+        out: Array = np.where(ratio >= FOLLOW_MIN_RATIO, ratio, 1.0)
+        return out
+
+    def _plan_for(
+        self, view: FleetView, now: float, window_s: float, power_kw: float, gain: Array
+    ) -> ev.Steering:
+        return ev.steer(
+            view.batteries,
+            view.energy,
+            view.departure,
+            now,
+            window_s,
+            power_kw,
+            ratio=gain,
+            weight=self._weights(view) if self.allocation == "cost" else None,
+            ref=np.where(self._sent_until[view.rows] > now, self._sent_kw[view.rows], 0.0) * gain,
+            min_step_s=self.control_step_s,
+            prepared=self._prepared(view, now, window_s, gain),
+        )
+
+    def _weights(self, view: FleetView) -> Array:
+        """Each vehicle's throughput cost per kWh: a kWh is a deeper cycle of a small
+        battery, and a battery that has cycled more than the fleet's mean costs more."""
+        cycled = self._cycled[view.rows]
+        out: Array = (REFERENCE_CAPACITY_KWH / view.batteries.capacity_kwh) * (
+            1.0 + cycled / max(float(cycled.mean()), CYCLED_FLOOR_KWH)
+        )
+        return out
 
     def _split(
         self,
@@ -1047,11 +1248,7 @@ class Dispatcher:
     ) -> Allocation:
         if self.allocation == "proportional":
             return allocate(target, lo, hi, ref)
-        cycled = self._cycled[view.rows]
-        # Throughput cost per kWh: a kWh is a deeper cycle of a small battery.
-        weight = (REFERENCE_CAPACITY_KWH / view.batteries.capacity_kwh) * (
-            1.0 + cycled / max(float(cycled.mean()), CYCLED_FLOOR_KWH)
-        )
+        weight = self._weights(view)
         return allocate_cost(target, lo, hi, weight if subset is None else weight[subset])
 
     def cycled_kwh(self, rows: NDArray[np.intp]) -> Array:
@@ -1214,11 +1411,13 @@ class Dispatcher:
         now: float,
         view: FleetView,
         out: StepOutput,
+        steering: ev.Steering | None = None,
     ) -> float:
         """Setpoints for fleet net power ``target`` until ``end``; returns the total the
-        vehicles are told (what the fleet can give of it)."""
+        vehicles are told (what the fleet can give of it). With ``steering`` (a plan that
+        holds the target to the end, made with the follow ratios) each vehicle starts
+        from the plan's power, within its range for the plan's first step."""
         rows = view.rows
-        lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
         sent = self._sent_kw[rows]
         live = self._sent_until[rows] > now
         ratio = self._ratio[rows]
@@ -1227,9 +1426,27 @@ class Dispatcher:
         # more, up to its limits, and what it still cannot give falls to the others.
         steered = ratio >= FOLLOW_MIN_RATIO
         gain = np.where(steered, ratio, 1.0)
-        # Allocate as moves from what each vehicle was last told, so a steady request
-        # does not churn every setpoint every step.
-        ref = np.where(live, sent, 0.0)
+        split = self._split
+        if steering is None:
+            lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
+            # Allocate as moves from what each vehicle was last told, so a steady request
+            # does not churn every setpoint every step.
+            ref = np.where(live, sent, 0.0)
+        else:
+            # The plan's ranges and powers are in delivered kW; proportional from them, so
+            # that a plan the fleet follows is exactly what each car is told.
+            lo, hi, ref = steering.lo_kw / gain, steering.hi_kw / gain, steering.power_kw / gain
+
+            def split(
+                target: float,
+                lo: Array,
+                hi: Array,
+                ref: Array,
+                view: FleetView,
+                subset: NDArray[np.bool_] | None,
+            ) -> Allocation:
+                return allocate(target, lo, hi, ref)
+
         # Vehicles that were told a power, had time to act, and hold another than their
         # ratio says: assume they stay where they are and let the rest cover the gap.
         settled = view.ts >= self._sent_at[rows] + self.settle_s
@@ -1241,7 +1458,7 @@ class Dispatcher:
             held = view.power[drifting]
             rest = ~drifting
             g = gain[rest]
-            cover = self._split(
+            cover = split(
                 target - float(held.sum()),
                 g * lo[rest],
                 g * hi[rest],
@@ -1253,7 +1470,7 @@ class Dispatcher:
             power[rest] = cover.power / g
             total = float(held.sum()) + cover.total_kw
         else:
-            alloc = self._split(target, gain * lo, gain * hi, gain * ref, view, None)
+            alloc = split(target, gain * lo, gain * hi, gain * ref, view, None)
             power, total = alloc.power / gain, alloc.total_kw
         power = np.clip(power, lo, hi)  # dividing by the ratio may round past a bound
 
@@ -1311,6 +1528,7 @@ class Dispatcher:
             score=self.score(d) if d.follows_signal else None,
             fcr_share=self.fcr_share(d),
             delivery_start=_when(d.delivery_start),
+            reason=d.changed,
         )
 
     def active(self) -> list[ActiveDispatch]:
@@ -1333,6 +1551,8 @@ class Dispatcher:
         self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None
     ) -> DispatchResult:
         self._signal_rows.pop(d.request_id, None)
+        if d.changed is not None:  # the commitment moved on the way: say so at the end
+            reason = d.changed if reason is None else f"{reason}; {d.changed}"
         return self._result(
             d.request_id,
             status,
@@ -1384,6 +1604,7 @@ class Dispatcher:
             self._seen_in = np.concatenate([self._seen_in, np.zeros(grow, dtype=bool)])
             self._seen_kw = np.concatenate([self._seen_kw, np.zeros(grow)])
             self._seen_meter = np.concatenate([self._seen_meter, np.full(grow, np.nan)])
+            self._plan_kw = np.concatenate([self._plan_kw, np.full(grow, np.nan)])
 
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from aggregator.answers import (
     read_request_id,
     replies,
 )
-from aggregator.capability import envelope, vehicle_ranges
+from aggregator.capability import Envelopes, vehicle_ranges
 from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
@@ -198,6 +198,7 @@ class AggregatorService:
             allocation=settings.allocation,
         )
         self.forecaster = ForecastModel()
+        self.envelopes = Envelopes(step_s=settings.control_step_s)
         self._forecast_at = -math.inf
         self.rejected: Counter[str] = Counter()
         # Refusals answered at most this fast; where each running request's sender wants
@@ -507,6 +508,7 @@ class AggregatorService:
         step = self.settings.control_step_s
         next_t = self.clock.now()
         while True:
+            began = self.clock.now()
             # Scale-out: only the leader steps; a follower forwards its inbox to it.
             if self.scale is None or await self.scale.lead(self):
                 async with self._dispatch_lock:
@@ -521,11 +523,13 @@ class AggregatorService:
                     next_t = now
             # A request that ends before the next step is closed by a step at its end, so
             # its books stop there and the fleet is released on time.
-            end = self.dispatcher.next_end(now)
+            # Counted from when this step began: a request that ended while it ran (a long
+            # step at high clock speed) is closed by a step at once, not one period later.
+            end = self.dispatcher.next_end(began)
             wake = next_t
             if end is not None and end < next_t + END_MARGIN_S:
                 wake = end + END_MARGIN_S  # a regular step due as close is this one
-            await self.clock.sleep(wake - now)
+            await self.clock.sleep(max(0.0, wake - now))
 
     async def _signal_loop(self) -> None:
         """Follow signal samples as they come: the new target's setpoints go out at once."""
@@ -580,7 +584,7 @@ class AggregatorService:
         routed += [self._route(a) for a in out.results]
         # What the fleet offers is what it will deliver: partial followers count for
         # their measured share, as admission counts them.
-        windows = envelope(view, now, scale=self.dispatcher.follow_ratio(view.rows))
+        windows = self.envelopes.update(view, now, self.dispatcher.follow_ratio(view.rows))
         lo, hi = vehicle_ranges(view, now, self.settings.control_step_s)
         online, plugged = self.state.counts(now, self.settings.stale_s)
         status = fleet_status(

@@ -49,7 +49,7 @@ def log_fields(status: FleetStatus) -> dict[str, Any]:
         "power_kw": round(status.power_kw, 1),
     }
     if status.capability is not None:
-        fields["cap15_kw"] = (
+        fields["capability_15min_kw"] = (
             f"{status.capability.min_power_kw:.0f}..{status.capability.max_power_kw:.0f}"
         )
     for d in status.dispatches:

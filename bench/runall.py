@@ -51,6 +51,11 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             240.0 if quick else 600.0,
         ),
         ("schedule_solve", ["--sizes", "1000" if quick else "1000,10000"], 120.0),
+        (
+            "envelope",
+            ["--sizes", "10000" if quick else "10000,100000", "--random", "10" if quick else "30"],
+            120.0 if quick else 300.0,
+        ),
         ("scale_out", ["--repeat", "2" if quick else "3"], 240.0 if quick else 360.0),
     ]
 

@@ -439,6 +439,8 @@ class DispatchProgress(WireModel):
     score: float | None = None  # a signal service's performance score so far (0..1)
     fcr_share: float | None = None  # containment: least share of activation at 30 s
     delivery_start: UtcTime | None = None  # its first setpoints in force: the books start
+    # Why allocated_kw is not what the first answer said (amended, or the fleet changed).
+    reason: str | None = None
 
 
 class CapabilityWindow(WireModel):
@@ -447,6 +449,10 @@ class CapabilityWindow(WireModel):
     duration_s: float
     min_power_kw: float
     max_power_kw: float
+    # False when no constant power can be held for the whole window (cars that must
+    # charge flat out leave inside it and the rest cannot make up for them): then
+    # min = max = the power the fleet comes closest to holding.
+    feasible: bool = True
 
 
 class Capability(WireModel):

@@ -37,10 +37,10 @@ def test_request_beyond_the_envelope_is_partial_with_the_exact_shortfall() -> No
     fleet, state = fleet_and_state()
     d = Dispatcher(control_step_s=STEP)
     view = state.view(T0, 3 * STEP)
-    lo, _ = vehicle_ranges(view, T0, 900.0)
-    answer = d.submit(req(lo.sum() - 500.0), T0, view)
+    lo = envelope(view, T0)[0].min_power_kw
+    answer = d.submit(req(lo - 500.0), T0, view)
     assert answer.status == "partial"
-    assert answer.allocated_kw == pytest.approx(lo.sum(), abs=1e-3)
+    assert answer.allocated_kw == pytest.approx(lo, abs=1e-3)
     assert answer.shortfall_kw == pytest.approx(500.0, abs=1e-3)
     assert "export" in (answer.reason or "")
     # Its delivered energy is the fleet meter's: its own miss is not taken off it. These
@@ -246,10 +246,12 @@ def test_allocation_respects_every_vehicle_range_and_sums_within_the_envelope(
     _, state = fleet_and_state(50, seed)
     view: FleetView = state.view(T0, 15.0)
     d = Dispatcher(control_step_s=STEP)
-    lo, hi = vehicle_ranges(view, T0, hours * 3600)
-    target = share * (hi.sum() if share > 0 else -lo.sum())
+    cap = envelope(view, T0, (hours * 3600,))[0]
+    target = share * (cap.max_power_kw if share > 0 else -cap.min_power_kw)
     answer = d.submit(req(target, hours * 3600), T0, view)
     out = d.step(T0, view, len(state))
+    # Every vehicle is told a power it can hold for the coming step (its floor kept).
+    lo, hi = vehicle_ranges(view, T0, STEP)
     pos = {r: i for i, r in enumerate(view.rows.tolist())}
     idx = np.array([pos[r] for r in out.rows.tolist()], dtype=int)
     assert np.all(out.power_kw >= lo[idx] - 1e-6) and np.all(out.power_kw <= hi[idx] + 1e-6)

@@ -140,7 +140,7 @@ def test_when_the_fleet_shrinks_the_lowest_priority_is_cut_first() -> None:
     out = d.step(t, view, len(state))
     held = {p.request_id: p for p in out.progress}
     reg, block = d.dispatches["reg"], d.dispatches["block"]
-    lo2 = float(sum(d._usable(view, t, block.end - t)[0]))
+    lo2 = d._usable_sums(view, t, block.end - t)[0]
     assert reg.held_kw == capacity
     assert block.allocated_kw >= lo2 + capacity - 1e-6
     assert held["block"].allocated_kw == pytest.approx(block.allocated_kw, abs=0.01)

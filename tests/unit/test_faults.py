@@ -277,7 +277,8 @@ def test_a_silent_vehicle_is_unknown_not_a_vehicle_that_delivered_nothing() -> N
         state.apply_telemetry([Telemetry.model_validate_json(p) for p in payloads])
     view = state.view(t, 3 * STEP)
     assert row not in view.rows.tolist()  # out of the allocation and of the measured power
-    assert d.follow_ratio(np.array([row]))[0] == 1.0  # its silence taught nothing
+    # Its silence taught nothing (the reports before it round power to 0.1 W: ~1e-6 off).
+    assert d.follow_ratio(np.array([row]))[0] == pytest.approx(1.0, abs=1e-4)
     assert float(view.power.sum()) == pytest.approx(target, rel=0.02)  # others took its share
 
 

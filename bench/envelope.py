@@ -1,0 +1,207 @@
+"""The capability envelope (issue 14): its error against the exact LP, before and after,
+and what it costs per control step at 10k and 100k vehicles.
+
+- **error**: the envelope's two bounds against the reference LP (aggregator/envelope.py
+  ``reference``: one unit per vehicle, every control step of 5 s for the 900-s window,
+  60 s for the hour), as |difference| / the larger |bound| of the reference, for
+  (a) today's envelope before issue 14, the sum of each car's constant-power range, and
+  (b) the production envelope (``window``: cohorts, 16 steps at most). Fleets: 300
+  simulated cars in a departure wave (07:15) and an arrival wave (18:00), and random
+  fleets with departures and arrivals on a 12-step grid (the property test's).
+- **cost**: one control step's envelope at N vehicles (all plugged in, departures from
+  the 07:15 sessions): the five windows before (sum of ranges) and after (LP), one LP
+  window (what a step costs above 20k vehicles, where the windows are refreshed in
+  turn), and steering a running request (one plan a step).
+
+Prints a table and writes JSON (git SHA, package versions) to bench/results/envelope.json.
+
+    .venv/bin/python bench/envelope.py [--sizes 10000,100000] [--random 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from control_step import Row, best_of, print_table, row, write_results
+
+from agents.fleet import SimFleet
+from agents.profiles import generate_fleet
+from aggregator import envelope as ev
+from aggregator.capability import WINDOWS_S
+from core.physics import Array, Batteries, feasible_range
+
+DAY = datetime(2024, 6, 3, tzinfo=UTC).timestamp()
+WAVES = {"departure wave 07:15": DAY + 7.25 * 3600, "arrival wave 18:00": DAY + 18 * 3600}
+CONTROL_STEP_S = 5.0
+STEP_BUDGET_MS = 1000.0
+
+
+def plugged(n: int, at: float, seed: int = 7) -> tuple[Batteries, Array, Array]:
+    """The cars of a simulated fleet plugged in at ``at``: batteries, energy, departure."""
+    fleet = SimFleet(generate_fleet(n, seed), at, step_s=CONTROL_STEP_S)
+    on = fleet.plugged
+    bat = Batteries(*(getattr(fleet.bat, f.name)[on] for f in dataclasses.fields(Batteries)))
+    return bat, fleet.energy[on], fleet.departure[on]
+
+
+def everyone(n: int, at: float) -> tuple[Batteries, Array, Array]:
+    """``n`` cars, all counted as plugged in, with the departures of their sessions."""
+    fleet = SimFleet(generate_fleet(n, 3), at, step_s=CONTROL_STEP_S)
+    return fleet.bat, fleet.energy, fleet.departure
+
+
+def error(got: tuple[float, float], ref: ev.Envelope) -> float:
+    """The larger of the two bounds' differences, over the larger |bound| of the reference."""
+    scale = max(abs(ref.min_power_kw), abs(ref.max_power_kw), 1.0)
+    return max(abs(got[0] - ref.min_power_kw), abs(got[1] - ref.max_power_kw)) / scale
+
+
+def wave_errors() -> list[Row]:
+    out: list[Row] = []
+    for name, at in WAVES.items():
+        bat, energy, dep = plugged(300, at)
+        for window_s, step_s in ((900.0, CONTROL_STEP_S), (3600.0, 60.0)):
+            steps = round(window_s / step_s)
+            ref = ev.reference(bat, energy, dep, at, window_s, steps)
+            lo, hi = feasible_range(bat, energy, dep, at, window_s)
+            env = ev.window(bat, energy, dep, at, window_s, exact_below=0)
+            before = error((float(lo.sum()), float(hi.sum())), ref)
+            after = error((env.min_power_kw, env.max_power_kw), ref)
+            print(
+                f"{name}, {window_s:.0f} s, {len(energy)} plugged: LP over {steps} steps"
+                f" {ref.min_power_kw:.1f}..{ref.max_power_kw:.1f} kW; sum of ranges"
+                f" {lo.sum():.1f}..{hi.sum():.1f}; production"
+                f" {env.min_power_kw:.1f}..{env.max_power_kw:.1f} ({env.units} cohorts)",
+                file=sys.stderr,
+            )
+            label = f"{name.split()[0]} {window_s:.0f}s"
+            out.append(
+                row(f"envelope error vs LP, {label}", len(energy), 100 * after, 100 * before,
+                    "%", "sum of ranges (before)", 1.0, lower_is_better=True)
+            )  # fmt: skip
+    return out
+
+
+def random_errors(count: int) -> list[Row]:
+    """Random fleets as the property test draws them (departures and arrivals inside the
+    window, on its 12-step grid): the worst error of each envelope over ``count``."""
+    rng = np.random.default_rng(14)
+    now, window_s, k = DAY, 900.0, 12
+    worst_before = worst_after = 0.0
+    for _ in range(count):
+        n = int(rng.integers(20, 41))
+        cap = rng.uniform(30.0, 90.0, n)
+        bat = Batteries(
+            capacity_kwh=cap,
+            max_charge_kw=rng.choice([3.7, 7.4, 11.0, 22.0], n),
+            max_discharge_kw=rng.choice([0.0, 7.4, 11.0], n),
+            charge_efficiency=rng.uniform(0.88, 0.96, n),
+            discharge_efficiency=rng.uniform(0.88, 0.96, n),
+            min_soc=rng.uniform(0.1, 0.3, n),
+            target_soc=rng.uniform(0.6, 1.0, n),
+        )
+        energy = rng.uniform(0.1, 1.0, n) * cap
+        step = window_s / k
+        dep = now + rng.integers(1, 3 * k, n) * step
+        dep = np.where(rng.random(n) < 0.2, np.nan, dep)
+        arr = np.where(rng.random(n) < 0.3, now + rng.integers(1, k, n) * step, np.nan)
+        dep = np.where(~np.isnan(arr) & (dep <= arr), arr + 5 * step, dep).astype(np.float64)
+        ref = ev.reference(bat, energy, dep, now, window_s, k, arr)
+        env = ev.window(bat, energy, dep, now, window_s, steps=k, arrival=arr, exact_below=0)
+        # Before issue 14 a car not there yet did not count; one that is counted whole.
+        here = np.isnan(arr)
+        sub = Batteries(*(getattr(bat, f.name)[here] for f in dataclasses.fields(Batteries)))
+        lo, hi = feasible_range(sub, energy[here], dep[here], now, window_s)
+        worst_before = max(worst_before, error((float(lo.sum()), float(hi.sum())), ref))
+        worst_after = max(worst_after, error((env.min_power_kw, env.max_power_kw), ref))
+    return [
+        row("envelope error vs LP, random (worst)", count, 100 * worst_after,
+            100 * worst_before, "%", "sum of ranges (before)", 1.0, lower_is_better=True)
+    ]  # fmt: skip
+
+
+def costs(n: int) -> list[Row]:
+    now = WAVES["departure wave 07:15"]
+    bat, energy, dep = everyone(n, now)
+    before = best_of(lambda: [feasible_range(bat, energy, dep, now, w) for w in WINDOWS_S])
+    after = best_of(lambda: [ev.window(bat, energy, dep, now, w) for w in WINDOWS_S], 2)
+    one = best_of(lambda: ev.window(bat, energy, dep, now, 900.0), 2)
+    env = ev.window(bat, energy, dep, now, 900.0)
+    target = 0.5 * (env.min_power_kw + env.max_power_kw)
+    steer = best_of(lambda: ev.steer(bat, energy, dep, now, 900.0, target), 2)
+    print(
+        f"N={n}: 900 s window {env.min_power_kw:.0f}..{env.max_power_kw:.0f} kW over"
+        f" {env.units} cohorts x {env.steps} steps",
+        file=sys.stderr,
+    )
+    return [
+        row("envelope, 5 windows (LP)", n, after * 1e3, before * 1e3, "ms",
+            "sum of ranges (before)", STEP_BUDGET_MS, lower_is_better=True),
+        row("envelope, 1 window a step (LP)", n, one * 1e3, before * 1e3, "ms",
+            "sum of ranges (before)", STEP_BUDGET_MS, lower_is_better=True),
+        row("steering a request, per step (LP)", n, steer * 1e3, None, "ms", "",
+            STEP_BUDGET_MS, lower_is_better=True),
+    ]  # fmt: skip
+
+
+def provenance() -> dict[str, object]:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {
+        "git_sha": sha,
+        "python": platform.python_version(),
+        "packages": {p: metadata.version(p) for p in ("numpy", "scipy", "highspy") if _has(p)},
+        "machine": platform.machine(),
+    }
+
+
+def _has(package: str) -> bool:
+    try:
+        metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def rows(quick: bool = False) -> list[Row]:
+    """The benchmark's rows, for bench/run."""
+    out = wave_errors() + random_errors(10 if quick else 30)
+    for n in (10_000,) if quick else (10_000, 100_000):
+        out.extend(costs(n))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--random", type=int, default=30, help="random fleets for the worst error")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "envelope.json"))
+    args = ap.parse_args()
+    result = wave_errors() + random_errors(args.random)
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        result.extend(costs(n))
+    print_table(result)
+    write_results(result, args.out, **provenance())
+
+
+if __name__ == "__main__":
+    main()
