@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from aggregator.store import RedisStore
 from broker.settings import Settings
 from core.clock import SimClock
+from tests.support.figures import Recorder
 from tests.support.harness import (
     HOST,
     MQTT_PORT,
@@ -56,7 +57,6 @@ class Figure:
     outcome: str = ""
 
 
-Recorder = Callable[..., None]
 _FIGURES = pytest.StashKey[list[Figure]]()
 
 

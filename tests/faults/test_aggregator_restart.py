@@ -20,7 +20,7 @@ from agents.runtime import AgentRuntime
 from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus, to_epoch
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import SIM_START, make_fleet
 from tests.support.loop import on_target, request, spy
 from tests.support.processes import aggregator_env, aggregator_process

@@ -29,7 +29,7 @@ from aggregator.store import MemoryStore, RedisStore
 from broker.link import MqttLink
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import STEP_WALL_S, eventually, running_loop
 from tests.support.loop import discharge_half, drain_events, next_event, on_target, spy
 from tests.support.servers import HOST, Mosquitto

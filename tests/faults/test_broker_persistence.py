@@ -15,7 +15,7 @@ import time
 import aiomqtt
 import pytest
 
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.servers import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from aggregator.store import MemoryStore, RedisStore
 from broker.models import from_epoch
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import make_aggregator
 from tests.support.samples import GOOD
 from tests.support.servers import HOST, Mosquitto

@@ -22,7 +22,7 @@ from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
 from broker.settings import Settings
 from core.clock import ManualClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.samples import GOOD
 
 T0 = 1_795_716_000.0  # GOOD's ts

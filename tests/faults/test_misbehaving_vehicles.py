@@ -22,7 +22,7 @@ from aggregator.store import MemoryStore, RedisStore
 from broker.models import DispatchRequest
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import STEP_S, Loop, running_loop
 from tests.support.loop import request
 

@@ -16,7 +16,7 @@ import pytest
 from aggregator.store import MemoryStore, RedisStore
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import running_loop
 from tests.support.servers import Mosquitto
 

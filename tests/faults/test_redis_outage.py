@@ -15,7 +15,7 @@ import pytest
 from aggregator.store import RedisStore
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import STEP_WALL_S, running_loop
 from tests.support.loop import discharge_half, on_target
 from tests.support.servers import Redis

@@ -21,7 +21,7 @@ import pytest
 from aggregator.scoring import fcr_delivered_share
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
 from broker.settings import Settings
-from tests.conftest import Recorder
+from tests.support.figures import Recorder
 from tests.support.harness import Loop
 from tests.support.samples import regd_like
 from v2g import operator
