@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from broker.models import Telemetry, TelemetryArrays, TelemetryRow
+from broker.columns import TelemetryArrays, TelemetryRow
+from broker.models import Telemetry
 from core.errors import InvalidMessage
 from core.physics import Array, Batteries
 

@@ -59,7 +59,8 @@ from aggregator.lease import (
 )
 from aggregator.ledger import Entry, Ledger, RedisLedger
 from aggregator.store import RedisStore, Snapshot, StateStore
-from broker.models import DispatchRequest, TelemetryArrays, VehicleStatus, from_epoch
+from broker.columns import TelemetryArrays
+from broker.models import DispatchRequest, VehicleStatus, from_epoch
 from broker.replies import ReplyTo
 from broker.settings import Settings
 from core.errors import TransportError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import json
 import math
 import re
 import time
@@ -54,8 +53,10 @@ from aggregator.status import fleet_status, log_fields
 from aggregator.store import MemoryStore, Snapshot, StateStore
 from broker.clientid import client_id as derive_client_id
 from broker.clientid import main_client_id
+from broker.codec import setpoint_batch_payload, setpoint_payloads, telemetry_row
+from broker.columns import TelemetryArrays, TelemetryRow
 from broker.fastlink import FastIngest
-from broker.fastpub import Delivery, FastPublisher, setpoint_payloads
+from broker.fastpub import Delivery, FastPublisher
 from broker.link import TAKEN_OVER_HINT, TAKEOVER_WINDOW_S, MqttLink, Outgoing
 from broker.models import (
     MAX_BATCH_VEHICLES,
@@ -72,12 +73,9 @@ from broker.models import (
     FleetStatus,
     ForecastPeriod,
     Telemetry,
-    TelemetryArrays,
     TelemetryBatch,
-    TelemetryRow,
     VehicleStatus,
     from_epoch,
-    telemetry_row,
     to_epoch,
 )
 from broker.replies import ReplyTo, reply_from_record, reply_of, reply_record
@@ -314,7 +312,7 @@ class AggregatorService:
                 if row is None:  # not the common form, or invalid: the model judges and says why
                     t = _decode(Telemetry, payload)
                     _same_vehicle(ident, t.vehicle_id)
-                    row = t.as_row()
+                    row = TelemetryRow.of(t)
                 check_not_ahead(row.ts, self.clock.now(), self.settings.telemetry_interval_s)
                 self.inbox.telemetry.append(row)
             elif kind == "bridge_telemetry":
@@ -404,7 +402,7 @@ class AggregatorService:
             raise InvalidMessage(
                 "identity", f"topic names bridge {bridge_id!r} but payload says {batch.bridge_id!r}"
             )
-        reports = batch.arrays()
+        reports = TelemetryArrays.from_batch(batch)
         now = self.clock.now()
         tolerance = self.settings.telemetry_interval_s
         ahead = reports.ts > now + tolerance
@@ -831,8 +829,8 @@ class AggregatorService:
         self._fit_bridges()
         bridge = self._bridge_of[rows]
         own = np.flatnonzero(bridge < 0)
-        # Formatted directly (tests/unit/test_fastpub.py holds them to the Setpoint model):
-        # a pydantic model per vehicle cost ~15 µs, more than the allocation itself.
+        # Formatted directly by broker/codec.py (tests/unit/test_codec.py holds them to the
+        # Setpoint and SetpointBatch models): a model per vehicle costs more than allocating.
         own_ids = list(map(ids.__getitem__, rows[own].tolist()))
         msgs = [
             Outgoing(t.setpoint(vid), body, qos=1)
@@ -847,7 +845,6 @@ class AggregatorService:
             order = carried[np.argsort(bridge[carried], kind="stable")]
             b_sorted = bridge[order]
             cuts = np.flatnonzero(np.diff(b_sorted)) + 1
-            stamp = issued.isoformat().replace("+00:00", "Z")
             for group in np.split(order, cuts):
                 bridge_id = self.bridges[int(bridge[group[0]])]
                 for k in range(0, group.shape[0], MAX_BATCH_VEHICLES):
@@ -858,7 +855,7 @@ class AggregatorService:
                             setpoint_batch_payload(
                                 bridge_id,
                                 request_id,
-                                stamp,
+                                issued,
                                 list(map(ids.__getitem__, rows[part].tolist())),
                                 power[part],
                                 until[part],
@@ -1120,29 +1117,6 @@ M = TypeVar(
     DispatchSignal,
     DispatchCancel,
 )
-
-
-def setpoint_batch_payload(
-    bridge_id: str,
-    request_id: str,
-    issued_at: str,
-    vehicle_ids: list[str],
-    power_kw: np.ndarray,
-    valid_until: np.ndarray,
-) -> bytes:
-    """A ``SetpointBatch`` as JSON, formatted directly (a unit test holds it to the model):
-    validating our own output vehicle by vehicle would cost more than the allocation."""
-    return json.dumps(
-        {
-            "bridge_id": bridge_id,
-            "request_id": request_id,
-            "issued_at": issued_at,
-            "vehicle_id": vehicle_ids,
-            "power_kw": np.round(power_kw, 3).tolist(),
-            "valid_until": valid_until.tolist(),
-        },
-        separators=(",", ":"),
-    ).encode()
 
 
 def _decode(model: type[M], payload: bytes) -> M:

@@ -61,7 +61,8 @@ from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.dispatch import StepOutput
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.fastpub import setpoint_payloads
+from broker.codec import setpoint_payloads
+from broker.columns import TelemetryArrays
 from broker.link import Outgoing
 from broker.models import DispatchRequest, Telemetry, TelemetryBatch, from_epoch
 from broker.settings import Settings
@@ -141,7 +142,8 @@ async def subscribe_raw(prefix: str, seconds: float, vehicle_ids: list[str]) -> 
     at QoS 1 to their setpoint topics, plus one for every bridge's batches. Prints
     ``ready``, then lines of (arrival time, request id, vehicles): a run of messages of
     one request within 0.2 ms shares one line, stamped with its last arrival."""
-    from broker.fastlink import _frame, _Protocol, _utf8, connect_packet
+    from broker.fastlink import _Protocol
+    from broker.framing import connect_packet, frame, utf8
     from broker.link import LinkStats
 
     lines: list[str] = []
@@ -185,8 +187,8 @@ async def subscribe_raw(prefix: str, seconds: float, vehicle_ids: list[str]) -> 
             )
             transports.append(transport)
             transport.write(connect_packet(f"bench-sub-{prefix}-{k}", 60, None, None))
-            body = (1).to_bytes(2, "big") + b"".join(_utf8(f) + b"\x01" for f in filters)
-            transport.write(_frame(0x82, body))
+            body = (1).to_bytes(2, "big") + b"".join(utf8(f) + b"\x01" for f in filters)
+            transport.write(frame(0x82, body))
             async with asyncio.timeout(10):
                 if await proto.connack != 0:
                     raise SystemExit("the broker refused the bench subscriber")
@@ -214,7 +216,7 @@ def load_fleet(svc: AggregatorService, n: int, batched: bool) -> SimFleet:
             rows = np.arange(start, min(start + PER_BRIDGE, n))
             for body in telemetry_batch_payloads(fleet, T0, rows, bridge):
                 svc.inbox.batches.append(
-                    (bridge, TelemetryBatch.model_validate_json(body).arrays())
+                    (bridge, TelemetryArrays.from_batch(TelemetryBatch.model_validate_json(body)))
                 )
     else:
         svc.inbox.telemetry = [

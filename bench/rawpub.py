@@ -33,7 +33,7 @@ from loadgen import HOST, PORT, _round, publish_parser
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
-from broker.fastlink import _frame, _utf8, connect_packet
+from broker.framing import connect_packet, frame, utf8
 
 PER_WRITE = 256 * 1024  # bytes of frames handed to the socket at once
 
@@ -48,7 +48,7 @@ def publish(args: argparse.Namespace) -> None:
     frames: list[bytes] = []
     size = updates = 0
     for topic, body, n in msgs:
-        frames.append(_frame(0x30, _utf8(topic) + body))
+        frames.append(frame(0x30, utf8(topic) + body))
         size, updates = size + len(frames[-1]), updates + n
         if size >= PER_WRITE or args.msg_rate > 0:  # paced: one message per write
             runs.append((b"".join(frames), len(frames), updates))

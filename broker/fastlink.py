@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,15 @@ from typing import Protocol, TypeVar, cast
 
 import structlog
 
+from broker.framing import (
+    BAD_LENGTH,
+    DISCONNECT,
+    MAX_FRAME_BYTES,
+    PINGREQ,
+    connect_packet,
+    decode_length,
+    subscribe_packet,
+)
 from broker.link import LinkStats, TakeoverWatch, backoff_delays, log_takeover, wait_connected
 from broker.settings import MqttTarget, Settings
 from core.errors import AuthenticationError, TransportError
@@ -33,65 +41,6 @@ from core.errors import AuthenticationError, TransportError
 log = structlog.get_logger("broker.fastlink")
 
 RawHandler = Callable[[str, bytes], None]
-MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame bigger than this is a broken stream
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _frame(first: int, body: bytes) -> bytes:
-    """A packet: fixed header byte, remaining length (variable-length integer), body."""
-    out = bytearray([first])
-    n = len(body)
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (128 if n else 0))
-        if not n:
-            break
-    return bytes(out) + body
-
-
-def connect_packet(
-    client_id: str, keepalive: int, username: str | None, password: str | None
-) -> bytes:
-    flags = 0x02  # clean session: QoS 0 telemetry has nothing worth keeping
-    payload = _utf8(client_id)
-    if username is not None:
-        flags |= 0x80
-        payload += _utf8(username)
-        if password is not None:
-            flags |= 0x40
-            payload += _utf8(password)
-    return _frame(0x10, _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload)
-
-
-def subscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
-    body = struct.pack("!H", packet_id) + b"".join(_utf8(f) + b"\x00" for f in filters)
-    return _frame(0x82, body)
-
-
-BAD_LENGTH = -2  # remaining_length: more than 4 bytes, a broken stream
-
-
-def remaining_length(data: bytes | bytearray, i: int, n: int) -> tuple[int, int]:
-    """An MQTT remaining length (variable-length integer) starting at ``data[i]``, with
-    ``n`` bytes in hand: (length, index after it); length -1 if not all of it is here
-    yet, BAD_LENGTH if it runs past 4 bytes."""
-    length = shift = 0
-    while i < n:
-        byte = data[i]
-        i += 1
-        length |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return length, i
-        shift += 7
-        if shift > 21:
-            return BAD_LENGTH, i
-    return -1, i
 
 
 class Session(Protocol):
@@ -156,7 +105,7 @@ async def keep_alive(transport: asyncio.Transport, proto: Session, keepalive_s: 
             raise TransportError(f"connection lost: {proto.closed.result()}")
         if time.monotonic() - proto.last_rx > 1.5 * keepalive_s:
             raise TransportError("no PINGRESP from the broker: the connection is dead")
-        transport.write(_PINGREQ)
+        transport.write(PINGREQ)
 
 
 class _Counted(Protocol):
@@ -221,7 +170,7 @@ def close_session(transport: asyncio.BaseTransport) -> None:
     if not transport.is_closing():
         if isinstance(transport, asyncio.WriteTransport):
             with contextlib.suppress(Exception):
-                transport.write(_DISCONNECT)
+                transport.write(DISCONNECT)
         transport.close()
 
 
@@ -269,7 +218,8 @@ class _Protocol(asyncio.Protocol):
             data = bytes(buf)
             buf.clear()
         # Parsed straight out of ``data``: a payload is one slice of it, one copy. The
-        # common case (a remaining length under 16 KiB: two bytes) takes no inner loop.
+        # common case (a remaining length under 16 KiB: two bytes) is decode_length
+        # inlined, without its loop; tests/unit/test_codec.py holds the two to each other.
         n = len(data)
         pos = received = need = 0
         handler = self.handler
@@ -282,7 +232,7 @@ class _Protocol(asyncio.Protocol):
                 elif n - pos >= 3 and data[pos + 2] < 0x80:
                     length, i = (byte & 0x7F) | (data[pos + 2] << 7), pos + 3
                 else:  # 3 or 4 length bytes, or not all of them here yet
-                    length, i = remaining_length(data, pos + 1, n)
+                    length, i = decode_length(data, pos + 1, n)
                     if length == BAD_LENGTH:
                         self._broken("bad remaining length")
                         return

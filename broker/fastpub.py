@@ -21,8 +21,7 @@ straight out of the socket buffer, and reports per message whether the broker to
   broker's ACL refuses is acknowledged all the same (3.1.1 has no reason codes), so ACL
   refusals show only on the ``MqttLink`` path.
 
-:func:`setpoint_payloads` formats per-vehicle ``Setpoint`` JSON directly (a unit test holds
-it to the model), without building and serialising a pydantic model per vehicle.
+The setpoint payloads it carries are formatted by broker/codec.py.
 """
 
 from __future__ import annotations
@@ -31,34 +30,21 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from broker.fastlink import (
-    BAD_LENGTH,
-    MAX_FRAME_BYTES,
-    close_session,
-    keep_alive,
-    open_session,
-    remaining_length,
-    supervise,
-)
+from broker.fastlink import close_session, keep_alive, open_session, supervise
+from broker.framing import BAD_LENGTH, MAX_FRAME_BYTES, decode_length, encode_length
 from broker.link import Outgoing, wait_connected
-from broker.models import from_epoch
 from broker.settings import MqttTarget, Settings
-from broker.topics import check_id
 from core.errors import TransportError
 
 log = structlog.get_logger("broker.fastpub")
 
 MAX_INFLIGHT = 65_535  # MQTT packet ids are 16 bits, 0 is not one
 CHUNK = 512  # messages framed into one write: the broker starts on the first ones at once
-MAX_SETPOINT_KW = 1000.0  # Setpoint.power_kw's bound (VehiclePowerKw)
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"
 
 
 @dataclass(slots=True)
@@ -89,19 +75,6 @@ class Delivery:
     @property
     def complete(self) -> bool:
         return bool(self.acked.all())
-
-
-def _remaining_length(n: int) -> bytes:
-    if n < 128:
-        return bytes((n,))
-    if n < 16_384:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 class _Burst:
@@ -188,7 +161,7 @@ class _Protocol(asyncio.Protocol):
                     if not burst.pending and not burst.settled.done():
                         burst.settled.set_result(None)
                 continue
-            length, i = remaining_length(buf, pos + 1, n)
+            length, i = decode_length(buf, pos + 1, n)
             if length == BAD_LENGTH:
                 self._broken("bad remaining length")
                 return
@@ -233,7 +206,7 @@ class _Protocol(asyncio.Protocol):
                 burst.pending += 1
                 add(
                     bytes((0x32 | (1 if m.retain else 0),))
-                    + _remaining_length(tlen + 4 + len(payload))
+                    + encode_length(tlen + 4 + len(payload))
                     + tlen.to_bytes(2, "big")
                     + topic
                     + pid.to_bytes(2, "big")
@@ -243,7 +216,7 @@ class _Protocol(asyncio.Protocol):
                 burst.acked[k] = 1
                 add(
                     bytes((0x30 | (1 if m.retain else 0),))
-                    + _remaining_length(tlen + 2 + len(payload))
+                    + encode_length(tlen + 2 + len(payload))
                     + tlen.to_bytes(2, "big")
                     + topic
                     + payload
@@ -394,55 +367,3 @@ async def _wait_event(event: asyncio.Event, deadline: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-# -- payloads ----------------------------------------------------------------------------
-def _stamp(moment: datetime) -> str:
-    """A UTC datetime as pydantic writes it: ISO 8601, 'Z', microseconds only if any."""
-    return moment.isoformat().replace("+00:00", "Z")
-
-
-def setpoint_payloads(
-    vehicle_ids: Sequence[str],
-    request_id: str,
-    power_kw: Sequence[float] | NDArray[np.float64],
-    valid_until: NDArray[np.float64],
-    issued_at: datetime,
-) -> list[bytes]:
-    """``Setpoint(vehicle_id, request_id, power_kw=round(p, 3), issued_at,
-    valid_until=from_epoch(u)).to_json()`` for every vehicle, formatted directly.
-
-    Same fields, order and formats as the model's JSON (floats by ``repr``, which for a
-    value rounded to 3 decimals within +-1000 kW is the shortest form pydantic writes too;
-    times as ISO 8601 with 'Z'). Checked like the model: the request id, finite power
-    within +-1000 kW, each ``valid_until`` after ``issued_at`` (ValueError otherwise). The
-    vehicle ids are fleet-state ids, validated by the model when the vehicle reported.
-    """
-    power = [round(p, 3) for p in np.asarray(power_kw, dtype=np.float64).tolist()]
-    until = np.asarray(valid_until, dtype=np.float64)
-    if not (len(vehicle_ids) == len(power) == until.shape[0]):
-        raise ValueError("vehicle_ids, power_kw and valid_until must be as long as each other")
-    if not power:  # no setpoint (a step without a request has request_id "")
-        return []
-    check_id(request_id, "request_id")
-    arr = np.asarray(power)
-    if not np.isfinite(arr).all() or float(np.abs(arr).max()) > MAX_SETPOINT_KW:
-        raise ValueError(f"setpoint power must be finite and within +-{MAX_SETPOINT_KW:g} kW")
-    issued = issued_at.astimezone(UTC)
-    values, inverse = np.unique(until, return_inverse=True)
-    stamps = []
-    for u in values.tolist():
-        moment = from_epoch(u)
-        if not moment > issued:
-            raise ValueError(f"valid_until {_stamp(moment)} must be after issued_at")
-        stamps.append(_stamp(moment))
-    head = '{"vehicle_id":"'
-    middle = f'","request_id":"{request_id}","power_kw":'
-    tail = f',"issued_at":"{_stamp(issued)}","valid_until":"'
-    if len(stamps) == 1:
-        end = f'{tail}{stamps[0]}"}}'
-        return [f"{head}{v}{middle}{p!r}{end}".encode() for v, p in zip(vehicle_ids, power)]  # noqa: B905 - lengths checked above
-    return [
-        f'{head}{v}{middle}{p!r}{tail}{stamps[j]}"}}'.encode()
-        for v, p, j in zip(vehicle_ids, power, inverse.tolist())  # noqa: B905 - lengths checked above
-    ]

@@ -9,19 +9,10 @@ there a typo such as ``strat`` for ``start`` would silently change what the flee
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from itertools import chain
-from operator import itemgetter
-from typing import Annotated, Any, Literal, NamedTuple, Self
+from typing import Annotated, Literal, Self
 
-import numpy as np
-import orjson
-from numpy.typing import NDArray
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -35,14 +26,26 @@ from pydantic import (
 from broker.topics import ID_PATTERN, check_id
 from core.clock import Anchor
 
+# The bounds below are defined once, here: the hand decoders and encoders of
+# broker/codec.py check the same names (tests/unit/test_codec.py holds them to the models).
+# They are generous physical sanity limits (a 1 MW vehicle charger does not exist), not
+# business rules: they keep absurd numbers out of the fleet arrays.
+MAX_VEHICLE_KW = 1000.0
+"""Largest power magnitude of one vehicle (power_kw within +-this, ratings up to it)."""
+MAX_CAPACITY_KWH = 1000.0
+"""Largest battery capacity of one vehicle."""
+SEQ_LIMIT = 2**63
+"""A report's seq is below this: the fleet keeps seq as int64, and a bigger one, let
+through, would break the fold of every report of the step."""
+
 VehicleId = Annotated[str, AfterValidator(lambda v: check_id(v, "vehicle_id"))]
 RequestId = Annotated[str, AfterValidator(lambda v: check_id(v, "request_id"))]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Efficiency = Annotated[float, Field(gt=0.0, le=1.0)]
-# Bounds are generous physical sanity limits (a 1 MW vehicle charger does not exist),
-# not business rules: they keep absurd numbers out of the fleet arrays.
-VehiclePowerKw = Annotated[float, Field(ge=-1000.0, le=1000.0)]
-RatingKw = Annotated[float, Field(ge=0.0, le=1000.0)]
+VehiclePowerKw = Annotated[float, Field(ge=-MAX_VEHICLE_KW, le=MAX_VEHICLE_KW)]
+RatingKw = Annotated[float, Field(ge=0.0, le=MAX_VEHICLE_KW)]
+CapacityKwh = Annotated[float, Field(gt=0.0, le=MAX_CAPACITY_KWH)]
+Seq = Annotated[int, Field(ge=0, lt=SEQ_LIMIT)]
 UtcTime = Annotated[AwareDatetime, AfterValidator(lambda v: v.astimezone(UTC))]
 
 
@@ -78,13 +81,11 @@ class Telemetry(WireModel):
     """What a vehicle reports every interval on ``v2g/vehicles/{vid}/telemetry``."""
 
     vehicle_id: VehicleId
-    # Below 2**63 like a batch's seq: the fleet keeps seq as int64, and a bigger one,
-    # let through, would break the fold of every report of the step.
-    seq: Annotated[int, Field(ge=0, lt=2**63)]
+    seq: Seq
     ts: UtcTime
     plugged_in: bool
     soc: Fraction
-    capacity_kwh: Annotated[float, Field(gt=0.0, le=1000.0)]
+    capacity_kwh: CapacityKwh
     power_kw: VehiclePowerKw
     max_charge_kw: RatingKw
     max_discharge_kw: RatingKw
@@ -94,52 +95,10 @@ class Telemetry(WireModel):
     target_soc: Fraction
     departure: UtcTime | None = None
 
-    def as_row(self) -> TelemetryRow:
-        """The report as plain numbers, as :func:`telemetry_row` decodes it."""
-        return TelemetryRow(
-            self.vehicle_id,
-            self.seq,
-            self.plugged_in,
-            self.ts.timestamp(),
-            self.soc,
-            self.capacity_kwh,
-            self.power_kw,
-            self.max_charge_kw,
-            self.max_discharge_kw,
-            self.charge_efficiency,
-            self.discharge_efficiency,
-            self.min_soc,
-            self.target_soc,
-            math.nan if self.departure is None else self.departure.timestamp(),
-        )
 
-
-class TelemetryRow(NamedTuple):
-    """One vehicle's ``Telemetry``, validated, as the fold takes it: times in epoch seconds,
-    ``departure`` NaN when unknown; the floats from ``ts`` on in ``_FLOATS`` order.
-
-    One object for the garbage collector to walk per queued report, at each of its full
-    collections, where a model is two (itself and its set of fields): with models,
-    collections took a quarter of the ingest's CPU time (bench/ingest.py, gc callbacks)."""
-
-    vehicle_id: str
-    seq: int
-    plugged_in: bool
-    ts: float
-    soc: float
-    capacity_kwh: float
-    power_kw: float
-    max_charge_kw: float
-    max_discharge_kw: float
-    charge_efficiency: float
-    discharge_efficiency: float
-    min_soc: float
-    target_soc: float
-    departure: float
-
-
-# Per-vehicle float columns of a batch, in Telemetry's order (departure: NaN when unknown).
-_FLOATS = (
+# Telemetry's float fields, in its order: the float columns of a batch, and of the fleet's
+# decoded reports (broker/columns.py), where departure is NaN when unknown.
+TELEMETRY_FLOAT_COLUMNS = (
     "soc",
     "capacity_kwh",
     "power_kw",
@@ -151,120 +110,6 @@ _FLOATS = (
     "target_soc",
     "departure",
 )
-
-
-# -- The per-vehicle telemetry fast path -------------------------------------------------
-#
-# ``Telemetry.model_validate_json`` costs ~4-7 µs a message, over a third of it in the
-# Python validators of the id and the times: half the aggregator's ingest time (py-spy,
-# bench/ingest.py). :func:`telemetry_row` decodes the common form of a report with
-# orjson and plain comparisons instead, and answers None for anything it cannot vouch for:
-# the model then decides, so a refused message is refused by the model, with its reason
-# and detail, exactly as before. What the fast path accepts, the model accepts with the
-# same values (tests/unit/test_telemetry_decode.py fuzzes the two against each other).
-
-_required = itemgetter(
-    "vehicle_id", "seq", "ts", "plugged_in", *(k for k in _FLOATS if k != "departure")
-)
-_NUMBER = frozenset({float, int})  # a strict float takes a JSON integer, never a bool
-_id_match = re.compile(ID_PATTERN).fullmatch  # check_id's pattern
-# The times the fast path reads: UTC, whole seconds or up to microseconds. Other forms
-# (other offsets, a space for the T, more digits, epoch strings) are the model's to judge.
-_utc_text = re.compile(
-    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|\+00:00)", re.ASCII
-).fullmatch
-_from_iso = datetime.fromisoformat
-_loads = orjson.loads
-_row = TelemetryRow._make
-_ABSENT = object()
-# Quotes in the text of a report without extra fields, each key and string once:
-# 13 keys and 2 strings (vehicle_id, ts), plus the departure key and maybe its string.
-_QUOTES_WITHOUT_DEPARTURE = 2 * (13 + 2)
-_QUOTES_NULL_DEPARTURE = 2 * (14 + 2)
-_QUOTES_DEPARTURE = 2 * (14 + 3)
-
-
-def _utc_epoch(text: object) -> float | None:
-    if type(text) is not str or _utc_text(text) is None:
-        return None
-    try:
-        return _from_iso(text).timestamp()
-    except ValueError:  # no such day or time (Feb 30, 24:00, second 60): the model's call
-        return None
-
-
-def telemetry_row(payload: bytes, vehicle_id: str) -> TelemetryRow | None:
-    """``payload`` decoded, if it is a valid ``Telemetry`` of ``vehicle_id`` in the common
-    form (the contract's fields only, UTC times as the platform writes them); None
-    otherwise, and then ``Telemetry.model_validate_json`` must decide.
-
-    Never accepts what the model refuses, and yields the model's values: the same range,
-    type (strict: no strings or bools for numbers, an integral seq) and id checks, behind
-    a JSON parser (orjson) as strict as the model's. Extra fields and repeated keys go to
-    the model, so no part of the text that the fast path skips can hide malformed JSON.
-    """
-    try:
-        doc = _loads(payload)
-        departure = doc.get("departure", _ABSENT)
-        vid, seq, ts, plugged, soc, cap, power, mch, mdis, ech, edis, low, tgt = _required(doc)
-    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):  # not an object
-        return None
-    # Every key and string value is two quotes in the text (more if it escapes one), and
-    # orjson checked the grammar: with the count right, each key is there once, and no
-    # value anywhere is nested.
-    quotes = payload.count(b'"')
-    if departure is _ABSENT:
-        if len(doc) != 13 or quotes != _QUOTES_WITHOUT_DEPARTURE:
-            return None
-        leave: float | None = math.nan
-    elif departure is None:
-        if len(doc) != 14 or quotes != _QUOTES_NULL_DEPARTURE:
-            return None
-        leave = math.nan
-    elif len(doc) != 14 or quotes != _QUOTES_DEPARTURE:
-        return None
-    else:
-        leave = _utc_epoch(departure)
-    if vid != vehicle_id or _id_match(vid) is None:
-        return None
-    if type(seq) is not int or not 0 <= seq < 2**63 or type(plugged) is not bool:
-        return None
-    if not (
-        type(soc) is float
-        and type(cap) is float
-        and type(power) is float
-        and type(mch) is float
-        and type(mdis) is float
-        and type(ech) is float
-        and type(edis) is float
-        and type(low) is float
-        and type(tgt) is float
-    ):  # JSON integers in float fields: the model takes them, as floats; nothing else
-        if (
-            not {type(soc), type(cap), type(power), type(mch), type(mdis)}.union(
-                (type(ech), type(edis), type(low), type(tgt))
-            )
-            <= _NUMBER
-        ):
-            return None
-        soc, cap, power, mch, mdis = float(soc), float(cap), float(power), float(mch), float(mdis)
-        ech, edis, low, tgt = float(ech), float(edis), float(low), float(tgt)
-    if not (
-        0.0 <= soc <= 1.0
-        and 0.0 < cap <= 1000.0
-        and -1000.0 <= power <= 1000.0
-        and 0.0 <= mch <= 1000.0
-        and 0.0 <= mdis <= 1000.0
-        and 0.0 < ech <= 1.0
-        and 0.0 < edis <= 1.0
-        and 0.0 <= low <= 1.0
-        and 0.0 <= tgt <= 1.0
-    ):
-        return None
-    at = _utc_epoch(ts)
-    if at is None or leave is None:
-        return None
-    return _row((vid, seq, plugged, at, soc, cap, power, mch, mdis, ech, edis, low, tgt, leave))
 
 
 class VehicleStatus(WireModel):
@@ -551,19 +396,21 @@ MAX_BATCH_VEHICLES = 10_000
 # Rust-side checks only (no Python call per element): the id pattern of broker.topics.
 _BatchId = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 # Epoch seconds between 2001 and 2100: catches milliseconds sent as seconds, and NaN.
-EpochS = Annotated[float, Field(gt=1e9, lt=4_102_444_800.0)]
+EPOCH_MIN_S = 1e9
+EPOCH_MAX_S = 4_102_444_800.0
+EpochS = Annotated[float, Field(gt=EPOCH_MIN_S, lt=EPOCH_MAX_S)]
 
 
 _Cap = Field(max_length=MAX_BATCH_VEHICLES)
 _IdColumn = Annotated[list[_BatchId], Field(min_length=1, max_length=MAX_BATCH_VEHICLES)]
-_SeqColumn = Annotated[list[Annotated[int, Field(ge=0, lt=2**63)]], _Cap]
+_SeqColumn = Annotated[list[Seq], _Cap]
 _EpochColumn = Annotated[list[EpochS], _Cap]
 _BoolColumn = Annotated[list[bool], _Cap]
 _FractionColumn = Annotated[list[Fraction], _Cap]
 _EfficiencyColumn = Annotated[list[Efficiency], _Cap]
 _RatingColumn = Annotated[list[RatingKw], _Cap]
 _PowerColumn = Annotated[list[VehiclePowerKw], _Cap]
-_CapacityColumn = Annotated[list[Annotated[float, Field(gt=0.0, le=1000.0)]], _Cap]
+_CapacityColumn = Annotated[list[CapacityKwh], _Cap]
 _DepartureColumn = Annotated[list[EpochS | None], _Cap]
 
 
@@ -603,16 +450,6 @@ class TelemetryBatch(WireModel):
     def __len__(self) -> int:
         return len(self.vehicle_id)
 
-    def arrays(self) -> TelemetryArrays:
-        """The batch as numpy columns, ready to fold into fleet state."""
-        return TelemetryArrays(
-            vehicle_id=self.vehicle_id,
-            seq=np.array(self.seq, dtype=np.int64),
-            ts=np.array(self.ts, dtype=np.float64),
-            plugged_in=np.array(self.plugged_in, dtype=np.bool_),
-            values={name: np.array(getattr(self, name), dtype=np.float64) for name in _FLOATS},
-        )
-
     @classmethod
     def from_telemetry(cls, bridge_id: str, sent_at: datetime, batch: list[Telemetry]) -> Self:
         """The same reports as one batch (for tests and small bridges)."""
@@ -624,7 +461,11 @@ class TelemetryBatch(WireModel):
                 "seq": [t.seq for t in batch],
                 "ts": [t.ts.timestamp() for t in batch],
                 "plugged_in": [t.plugged_in for t in batch],
-                **{k: [getattr(t, k) for t in batch] for k in _FLOATS if k != "departure"},
+                **{
+                    k: [getattr(t, k) for t in batch]
+                    for k in TELEMETRY_FLOAT_COLUMNS
+                    if k != "departure"
+                },
                 "departure": [
                     None if t.departure is None else t.departure.timestamp() for t in batch
                 ],
@@ -632,100 +473,7 @@ class TelemetryBatch(WireModel):
         )
 
 
-TELEMETRY_BATCH_COLUMNS = ("vehicle_id", "seq", "ts", "plugged_in", *_FLOATS)
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryArrays:
-    """Decoded telemetry of many vehicles as numpy columns (one entry per report)."""
-
-    vehicle_id: list[str]
-    seq: NDArray[np.int64]
-    ts: NDArray[np.float64]  # epoch seconds
-    plugged_in: NDArray[np.bool_]
-    values: dict[str, NDArray[np.float64]]  # the _FLOATS columns; departure NaN if unknown
-
-    def __len__(self) -> int:
-        return len(self.vehicle_id)
-
-    @classmethod
-    def from_telemetry(cls, batch: Sequence[Telemetry | TelemetryRow]) -> TelemetryArrays:
-        """Columns of validated one-vehicle reports: rows as decoded, models, or both."""
-        rows = [t for t in batch if isinstance(t, tuple)]
-        if len(rows) == len(batch):
-            return cls.from_rows(rows)
-        if not rows:
-            return cls.from_models([t for t in batch if isinstance(t, Telemetry)])
-        return cls.from_rows([t if isinstance(t, tuple) else t.as_row() for t in batch])
-
-    @classmethod
-    def from_models(cls, batch: Sequence[Telemetry]) -> TelemetryArrays:
-        """Columns of validated models (one pass over the objects)."""
-        table = np.array(
-            [
-                (
-                    t.ts.timestamp(),
-                    t.soc,
-                    t.capacity_kwh,
-                    t.power_kw,
-                    t.max_charge_kw,
-                    t.max_discharge_kw,
-                    t.charge_efficiency,
-                    t.discharge_efficiency,
-                    t.min_soc,
-                    t.target_soc,
-                    np.nan if t.departure is None else t.departure.timestamp(),
-                )
-                for t in batch
-            ],
-            dtype=np.float64,
-        ).reshape(len(batch), 1 + len(_FLOATS))
-        return cls(
-            vehicle_id=[t.vehicle_id for t in batch],
-            seq=np.fromiter((t.seq for t in batch), np.int64, len(batch)),
-            ts=table[:, 0].copy(),
-            plugged_in=np.fromiter((t.plugged_in for t in batch), np.bool_, len(batch)),
-            values={name: table[:, j].copy() for j, name in enumerate(_FLOATS, start=1)},
-        )
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[TelemetryRow]) -> TelemetryArrays:
-        """Columns of decoded reports, one pass over the rows per column (``zip(*rows)``
-        would make an iterator object per row, and wake the garbage collector for them)."""
-        n = len(rows)
-
-        def column(k: int, dtype: type[np.generic]) -> NDArray[Any]:
-            return np.fromiter(map(itemgetter(k), rows), dtype, n)
-
-        return cls(
-            vehicle_id=[r[0] for r in rows],
-            seq=column(1, np.int64),
-            ts=column(3, np.float64),
-            plugged_in=column(2, np.bool_),
-            values={name: column(k, np.float64) for k, name in enumerate(_FLOATS, start=4)},
-        )
-
-    def take(self, index: NDArray[np.intp]) -> TelemetryArrays:
-        """The reports at ``index`` only."""
-        return TelemetryArrays(
-            vehicle_id=list(map(self.vehicle_id.__getitem__, index.tolist())),
-            seq=self.seq[index],
-            ts=self.ts[index],
-            plugged_in=self.plugged_in[index],
-            values={k: v[index] for k, v in self.values.items()},
-        )
-
-    @classmethod
-    def concat(cls, parts: list[TelemetryArrays]) -> TelemetryArrays:
-        if len(parts) == 1:
-            return parts[0]
-        return cls(
-            vehicle_id=list(chain.from_iterable(p.vehicle_id for p in parts)),
-            seq=np.concatenate([p.seq for p in parts]),
-            ts=np.concatenate([p.ts for p in parts]),
-            plugged_in=np.concatenate([p.plugged_in for p in parts]),
-            values={k: np.concatenate([p.values[k] for p in parts]) for k in _FLOATS},
-        )
+TELEMETRY_BATCH_COLUMNS = ("vehicle_id", "seq", "ts", "plugged_in", *TELEMETRY_FLOAT_COLUMNS)
 
 
 class SetpointBatch(WireModel):

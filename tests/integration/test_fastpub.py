@@ -22,8 +22,9 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.fastlink import _frame, _Protocol, _utf8, connect_packet
+from broker.fastlink import _Protocol
 from broker.fastpub import MAX_INFLIGHT, FastPublisher
+from broker.framing import connect_packet, frame, utf8
 from broker.link import LinkStats, Outgoing
 from broker.models import DispatchRequest, Setpoint, Telemetry
 from broker.settings import Settings
@@ -65,8 +66,8 @@ async def subscriber(
         transport.write(connect_packet(name, 30, None, None))
         async with asyncio.timeout(5):
             assert await proto.connack == 0
-        body = struct.pack("!H", 1) + b"".join(_utf8(f) + b"\x01" for f in filters)
-        transport.write(_frame(0x82, body))
+        body = struct.pack("!H", 1) + b"".join(utf8(f) + b"\x01" for f in filters)
+        transport.write(frame(0x82, body))
         async with asyncio.timeout(5):
             await proto.suback
         yield

@@ -219,6 +219,7 @@ async def test_restarted_aggregator_restores_fleet_and_dispatch_from_redis_and_c
         await loop.stop("aggregator")
 
         store2 = RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+        fresh = None
         try:
             fresh = make_aggregator(settings, clock, store2, test_id, "agg2")
             await fresh.restore()
@@ -244,6 +245,10 @@ async def test_restarted_aggregator_restores_fleet_and_dispatch_from_redis_and_c
             async with asyncio.timeout(duration_s / settings.speed + 15):
                 final = await follower
         finally:
+            # The fresh aggregator writes snapshots through store2 until it stops: stop it
+            # first, or a write after the close opens a connection nobody closes.
+            if fresh is not None and loop.aggregator is fresh and "aggregator" in loop.tasks:
+                await loop.stop("aggregator")
             await store2.close()
 
     assert final.status == "completed", results

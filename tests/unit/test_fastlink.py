@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import fastlink
-from broker.fastlink import _frame, _Protocol, _utf8, connect_packet, subscribe_packet
+from broker.fastlink import _Protocol
+from broker.framing import connect_packet, frame, subscribe_packet, utf8
 from broker.link import LinkStats
 from broker.settings import Settings
 from core.errors import TransportError
@@ -21,7 +22,7 @@ from core.errors import TransportError
 
 def publish(topic: str, payload: bytes, qos: int = 0) -> bytes:
     pid = b"\x00\x07" if qos else b""
-    return _frame(0x30 | (qos << 1), _utf8(topic) + pid + payload)
+    return frame(0x30 | (qos << 1), utf8(topic) + pid + payload)
 
 
 class Sink(asyncio.Transport):
@@ -87,7 +88,7 @@ def test_connect_and_subscribe_packets_follow_mqtt_311() -> None:
     assert subscribe_packet(1, ["v2g/vehicles/+/telemetry"]) == (
         b"\x82\x1d\x00\x01\x00\x18v2g/vehicles/+/telemetry\x00"
     )
-    assert _frame(0x30, b"x" * 200)[:3] == b"\x30\xc8\x01"  # two-byte remaining length
+    assert frame(0x30, b"x" * 200)[:3] == b"\x30\xc8\x01"  # two-byte remaining length
 
 
 async def test_a_big_packet_arriving_in_many_reads_is_gathered_once_and_comes_out_whole() -> None:
@@ -111,7 +112,7 @@ async def test_a_publish_whose_topic_runs_past_its_packet_closes_the_connection(
     proto = _Protocol(lambda t, p: got.append((t, p)), LinkStats())
     sink = Sink()
     proto.connection_made(sink)
-    proto.data_received(_frame(0x30, b"\x00\x09a/b") + publish("c/d", b"x"))
+    proto.data_received(frame(0x30, b"\x00\x09a/b") + publish("c/d", b"x"))
     assert got == []
     assert sink.was_closed
     assert isinstance(proto.closed.result(), TransportError)

@@ -1,12 +1,11 @@
-"""The fast setpoint publisher without a network: its payloads are the ``Setpoint`` model's
-JSON byte for byte, its PUBLISH frames parse back whole (through the ingest client's
-parser), and PUBACKs however cut mark exactly their messages and free their ids; the aggregator
-sends again exactly the rows whose setpoint was not acknowledged."""
+"""The fast setpoint publisher without a network: its PUBLISH frames parse back whole
+(through the ingest client's parser), and PUBACKs however cut mark exactly their messages
+and free their ids; the aggregator sends again exactly the rows whose setpoint was not
+acknowledged. (Its payloads are held to the ``Setpoint`` model in test_codec.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -18,73 +17,13 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
+from broker.columns import TelemetryArrays
 from broker.fastlink import _Protocol as IngestProtocol
-from broker.fastpub import Delivery, FastPublisher, _Burst, _Protocol, setpoint_payloads
+from broker.fastpub import Delivery, FastPublisher, _Burst, _Protocol
 from broker.link import LinkStats, Outgoing
-from broker.models import Setpoint, Telemetry, TelemetryBatch, from_epoch
+from broker.models import Telemetry, TelemetryBatch
 from broker.settings import Settings
-from broker.topics import ID_PATTERN
 from core.clock import ManualClock
-
-ids = st.from_regex(ID_PATTERN, fullmatch=True)
-powers = st.floats(-1000.0, 1000.0, allow_nan=False) | st.sampled_from(
-    [0.0, -0.0, 0.0005, -0.0015, 999.9995, -1000.0, 7.4, 1e-9, 2.675, 0.1 + 0.2]
-)
-# Epoch seconds with sub-microsecond digits, so that the rounding to microseconds counts.
-epochs = st.floats(1.0e9, 4.0e9, allow_nan=False) | st.sampled_from(
-    [1_795_651_200.0, 1_795_651_200.5, 1_795_651_200.0000005, 1_795_651_200.9999996]
-)
-
-
-def model_json(vid: str, rid: str, p: float, issued: datetime, until: float) -> bytes:
-    """What ``_setpoint_messages`` sent before: a pydantic Setpoint per vehicle."""
-    return Setpoint(
-        vehicle_id=vid,
-        request_id=rid,
-        power_kw=round(p, 3),
-        issued_at=issued,
-        valid_until=from_epoch(until),
-    ).to_json()
-
-
-@given(
-    st.lists(st.tuples(ids, powers), min_size=1, max_size=40),
-    ids,
-    epochs,
-    st.lists(st.floats(1e-6, 86_400.0), min_size=1, max_size=3),
-)
-def test_fast_payloads_are_the_setpoint_models_json_byte_for_byte(
-    rows: list[tuple[str, float]], rid: str, now: float, ttls: list[float]
-) -> None:
-    issued = from_epoch(now)
-    # One validity for all (the dispatcher's case), or several.
-    until = np.array([now + ttls[k % len(ttls)] for k in range(len(rows))])
-    until = np.where(until > now + 1e-6, until, now + 1.0)  # after issued_at, as the model asks
-    vids = [v for v, _ in rows]
-    power = np.array([p for _, p in rows])
-    fast = setpoint_payloads(vids, rid, power, until, issued)
-    assert len(fast) == len(rows)
-    for body, vid, p, u in zip(fast, vids, power.tolist(), until.tolist(), strict=True):
-        want = model_json(vid, rid, p, issued, u)
-        assert body == want
-        assert Setpoint.model_validate_json(body) == Setpoint.model_validate_json(want)
-
-
-def test_fast_payloads_refuse_what_the_model_refuses() -> None:
-    issued = datetime(2026, 11, 26, 21, tzinfo=UTC)
-    now = issued.timestamp()
-    ok = np.array([now + 30.0])
-    with pytest.raises(ValueError, match="request_id"):
-        setpoint_payloads(["ev-1"], "bad/id", np.array([1.0]), ok, issued)
-    for bad in (1000.5, -1001.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="within"):
-            setpoint_payloads(["ev-1"], "r", np.array([bad]), ok, issued)
-    for until in (now, now - 1.0, now + 1e-7):  # not after issued_at, to the microsecond
-        with pytest.raises(ValueError, match="after issued_at"):
-            setpoint_payloads(["ev-1"], "r", np.array([1.0]), np.array([until]), issued)
-    with pytest.raises(ValueError, match="as long as"):
-        setpoint_payloads(["ev-1", "ev-2"], "r", np.array([1.0]), ok, issued)
-    assert setpoint_payloads([], "", np.zeros(0), np.zeros(0), issued) == []
 
 
 class Sink(asyncio.Transport):
@@ -205,7 +144,7 @@ def test_the_service_resends_exactly_the_rows_whose_setpoint_was_not_acknowledge
     fleet = SimFleet(generate_fleet(12, 4), now)
     own = [Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, now, np.arange(6))]
     batches = [
-        (gw, TelemetryBatch.model_validate_json(body).arrays())
+        (gw, TelemetryArrays.from_batch(TelemetryBatch.model_validate_json(body)))
         for gw, part in (("gw-1", np.arange(6, 9)), ("gw-2", np.arange(9, 12)))
         for body in telemetry_batch_payloads(fleet, now, part, gw)
     ]

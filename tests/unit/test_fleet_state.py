@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from aggregator.fleet_state import FleetState
+from broker.columns import TelemetryRow
 from broker.models import Telemetry
 from tests.support.samples import GOOD
 
@@ -119,8 +120,8 @@ def test_decoded_rows_fold_exactly_as_their_models_do() -> None:
     ]
     by_model, by_row, mixed = FleetState(), FleetState(), FleetState()
     assert by_model.apply_telemetry(reports) == (3, 0)
-    assert by_row.apply_telemetry([t.as_row() for t in reports]) == (3, 0)
-    assert mixed.apply_telemetry([reports[0].as_row(), *reports[1:]]) == (3, 0)
+    assert by_row.apply_telemetry([TelemetryRow.of(t) for t in reports]) == (3, 0)
+    assert mixed.apply_telemetry([TelemetryRow.of(reports[0]), *reports[1:]]) == (3, 0)
     for state in (by_row, mixed):
         assert state.ids == by_model.ids
         for name, column in by_model.cols.items():

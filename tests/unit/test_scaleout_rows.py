@@ -12,10 +12,11 @@ from aggregator.scaleout import (
     fresh_dispatcher,
     shared_subscriptions,
 )
-from broker.models import TELEMETRY_BATCH_COLUMNS, TelemetryArrays
+from broker.columns import TelemetryArrays
+from broker.models import TELEMETRY_FLOAT_COLUMNS
 from broker.settings import Settings
 
-FLOATS = TELEMETRY_BATCH_COLUMNS[4:]  # the float columns, in the wire order
+FLOATS = TELEMETRY_FLOAT_COLUMNS  # the float columns, in the wire order
 
 
 def arrays(ids: list[str], seed: int) -> TelemetryArrays:

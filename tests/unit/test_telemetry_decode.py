@@ -1,4 +1,4 @@
-"""The per-vehicle telemetry fast path (``broker.models.telemetry_row``) is the model,
+"""The per-vehicle telemetry fast path (``broker.codec.telemetry_row``) is the model,
 only faster: whatever it accepts, ``Telemetry.model_validate_json`` accepts with the same
 values, and whatever it cannot vouch for it leaves to the model (None). Fuzzed against the
 model on generated reports (valid, out of range, wrongly typed, odd times, extra and
@@ -29,7 +29,9 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.models import Telemetry, TelemetryArrays, telemetry_row
+from broker.codec import telemetry_row
+from broker.columns import TelemetryArrays, TelemetryRow
+from broker.models import Telemetry
 from broker.settings import Settings
 from broker.topics import ID_PATTERN
 from core.clock import ManualClock
@@ -65,7 +67,7 @@ junk = st.one_of(
 
 def model_row(payload: bytes) -> tuple[Any, ...] | None:
     try:
-        return Telemetry.model_validate_json(payload).as_row()
+        return TelemetryRow.of(Telemetry.model_validate_json(payload))
     except ValidationError:
         return None
 
