@@ -657,6 +657,16 @@ class Dispatcher:
             if o is not d and o.last_t is not None:
                 self._accrue(o, min(now, o.end))
         stack = self._stack(now)
+        if d not in stack:  # over before its first step: a sliver of a duration
+            self.dispatches.pop(d.request_id, None)
+            self._settle(now, view, stack)
+            return self._result(
+                d.request_id,
+                "rejected",
+                now,
+                reason=f"the request ends at {from_epoch(d.end):%H:%M:%S}Z, before its first"
+                " control step: give a longer duration_s, or a later start",
+            )
         others = [o for o in stack if o is not d]
         below = stack[stack.index(d) + 1 :]
         before: dict[str, float] = {}

@@ -90,6 +90,18 @@ def test_start_up_to_one_step_in_the_past_counts_as_now() -> None:
     assert d.dispatches["r1"].state == "active"
 
 
+def test_a_request_over_before_its_first_step_is_rejected_not_a_crash() -> None:
+    _, state = fleet_and_state(10)
+    d = Dispatcher(control_step_s=STEP)
+    # Found by the inbound fuzzer: it ends the instant it starts, and crashed the step.
+    answer = d.submit(req(-5.0, duration=3e-215), T0, state.view(T0, 15.0))
+    assert answer.status == "rejected"
+    assert "before its first control step" in (answer.reason or "")
+    assert "r1" not in d.dispatches
+    # The dispatcher goes on: the next request is taken as usual.
+    assert d.submit(req(-5.0, rid="r2"), T0, state.view(T0, 15.0)).status in ("accepted", "partial")
+
+
 def test_repeated_request_id_gets_the_same_answer_and_no_second_dispatch() -> None:
     _, state = fleet_and_state(20)
     d = Dispatcher(control_step_s=STEP)
