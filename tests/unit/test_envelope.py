@@ -256,3 +256,20 @@ def test_a_large_fleet_follows_its_plan_between_solves_and_stays_on_target(
     assert 1 <= len(solves) < 12  # 1800 s / 16 steps: one solve every ~112 s at most
     assert state.view(t, 3 * STEP).power.sum() == pytest.approx(target, rel=0.02)
     assert d.dispatches["r1"].allocated_kw == target
+
+
+def test_published_envelope_refreshes_the_first_window_every_step_and_the_rest_in_turn() -> None:
+    from aggregator.capability import WINDOWS_S, Envelopes
+
+    _, view = wave_view(40, DEPARTURES)
+    envs = Envelopes(step_s=5.0)
+    first = envs.update(view, DEPARTURES)
+    assert [w.duration_s for w in first] == list(WINDOWS_S)  # all of them at the start
+    seen: list[float] = []
+    for k in range(1, len(WINDOWS_S)):
+        before = dict(envs._last)
+        envs.update(view, DEPARTURES + 5.0 * k)
+        changed = [w for w in WINDOWS_S if envs._last[w] is not before[w]]
+        assert changed[0] == WINDOWS_S[0] and len(changed) == 2
+        seen.append(changed[1])
+    assert sorted(seen) == sorted(WINDOWS_S[1:])  # every longer window within four steps
