@@ -1,1 +1,1 @@
-"""Simulated electric vehicles: battery and charger physics, drivers, and their MQTT runtime."""
+"""Simulated electric vehicles: drivers, faults, and their MQTT runtime (the physics is core.physics)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array
+from core.physics import Array
 
 # Ranges the misbehaving vehicles draw from (simulated seconds, fractions). Of the
 # skewed clocks about a third run ahead, a third behind, and a third have stopped.

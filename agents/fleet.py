@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import (
+from agents.faults import Misbehaviour
+from agents.profiles import DAY_S, FleetProfile, sessions_at
+from core.physics import (
     Array,
     Batteries,
     baseline_energy,
@@ -19,8 +21,6 @@ from agents.battery import (
     protect,
     step_energy,
 )
-from agents.faults import Misbehaviour
-from agents.profiles import DAY_S, FleetProfile, sessions_at
 
 # A driver counts as short only when the platform cost them energy: the departure
 # energy is under what plain charging from plug-in could have reached, by more than this.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agents.battery import Array, Batteries
+from core.physics import Array, Batteries
 
 DAY_S = 86_400.0
 

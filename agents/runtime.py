@@ -32,11 +32,11 @@ from pydantic import ValidationError
 from agents.fleet import SimFleet
 from agents.telemetry import status_payload, telemetry_batch_payloads, telemetry_payloads
 from broker.clientid import client_id
-from broker.clock import Clock, raise_if_cancelled
-from broker.errors import TransportError
 from broker.link import MqttLink, Outgoing
 from broker.models import Setpoint, SetpointBatch, to_epoch
 from broker.settings import Settings
+from core.clock import Clock, raise_if_cancelled
+from core.errors import TransportError
 
 Mode = Literal["per-vehicle", "multiplexed"]
 # A change of power larger than this is reported at once, not at the next interval.

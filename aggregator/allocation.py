@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agents.battery import Array
+from core.physics import Array
 
 
 @dataclass(frozen=True, slots=True)

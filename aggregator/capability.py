@@ -7,10 +7,10 @@ at every moment: the linear programme of aggregator/envelope.py.
 
 from __future__ import annotations
 
-from agents.battery import Array, feasible_range
 from aggregator import envelope as ev
 from aggregator.fleet_state import FleetView
 from broker.models import CapabilityWindow
+from core.physics import Array, feasible_range
 
 WINDOWS_S: tuple[float, ...] = (900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 # Above this many vehicles one window of the envelope is computed per control step, in
@@ -62,10 +62,10 @@ def envelope(
 
 
 class Envelopes:
-    """The published envelope, kept up to date within a control step's budget: every
-    window each step for a fleet under ``all_below`` vehicles, else the one computed
-    longest ago (the others are those of the steps before, at most len(windows) - 1
-    steps old)."""
+    """The published envelope, kept up to date within a control step's budget: for a
+    fleet under ``all_below`` vehicles the first window every step and one longer window
+    in turn, else only the one computed longest ago (the others are those of the steps
+    before, at most len(windows) - 1 steps old)."""
 
     def __init__(
         self,
@@ -83,8 +83,15 @@ class Envelopes:
         self, view: FleetView, now: float, scale: Array | None = None
     ) -> list[CapabilityWindow]:
         """The windows to publish at ``now``."""
-        if len(view) < self.all_below or len(self._last) < len(self.windows):
+        if len(self._last) < len(self.windows):
             todo = self.windows
+        elif len(view) < self.all_below:
+            # The first window (the status's) every step, the longer ones in turn: an LP
+            # per window per step made a step of a small fleet ~70 ms, which at a fast
+            # clock (x30-x60) is seconds of simulated time without setpoints.
+            rest = self.windows[1:]
+            todo = (self.windows[0], rest[self._turn % len(rest)]) if rest else self.windows
+            self._turn += 1
         else:
             todo = (self.windows[self._turn % len(self.windows)],)
             self._turn += 1

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, baseline_power
 from aggregator import envelope as ev
 from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
@@ -39,6 +38,7 @@ from broker.models import (
     from_epoch,
     to_epoch,
 )
+from core.physics import Array, baseline_power
 
 # A vehicle whose reported power is off its setpoint by more than this (after it had
 # time to act on it) is drifting: the others are asked to cover for it.
@@ -657,6 +657,16 @@ class Dispatcher:
             if o is not d and o.last_t is not None:
                 self._accrue(o, min(now, o.end))
         stack = self._stack(now)
+        if d not in stack:  # over before its first step: a sliver of a duration
+            self.dispatches.pop(d.request_id, None)
+            self._settle(now, view, stack)
+            return self._result(
+                d.request_id,
+                "rejected",
+                now,
+                reason=f"the request ends at {from_epoch(d.end):%H:%M:%S}Z, before its first"
+                " control step: give a longer duration_s, or a later start",
+            )
         others = [o for o in stack if o is not d]
         below = stack[stack.index(d) + 1 :]
         before: dict[str, float] = {}

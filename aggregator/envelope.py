@@ -59,8 +59,8 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 from scipy.optimize import linprog
 
-from agents.battery import ENERGY_TOL_KWH, Array, Batteries, energy_floor
 from aggregator.allocation import allocate
+from core.physics import ENERGY_TOL_KWH, Array, Batteries, energy_floor
 
 # A unit-per-kWh cost of energy cycled, against 1 per kW of P: breaks ties toward
 # solutions without pointless cycling (and without charging and discharging a cohort at
@@ -684,7 +684,7 @@ def steer(
     # A car leaving part-way through the first step that must charge flat out until then
     # does so now, whatever the plan (which counts its average over the step).
     flat_now = (units.last == 1) & (units.frac < 1.0 - 1e-9) & (units.forced_kwh[:, 0] > 0.0)
-    # So does a car under its floor now (agents.battery.protect): it reaches it faster
+    # So does a car under its floor now (core.physics.protect): it reaches it faster
     # than the plan's average over the step, then the plan takes over.
     flat_now |= energy < energy_floor(bat, departure, now) - ENERGY_TOL_KWH
     lo[flat_now] = hi[flat_now] = bat.max_charge_kw[flat_now]

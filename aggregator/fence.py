@@ -20,7 +20,7 @@ import structlog
 from aggregator.lease import FencedOut, LeaseUnavailable, fenced_hset, fenced_xadd
 from aggregator.ledger import Entry, Ledger, RedisLedger
 from aggregator.store import Field, RedisStore, Snapshot, StateStore, encode_snapshot
-from broker.errors import TransportError
+from core.errors import TransportError
 
 REDIS_TIMEOUT_S = 4.0
 

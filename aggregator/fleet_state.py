@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, Batteries
 from broker.columns import TelemetryArrays, TelemetryRow
-from broker.errors import InvalidMessage
 from broker.models import Telemetry
+from core.errors import InvalidMessage
+from core.physics import Array, Batteries
 
 # Telemetry fields in the order apply_telemetry lays them out, after ts and seq.
 _TELEMETRY_COLUMNS = (

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array
+from core.physics import Array
 
 HOURS = 24
 PERIOD_S = 3600.0

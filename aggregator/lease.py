@@ -13,7 +13,7 @@ newer leader has taken the lease, an old token is refused, whatever the old hold
 believes. The snapshot and the ledger reach these scripts through one
 :class:`aggregator.fence.Fence`; this module knows neither them nor the service.
 
-Errors (all from :mod:`broker.errors`)::
+Errors (all from :mod:`core.errors`)::
 
     V2GError
     ├── TransportError
@@ -36,7 +36,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from broker.errors import TransportError, V2GError
+from core.errors import TransportError, V2GError
 
 FENCED = "FENCED"
 

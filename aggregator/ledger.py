@@ -32,8 +32,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from aggregator.settlement import Departure, VehicleInterval
-from broker.errors import TransportError
 from broker.models import DispatchProgress, DispatchResult
+from core.errors import TransportError
 
 Entry = dict[str, str]
 MAX_OWED = 1_000_000  # entries held while the store is away; the oldest go first beyond

@@ -52,10 +52,10 @@ from redis.exceptions import RedisError
 from aggregator.fence import Fence
 from aggregator.lease import FencedOut, RedisLease, lease_keys
 from broker.columns import TelemetryArrays, TelemetryRow
-from broker.errors import TransportError
 from broker.models import DispatchRequest, Telemetry, VehicleStatus, from_epoch
 from broker.replies import ReplyTo
 from broker.settings import Settings
+from core.errors import TransportError
 
 START = "0-0"  # a stream id before every entry
 READ_COUNT = 500  # stream entries per XREAD

@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 from scipy.optimize import linprog
 
-from agents.battery import Array, Batteries, energy_floor
+from core.physics import Array, Batteries, energy_floor
 
 THROUGHPUT_COST = 1e-3  # per kWh cycled, against 1 per kWh of shortfall
 TOL_KWH = 1e-6

@@ -54,10 +54,8 @@ from aggregator.status import fleet_status, log_fields
 from aggregator.store import MemoryStore, Snapshot, StateStore
 from broker.clientid import client_id as derive_client_id
 from broker.clientid import main_client_id
-from broker.clock import Clock, raise_if_cancelled
 from broker.codec import setpoint_batch_payload, setpoint_payloads, telemetry_row
 from broker.columns import TelemetryArrays, TelemetryRow
-from broker.errors import InvalidMessage, TransportError
 from broker.fastlink import FastIngest
 from broker.fastpub import Delivery, FastPublisher
 from broker.link import TAKEN_OVER_HINT, TAKEOVER_WINDOW_S, MqttLink, Outgoing
@@ -84,6 +82,8 @@ from broker.models import (
 from broker.replies import ReplyTo, reply_from_record, reply_of, reply_record
 from broker.settings import Settings
 from broker.topics import ID_PATTERN
+from core.clock import Clock, raise_if_cancelled
+from core.errors import InvalidMessage, TransportError
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 # A bridge's batch: MAX_BATCH_VEHICLES vehicles at ~100-200 bytes each.

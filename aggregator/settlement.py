@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, baseline_power
 from aggregator.fleet_state import FleetView
+from core.physics import Array, baseline_power
 
 INTERVAL_S = 900.0  # the market's settlement interval (15 min)
 # A driver counts as short if they left this far under their target (kWh), and as having

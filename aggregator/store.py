@@ -18,7 +18,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker.errors import TransportError
+from core.errors import TransportError
 
 
 @dataclass(slots=True)

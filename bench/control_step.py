@@ -40,11 +40,11 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.fastpub import FastPublisher
 from broker.link import MqttLink, Outgoing
 from broker.models import DispatchRequest, Telemetry
 from broker.settings import Settings
+from core.clock import ManualClock
 from v2g import logs
 
 T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC, most home cars plugged in

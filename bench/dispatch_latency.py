@@ -61,12 +61,12 @@ from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.dispatch import StepOutput
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.codec import setpoint_payloads
 from broker.columns import TelemetryArrays
 from broker.link import Outgoing
 from broker.models import DispatchRequest, Telemetry, TelemetryBatch, from_epoch
 from broker.settings import Settings
+from core.clock import ManualClock
 from v2g import logs
 
 HOST, PORT = "127.0.0.1", 1883

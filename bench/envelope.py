@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from control_step import Row, best_of, print_table, row, write_results
 
-from agents.battery import Array, Batteries, feasible_range
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator import envelope as ev
 from aggregator.capability import WINDOWS_S
+from core.physics import Array, Batteries, feasible_range
 
 DAY = datetime(2024, 6, 3, tzinfo=UTC).timestamp()
 WAVES = {"departure wave 07:15": DAY + 7.25 * 3600, "arrival wave 18:00": DAY + 18 * 3600}

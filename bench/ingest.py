@@ -51,9 +51,9 @@ from control_step import Row, print_table, row, write_results
 
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore
-from broker.clock import SimClock
 from broker.models import DispatchRequest
 from broker.settings import Settings
+from core.clock import SimClock
 from v2g import logs
 
 HOST, PORT = "127.0.0.1", 1883

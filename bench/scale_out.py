@@ -61,8 +61,8 @@ async def worker(name: str, port: int, prefix: str, group: str, stats_path: Path
     0.2 s while running, and once more at the end)."""
     from aggregator.service import AggregatorService
     from aggregator.store import RedisStore
-    from broker.clock import SimClock
     from broker.settings import Settings
+    from core.clock import SimClock
     from v2g import logs
 
     settings = Settings(

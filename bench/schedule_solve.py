@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from control_step import Row, print_table, row, write_results
 
-from agents.battery import Batteries
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator.schedule import THROUGHPUT_COST, Block, cohorts, plan, proportional
+from core.physics import Batteries
 
 T0 = datetime(2024, 6, 3, 16, 0, tzinfo=UTC).timestamp()
 STEP = 900.0

@@ -67,9 +67,9 @@ from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
 from broker.settings import Settings
+from core.clock import ManualClock
 from v2g import logs
 
 PERIOD_MS = 2000.0  # RegD: a new value every 2 s

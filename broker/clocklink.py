@@ -2,7 +2,7 @@
 settle on a clock, log it, and keep the anchor fresh while the process runs.
 
 The rules (adopt, create, explicit settings that disagree, ties) are pure, in
-broker/clock.py; this module only moves the anchor over MQTT.
+core/clock.py; this module only moves the anchor over MQTT.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import aiomqtt
 import structlog
 from pydantic import ValidationError
 
-from broker.clock import Anchor, Given, Settled, SimClock, raise_if_cancelled, reconcile, settle
-from broker.errors import PublishRefused, TransportError, V2GError
 from broker.link import MqttLink
 from broker.models import ClockAnchor, from_epoch
 from broker.settings import Settings
+from core.clock import Anchor, Given, Settled, SimClock, raise_if_cancelled, reconcile, settle
+from core.errors import PublishRefused, TransportError, V2GError
 
 log = structlog.get_logger("clock")
 
@@ -201,7 +201,7 @@ async def _keep(
     given: Given,
 ) -> None:
     """Re-publish ``mine`` every refresh period, and settle ties with anchors that other
-    processes publish (reconcile in broker/clock.py)."""
+    processes publish (reconcile in core/clock.py)."""
     refresh = settings.clock_refresh_s
     last_pub = time.monotonic()
     while True:

@@ -25,7 +25,6 @@ from typing import Protocol, TypeVar, cast
 
 import structlog
 
-from broker.errors import AuthenticationError, TransportError
 from broker.framing import (
     BAD_LENGTH,
     DISCONNECT,
@@ -37,6 +36,7 @@ from broker.framing import (
 )
 from broker.link import LinkStats, TakeoverWatch, backoff_delays, log_takeover, wait_connected
 from broker.settings import MqttTarget, Settings
+from core.errors import AuthenticationError, TransportError
 
 log = structlog.get_logger("broker.fastlink")
 

@@ -35,11 +35,11 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from broker.errors import TransportError
 from broker.fastlink import close_session, keep_alive, open_session, supervise
 from broker.framing import BAD_LENGTH, MAX_FRAME_BYTES, decode_length, encode_length
 from broker.link import Outgoing, wait_connected
 from broker.settings import MqttTarget, Settings
+from core.errors import TransportError
 
 log = structlog.get_logger("broker.fastpub")
 

@@ -33,8 +33,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker.errors import AuthenticationError, PublishRefused, TransportError
 from broker.settings import MqttTarget, Settings
+from core.errors import AuthenticationError, PublishRefused, TransportError
 
 log = structlog.get_logger("broker.link")
 

@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from broker.clock import Anchor
 from broker.topics import ID_PATTERN, check_id
+from core.clock import Anchor
 
 # The bounds below are defined once, here: the hand decoders and encoders of
 # broker/codec.py check the same names (tests/unit/test_codec.py holds them to the models).

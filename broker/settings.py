@@ -1,16 +1,26 @@
-"""Settings every process reads: flags, then ``V2G_*`` environment variables, then defaults."""
+"""Settings every process reads: flags, then ``V2G_*`` environment variables, then defaults.
+
+The connection's fields are here, at the bus edge; the other concerns' are in
+core/settings.py, and :class:`Settings` puts them together.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.topics import Topics
+from core.settings import (
+    ClockSettings,
+    ControlLoopSettings,
+    DispatchPolicySettings,
+    LogSettings,
+    ScaleOutSettings,
+)
 
 _BROKER_SCHEMES = ("mqtt", "mqtts", "tcp", "ssl")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -43,10 +53,9 @@ def check_redis_url(url: str) -> str:
     return url
 
 
-class Settings(BaseSettings):
-    """One settings object per process; every timing value is here so tests can shrink it."""
-
-    model_config = SettingsConfigDict(env_prefix="V2G_", extra="ignore", validate_default=True)
+class ConnectionSettings(BaseModel):
+    """Where a process talks and under which names: broker, Redis, prefixes, credentials,
+    and how the MQTT connection behaves (keepalive, will, reconnect, publish timeout)."""
 
     broker_url: str = "mqtt://127.0.0.1:1883"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -66,41 +75,6 @@ class Settings(BaseSettings):
         description="MQTT version of the general client: auto tries 5 and falls back to"
         " 3.1.1 when the broker refuses it; name the broker's own to skip the refusal",
     )
-
-    speed: float = Field(1.0, gt=0.0, description="simulated seconds per wall second")
-    clock_anchor: float | None = Field(
-        None,
-        description="wall time (ISO 8601 or epoch s) at which simulated time equals"
-        " sim_start; default: when the fleet's first process started",
-    )
-    sim_start: float | None = Field(
-        None,
-        description="simulated time (ISO 8601 or epoch s) the clock starts at; default:"
-        " the wall time when the fleet's first process started",
-    )
-    clock_wait_s: float = Field(
-        1.5, gt=0.0, description="wall seconds to wait for the fleet's retained clock anchor"
-    )
-    clock_refresh_s: float = Field(
-        10.0,
-        gt=0.0,
-        description="wall seconds between re-publishes of the clock anchor; one not"
-        " refreshed for 3 of these is from a stopped fleet",
-    )
-
-    telemetry_interval_s: float = Field(5.0, gt=0.0)
-    control_step_s: float = Field(5.0, gt=0.0)
-    stale_after_s: float | None = Field(
-        None,
-        gt=0.0,
-        description="silence after which a vehicle counts as unknown;"
-        " default 3 telemetry intervals",
-    )
-    setpoint_ttl_s: float = Field(60.0, gt=0.0)
-    status_every_wall_s: float = Field(5.0, gt=0.0)
-    summary_every_wall_s: float = Field(
-        60.0, gt=0.0, description="how often the agents log a summary of their fleet"
-    )
     keepalive_s: int = Field(15, ge=2)
     will_delay_s: int = Field(
         0,
@@ -111,39 +85,6 @@ class Settings(BaseSettings):
     reconnect_min_s: float = Field(0.2, gt=0.0)
     reconnect_max_s: float = Field(10.0, gt=0.0)
     publish_timeout_s: float = Field(10.0, gt=0.0)
-    allocation: Literal["proportional", "cost"] = Field(
-        "proportional",
-        description="how a request is split: proportional to headroom (fast, sticky) or"
-        " least cost (throughput cost and energy cycled so far: spreads battery wear)",
-    )
-    rejected_ledger_ttl_s: float = Field(
-        86_400.0,
-        gt=0.0,
-        description="wall seconds the ledger stream of a request that was only ever"
-        " rejected is kept in Redis",
-    )
-    max_request_kw: float = Field(1_000_000.0, gt=0.0)
-    max_request_duration_s: float = Field(7 * 86_400.0, gt=0.0)
-    # Scale-out (README "Scale-out"): several aggregators on one MQTT 5 shared subscription,
-    # sharing state through Redis, one dispatcher leader at a time by a Redis lease.
-    share_group: str | None = Field(
-        None,
-        description="MQTT 5 shared-subscription group for telemetry and status"
-        " ($share/GROUP/...); unset: one aggregator, as before",
-    )
-    lease_ttl_s: float = Field(
-        10.0,
-        gt=0.0,
-        description="leader lease, wall seconds: a dead leader is replaced within it"
-        " plus two control steps",
-    )
-    share_retention_s: float = Field(
-        60.0,
-        gt=0.0,
-        description="wall seconds the rows a process forwards to the leader stay in Redis",
-    )
-    log_format: Literal["kv", "json"] = "kv"
-    log_level: str = "info"
 
     @field_validator("broker_url")
     @classmethod
@@ -162,51 +103,15 @@ class Settings(BaseSettings):
             raise ValueError(f"topic prefix {v!r} must be non-empty, without '+', '#' or edge '/'")
         return v
 
-    @field_validator("sim_start", "clock_anchor", mode="before")
-    @classmethod
-    def _time_from_iso_or_epoch(cls, v: object) -> object:
-        if isinstance(v, str):
-            text = v.strip()
-            try:
-                return float(text)
-            except ValueError:
-                pass
-            try:
-                moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-            except ValueError:
-                raise ValueError(
-                    f"{v!r} is not a time: give ISO 8601 with a zone (2026-12-03T06:00:00Z)"
-                    " or epoch seconds"
-                ) from None
-            if moment.tzinfo is None:
-                raise ValueError(f"{v!r} has no time zone; add Z or +00:00")
-            return moment.timestamp()
-        return v
-
     @model_validator(mode="after")
-    def _redis_prefix_follows_topic_prefix(self) -> Settings:
+    def _redis_prefix_follows_topic_prefix(self) -> Self:
         if not self.redis_prefix:
             self.redis_prefix = self.topic_prefix
         return self
 
-    @field_validator("share_group")
-    @classmethod
-    def _group_is_one_level(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c in v for c in "+#/")):
-            raise ValueError(f"share group {v!r} must be non-empty, without '+', '#' or '/'")
-        return v
-
-    @property
-    def stale_s(self) -> float:
-        """Silence (simulated s) after which a vehicle's data counts as unknown, not as zero."""
-        return self.stale_after_s or 3.0 * self.telemetry_interval_s
-
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
-
-    def mqtt_target(self) -> MqttTarget:
-        return MqttTarget.parse(self.broker_url, self)
 
     def deployment(self) -> dict[str, Any]:
         """Where this process talks and under which names, for its start line: broker and
@@ -217,6 +122,28 @@ class Settings(BaseSettings):
             "topic_prefix": self.topic_prefix,
             "redis_prefix": self.redis_prefix,
         }
+
+
+class Settings(
+    ConnectionSettings,
+    ClockSettings,
+    ControlLoopSettings,
+    DispatchPolicySettings,
+    ScaleOutSettings,
+    LogSettings,
+    BaseSettings,
+):
+    """One settings object per process; every timing value is here so tests can shrink it.
+
+    The fields are grouped by concern (the connection above; the clock, the control loop,
+    the dispatch policy, scale-out and logs in core/settings.py); this class alone reads
+    them from flags and ``V2G_*`` variables.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="V2G_", extra="ignore", validate_default=True)
+
+    def mqtt_target(self) -> MqttTarget:
+        return MqttTarget.parse(self.broker_url, self)
 
 
 def without_password(url: str) -> str:

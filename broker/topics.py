@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from broker.errors import InvalidMessage
+from core.errors import InvalidMessage
 
 # Ids travel inside topic levels, so they must not contain MQTT wildcards or separators.
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}"

@@ -27,7 +27,6 @@ from typer.core import TyperGroup
 
 from broker.clientid import client_id as derive_client_id
 from broker.clocklink import SharedClock, shared_clock
-from broker.errors import V2GError
 from broker.models import (
     DispatchProgress,
     DispatchRequest,
@@ -38,6 +37,7 @@ from broker.models import (
     to_epoch,
 )
 from broker.settings import Settings, check_broker_url, check_redis_url, without_password
+from core.errors import V2GError
 from v2g import logs, units
 
 # typer exports BadParameter but not its base, click's UsageError (of whichever copy of

@@ -20,10 +20,10 @@ from agents.runtime import AgentRuntime, Mode
 from aggregator.ledger import Ledger, MemoryLedger, RedisLedger
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore, RedisStore, StateStore
-from broker.clock import SimClock, day_anchor
 from broker.embedded import EmbeddedBroker
 from broker.models import DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings, without_password
+from core.clock import SimClock, day_anchor
 from v2g import operator
 
 DEMO_START_TOD_S = 19.5 * 3600  # 19:30 UTC: most cars are home and plugged in

@@ -13,7 +13,6 @@ import aiomqtt
 from pydantic import ValidationError
 
 from broker.clientid import main_client_id
-from broker.errors import TransportError
 from broker.link import MqttLink
 from broker.models import (
     Capability,
@@ -27,6 +26,7 @@ from broker.models import (
 )
 from broker.replies import correlation_of, request_properties
 from broker.settings import Settings
+from core.errors import TransportError
 
 FINAL = frozenset({"completed", "cancelled", "rejected"})
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from broker.errors import V2GError
 from broker.topics import check_id
+from core.errors import V2GError
 
 Role = Literal["vehicle", "aggregator", "operator"]
 

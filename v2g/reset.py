@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.clientid import main_client_id
-from broker.errors import TransportError
 from broker.link import MqttLink
 from broker.settings import Settings
+from core.errors import TransportError
 
 QUIET_S = 0.5  # the retained messages have all come once the broker is this quiet
 SCAN_COUNT = 1000

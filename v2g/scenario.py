@@ -27,11 +27,11 @@ from pydantic import (
     model_validator,
 )
 
-from agents.battery import Array
 from agents.profiles import PATTERNS
-from broker.errors import V2GError
 from broker.models import SIGNAL_SERVICES, Service, to_epoch
 from broker.topics import check_id
+from core.errors import V2GError
+from core.physics import Array
 from v2g import units
 
 MAX_STEPS = 1_000_000

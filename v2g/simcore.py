@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.battery import Array, Batteries
 from agents.fleet import Ranges, SimFleet
 from agents.profiles import FleetProfile
 from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetView
 from broker.models import DispatchRequest, DispatchResult, Service, from_epoch
+from core.physics import Array, Batteries
 
 
 @dataclass(frozen=True, slots=True)

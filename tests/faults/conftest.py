@@ -1,8 +1,8 @@
 """Fixtures of the fault tests: a Mosquitto and a Redis of each test's own.
 
-``mqtt_url`` and ``redis_url`` override the integration fixtures of the same name, so the
-integration ``settings`` (imported by the fault modules) point at these servers, which a
-test may kill, freeze and restart by PID without disturbing anything else.
+``mqtt_url`` and ``redis_url`` override the fixtures of the same name in tests/conftest.py,
+so its ``settings`` point at these servers, which a test may kill, freeze and restart by
+PID without disturbing anything else.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import Mosquitto, Redis, make_mosquitto, make_redis
+from tests.support.servers import Mosquitto, Redis, make_mosquitto, make_redis
 
 
 @pytest.fixture

@@ -10,72 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agents.runtime import AgentRuntime
-from broker.clock import SimClock
 from broker.models import DispatchProgress, DispatchRequest, DispatchResult, FleetStatus, to_epoch
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import settings, test_id  # noqa: F401  (fixtures)
-from tests.integration.harness import SIM_START, make_fleet
-from tests.integration.test_loop import on_target, request, spy
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import SIM_START, make_fleet
+from tests.support.loop import on_target, request, spy
+from tests.support.processes import aggregator_env, aggregator_process
 
 pytestmark = pytest.mark.integration
 
-VENV_BIN = Path(sys.executable).parent
 DURATION_S = 300.0  # simulated: 30 s of wall time at x10
 DOWN_WALL_S = 1.0  # from the kill to the new process being spawned
 
 
-def aggregator_env(cfg: Settings, wall_anchor: float) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("V2G_")}
-    return env | {
-        "V2G_BROKER_URL": cfg.broker_url,
-        "V2G_REDIS_URL": cfg.redis_url,
-        "V2G_TOPIC_PREFIX": cfg.topic_prefix,
-        "V2G_REDIS_PREFIX": cfg.redis_prefix,
-        "V2G_SPEED": str(cfg.speed),
-        "V2G_CLOCK_ANCHOR": repr(wall_anchor),
-        "V2G_SIM_START": repr(SIM_START),
-        "V2G_TELEMETRY_INTERVAL_S": str(cfg.telemetry_interval_s),
-        "V2G_CONTROL_STEP_S": str(cfg.control_step_s),
-        "V2G_SETPOINT_TTL_S": str(cfg.setpoint_ttl_s),
-        "V2G_STATUS_EVERY_WALL_S": "0.5",
-        "V2G_KEEPALIVE_S": str(cfg.keepalive_s),
-        "V2G_RECONNECT_MIN_S": "0.05",
-        "V2G_RECONNECT_MAX_S": "0.5",
-        "V2G_LOG_FORMAT": "json",
-    }
-
-
-@contextlib.asynccontextmanager
-async def aggregator_process(
-    env: dict[str, str], log: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            str(VENV_BIN / "v2g"), "aggregator", env=env, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        async with asyncio.timeout(5.0):
-            await proc.wait()
-
-
 async def test_a_killed_aggregator_resumes_its_fleet_and_dispatch_from_redis(
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    test_id: str,
     tmp_path: Path,
     figure: Recorder,
 ) -> None:

@@ -2,7 +2,7 @@
 vehicle process killed outright (its last will must take it out of the fleet at once).
 
 Each test runs on a Mosquitto (production persistence settings) and a Redis of its own on
-free loopback ports (see conftest.py), reusing the integration fixtures and helpers.
+free loopback ports (see conftest.py), reusing the shared fixtures and tests/support.
 """
 
 from __future__ import annotations
@@ -26,19 +26,13 @@ import pytest
 from aggregator.fleet_state import FleetState
 from aggregator.service import StepReport
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.link import MqttLink
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
-    clock,
-    settings,
-    test_id,
-)
-from tests.integration.harness import STEP_WALL_S, eventually, running_loop
-from tests.integration.test_loop import discharge_half, drain_events, next_event, on_target, spy
-
-from .servers import HOST, Mosquitto
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import STEP_WALL_S, eventually, running_loop
+from tests.support.loop import discharge_half, drain_events, next_event, on_target, spy
+from tests.support.servers import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -55,9 +49,9 @@ def memory() -> RedisStore:
 
 async def test_dispatch_survives_a_broker_killed_and_restarted(
     mosquitto: Mosquitto,
-    settings: Settings,  # noqa: F811
-    clock: SimClock,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    clock: SimClock,
+    test_id: str,
     figure: Recorder,
 ) -> None:
     cfg = settings.model_copy(update={"reconnect_min_s": 0.05, "reconnect_max_s": 0.5})
@@ -189,13 +183,13 @@ async def wait_online(state: FleetState, vid: str, log: Path) -> int:
 
 
 async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    test_id: str,
     tmp_path: Path,
     figure: Recorder,
 ) -> None:
     cfg = real_time(settings)
-    clock = SimClock(speed=1.0)  # noqa: F811
+    clock = SimClock(speed=1.0)
     victim = "victim-0000"
     log = tmp_path / "victim.log"
     async with (
@@ -231,8 +225,8 @@ async def test_a_killed_vehicle_is_marked_offline_by_its_will_within_one_second(
 
 
 async def test_a_frozen_vehicle_is_counted_out_within_one_and_a_half_keepalives(
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    test_id: str,
     tmp_path: Path,
     figure: Recorder,
 ) -> None:
@@ -247,7 +241,7 @@ async def test_a_frozen_vehicle_is_counted_out_within_one_and_a_half_keepalives(
     cfg = real_time(settings).model_copy(update={"keepalive_s": 4, "control_step_s": 0.25})
     limit_s = 1.5 * cfg.keepalive_s + 2.0
     assert cfg.stale_s < 1.5 * cfg.keepalive_s  # what the aggregator's silence rule relies on
-    clock = SimClock(speed=1.0)  # noqa: F811
+    clock = SimClock(speed=1.0)
     victim = "frozen-0000"
     log = tmp_path / "frozen.log"
     async with (
@@ -296,9 +290,9 @@ async def test_a_frozen_vehicle_is_counted_out_within_one_and_a_half_keepalives(
 
 @pytest.mark.parametrize(("will_delay_s", "flaps"), [(2, False), (0, True)])
 async def test_a_short_reconnect_inside_the_will_delay_causes_no_offline_flap(
-    settings: Settings,  # noqa: F811
-    clock: SimClock,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    clock: SimClock,
+    test_id: str,
     figure: Recorder,
     will_delay_s: int,
     flaps: bool,
@@ -351,7 +345,7 @@ async def test_a_short_reconnect_inside_the_will_delay_causes_no_offline_flap(
 
 async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restarts(
     mosquitto: Mosquitto,
-    settings: Settings,  # noqa: F811
+    settings: Settings,
 ) -> None:
     cfg = settings
     topic = f"{cfg.topic_prefix}/echo"
@@ -402,7 +396,7 @@ async def test_mqtt_link_resubscribes_and_receives_again_after_the_broker_restar
 
 async def test_a_burst_bigger_than_the_message_id_space_goes_out_whole(
     mosquitto: Mosquitto,
-    settings: Settings,  # noqa: F811
+    settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """publish_many goes in bursts (MQTT ids are 16 bits); shrunk here so it is quick."""

@@ -15,9 +15,8 @@ import time
 import aiomqtt
 import pytest
 
-from tests.conftest import Recorder
-
-from .servers import HOST, Mosquitto
+from tests.support.figures import Recorder
+from tests.support.servers import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -23,15 +23,13 @@ import numpy as np
 import pytest
 
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.models import from_epoch
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import settings, test_id  # noqa: F401  (fixtures)
-from tests.integration.harness import make_aggregator
-from tests.unit.test_wire import GOOD
-
-from .servers import HOST, Mosquitto
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import make_aggregator
+from tests.support.samples import GOOD
+from tests.support.servers import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +51,8 @@ def telemetry(vid: str, seq: int) -> bytes:
 
 async def test_a_flooding_vehicle_does_not_delay_the_others_or_eat_memory(
     mosquitto: Mosquitto,
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    test_id: str,
     figure: Recorder,
 ) -> None:
     cfg = settings.model_copy(

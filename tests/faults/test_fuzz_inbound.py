@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from aggregator.capability import envelope
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.unit.test_wire import GOOD
+from core.clock import ManualClock
+from tests.support.figures import Recorder
+from tests.support.samples import GOOD
 
 T0 = 1_795_716_000.0  # GOOD's ts
 BATCH = 50

@@ -19,17 +19,12 @@ from numpy.typing import NDArray
 
 from agents.faults import Misbehaviour
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.models import DispatchRequest
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import (  # noqa: F401  (fixtures, found by name)
-    clock,
-    settings,
-    test_id,
-)
-from tests.integration.harness import STEP_S, Loop, running_loop
-from tests.integration.test_loop import request
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import STEP_S, Loop, running_loop
+from tests.support.loop import request
 
 pytestmark = pytest.mark.integration
 
@@ -85,9 +80,9 @@ def off_by(power_kw: float, target_kw: float) -> float:
 
 
 async def test_a_fleet_with_30_percent_misbehaving_cars_gets_onto_a_discharge_request(
-    settings: Settings,  # noqa: F811
-    clock: SimClock,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    clock: SimClock,
+    test_id: str,
     figure: Recorder,
 ) -> None:
     async with running_loop(

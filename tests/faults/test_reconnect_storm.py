@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 
 from aggregator.store import MemoryStore, RedisStore
-from broker.clock import SimClock
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import clock, settings, test_id  # noqa: F401  (fixtures)
-from tests.integration.harness import running_loop
-
-from .servers import Mosquitto
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import running_loop
+from tests.support.servers import Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +30,9 @@ BUCKET_S = 0.1
 
 async def test_two_hundred_vehicles_come_back_spread_out_after_a_broker_restart(
     mosquitto: Mosquitto,
-    settings: Settings,  # noqa: F811
-    clock: SimClock,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    clock: SimClock,
+    test_id: str,
     figure: Recorder,
 ) -> None:
     # The shipped backoff (0.2 s doubling to 10 s), not the tests' fast one.

@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 
 from aggregator.store import RedisStore
-from broker.clock import SimClock
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import clock, settings, test_id  # noqa: F401  (fixtures)
-from tests.integration.harness import STEP_WALL_S, running_loop
-from tests.integration.test_loop import discharge_half, on_target
-
-from .servers import Redis
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import STEP_WALL_S, running_loop
+from tests.support.loop import discharge_half, on_target
+from tests.support.servers import Redis
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +29,9 @@ SLOW_STEP_MS = 1000.0  # a step that waited on Redis would take its 2 s timeout
 
 async def test_dispatch_goes_on_from_memory_while_redis_is_away_and_state_is_written_on_return(
     redis_server: Redis,
-    settings: Settings,  # noqa: F811
-    clock: SimClock,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    clock: SimClock,
+    test_id: str,
     figure: Recorder,
 ) -> None:
     store = RedisStore(settings.redis_url, prefix=settings.redis_prefix)

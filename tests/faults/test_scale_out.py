@@ -28,15 +28,13 @@ from agents.fleet import SimFleet
 from agents.runtime import AgentRuntime
 from aggregator.lease import FencedOut, fenced_hset
 from aggregator.scaleout import scale_keys
-from broker.clock import SimClock
 from broker.models import DispatchRequest, FleetStatus, to_epoch
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.integration.conftest import settings, test_id  # noqa: F401  (fixtures)
-from tests.integration.harness import SIM_START, make_fleet
-from tests.integration.test_loop import on_target, request, spy
-
-from .test_aggregator_restart import aggregator_env, aggregator_process
+from core.clock import SimClock
+from tests.support.figures import Recorder
+from tests.support.harness import SIM_START, make_fleet
+from tests.support.loop import on_target, request, spy
+from tests.support.processes import aggregator_env, aggregator_process
 
 pytestmark = pytest.mark.integration
 
@@ -198,8 +196,8 @@ def back_on_target(n: int, rid: str, power: float) -> Callable[[FleetStatus], bo
 
 
 async def test_two_aggregators_share_telemetry_one_leads_and_the_other_takes_over_on_kill(
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    test_id: str,
     tmp_path: Path,
     figure: Recorder,
 ) -> None:
@@ -275,8 +273,8 @@ async def test_two_aggregators_share_telemetry_one_leads_and_the_other_takes_ove
 
 
 async def test_a_leader_frozen_past_its_lease_is_replaced_and_steps_down_when_it_wakes(
-    settings: Settings,  # noqa: F811
-    test_id: str,  # noqa: F811
+    settings: Settings,
+    test_id: str,
     tmp_path: Path,
     figure: Recorder,
 ) -> None:

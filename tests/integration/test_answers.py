@@ -23,14 +23,13 @@ from typer.testing import CliRunner
 
 from aggregator.service import MAX_PAYLOAD_BYTES, AggregatorService
 from aggregator.store import RedisStore
-from broker.clock import SimClock
-from broker.errors import TransportError
 from broker.models import DispatchAmend, DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings
+from core.clock import SimClock
+from core.errors import TransportError
+from tests.support.harness import HOST, MQTT_PORT, STEP_WALL_S, make_aggregator
 from v2g import operator
 from v2g.cli import app
-
-from .harness import HOST, MQTT_PORT, STEP_WALL_S, make_aggregator
 
 pytestmark = pytest.mark.integration
 

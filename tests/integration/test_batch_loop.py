@@ -17,12 +17,11 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import RedisStore
-from broker.clock import SimClock
 from broker.models import SetpointBatch, TelemetryBatch
 from broker.settings import Settings
-
-from .harness import HOST, MQTT_PORT, eventually
-from .test_loop import discharge_half, drain_events, next_event, spy, track
+from core.clock import SimClock
+from tests.support.harness import HOST, MQTT_PORT, eventually
+from tests.support.loop import discharge_half, drain_events, next_event, spy, track
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,8 @@ import pytest
 
 from broker.models import DispatchRequest, DispatchResult
 from broker.settings import Settings
+from tests.support.harness import STEP_S
 from v2g import operator
-
-from .harness import STEP_S
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.integration
 async def test_a_tracked_short_request_books_the_energy_it_asked_within_1pct(
     loop_factory: Callable[..., Any], settings: Settings
 ) -> None:
-    # The aggregator steps half a step after the agents' ticks (harness.py). 61 s puts the
+    # The aggregator steps half a step after the agents' ticks (tests/support/harness.py). 61 s puts the
     # end 1.5 s before the vehicles' next tick, when they notice their setpoints expired
     # and go back to plain charging: none of that may count.
     duration = 12 * STEP_S + 1.0

@@ -16,14 +16,13 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from broker.clock import Anchor, prefer
 from broker.clocklink import SharedClock, shared_clock
 from broker.models import ClockAnchor, DispatchRequest, DispatchResult, from_epoch, to_epoch
 from broker.replies import reply_of
 from broker.settings import Settings
+from core.clock import Anchor, prefer
+from tests.support.harness import HOST, MQTT_PORT, eventually
 from v2g import operator
-
-from .harness import HOST, MQTT_PORT, eventually
 
 pytestmark = pytest.mark.integration
 

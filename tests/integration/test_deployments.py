@@ -30,14 +30,13 @@ from agents.runtime import AgentRuntime
 from aggregator.ledger import LedgerWriter, RedisLedger, answer_entry, step_entry
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import SimClock
 from broker.fastpub import FastPublisher
 from broker.link import MqttLink
 from broker.models import DispatchProgress, DispatchResult, from_epoch
 from broker.settings import Settings
+from core.clock import SimClock
+from tests.support.harness import HOST, MQTT_PORT, SIM_START, STEP_S, eventually
 from v2g import reset
-
-from .harness import HOST, MQTT_PORT, SIM_START, STEP_S, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,12 @@ from datetime import UTC, datetime
 import pytest
 
 from aggregator.store import RedisStore
-from broker.clock import SimClock
 from broker.models import Capability, DispatchProgress, DispatchRequest, DispatchResult
 from broker.settings import Settings
+from core.clock import SimClock
+from tests.support.harness import Loop, running_loop
+from tests.support.loop import TOL, drain_events, next_event, on_target, request, spy
 from v2g import operator
-
-from .harness import Loop, running_loop
-from .test_loop import TOL, drain_events, next_event, on_target, request, spy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -22,17 +22,16 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
-from broker.errors import AuthenticationError, TransportError
 from broker.fastlink import _Protocol
 from broker.fastpub import MAX_INFLIGHT, FastPublisher
 from broker.framing import connect_packet, frame, utf8
 from broker.link import LinkStats, Outgoing
 from broker.models import DispatchRequest, Setpoint, Telemetry
 from broker.settings import Settings
-from tests.faults.servers import Mosquitto, free_port
-
-from .harness import HOST, MQTT_PORT, eventually
+from core.clock import ManualClock
+from core.errors import AuthenticationError, TransportError
+from tests.support.harness import HOST, MQTT_PORT, eventually
+from tests.support.servers import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
 

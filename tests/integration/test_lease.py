@@ -26,8 +26,7 @@ from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.scaleout import ScaleOut
 from aggregator.store import RedisStore, Snapshot
 from broker.settings import Settings
-
-from .harness import HOST
+from tests.support.harness import HOST
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,10 @@ import pytest
 from aggregator.scoring import fcr_delivered_share
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
 from broker.settings import Settings
-from tests.conftest import Recorder
-from tests.unit.test_scoring import regd_like
+from tests.support.figures import Recorder
+from tests.support.harness import Loop
+from tests.support.samples import regd_like
 from v2g import operator
-
-from .harness import Loop
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,10 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import RedisStore
-from broker.clock import ManualClock
 from broker.models import Telemetry, VehicleStatus, from_epoch
 from broker.settings import Settings
-
-from .harness import SIM_START
+from core.clock import ManualClock
+from tests.support.harness import SIM_START
 
 pytestmark = pytest.mark.integration
 

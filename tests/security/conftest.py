@@ -23,7 +23,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from tests.faults.servers import rewrite_prod_conf
+from tests.support.servers import rewrite_prod_conf
 from v2g import provision as prov
 
 HOST = "127.0.0.1"

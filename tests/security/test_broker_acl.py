@@ -28,9 +28,9 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
-from broker.errors import AuthenticationError, PublishRefused
 from broker.link import MqttLink
 from broker.settings import Settings
+from core.errors import AuthenticationError, PublishRefused
 from v2g import provision as prov
 
 from .conftest import HOST, Broker, client

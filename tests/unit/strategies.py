@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from agents.battery import Batteries
+from core.physics import Batteries
 
 NOW = 1_800_000_000.0
 

@@ -7,9 +7,9 @@ import aiomqtt
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.runtime import AgentRuntime
-from broker.clock import ManualClock
 from broker.models import Setpoint, from_epoch
 from broker.settings import Settings
+from core.clock import ManualClock
 
 T0 = 1_780_000_000.0
 

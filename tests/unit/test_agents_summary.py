@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.runtime import AgentRuntime
-from broker.clock import ManualClock
 from broker.settings import Settings
+from core.clock import ManualClock
 
 T0 = 1_795_651_200.0 + 2 * 3600.0  # 02:00 UTC: a night fleet, mostly plugged in
 

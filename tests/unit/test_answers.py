@@ -13,11 +13,11 @@ import pytest
 from aggregator.answers import SNIFF_BYTES, Budget, read_request_id
 from aggregator.service import MAX_PAYLOAD_BYTES, AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.link import Outgoing
 from broker.models import DispatchRejection, DispatchResult
 from broker.replies import correlation_of, request_properties
 from broker.settings import Settings
+from core.clock import ManualClock
 
 T0 = 1_795_716_000.0
 P = "ans"

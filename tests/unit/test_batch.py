@@ -22,7 +22,6 @@ from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.fleet_state import FleetState
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.codec import setpoint_batch_payload
 from broker.columns import TelemetryArrays
 from broker.models import (
@@ -36,6 +35,7 @@ from broker.models import (
 )
 from broker.settings import Settings
 from broker.topics import Topics
+from core.clock import ManualClock
 
 T0 = 1_795_716_000.0  # 2026-11-26T18:00:00Z
 SENT = "2026-11-26T18:00:00Z"

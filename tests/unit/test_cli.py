@@ -252,7 +252,7 @@ def test_a_service_logs_why_it_stopped_signal_error_or_end(
     import os
     import signal
 
-    from broker.errors import TransportError
+    from core.errors import TransportError
     from v2g.cli import _run
 
     async def ends() -> int:

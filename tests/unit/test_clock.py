@@ -1,5 +1,5 @@
 """One clock for the fleet: relative times on the platform clock, and the rules by which a
-process adopts the fleet's clock anchor or creates it (broker/clock.py, pure)."""
+process adopts the fleet's clock anchor or creates it (core/clock.py, pure)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.dispatch import Dispatcher
-from broker.clock import Anchor, Given, SimClock, prefer, reconcile, settle
 from broker.clocklink import explicit, is_stale
 from broker.models import ClockAnchor, DispatchRequest, from_epoch, to_epoch
 from broker.settings import Settings
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state
+from core.clock import Anchor, Given, SimClock, prefer, reconcile, settle
+from tests.support.memory_loop import STEP, T0, fleet_and_state
 from v2g.cli import parse_start
 
 WALL = 1_796_292_000.0  # 2026-12-03 10:00 UTC, a wall time for the pure rules

@@ -15,8 +15,8 @@ from agents.telemetry import telemetry_payloads
 from aggregator.clockwatch import ClockWatch
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.settings import Settings
+from core.clock import ManualClock
 
 T0 = 1_780_000_000.0
 N = 20

@@ -19,9 +19,9 @@ from aggregator.ledger import is_refusal
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore, RedisStore
 from broker.clientid import client_id, main_client_id
-from broker.clock import ManualClock
 from broker.link import TAKEOVER_WINDOW_S, TakeoverWatch, is_session_taken_over
 from broker.settings import Settings, without_password
+from core.clock import ManualClock
 from v2g.reset import redis_pattern
 
 T0 = 1_780_000_000.0

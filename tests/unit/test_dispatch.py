@@ -10,51 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.fleet import SimFleet
-from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.capability import WINDOWS_S, envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher
-from aggregator.fleet_state import FleetState, FleetView
+from aggregator.fleet_state import FleetView
 from broker.models import DispatchRequest, Service, Telemetry, from_epoch
-
-T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC: most home cars are plugged in
-STEP = 5.0
-
-
-def fleet_and_state(n: int = 80, seed: int = 4) -> tuple[SimFleet, FleetState]:
-    fleet = SimFleet(generate_fleet(n, seed), T0, step_s=STEP)
-    state = FleetState()
-    state.apply_telemetry([Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, T0)])
-    return fleet, state
-
-
-def run_loop(
-    fleet: SimFleet, state: FleetState, d: Dispatcher, t: float, steps: int
-) -> tuple[float, list]:
-    """Close the loop in memory: dispatcher -> setpoints -> fleet -> telemetry -> state."""
-    outs = []
-    for _ in range(steps):
-        view = state.view(t, 3 * STEP)
-        out = d.step(t, view, len(state))
-        for row, p, until in zip(out.rows, out.power_kw, out.valid_until, strict=True):
-            fleet.set_setpoint(fleet.index[state.ids[row]], float(p), float(until))
-        for row in out.release_rows:
-            fleet.set_setpoint(fleet.index[state.ids[row]], 0.0, t)
-        outs.append(out)
-        t += STEP
-        close_loop(fleet, state, t)
-    return t, outs
-
-
-def close_loop(fleet: SimFleet, state: FleetState, t: float) -> None:
-    """The fleet moves to ``t`` and every vehicle reports."""
-    fleet.tick(t)
-    state.apply_telemetry([Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, t)])
-
-
-def req(power: float, duration: float = 900.0, rid: str = "r1", **kw: object) -> DispatchRequest:
-    return DispatchRequest(request_id=rid, power_kw=power, duration_s=duration, **kw)  # type: ignore[arg-type]
+from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
 
 
 def test_request_inside_the_envelope_is_accepted_and_tracked_within_two_percent() -> None:
@@ -127,6 +88,18 @@ def test_start_up_to_one_step_in_the_past_counts_as_now() -> None:
     answer = d.submit(req(-5.0, start=from_epoch(T0 - STEP + 1)), T0, state.view(T0, 15.0))
     assert answer.status in ("accepted", "partial")
     assert d.dispatches["r1"].state == "active"
+
+
+def test_a_request_over_before_its_first_step_is_rejected_not_a_crash() -> None:
+    _, state = fleet_and_state(10)
+    d = Dispatcher(control_step_s=STEP)
+    # Found by the inbound fuzzer: it ends the instant it starts, and crashed the step.
+    answer = d.submit(req(-5.0, duration=3e-215), T0, state.view(T0, 15.0))
+    assert answer.status == "rejected"
+    assert "before its first control step" in (answer.reason or "")
+    assert "r1" not in d.dispatches
+    # The dispatcher goes on: the next request is taken as usual.
+    assert d.submit(req(-5.0, rid="r2"), T0, state.view(T0, 15.0)).status in ("accepted", "partial")
 
 
 def test_repeated_request_id_gets_the_same_answer_and_no_second_dispatch() -> None:

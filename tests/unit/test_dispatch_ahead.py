@@ -7,7 +7,7 @@ import pytest
 
 from aggregator.dispatch import SCHEDULE_STEP_S, Dispatcher
 from broker.models import from_epoch
-from tests.unit.test_dispatch import STEP, T0, close_loop, fleet_and_state, req
+from tests.support.memory_loop import STEP, T0, close_loop, fleet_and_state, req
 
 
 def later(power: float, minutes_ahead: float, duration: float, rid: str):  # type: ignore[no-untyped-def]

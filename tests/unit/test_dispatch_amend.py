@@ -7,7 +7,7 @@ import pytest
 from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher
 from broker.models import from_epoch
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req, run_loop
+from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
 
 
 def test_a_running_request_takes_its_new_power_and_keeps_its_books() -> None:

@@ -7,7 +7,7 @@ import pytest
 from aggregator.allocation import jain_index
 from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req, run_loop
+from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
 
 
 def run(allocation: str) -> float:

@@ -8,10 +8,8 @@ import pytest
 from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher, StepOutput
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
-from tests.unit.test_dispatch import STEP, T0, close_loop, fleet_and_state
-from tests.unit.test_scoring import regd_like
-
-REACT_S = 1.0  # the chargers act on a setpoint within a second
+from tests.support.memory_loop import REACT_S, STEP, T0, close_loop, fleet_and_state
+from tests.support.samples import regd_like
 
 
 def regulation(capacity: float, duration: float, rid: str = "reg") -> DispatchRequest:

@@ -11,9 +11,8 @@ from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
-from tests.unit.test_dispatch import STEP, T0, close_loop, fleet_and_state, req, run_loop
-from tests.unit.test_dispatch_signal import REACT_S
-from tests.unit.test_scoring import regd_like
+from tests.support.memory_loop import REACT_S, STEP, T0, close_loop, fleet_and_state, req, run_loop
+from tests.support.samples import regd_like
 
 
 def regulation(capacity: float, duration: float, rid: str, priority: int) -> DispatchRequest:

@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import fastlink
-from broker.errors import TransportError
 from broker.fastlink import _Protocol
 from broker.framing import connect_packet, frame, subscribe_packet, utf8
 from broker.link import LinkStats
 from broker.settings import Settings
+from core.errors import TransportError
 
 
 def publish(topic: str, payload: bytes, qos: int = 0) -> bytes:

@@ -17,13 +17,13 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.columns import TelemetryArrays
 from broker.fastlink import _Protocol as IngestProtocol
 from broker.fastpub import Delivery, FastPublisher, _Burst, _Protocol
 from broker.link import LinkStats, Outgoing
 from broker.models import Telemetry, TelemetryBatch
 from broker.settings import Settings
+from core.clock import ManualClock
 
 
 class Sink(asyncio.Transport):

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agents.battery import ENERGY_TOL_KWH, energy_floor
 from agents.faults import Misbehaviour, parse_fractions
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
@@ -24,12 +23,13 @@ from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetState, check_not_ahead
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
-from broker.errors import InvalidMessage
 from broker.models import Telemetry, to_epoch
 from broker.settings import Settings
-from tests.unit.test_dispatch import STEP, T0, fleet_and_state, req, run_loop
-from tests.unit.test_wire import GOOD
+from core.clock import ManualClock
+from core.errors import InvalidMessage
+from core.physics import ENERGY_TOL_KWH, energy_floor
+from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
+from tests.support.samples import GOOD
 from v2g.cli import app
 
 DAY0 = 1_795_651_200.0  # 2026-11-26T00:00:00Z

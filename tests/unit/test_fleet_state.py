@@ -10,7 +10,7 @@ import pytest
 from aggregator.fleet_state import FleetState
 from broker.columns import TelemetryRow
 from broker.models import Telemetry
-from tests.unit.test_wire import GOOD
+from tests.support.samples import GOOD
 
 T = 1_795_716_000.0  # 2026-11-26T18:00:00Z, GOOD's ts
 

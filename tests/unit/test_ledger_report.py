@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from aggregator.ledger import Entry, LedgerWriter, MemoryLedger, answer_entry, step_entry
-from broker.errors import TransportError
 from broker.models import DispatchProgress, DispatchResult, from_epoch
+from core.errors import TransportError
 from v2g import report
 from v2g.cli import app
 

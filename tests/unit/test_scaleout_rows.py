@@ -19,10 +19,10 @@ from aggregator.store import (
     decode_snapshot,
     encode_snapshot,
 )
-from broker.clock import ManualClock
 from broker.columns import TelemetryArrays
 from broker.models import TELEMETRY_FLOAT_COLUMNS
 from broker.settings import Settings
+from core.clock import ManualClock
 
 FLOATS = TELEMETRY_FLOAT_COLUMNS  # the float columns, in the wire order
 

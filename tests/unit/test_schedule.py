@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.battery import Batteries
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator.schedule import (
@@ -24,6 +23,7 @@ from aggregator.schedule import (
     plan,
     proportional,
 )
+from core.physics import Batteries
 
 T0 = datetime(2024, 6, 3, 17, 0, tzinfo=UTC).timestamp()  # a Monday, 17:00
 STEP = 900.0

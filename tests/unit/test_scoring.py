@@ -11,15 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from aggregator.scoring import fcr_activation, fcr_delivered_share, regulation_score
+from tests.support.samples import regd_like
 
 HOUR = 360  # 10 s samples
-
-
-def regd_like(n: int, seed: int = 1) -> np.ndarray:
-    """A fast, roughly energy-neutral signal in -1..1 (smoothed noise)."""
-    rng = np.random.default_rng(seed)
-    x = np.convolve(rng.standard_normal(n + 8), np.ones(8) / 8, mode="valid")[:n]
-    return np.clip(x / (np.abs(x).max() or 1.0), -1.0, 1.0)
 
 
 def test_a_perfect_follower_scores_one_on_everything() -> None:

@@ -6,7 +6,14 @@ import pytest
 from pydantic import ValidationError
 
 from broker.link import MqttLink
-from broker.settings import Settings
+from broker.settings import ConnectionSettings, Settings
+from core.settings import (
+    ClockSettings,
+    ControlLoopSettings,
+    DispatchPolicySettings,
+    LogSettings,
+    ScaleOutSettings,
+)
 
 
 @pytest.mark.parametrize("url", ["localhost:1883", "127.0.0.1", "http://h:1883", "mqtt://h:x"])
@@ -31,3 +38,25 @@ def test_a_link_first_speaks_the_protocol_it_is_told(protocol: str, first: str) 
     """A broker known to speak 3.1.1 only (amqtt) is not first refused an MQTT 5 connect."""
     link = MqttLink(settings=Settings(mqtt_protocol=protocol), client_id="t")
     assert link.protocol == first
+
+
+def test_each_setting_is_defined_once_in_one_concern() -> None:
+    """One source of defaults: Settings adds no field of its own, and no two concerns
+    define the same field (a second definition would silently shadow the first)."""
+    concerns = [
+        ConnectionSettings,
+        ClockSettings,
+        ControlLoopSettings,
+        DispatchPolicySettings,
+        ScaleOutSettings,
+        LogSettings,
+    ]
+    owners: dict[str, list[str]] = {}
+    for concern in concerns:
+        for name in concern.model_fields:
+            owners.setdefault(name, []).append(concern.__name__)
+    assert {n: o for n, o in owners.items() if len(o) > 1} == {}
+    assert set(Settings.model_fields) == set(owners)
+    for name, (owner,) in owners.items():
+        concern = next(c for c in concerns if c.__name__ == owner)
+        assert Settings.model_fields[name].default == concern.model_fields[name].default, name

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from agents.battery import baseline_power
 from aggregator.ledger import departure_entry, vehicles_entry
 from aggregator.settlement import EARLY_S, Settlement
-from tests.unit.test_dispatch import STEP, T0, close_loop, fleet_and_state
+from core.physics import baseline_power
+from tests.support.memory_loop import STEP, T0, close_loop, fleet_and_state
 from v2g import report
 
 T_GRID = T0  # on the 15-min grid

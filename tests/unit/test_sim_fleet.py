@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from agents.battery import ENERGY_TOL_KWH, energy_floor, feasible_range
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet, sessions_at
+from core.physics import ENERGY_TOL_KWH, energy_floor, feasible_range
 from v2g.simcore import fleet_view
 
 DAY0 = 1_795_651_200.0  # 2026-11-26T00:00:00Z
@@ -146,6 +146,8 @@ def test_a_cold_fleet_starts_every_car_at_its_arrival_energy_charging() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), start_h=st.floats(0.0, 48.0))
+@example(seed=60, start_h=10.0)  # targets reached inside the last, partial step (CI)
+@example(seed=281, start_h=41.671875)
 def test_a_warm_car_holds_what_its_baseline_put_in_never_above_target_or_capacity(
     seed: int, start_h: float
 ) -> None:
@@ -158,8 +160,8 @@ def test_a_warm_car_holds_what_its_baseline_put_in_never_above_target_or_capacit
     assert np.all(warm.energy <= np.maximum(target, arrived) + 1e-9)
     assert np.all(warm.energy <= bat.capacity_kwh + 1e-9)
     assert np.all(warm.energy >= arrived - 1e-9)  # the baseline never discharges
-    # The same as ticking a cold fleet made at each car's arrival on its baseline (exact
-    # to within one step's rounding), car by car, for a few of them.
+    # The same as ticking a cold fleet made at each car's arrival on its baseline, car by
+    # car, for a few of them.
     for i in np.flatnonzero(warm.plugged)[:5]:
         arrival = float(warm.arrival[i])
         cold = SimFleet(profile, arrival, step_s=60.0)
@@ -167,4 +169,7 @@ def test_a_warm_car_holds_what_its_baseline_put_in_never_above_target_or_capacit
         for k in range(1, steps + 1):
             cold.tick(arrival + 60.0 * k)
         cold.tick(t)
-        assert abs(cold.energy[i] - warm.energy[i]) < 1e-6 * bat.capacity_kwh[i] + 1e-6, i
+        # The ticked fleet picks each step's power for a whole step, so when the target
+        # falls inside the last, partial step it stops short by up to one step's charge.
+        one_step = bat.max_charge_kw[i] * bat.charge_efficiency[i] * 60.0 / 3600.0
+        assert warm.energy[i] - one_step - 1e-6 <= cold.energy[i] <= warm.energy[i] + 1e-6, i

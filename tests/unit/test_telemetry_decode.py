@@ -29,13 +29,13 @@ from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
-from broker.clock import ManualClock
 from broker.codec import telemetry_row
 from broker.columns import TelemetryArrays, TelemetryRow
 from broker.models import Telemetry
 from broker.settings import Settings
 from broker.topics import ID_PATTERN
-from tests.unit.test_wire import GOOD
+from core.clock import ManualClock
+from tests.support.samples import GOOD
 
 T0 = 1_795_716_000.0  # GOOD's ts
 # GOOD as the platform's agents write it: every number a float.

@@ -13,26 +13,10 @@ from pydantic import ValidationError
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
-from broker.errors import InvalidMessage
 from broker.models import DispatchAmend, DispatchRequest, DispatchResult, Setpoint, Telemetry
 from broker.topics import Topics
-
-GOOD: dict[str, Any] = {
-    "vehicle_id": "ev-0001",
-    "seq": 3,
-    "ts": "2026-11-26T18:00:00Z",
-    "plugged_in": True,
-    "soc": 0.5,
-    "capacity_kwh": 60,
-    "power_kw": -7.4,
-    "max_charge_kw": 11,
-    "max_discharge_kw": 11,
-    "charge_efficiency": 0.95,
-    "discharge_efficiency": 0.93,
-    "min_soc": 0.2,
-    "target_soc": 0.8,
-    "departure": "2026-11-27T07:30:00+00:00",
-}
+from core.errors import InvalidMessage
+from tests.support.samples import GOOD
 
 
 def test_good_telemetry_is_accepted_with_aware_utc_times() -> None:

@@ -25,9 +25,9 @@ from agents.profiles import generate_fleet
 from agents.runtime import AgentRuntime, Mode
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import RedisStore
-from broker.clock import SimClock
 from broker.models import DispatchResult
 from broker.settings import Settings
+from core.clock import SimClock
 
 HOST = "127.0.0.1"
 MQTT_PORT = 1883

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.battery import (
+from core.physics import (
     Batteries,
     baseline_power,
     energy_floor,

@@ -1,0 +1,51 @@
+"""The platform's one exception tree: callers retry on transport, never on decoding.
+
+Every error the platform raises on purpose is a :class:`V2GError`; what a caller does
+with one follows from its branch::
+
+    V2GError                     core/errors.py
+    ├── TransportError           broker or state store unreachable: retry with backoff
+    │   ├── AuthenticationError  bad credentials: do not retry, fix the settings
+    │   └── LeaseUnavailable     aggregator/lease.py: Redis did not answer a lease operation
+    ├── PublishRefused           the broker refused a publish (ACL): fix credentials or ACL
+    ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
+    ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
+    ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
+    └── ProvisionError           v2g/provision.py: credentials could not be provisioned
+
+The roots live here, below every layer; an error that belongs to one layer's job is
+defined beside that job (the file named above) and hangs from one of them. A new
+exception class joins this drawing: tests/unit/test_errors.py checks that it does.
+"""
+
+from __future__ import annotations
+
+
+class V2GError(Exception):
+    """Base of every error the platform raises on purpose."""
+
+
+class TransportError(V2GError):
+    """The broker or the state store could not be reached. Retrying may help."""
+
+
+class AuthenticationError(TransportError):
+    """The broker refused our credentials. Retrying will not help: fix the settings."""
+
+
+class PublishRefused(V2GError):
+    """The broker took a publish and refused it (an MQTT 5 reason code, e.g. 135 "Not
+    authorized" from the ACL). Retrying will not help: fix the credentials or the ACL."""
+
+
+class InvalidMessage(V2GError):
+    """A message broke the wire contract. Drop it, count it under ``reason``, log it.
+
+    ``reason`` is a short stable label (``json``, ``schema``, ``identity``, ``topic``,
+    ``stale``, ``future``, ``size``, ``rate``) so rejections can be counted by kind.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
