@@ -1,6 +1,7 @@
 """The import contract of docs/ARCHITECTURE.md holds: layers import downward only
-(v2g ; aggregator | agents ; broker ; core), no package has an import cycle, and the test
-packages share only through tests/support and tests/conftest.py.
+(v2g ; aggregator | agents ; broker ; core), no package has an import cycle, scale-out
+sits below the service (scaleout, lease and fence never import it, even indirectly), and
+the test packages share only through tests/support and tests/conftest.py.
 
 The contracts live in pyproject.toml ([tool.importlinter]); import-linter checks them on
 grimp's import graph, TYPE_CHECKING imports included.
@@ -48,7 +49,7 @@ def run_lint_imports(cwd: Path, *args: str, pythonpath: Path | None = None) -> t
 def test_the_tree_keeps_the_import_contract() -> None:
     code, output = run_lint_imports(ROOT)
     assert code == 0, f"lint-imports found a broken import contract:\n{output}"
-    assert "Contracts: 3 kept, 0 broken." in output, output
+    assert "Contracts: 4 kept, 0 broken." in output, output
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,39 @@ def test_the_contract_refuses_an_upward_or_sideways_import(
 
     assert code != 0, output
     assert f"{importer}.bad -> {imported}" in output, output
+
+
+HIDDEN_IMPORT = (  # the cycle scale-out had: the service imported for type checking only
+    "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+    "    from aggregator.service import AggregatorService\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("contract", "module", "source", "said"),
+    [
+        ("acyclic", "scaleout", HIDDEN_IMPORT, "No cycles are allowed in aggregator"),
+        ("scaleout", "scaleout", HIDDEN_IMPORT, "aggregator.scaleout -> aggregator.service"),
+        ("scaleout", "fence", "from aggregator import service\n", "aggregator.fence ->"),
+    ],
+)
+def test_the_contract_refuses_scale_out_importing_the_service(
+    tmp_path: Path, contract: str, module: str, source: str, said: str
+) -> None:
+    """A toy aggregator whose scale-out side imports the service breaks the contracts."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for package in ("aggregator", "agents", "broker", "core", "v2g", "tests"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    for name in ("scaleout", "lease", "fence"):
+        (tmp_path / "aggregator" / f"{name}.py").write_text("")
+    (tmp_path / "aggregator" / "service.py").write_text("import aggregator.scaleout\n")
+    (tmp_path / "aggregator" / f"{module}.py").write_text(source)
+
+    code, output = run_lint_imports(tmp_path, "--contract", contract, pythonpath=tmp_path)
+
+    assert code != 0, output
+    assert said in output, output
 
 
 def test_every_path_docs_architecture_names_exists() -> None:
