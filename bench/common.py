@@ -70,7 +70,8 @@ def row(
     lower_is_better: bool = False,
     on_ratio: bool = False,
 ) -> Row:
-    """One table row; ``target`` applies to the value, or with ``on_ratio`` to value/ref."""
+    """One table row; ``target`` applies to the value, or with ``on_ratio`` to value/ref
+    (then marked ``"target_on": "ratio"``, and printed with an x)."""
     ratio = (value / ref) if ref else None
     judged = ratio if on_ratio else value
     ok = (
@@ -87,6 +88,7 @@ def row(
         "reference_is": ref_name,
         "ratio": None if ratio is None else round(ratio, 3),
         "target": target,
+        **({"target_on": "ratio"} if on_ratio else {}),
         "pass": ok,
     }
 
@@ -109,7 +111,7 @@ def print_table(rows: Sequence[Row], stamp: dict[str, Any] | None = None) -> Non
         ("unit", lambda r: r.get("unit", "")),
         ("reference", lambda r: _fmt(r["reference"])),
         ("ratio", lambda r: _fmt(r["ratio"])),
-        ("target", lambda r: _fmt(r["target"])),
+        ("target", lambda r: _fmt(r["target"]) + ("x" if r.get("target_on") == "ratio" else "")),
         ("pass", lambda r: "" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")),
         ("reference is", lambda r: r.get("reference_is", "")),
     ]

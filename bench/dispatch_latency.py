@@ -27,7 +27,7 @@ to one step before it is admitted; the figures here are the platform's own laten
 the step runs. Target: p99 <= 200 ms at 10k.
 
 Needs Mosquitto on 127.0.0.1:1883. Prints a table, writes bench/results/dispatch_latency.json;
-``rows()`` gives the same rows to bench/run.
+``rows()`` returns the same rows to a caller.
 
     .venv/bin/python -m bench.dispatch_latency [--sizes 1000,10000,100000] [--trials 5]
         [--paths general,fast] [--subscriber raw|paho]
@@ -402,7 +402,7 @@ def print_ratios(rows_: list[Row]) -> None:
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     return asyncio.run(run_all([1000, 10_000, 100_000], 3 if quick else 6))
 
 

@@ -17,7 +17,7 @@ c. 100,000 vehicles reporting every 10 s through 100 bridges (10,000 vehicle-upd
    vehicle, and the process's RSS growth per vehicle).
 
 Needs Mosquitto on 127.0.0.1:1883 and its C clients. Prints a table and writes JSON to
-bench/results/ingest.json; ``rows()`` gives the same rows to bench/run.
+bench/results/ingest.json; ``rows()`` returns the same rows to a caller.
 
     .venv/bin/python -m bench.ingest [--seconds 8] [--scale-seconds 45]
         [--cases aiomqtt,fast,batch] [--repeat N] [--no-scale]
@@ -468,7 +468,7 @@ def _median_row(same: tuple[Row, ...]) -> Row:
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     return asyncio.run(run_all(4.0 if quick else 8.0, 35.0 if quick else 45.0))
 
 

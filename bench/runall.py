@@ -178,7 +178,11 @@ def _from_ev2gym(doc: dict[str, Any]) -> list[Row]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.runall",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer trials")
     ap.add_argument("--only", default="", help="comma-separated benchmark names")
     ap.add_argument("--out", default=str(RESULTS / "all.json"))

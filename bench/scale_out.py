@@ -16,8 +16,8 @@ The broker is a Mosquitto of the bench's own on a free loopback port, with no qu
 limit (``max_queued_messages 0``: a frozen QoS 0 subscriber would otherwise lose all but
 1000); Redis is the one on 127.0.0.1:6379, under a prefix removed afterwards. Every wait
 is bounded. Prints a table and writes JSON to bench/results/scale_out.json
-(``{"when", "provenance", "runs", "rows"}``, rows as in bench/common.py); ``rows()`` returns
-the same rows to a caller.
+(``{"when", "provenance", "runs", "rows"}``: the run's provenance, the raw runs, and
+rows as bench.common.row makes them); ``rows()`` returns the same rows to a caller.
 
     .venv/bin/python -m bench.scale_out [--vehicles 10000 --rounds 4 --repeat 3]
 """

@@ -4,8 +4,8 @@ For each fleet size: pool the plugged-in vehicles into cohorts, then solve the L
 evening export block at 60% of what the fleet can give, with a reserved block before it
 (the admission of a second request). Side by side in the same run: the proportional fast
 path on the same job (no look-ahead), whose objective the LP must never exceed. Prints a
-table and writes JSON to bench/results/schedule_solve.json; ``rows()`` gives bench/run
-the same rows.
+table and writes JSON to bench/results/schedule_solve.json, both with the run's
+provenance (bench.common); ``rows()`` returns the same rows to a caller.
 
     .venv/bin/python -m bench.schedule_solve [--sizes 1000,10000]
 """
@@ -78,7 +78,7 @@ def bench(n: int) -> list[Row]:
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     out: list[Row] = []
     for n in (1000,) if quick else (1000, 10_000):
         out.extend(bench(n))

@@ -37,7 +37,7 @@ signal that arrives during a control step waits for it (the dispatch lock), up t
 step's time (bench/control_step.py). Target: p99 <= 500 ms at 10k, against the 2 s period.
 
 Needs Mosquitto on 127.0.0.1:1883. Prints a table, writes bench/results/signal_latency.json;
-``rows()`` gives the same rows to bench/run.
+``rows()`` returns the same rows to a caller.
 
     .venv/bin/python -m bench.signal_latency [--sizes 1000,10000] [--signals 10] [--period 2]
         [--paths general,fast]
@@ -262,7 +262,7 @@ async def run_all(
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     return asyncio.run(run_all([1000, 10_000], 5 if quick else 10))
 
 
