@@ -43,6 +43,7 @@ from bench.common import (
     RESULTS,
     T0,
     Row,
+    best_of,
     print_table,
     provenance,
     row,
@@ -59,16 +60,6 @@ from v2g import logs
 
 BUDGET_MS = 1000.0
 PATHS = ("general", "fast")  # setpoints through MqttLink, or through broker/fastpub.py
-
-
-def best_of(fn: Any, repeat: int = 3) -> float:
-    """Best wall time of ``repeat`` runs, in seconds: the least disturbed by neighbours."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def bench_decode(n: int) -> Row:
