@@ -15,7 +15,7 @@ Measures, side by side in one run (this machine is shared and noisy, so read rat
 Needs Mosquitto on 127.0.0.1:1883 (loopback only). Prints a table and writes JSON to
 bench/results/control_step.json.
 
-    .venv/bin/python bench/control_step.py [--sizes 1000,10000,100000] [--paths general,fast]
+    .venv/bin/python -m bench.control_step [--sizes 1000,10000,100000] [--paths general,fast]
 """
 
 from __future__ import annotations
@@ -28,18 +28,29 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
+from bench.common import (
+    HOST,
+    PORT,
+    RESULTS,
+    T0,
+    Row,
+    best_of,
+    print_table,
+    provenance,
+    row,
+    start,
+    wait_connected,
+    write_results,
+)
 from broker.fastpub import FastPublisher
 from broker.link import MqttLink, Outgoing
 from broker.models import DispatchRequest, Telemetry
@@ -47,20 +58,8 @@ from broker.settings import Settings
 from core.clock import ManualClock
 from v2g import logs
 
-T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC, most home cars plugged in
 BUDGET_MS = 1000.0
 PATHS = ("general", "fast")  # setpoints through MqttLink, or through broker/fastpub.py
-Row = dict[str, Any]
-
-
-def best_of(fn: Any, repeat: int = 3) -> float:
-    """Best wall time of ``repeat`` runs, in seconds: the least disturbed by neighbours."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def bench_decode(n: int) -> Row:
@@ -71,38 +70,6 @@ def bench_decode(n: int) -> Row:
     return row(
         "telemetry decode (pydantic contract)", n, n / ours, n / ref, "msg/s", "json.loads", None
     )
-
-
-def row(
-    metric: str,
-    n: int,
-    value: float,
-    ref: float | None = None,
-    unit: str = "",
-    ref_name: str = "",
-    target: float | None = None,
-    lower_is_better: bool = False,
-    on_ratio: bool = False,
-) -> Row:
-    """One table row; ``target`` applies to the value, or with ``on_ratio`` to value/ref."""
-    ratio = (value / ref) if ref else None
-    judged = ratio if on_ratio else value
-    ok = (
-        None
-        if target is None or judged is None
-        else (judged <= target if lower_is_better else judged >= target)
-    )
-    return {
-        "metric": metric,
-        "vehicles": n,
-        "value": round(value, 2),
-        "unit": unit,
-        "reference": None if ref is None else round(ref, 2),
-        "reference_is": ref_name,
-        "ratio": None if ratio is None else round(ratio, 3),
-        "target": target,
-        "pass": ok,
-    }
 
 
 async def make_service(
@@ -128,9 +95,7 @@ async def bench_step(n: int, fast: bool = False) -> list[Row]:
     if svc.setpoints is not None:
         tasks.append(asyncio.create_task(svc.setpoints.run()))
     try:
-        await svc.link.wait_connected(10)
-        if svc.setpoints is not None:
-            await svc.setpoints.wait_connected(10)
+        await wait_connected(svc.link, svc.setpoints)
         svc.inbox.telemetry = [
             Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, svc.clock.now())
         ]
@@ -235,9 +200,9 @@ async def bench_publish(n: int) -> list[Row]:
             [
                 "mosquitto_pub",
                 "-h",
-                "127.0.0.1",
+                HOST,
                 "-p",
-                "1883",
+                str(PORT),
                 "-q",
                 "1",
                 "-t",
@@ -255,29 +220,6 @@ async def bench_publish(n: int) -> list[Row]:
     ]
 
 
-def write_results(rows: list[Row], out: Path | str, **extra: Any) -> None:
-    """Write a bench's rows (and ``extra`` fields) as JSON, stamped with the time."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path.write_text(json.dumps({"when": when, **extra, "rows": rows}, indent=2))
-    print(f"written {path}")
-
-
-def print_table(rows: list[Row]) -> None:
-    head = f"{'metric':<40} {'N':>7} {'value':>12} {'unit':<6} {'reference':>12} {'ratio':>7} {'target':>8} {'pass':>5}  reference is"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        ref = "" if r["reference"] is None else f"{r['reference']:.1f}"
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        target = "" if r["target"] is None else f"{r['target']:.0f}"
-        ok = "" if r["pass"] is None else ("yes" if r["pass"] else "NO")
-        print(
-            f"{r['metric']:<40} {r['vehicles']:>7} {r['value']:>12.1f} {r['unit']:<6} {ref:>12} {ratio:>7} {target:>8} {ok:>5}  {r['reference_is']}"
-        )
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -286,8 +228,9 @@ async def main() -> None:
     ap.add_argument(
         "--paths", default=",".join(PATHS), help="setpoints through: general, fast (both)"
     )
-    ap.add_argument("--out", default="bench/results/control_step.json")
+    ap.add_argument("--out", default=str(RESULTS / "control_step.json"))
     args = ap.parse_args()
+    started = start()
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or set(paths) - set(PATHS):
         ap.error(f"--paths takes {', '.join(PATHS)}")
@@ -301,7 +244,8 @@ async def main() -> None:
             print(f"... N={n} setpoints {path}", file=sys.stderr, flush=True)
             rows.extend(await bench_step(n, fast=path == "fast"))
         rows.extend(await bench_publish(min(n, 20_000)))
-    print_table(rows)
+    stamp = provenance(started)
+    print_table(rows, stamp)
     for path in paths:
         for kind in ("all", "steady"):
             within = [
@@ -315,7 +259,7 @@ async def main() -> None:
                 f"largest fleet measured with a {kind} step under 1 s ({path}):"
                 f" {max(within) if within else 'none'}"
             )
-    write_results(rows, args.out)
+    write_results(rows, args.out, stamp)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Each trial: an operator client publishes a new ``DispatchRequest`` (QoS 1); the aggregator
 (``AggregatorService`` with its MQTT link, in this process) runs its control step as soon
-as the request is in its inbox; a separate paho process (``bench/loadgen.py subscribe``)
-timestamps every setpoint message it receives. A vehicle's latency is the arrival of its
+as the request is in its inbox; a separate subscriber process (see below) timestamps
+every setpoint message it receives. A vehicle's latency is the arrival of its
 setpoint (or of the bridge batch carrying it) minus the publish time of the request;
 p50 and p99 are over every vehicle of every trial, and "all on the wire" is the last one.
 
@@ -15,10 +15,10 @@ Each case runs twice, side by side: setpoints through the general client (``Mqtt
 paho under aiomqtt: "general") and through the lean publish-only connection
 (``broker/fastpub.py``, ``AggregatorService(fast_setpoints=True)``: "fast").
 
-The subscriber: one process (this script's ``_subscribe`` mode) with one raw MQTT
+The subscriber: one process (this module's ``_subscribe`` mode) with one raw MQTT
 connection per 500 vehicles, each subscribed at QoS 1 to its vehicles' setpoint topics, as
 vehicles subscribe. One paho connection for the whole fleet (``--subscriber paho``,
-bench/loadgen.py) cannot keep up with a fast burst: Mosquitto holds 20 messages in flight
+``bench.loadgen subscribe``) cannot keep up with a fast burst: Mosquitto holds 20 messages in flight
 and queues 1000 per client, and drops the rest (shown as "% seen").
 
 What this does not include: the wait for the next control step. The service steps on a
@@ -27,9 +27,9 @@ to one step before it is admitted; the figures here are the platform's own laten
 the step runs. Target: p99 <= 200 ms at 10k.
 
 Needs Mosquitto on 127.0.0.1:1883. Prints a table, writes bench/results/dispatch_latency.json;
-``rows()`` gives the same rows to bench/run.
+``rows()`` returns the same rows to a caller.
 
-    .venv/bin/python bench/dispatch_latency.py [--sizes 1000,10000,100000] [--trials 5]
+    .venv/bin/python -m bench.dispatch_latency [--sizes 1000,10000,100000] [--trials 5]
         [--paths general,fast] [--subscriber raw|paho]
 """
 
@@ -43,17 +43,10 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from control_step import T0, Row, print_table, row, write_results
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
@@ -61,6 +54,21 @@ from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
 from aggregator.dispatch import StepOutput
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
+from bench.common import (
+    HOST,
+    PORT,
+    RESULTS,
+    ROOT,
+    T0,
+    Row,
+    module_argv,
+    print_table,
+    provenance,
+    row,
+    start,
+    wait_connected,
+    write_results,
+)
 from broker.codec import setpoint_payloads
 from broker.columns import TelemetryArrays
 from broker.link import Outgoing
@@ -69,7 +77,6 @@ from broker.settings import Settings
 from core.clock import ManualClock
 from v2g import logs
 
-HOST, PORT = "127.0.0.1", 1883
 TARGET_P99_MS = 200.0
 PER_BRIDGE = 1000
 PATHS = ("general", "fast")  # setpoints through MqttLink, or through broker/fastpub.py
@@ -82,14 +89,15 @@ class Arrivals:
         """With ``vehicle_ids``, the raw subscriber (see the module docstring); without, one
         paho connection subscribed to every vehicle's and bridge's setpoints."""
         if vehicle_ids is None:
-            argv = [str(ROOT / "bench" / "loadgen.py"), "subscribe"]
+            argv = module_argv("loadgen", "subscribe")
         else:
-            argv = [str(Path(__file__).resolve()), "_subscribe"]
+            argv = module_argv("dispatch_latency", "_subscribe")
         self.proc = subprocess.Popen(
-            [sys.executable, *argv, "--prefix", prefix, "--seconds", str(seconds)],
+            [*argv, "--prefix", prefix, "--seconds", str(seconds)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=ROOT,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         if vehicle_ids is not None:
@@ -252,9 +260,7 @@ async def measure(
     sent_counts: list[int] = []
     delivered: list[float] = []
     try:
-        await svc.link.wait_connected(10)
-        if svc.setpoints is not None:
-            await svc.setpoints.wait_connected(10)
+        await wait_connected(svc.link, svc.setpoints)
         load_fleet(svc, n, batched)
         rep = await svc.step()  # the fleet is known; no request yet
         win = rep.capability.windows[0]
@@ -358,7 +364,7 @@ async def transport_floor(
     t0 = time.time()
     await svc.setpoints.publish_many(messages)
     times, _ = await arrivals.collect(rid, len(messages))
-    return ((times - t0) * 1e3).tolist()
+    return [float(ms) for ms in (times - t0) * 1e3]
 
 
 async def run_all(
@@ -396,7 +402,7 @@ def print_ratios(rows_: list[Row]) -> None:
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     return asyncio.run(run_all([1000, 10_000, 100_000], 3 if quick else 6))
 
 
@@ -413,13 +419,14 @@ def main() -> None:
         "--subscriber",
         choices=("raw", "paho"),
         default="raw",
-        help="raw: one QoS 1 connection per 500 vehicles; paho: one for all (bench/loadgen.py)",
+        help="raw: one QoS 1 connection per 500 vehicles; paho: one for all (bench.loadgen)",
     )
     ap.add_argument("_subscribe", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dispatch_latency.json"))
+    ap.add_argument("--out", default=str(RESULTS / "dispatch_latency.json"))
     args = ap.parse_args()
+    started = start()
     if args._subscribe == "_subscribe":  # the subscriber process (see Arrivals)
         ids = [line.strip() for line in sys.stdin if line.strip()]
         asyncio.run(subscribe_raw(args.prefix, args.seconds, ids))
@@ -430,9 +437,10 @@ def main() -> None:
     result = asyncio.run(
         run_all([int(s) for s in args.sizes.split(",")], args.trials, paths, args.subscriber)
     )
-    print_table(result)
+    stamp = provenance(started)
+    print_table(result, stamp)
     print_ratios(result)
-    write_results(result, args.out)
+    write_results(result, args.out, stamp)
 
 
 if __name__ == "__main__":

@@ -13,34 +13,35 @@ and what it costs per control step at 10k and 100k vehicles.
   window (what a step costs above 20k vehicles, where the windows are refreshed in
   turn), and steering a running request (one plan a step).
 
-Prints a table and writes JSON (git SHA, package versions) to bench/results/envelope.json.
+Prints a table and writes JSON to bench/results/envelope.json, both with the run's
+provenance (bench.common: git SHA, package versions, CPU, load).
 
-    .venv/bin/python bench/envelope.py [--sizes 10000,100000] [--random 30]
+    .venv/bin/python -m bench.envelope [--sizes 10000,100000] [--random 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import subprocess
 import sys
 from datetime import UTC, datetime
-from importlib import metadata
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from control_step import Row, best_of, print_table, row, write_results
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator import envelope as ev
 from aggregator.capability import WINDOWS_S
+from bench.common import (
+    RESULTS,
+    Row,
+    best_of,
+    print_table,
+    provenance,
+    row,
+    start,
+    write_results,
+)
 from core.physics import Array, Batteries, feasible_range
 
 DAY = datetime(2024, 6, 3, tzinfo=UTC).timestamp()
@@ -115,7 +116,7 @@ def random_errors(count: int) -> list[Row]:
         )
         energy = rng.uniform(0.1, 1.0, n) * cap
         step = window_s / k
-        dep = now + rng.integers(1, 3 * k, n) * step
+        dep = np.asarray(now + rng.integers(1, 3 * k, n) * step, dtype=np.float64)
         dep = np.where(rng.random(n) < 0.2, np.nan, dep)
         arr = np.where(rng.random(n) < 0.3, now + rng.integers(1, k, n) * step, np.nan)
         dep = np.where(~np.isnan(arr) & (dep <= arr), arr + 5 * step, dep).astype(np.float64)
@@ -157,31 +158,8 @@ def costs(n: int) -> list[Row]:
     ]  # fmt: skip
 
 
-def provenance() -> dict[str, object]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    return {
-        "git_sha": sha,
-        "python": platform.python_version(),
-        "packages": {p: metadata.version(p) for p in ("numpy", "scipy", "highspy") if _has(p)},
-        "machine": platform.machine(),
-    }
-
-
-def _has(package: str) -> bool:
-    try:
-        metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     out = wave_errors() + random_errors(10 if quick else 30)
     for n in (10_000,) if quick else (10_000, 100_000):
         out.extend(costs(n))
@@ -194,13 +172,15 @@ def main() -> None:
     )
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--random", type=int, default=30, help="random fleets for the worst error")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "envelope.json"))
+    ap.add_argument("--out", default=str(RESULTS / "envelope.json"))
     args = ap.parse_args()
+    started = start()
     result = wave_errors() + random_errors(args.random)
     for n in (int(s) for s in args.sizes.split(",") if s):
         result.extend(costs(n))
-    print_table(result)
-    write_results(result, args.out, **provenance())
+    stamp = provenance(started)
+    print_table(result, stamp)
+    write_results(result, args.out, stamp)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ budget (extrapolated from the smaller ones) is skipped and marked so in the tabl
 Also times ours at 1,000,000 vehicles over a day (target under 60 s). Prints a table and
 writes JSON to bench/results/ev2gym_compare.json.
 
-    .venv/bin/python bench/ev2gym_compare.py [--sizes 100,1000,5000] [--budget-s 300]
+    .venv/bin/python -m bench.ev2gym_compare [--sizes 100,1000,5000] [--budget-s 300]
 """
 
 from __future__ import annotations
@@ -36,10 +36,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from agents.profiles import generate_fleet
+from bench.common import RESULTS, ROOT, header, provenance, start, write_results
 from v2g.simcore import Regulation, Simulation
 
 VENV = ROOT / "bench" / ".venv-ev2gym"
@@ -190,8 +188,9 @@ def main() -> None:
         "--budget-s", type=float, default=300.0, help="wall-time cap for one EV2Gym run"
     )
     ap.add_argument("--million", type=int, default=1_000_000, help="size of our big run (0: skip)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ev2gym_compare.json"))
+    ap.add_argument("--out", default=str(RESULTS / "ev2gym_compare.json"))
     args = ap.parse_args()
+    started = start()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     py = ensure_ev2gym()
     version = ev2gym_version(py)
@@ -229,10 +228,12 @@ def main() -> None:
         big["vehicle_steps_per_s"] = rate(big)
         big["pass"] = big["total_s"] < TARGET_1M_S
 
+    stamp = provenance(started)
     head = (
         f"{'N':>7} {'EV2Gym veh-steps/s':>19} {'ours veh-steps/s':>17} {'ratio':>9}"
         f" {'plugged EV2Gym/ours':>20}  note"
     )
+    print(header(stamp))
     print(
         f"EV2Gym {version} (RoundRobin, setpoint tracking) vs v2g simcore; {STEPS} steps of 15 min"
     )
@@ -262,22 +263,9 @@ def main() -> None:
             f" {big['vehicle_steps_per_s']:,.0f} vehicle-steps/s); target < {TARGET_1M_S:.0f} s:"
             f" {'met' if big['pass'] else 'NOT met'}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "ev2gym_version": version,
-                "steps": STEPS,
-                "step_s": STEP_S,
-                "rows": rows,
-                "ours_big": big,
-            },
-            indent=2,
-        )
+    write_results(
+        rows, args.out, stamp, ev2gym_version=version, steps=STEPS, step_s=STEP_S, ours_big=big
     )
-    print(f"written {out}")
 
 
 if __name__ == "__main__":

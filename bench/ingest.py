@@ -6,8 +6,8 @@ a. the broker's limit with its C clients: ``mosquitto_pub -l`` → ``mosquitto_s
    ~300-byte payloads, one topic, bounded in count and time;
 b. the aggregator (``AggregatorService`` with its MQTT link, in this process) receiving
    telemetry published flat out by a separate process, prebuilt frames written to the
-   socket as (a)'s C client does (``bench/rawpub.py``; ``--publisher paho``: the Python
-   publisher of ``bench/loadgen.py``, which takes a core and offers ~60-80k msg/s at most):
+   socket as (a)'s C client does (``bench.rawpub``; ``--publisher paho``: the Python
+   publisher of ``bench.loadgen``, which takes a core and offers ~60-80k msg/s at most):
    per-vehicle JSON on ``v2g/vehicles/{vid}/telemetry``, and bridges' batches of 1000
    vehicles on ``v2g/bridges/{id}/telemetry``; msg/s and vehicle-updates/s, as a fraction
    of (a) (target: at least half);
@@ -17,9 +17,9 @@ c. 100,000 vehicles reporting every 10 s through 100 bridges (10,000 vehicle-upd
    vehicle, and the process's RSS growth per vehicle).
 
 Needs Mosquitto on 127.0.0.1:1883 and its C clients. Prints a table and writes JSON to
-bench/results/ingest.json; ``rows()`` gives the same rows to bench/run.
+bench/results/ingest.json; ``rows()`` returns the same rows to a caller.
 
-    .venv/bin/python bench/ingest.py [--seconds 8] [--scale-seconds 45]
+    .venv/bin/python -m bench.ingest [--seconds 8] [--scale-seconds 45]
         [--cases aiomqtt,fast,batch] [--repeat N] [--no-scale]
 """
 
@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import io
 import json
 import os
 import shutil
@@ -38,30 +39,36 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from control_step import Row, print_table, row, write_results
-
 from aggregator.service import AggregatorService, StepReport
 from aggregator.store import MemoryStore
+from bench.common import (
+    HOST,
+    PORT,
+    RESULTS,
+    ROOT,
+    Row,
+    module_argv,
+    print_table,
+    provenance,
+    row,
+    start,
+    wait_connected,
+    write_results,
+)
 from broker.models import DispatchRequest
 from broker.settings import Settings
 from core.clock import SimClock
 from v2g import logs
 
-HOST, PORT = "127.0.0.1", 1883
-LOADGEN = [sys.executable, str(ROOT / "bench" / "loadgen.py")]
+LOADGEN = module_argv("loadgen")
 # Flat-out load for (b): prebuilt frames written to the socket, next to no CPU, as the
-# C clients of (a); "paho" is the Python publisher of bench/loadgen.py, which takes a
+# C clients of (a); "paho" is the Python publisher of bench.loadgen, which takes a
 # core of this 2-core machine and offers ~60-80k msg/s at most.
-PUBLISHERS = {"raw": [sys.executable, str(ROOT / "bench" / "rawpub.py")], "paho": LOADGEN}
+PUBLISHERS = {"raw": module_argv("rawpub"), "paho": LOADGEN}
 
 
 def rss_bytes(trim: bool = False) -> int:
@@ -113,7 +120,7 @@ def broker_limit(n: int = 400_000, seconds: float = 30.0) -> tuple[float, Row]:
             stdin=lines,
         )
         got, last = 0, t0
-        assert sub.stdout is not None
+        assert isinstance(sub.stdout, io.BufferedReader)
         while chunk := sub.stdout.read1(1 << 16):
             got += chunk.count(b"\n")
             last = time.perf_counter()
@@ -138,6 +145,7 @@ def start_publisher(prefix: str, *extra: str, tool: list[str] = LOADGEN) -> subp
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     )
 
 
@@ -189,9 +197,7 @@ async def aggregator_ingest(
         tool=PUBLISHERS[publisher],
     )
     try:
-        await svc.link.wait_connected(10)
-        if svc.ingest is not None:
-            await svc.ingest.wait_connected(10)
+        await wait_connected(svc.link, svc.ingest)
         assert (await readline(pub, 120)).strip() == "ready"
 
         def counts() -> tuple[int, int]:
@@ -254,7 +260,7 @@ async def at_scale(seconds: float, vehicles: int = 100_000, every_s: float = 10.
     )
     steps: list[StepReport] = []
     try:
-        await svc.link.wait_connected(10)
+        await wait_connected(svc.link)
         assert (await readline(pub, 120)).strip() == "ready"
         assert pub.stdin is not None
         pub.stdin.write("go\n")
@@ -296,7 +302,12 @@ async def at_scale(seconds: float, vehicles: int = 100_000, every_s: float = 10.
     held = sum(arr.nbytes for arr in svc.state.cols.values())
     ms = [r.step_ms for r in steps]
     first = steps[0] if steps else None
-    budget = {"unit": "ms", "ref": 1000.0, "ref_name": "1 s budget", "target": 1000.0}
+    budget: dict[str, Any] = {
+        "unit": "ms",
+        "ref": 1000.0,
+        "ref_name": "1 s budget",
+        "target": 1000.0,
+    }
     out = [
         row(
             f"at scale: updates/s sent ({sent['updates']:,} in {sent['seconds']:.0f} s)",
@@ -457,7 +468,7 @@ def _median_row(same: tuple[Row, ...]) -> Row:
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     return asyncio.run(run_all(4.0 if quick else 8.0, 35.0 if quick else 45.0))
 
 
@@ -480,10 +491,11 @@ def main() -> None:
         "--publisher",
         choices=sorted(PUBLISHERS),
         default="raw",
-        help="load for the ingest cases: prebuilt frames (raw) or bench/loadgen.py (paho)",
+        help="load for the ingest cases: prebuilt frames (bench.rawpub) or bench.loadgen (paho)",
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest.json"))
+    ap.add_argument("--out", default=str(RESULTS / "ingest.json"))
     args = ap.parse_args()
+    started = start()
     cases = tuple(c for c in args.cases.split(",") if c)
     if unknown := set(cases) - set(CASES):
         ap.error(f"unknown cases: {', '.join(sorted(unknown))}")
@@ -497,8 +509,9 @@ def main() -> None:
             args.publisher,
         )
     )
-    print_table(result)
-    write_results(result, args.out)
+    stamp = provenance(started)
+    print_table(result, stamp)
+    write_results(result, args.out, stamp)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Load for the benchmarks, run as separate processes: a paho publisher of vehicle telemetry
 and a paho subscriber that timestamps setpoints. Loopback only, bounded in count and time.
 
-    python bench/loadgen.py publish --prefix P --kind single|batch --vehicles N
+    python -m bench.loadgen publish --prefix P --kind single|batch --vehicles N
         [--per-batch 1000] [--rate UPDATES_PER_S] [--seconds S] [--max-msgs M]
-    python bench/loadgen.py subscribe --prefix P --seconds S
+    python -m bench.loadgen subscribe --prefix P --seconds S
 
 ``publish`` prints ``ready`` once its payloads are made, waits for a line on stdin, then
 publishes and prints one JSON line of what it sent. With ``--rate 0`` it sends as fast as
@@ -20,22 +20,19 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_batch_payloads, telemetry_payloads
-
-HOST, PORT = "127.0.0.1", 1883
+from bench.common import HOST, PORT, publish_parser
 
 
 def _client(name: str) -> mqtt.Client:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name)
     c.max_queued_messages_set(0)
     c.connect(HOST, PORT, keepalive=30)
     return c
@@ -44,7 +41,9 @@ def _client(name: str) -> mqtt.Client:
 Msg = tuple[str, bytes, int]  # topic, payload, vehicle-updates in it
 
 
-def _round(fleet: SimFleet, now: float, kind: str, per_batch: int, prefix: str) -> list[Msg]:
+def round_messages(
+    fleet: SimFleet, now: float, kind: str, per_batch: int, prefix: str
+) -> list[Msg]:
     """Every vehicle's report at ``now``: one message each, or one batch per bridge."""
     fleet.tick(now)
     if kind == "single":
@@ -68,7 +67,7 @@ def publish(args: argparse.Namespace) -> None:
     )
     c = _client(f"bench-pub-{args.prefix.replace('/', '-')}-{args.seed}")
     c.loop_start()
-    msgs = _round(fleet, time.time(), args.kind, args.per_batch, args.prefix)
+    msgs = round_messages(fleet, time.time(), args.kind, args.per_batch, args.prefix)
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
@@ -101,7 +100,7 @@ def publish(args: argparse.Namespace) -> None:
                 sent += 1
                 updates += n
             start += period
-            msgs = _round(fleet, time.time(), args.kind, args.per_batch, args.prefix)
+            msgs = round_messages(fleet, time.time(), args.kind, args.per_batch, args.prefix)
     elapsed = time.perf_counter() - t0
     c.loop_stop()
     c.disconnect()
@@ -134,7 +133,7 @@ def subscribe(args: argparse.Namespace) -> None:
     def on_subscribe(*_: object) -> None:
         print("ready", flush=True)
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{time.time_ns()}")
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{time.time_ns()}")
     c.on_message = on_message
     c.on_subscribe = on_subscribe
     c.connect(HOST, PORT, keepalive=30)
@@ -147,24 +146,6 @@ def subscribe(args: argparse.Namespace) -> None:
     done.set()
     c.loop_stop()
     c.disconnect()
-
-
-def publish_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], *, max_msgs: int, rate_help: str
-) -> argparse.ArgumentParser:
-    """The ``publish`` command's arguments, shared with bench/rawpub.py (same protocol)."""
-    p = sub.add_parser("publish")
-    p.add_argument("--prefix", required=True)
-    p.add_argument("--kind", choices=["single", "batch"], default="single")
-    p.add_argument("--vehicles", type=int, default=10_000)
-    p.add_argument("--per-batch", type=int, default=1000)
-    p.add_argument("--rate", type=float, default=0.0, help=rate_help)
-    p.add_argument("--msg-rate", type=float, default=0.0, help="flat out, capped at msg/s")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--max-msgs", type=int, default=max_msgs)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--id-prefix", default="ev")
-    return p
 
 
 def main() -> None:

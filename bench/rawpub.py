@@ -1,5 +1,5 @@
 """A QoS 0 telemetry publisher that costs next to no CPU, for the ingest benchmark: the
-messages of ``bench/loadgen.py``, framed as MQTT PUBLISH packets once, then written to
+messages of ``bench.loadgen``, framed as MQTT PUBLISH packets once, then written to
 the socket many at a time. Loopback only, bounded in count and time.
 
 Why: bench/ingest.py sets the aggregator's ingest against the broker's limit measured
@@ -8,10 +8,10 @@ core of its own (~13 µs of Python a message) and offered no more than ~60-80k m
 the figure measured the publisher as much as the aggregator. This one writes prebuilt
 frames, as ``mosquitto_pub -l`` does from its file.
 
-    python bench/rawpub.py publish --prefix P --kind single|batch --vehicles N
+    python -m bench.rawpub publish --prefix P --kind single|batch --vehicles N
         [--per-batch 1000] [--msg-rate MSGS_PER_S] [--seconds S] [--max-msgs M]
 
-Same protocol as ``loadgen.py publish`` with ``--rate 0`` (flat out, cycling over one
+Same protocol as ``bench.loadgen publish`` with ``--rate 0`` (flat out, cycling over one
 round of reports; ``--msg-rate`` caps it): prints ``ready`` once connected with its
 frames made, waits for a line on stdin, publishes, then prints one JSON line of what it
 sent.
@@ -24,15 +24,11 @@ import json
 import socket
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from loadgen import HOST, PORT, _round, publish_parser
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
+from bench.common import HOST, PORT, publish_parser
+from bench.loadgen import round_messages
 from broker.framing import connect_packet, frame, utf8
 
 PER_WRITE = 256 * 1024  # bytes of frames handed to the socket at once
@@ -42,7 +38,7 @@ def publish(args: argparse.Namespace) -> None:
     fleet = SimFleet(
         generate_fleet(args.vehicles, args.seed, id_prefix=args.id_prefix), time.time()
     )
-    msgs = _round(fleet, time.time(), args.kind, args.per_batch, args.prefix)
+    msgs = round_messages(fleet, time.time(), args.kind, args.per_batch, args.prefix)
     # Runs of whole frames, each about PER_WRITE bytes: (bytes, messages, updates).
     runs: list[tuple[bytes, int, int]] = []
     frames: list[bytes] = []

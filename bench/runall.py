@@ -1,11 +1,15 @@
-"""Runs every benchmark under bench/ (each in its own process, each bounded in time), then
-prints ONE table (metric, value, reference, ratio, target, pass) and writes it as JSON to
-bench/results/all.json. Started by ``bench/run``; see it for the options.
+"""Runs every benchmark under bench/ (each in its own process, ``python -m bench.NAME``,
+each bounded in time), then prints ONE table (metric, value, reference, ratio, target,
+pass) and writes it as JSON to bench/results/all.json, stamped with the run's provenance
+(bench.common.provenance). Started by ``bench/run``; see it for the options.
+
+    .venv/bin/python -m bench.runall [--quick] [--only schedule_solve,ingest]
 
 Each benchmark writes its rows as JSON (``{"rows": [...]}``, the row shape of
-bench/control_step.py); bench/ev2gym_compare.py, which has its own shape, is converted
-here, and is skipped if it is not there. A benchmark that fails or overruns its limit
-gets one row saying so, and the others still run.
+bench.common.row, and its own provenance, kept here under ``benches``);
+bench/ev2gym_compare.py, which has its own shape, is converted here, and is skipped if
+it is not there. A benchmark that fails or overruns its limit gets one row saying so,
+and the others still run.
 """
 
 from __future__ import annotations
@@ -15,12 +19,20 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results"
-Row = dict[str, Any]
+from bench.common import (
+    RESULTS,
+    ROOT,
+    Row,
+    module_argv,
+    print_table,
+    provenance,
+    start,
+    write_results,
+)
+
+BENCH = ROOT / "bench"
 
 
 def plan(quick: bool) -> list[tuple[str, list[str], float]]:
@@ -60,9 +72,12 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
     ]
 
 
-def run_one(name: str, args: list[str], limit: float) -> list[Row]:
-    script = BENCH / f"{name}.py"
-    if not script.exists():
+def run_one(
+    name: str, args: list[str], limit: float, stamps: dict[str, Any] | None = None
+) -> list[Row]:
+    """Run bench module ``name`` in its own process; its rows, each marked with its name
+    (one row saying why, if it did not finish). Its provenance goes into ``stamps``."""
+    if not (BENCH / f"{name}.py").exists():
         print(f"--- {name}: not present, skipped", file=sys.stderr, flush=True)
         return []
     out = RESULTS / f"{name}.json"
@@ -71,10 +86,11 @@ def run_one(name: str, args: list[str], limit: float) -> list[Row]:
     t = time.monotonic()
     try:
         proc = subprocess.run(
-            [sys.executable, str(script), *args, "--out", str(out)],
+            module_argv(name, *args, "--out", str(out)),
             timeout=limit,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=ROOT,
         )
         failed = None if proc.returncode == 0 else f"exit status {proc.returncode}"
     except subprocess.TimeoutExpired:
@@ -87,6 +103,8 @@ def run_one(name: str, args: list[str], limit: float) -> list[Row]:
             )
         ]
     doc = json.loads(out.read_text())
+    if stamps is not None:
+        stamps[name] = doc.get("provenance")
     rows = _from_ev2gym(doc) if name == "ev2gym_compare" else doc["rows"]
     for r in rows:
         r["bench"] = name
@@ -159,73 +177,35 @@ def _from_ev2gym(doc: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return f"{x:,.3f}" if abs(x) < 10 else f"{x:,.1f}"
-    return str(x)
-
-
-def print_table(rows: list[Row]) -> None:
-    cols = [
-        ("bench", lambda r: r.get("bench", "")),
-        ("metric", lambda r: r["metric"]),
-        ("N", lambda r: _fmt(r.get("vehicles")) if r.get("vehicles") else ""),
-        ("value", lambda r: _fmt(r["value"])),
-        ("unit", lambda r: r.get("unit", "")),
-        ("reference", lambda r: _fmt(r["reference"])),
-        ("ratio", lambda r: _fmt(r["ratio"])),
-        ("target", lambda r: _fmt(r["target"])),
-        ("pass", lambda r: "" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")),
-        ("reference is", lambda r: r.get("reference_is", "")),
-    ]
-    cells = [[str(f(r)) for _, f in cols] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(cols)]
-    right = {"N", "value", "reference", "ratio", "target"}
-
-    def line(values: list[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if h in right else v.ljust(w)
-            for v, w, (h, _) in zip(values, widths, cols, strict=True)
-        ).rstrip()
-
-    print(line([h for h, _ in cols]))
-    print("-" * sum(widths) + "-" * 2 * (len(cols) - 1))
-    for c in cells:
-        print(line(c))
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.runall",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer trials")
     ap.add_argument("--only", default="", help="comma-separated benchmark names")
     ap.add_argument("--out", default=str(RESULTS / "all.json"))
     args = ap.parse_args()
+    started = start()
     RESULTS.mkdir(parents=True, exist_ok=True)
     only = {s for s in args.only.split(",") if s}
+    if unknown := only - {name for name, _, _ in plan(args.quick)}:
+        ap.error(f"--only: no benchmark named {', '.join(sorted(unknown))}")
     t = time.monotonic()
     rows: list[Row] = []
+    stamps: dict[str, Any] = {}
     for name, bench_args, limit in plan(args.quick):
         if not only or name in only:
-            rows += run_one(name, bench_args, limit)
-    print_table(rows)
+            rows += run_one(name, bench_args, limit, stamps)
+    stamp = provenance(started)
+    print_table(rows, stamp)
     checked = [r for r in rows if r["pass"] is not None]
     failed = [r for r in checked if not r["pass"]]
     print(
         f"{len(checked) - len(failed)} of {len(checked)} targets met in {time.monotonic() - t:.0f} s"
     )
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "quick": args.quick,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"written {args.out}")
+    write_results(rows, args.out, stamp, quick=args.quick, benches=stamps)
 
 
 if __name__ == "__main__":

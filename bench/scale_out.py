@@ -16,10 +16,10 @@ The broker is a Mosquitto of the bench's own on a free loopback port, with no qu
 limit (``max_queued_messages 0``: a frozen QoS 0 subscriber would otherwise lose all but
 1000); Redis is the one on 127.0.0.1:6379, under a prefix removed afterwards. Every wait
 is bounded. Prints a table and writes JSON to bench/results/scale_out.json
-(``{"when", "rows", "runs"}``, rows shaped as in control_step.py); ``rows()`` returns
-the same rows to a caller.
+(``{"when", "provenance", "runs", "rows"}``: the run's provenance, the raw runs, and
+rows as bench.common.row makes them); ``rows()`` returns the same rows to a caller.
 
-    .venv/bin/python bench/scale_out.py [--vehicles 10000 --rounds 4 --repeat 3]
+    .venv/bin/python -m bench.scale_out [--vehicles 10000 --rounds 4 --repeat 3]
 """
 
 from __future__ import annotations
@@ -42,17 +42,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.common import (
+    HOST,
+    RESULTS,
+    ROOT,
+    Row,
+    module_argv,
+    print_table,
+    provenance,
+    row,
+    start,
+    write_results,
+)
 
-from control_step import Row, row, write_results
-
-HOST = "127.0.0.1"
 TARGET_RATIO = 1.7
 REDIS_URL = f"redis://{HOST}:6379/0"
 LAST_RUNS: list[dict[str, Any]] = []  # the raw runs behind the latest rows()
-LOG = ROOT / "bench" / "results" / "scale_out.log"
+LOG = RESULTS / "scale_out.log"
 
 
 # -- an aggregator process --------------------------------------------------------------
@@ -213,7 +219,7 @@ def own_mosquitto() -> Iterator[int]:
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
     with LOG.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *args],
+            module_argv("scale_out", *args),
             cwd=ROOT,
             stdout=log,
             stderr=log,
@@ -392,24 +398,6 @@ def rows(
     ]
 
 
-def print_table(table: list[Row]) -> None:
-    head = (
-        f"{'metric':<48} {'N':>7} {'value':>10} {'unit':<6} {'reference':>10}"
-        f" {'ratio':>7} {'target':>7} {'pass':>5}"
-    )
-    print(head)
-    print("-" * len(head))
-    for r in table:
-        ref = "" if r["reference"] is None else f"{r['reference']:.0f}"
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        target = "" if r["target"] is None else f">={r['target']:.1f}x"
-        ok = "" if r["pass"] is None else ("yes" if r["pass"] else "NO")
-        print(
-            f"{r['metric']:<48} {r['vehicles']:>7} {r['value']:>10.1f} {r['unit']:<6}"
-            f" {ref:>10} {ratio:>7} {target:>7} {ok:>5}"
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -419,7 +407,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes")
     ap.add_argument("--timeout", type=float, default=60.0, help="per wait, wall seconds")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_out.json"))
+    ap.add_argument("--out", default=str(RESULTS / "scale_out.json"))
     # The child processes.
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
@@ -437,15 +425,11 @@ def main() -> None:
     if args.publisher:
         publisher(args.port, args.prefix, args.first, args.count, args.rounds)
         return
+    started = start()
     table = rows(args.vehicles, args.rounds, args.repeat, args.publishers, args.timeout)
-    print_table(table)
-    write_results(
-        table,
-        args.out,
-        command=" ".join(["bench/scale_out.py", *sys.argv[1:]]),
-        cores=os.cpu_count(),
-        runs=LAST_RUNS,
-    )
+    stamp = provenance(started)
+    print_table(table, stamp)
+    write_results(table, args.out, stamp, runs=LAST_RUNS)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ For each fleet size: pool the plugged-in vehicles into cohorts, then solve the L
 evening export block at 60% of what the fleet can give, with a reserved block before it
 (the admission of a second request). Side by side in the same run: the proportional fast
 path on the same job (no look-ahead), whose objective the LP must never exceed. Prints a
-table and writes JSON to bench/results/schedule_solve.json; ``rows()`` gives bench/run
-the same rows.
+table and writes JSON to bench/results/schedule_solve.json, both with the run's
+provenance (bench.common); ``rows()`` returns the same rows to a caller.
 
-    .venv/bin/python bench/schedule_solve.py [--sizes 1000,10000]
+    .venv/bin/python -m bench.schedule_solve [--sizes 1000,10000]
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ import dataclasses
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from control_step import Row, print_table, row, write_results
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator.schedule import THROUGHPUT_COST, Block, cohorts, plan, proportional
+from bench.common import RESULTS, Row, print_table, provenance, row, start, write_results
 from core.physics import Batteries
 
 T0 = datetime(2024, 6, 3, 16, 0, tzinfo=UTC).timestamp()
@@ -84,7 +78,7 @@ def bench(n: int) -> list[Row]:
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     out: list[Row] = []
     for n in (1000,) if quick else (1000, 10_000):
         out.extend(bench(n))
@@ -96,13 +90,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--sizes", default="1000,10000")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "schedule_solve.json"))
+    ap.add_argument("--out", default=str(RESULTS / "schedule_solve.json"))
     args = ap.parse_args()
+    started = start()
     result: list[Row] = []
     for n in (int(s) for s in args.sizes.split(",")):
         result.extend(bench(n))
-    print_table(result)
-    write_results(result, args.out)
+    stamp = provenance(started)
+    print_table(result, stamp)
+    write_results(result, args.out, stamp)
 
 
 if __name__ == "__main__":

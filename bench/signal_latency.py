@@ -6,8 +6,8 @@ not started, so no control step competes for the dispatch lock) holds a
 ``frequency_regulation`` request admitted at ± half the narrower side of the fleet's
 15-min range. An operator client then publishes ``DispatchSignal`` values on
 ``{prefix}/dispatch/{id}/signal`` (QoS 1, one every period, 2 s as RegD; alternating in
-sign, 0.3..1 in size, so nearly every setpoint moves); a separate paho process
-(``bench/loadgen.py subscribe``) timestamps every setpoint message it receives. A
+sign, 0.3..1 in size, so nearly every setpoint moves); a separate process (the raw
+subscriber of bench.dispatch_latency) timestamps every setpoint message it receives. A
 vehicle's latency is the arrival of its setpoint (or of the bridge batch carrying it)
 minus the publish time of the signal; p50 and p99 are over every vehicle of every
 signal, "all on the wire" is the last vehicle of the slowest signal, and the p99's ratio
@@ -37,9 +37,9 @@ signal that arrives during a control step waits for it (the dispatch lock), up t
 step's time (bench/control_step.py). Target: p99 <= 500 ms at 10k, against the 2 s period.
 
 Needs Mosquitto on 127.0.0.1:1883. Prints a table, writes bench/results/signal_latency.json;
-``rows()`` gives the same rows to bench/run.
+``rows()`` returns the same rows to a caller.
 
-    .venv/bin/python bench/signal_latency.py [--sizes 1000,10000] [--signals 10] [--period 2]
+    .venv/bin/python -m bench.signal_latency [--sizes 1000,10000] [--signals 10] [--period 2]
         [--paths general,fast]
 """
 
@@ -50,23 +50,29 @@ import asyncio
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from control_step import T0, Row, print_table, row, write_results
-from dispatch_latency import HOST, PATHS, PORT, Arrivals, load_fleet
-
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
+from bench.common import (
+    HOST,
+    PORT,
+    RESULTS,
+    T0,
+    Row,
+    print_table,
+    provenance,
+    row,
+    start,
+    wait_connected,
+    write_results,
+)
+from bench.dispatch_latency import PATHS, Arrivals, load_fleet
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
 from broker.settings import Settings
 from core.clock import ManualClock
@@ -129,9 +135,7 @@ async def measure(
     own_ms: list[float] = []  # the aggregator's own figure: signal in -> setpoints acked
     late = 0
     try:
-        await svc.link.wait_connected(10)
-        if svc.setpoints is not None:
-            await svc.setpoints.wait_connected(10)
+        await wait_connected(svc.link, svc.setpoints)
         load_fleet(svc, n, batched)
         async with svc._dispatch_lock:
             rep = await svc.step()  # the fleet is known; no request yet
@@ -258,7 +262,7 @@ async def run_all(
 
 
 def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows, for bench/run."""
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
     return asyncio.run(run_all([1000, 10_000], 5 if quick else 10))
 
 
@@ -273,8 +277,9 @@ def main() -> None:
     ap.add_argument(
         "--paths", default=",".join(PATHS), help="setpoints through: general, fast (both)"
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "signal_latency.json"))
+    ap.add_argument("--out", default=str(RESULTS / "signal_latency.json"))
     args = ap.parse_args()
+    started = start()
     if not 1 <= args.signals <= 1000 or not 0.05 <= args.period <= 60:
         ap.error("--signals must be 1..1000 and --period 0.05..60 s")
     paths = tuple(args.paths.split(","))
@@ -282,8 +287,9 @@ def main() -> None:
         ap.error(f"--paths takes {', '.join(PATHS)}")
     sizes = [int(s) for s in args.sizes.split(",")]
     result = asyncio.run(run_all(sizes, args.signals, args.period, args.qos, paths))
-    print_table(result)
-    write_results(result, args.out)
+    stamp = provenance(started)
+    print_table(result, stamp)
+    write_results(result, args.out, stamp)
 
 
 if __name__ == "__main__":
