@@ -1054,7 +1054,7 @@ class Dispatcher:
         if d is None:
             return None
         if d.state == "active":
-            self._book(d, min(now, d.end), view, now, self.baseline(view))
+            self._book(d, view, now)
         return self._close(d, now, "cancelled", reason="cancelled by the operator")
 
     # -- control step ----------------------------------------------------------------
@@ -1068,13 +1068,12 @@ class Dispatcher:
         out = StepOutput()
         self._count_lost(now, view)
         measured = float(view.power.sum())
-        base = self.baseline(view)
         for d in list(self.dispatches.values()):
             if d.state == "active":
                 if d.follows_signal:
                     self._sample(d, now, view)
                     self._check_fcr(d, now, measured)
-                self._book(d, min(now, d.end), view, now, base)
+                self._book(d, view, now)
                 if now >= d.end - 1e-9:
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
@@ -1276,7 +1275,7 @@ class Dispatcher:
             )
         return float(got)
 
-    def _book(self, d: Dispatch, t: float, view: FleetView, now: float, base: float) -> None:
+    def _book(self, d: Dispatch, view: FleetView, now: float) -> None:
         """Bring the books to ``t``: ``now``, or the request's end if it ended since.
 
         Delivered energy is the fleet meter's over the delivery window only: from when the
@@ -1286,6 +1285,8 @@ class Dispatcher:
         assert d.last_t is not None
         if now <= d.last_t:
             return  # nothing has run since the books were last brought up to date
+        t = min(now, d.end)
+        base = self.baseline(view)
         measured = float(view.power.sum())
         if d.meter_start is None:  # books from before the meter: continue from them
             meter = view.meter_kwh - measured * max(0.0, now - t) / 3600.0
