@@ -115,10 +115,9 @@ class Dispatch:
     last_t: float | None = None
     meter_start: float | None = None
     # The delivery window runs from when the first setpoints are in force (None until the
-    # step after they went out shows when) to ``end``. Until then: the fleet's measured
-    # power when they went out; afterwards the fleet's measured power at the last booking.
+    # step after they went out shows when) to ``end``. The fleet's measured power at the
+    # last booking (until the window opens: when the first setpoints went out).
     delivery_start: float | None = None
-    power_before: float = 0.0
     measured_kw: float = 0.0
     # [interval start, kW, interval end] reserved, if planned (records from before the
     # end was kept have two entries: a 15-min interval)
@@ -198,7 +197,6 @@ _BOOK_FIELDS = (
     "last_t",
     "meter_start",
     "delivery_start",
-    "power_before",
     "measured_kw",
     "schedule",
     "capacity_kw",
@@ -931,7 +929,7 @@ class Dispatcher:
         # The delivery window opens when these setpoints are in force: the next booking
         # places it, from the fleet's power now and what it draws once they are.
         d.delivery_start = None
-        d.power_before = d.measured_kw = float(view.power.sum())
+        d.measured_kw = float(view.power.sum())
         d.baseline_kw = self.baseline(view)
         if d.follows_signal and d.samples is None:
             d.signal, d.samples = 0.0, []
@@ -1324,7 +1322,7 @@ class Dispatcher:
         was = self._seen_in[rows]
         if len(view) == int(self._seen_in.sum()) and bool(was.all()):
             got_kws = (view.meter_kwh - d.meter_start) * 3600.0
-            before, after = d.power_before, float(view.power.sum())
+            before, after = d.measured_kw, float(view.power.sum())
         elif view.meters is not None and was.any():
             got_kws = float((view.meters[was] - self._seen_meter[rows[was]]).sum()) * 3600.0
             before, after = float(self._seen_kw[rows[was]].sum()), float(view.power[was].sum())
