@@ -84,6 +84,8 @@ REPLAN_EVERY_STEP_BELOW = 20_000
 # wire's microseconds: ends closer than this are the same instant.
 SAME_INSTANT_S = 1e-3
 ENDING_SLACK_STEPS = 0.2
+# A request is over at a step whose clock reads its end, to a float's rounding.
+ENDED_EPS_S = 1e-9
 
 
 def overlaps(a_start: float, a_end: float, b_start: float, b_end: float) -> bool:
@@ -156,6 +158,11 @@ class Dispatch:
     @property
     def priority(self) -> int:
         return self.request.priority or 0
+
+    def over(self, now: float, slack_s: float = ENDED_EPS_S) -> bool:
+        """Has it ended by ``now`` (give or take ``slack_s``)? The one rule for when a
+        request is over: a step closes it, the stack drops it, admission looks past it."""
+        return self.end <= now + slack_s
 
     @property
     def follows_signal(self) -> bool:
@@ -406,7 +413,7 @@ class Dispatcher:
         """Does a running request end at the control step of ``now``? A step reads the
         clock a little late or early (its wake-up), so one that started at a step does not
         end exactly at a later one: within ENDING_SLACK_STEPS of a step, it ends there."""
-        return d.end - now <= max(SAME_INSTANT_S, ENDING_SLACK_STEPS * self.control_step_s)
+        return d.over(now, max(SAME_INSTANT_S, ENDING_SLACK_STEPS * self.control_step_s))
 
     def knows(self, request_id: str) -> bool:
         """Has a request of this id been answered (and is it remembered)?"""
@@ -571,7 +578,7 @@ class Dispatcher:
         """The running requests, highest priority first (ties: the earlier admitted); with
         ``now``, not those that have ended by then (closed at the step, but over)."""
         return sorted(
-            (d for d in self.dispatches.values() if d.state == "active" and d.end > now + 1e-9),
+            (d for d in self.dispatches.values() if d.state == "active" and not d.over(now)),
             key=lambda d: (-d.priority, d.seq),
         )
 
@@ -1072,7 +1079,7 @@ class Dispatcher:
                     self._sample(d, now, view)
                     self._check_fcr(d, now, measured)
                 self._book(d, view, now)
-                if now >= d.end - 1e-9:
+                if d.over(now):
                     del self.dispatches[d.request_id]
                     out.results.append(self._close(d, now, "completed"))
             elif now >= d.start:
