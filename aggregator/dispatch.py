@@ -1259,8 +1259,12 @@ class Dispatcher:
         ref: Array,
         view: FleetView,
         subset: NDArray[np.bool_] | None,
+        *,
+        cost: bool,
     ) -> Allocation:
-        if self.allocation == "proportional":
+        """The split over ``subset`` of the view (None: all of it): least-cost if ``cost``,
+        else in proportion to headroom from ``ref``."""
+        if not cost:
             return allocate(target, lo, hi, ref)
         weight = self._weights(view)
         return allocate_cost(target, lo, hi, weight if subset is None else weight[subset])
@@ -1442,7 +1446,6 @@ class Dispatcher:
         # more, up to its limits, and what it still cannot give falls to the others.
         steered = ratio >= FOLLOW_MIN_RATIO
         gain = np.where(steered, ratio, 1.0)
-        split = self._split
         if steering is None:
             lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
             # Allocate as moves from what each vehicle was last told, so a steady request
@@ -1452,17 +1455,7 @@ class Dispatcher:
             # The plan's ranges and powers are in delivered kW; proportional from them, so
             # that a plan the fleet follows is exactly what each car is told.
             lo, hi, ref = steering.lo_kw / gain, steering.hi_kw / gain, steering.power_kw / gain
-
-            def split(
-                target: float,
-                lo: Array,
-                hi: Array,
-                ref: Array,
-                view: FleetView,
-                subset: NDArray[np.bool_] | None,
-            ) -> Allocation:
-                return allocate(target, lo, hi, ref)
-
+        cost = steering is None and self.allocation == "cost"  # a plan weighed it already
         # Vehicles that were told a power, had time to act, and hold another than their
         # ratio says: assume they stay where they are and let the rest cover the gap.
         settled = view.ts >= self._sent_at[rows] + self.settle_s
@@ -1474,19 +1467,20 @@ class Dispatcher:
             held = view.power[drifting]
             rest = ~drifting
             g = gain[rest]
-            cover = split(
+            cover = self._split(
                 target - float(held.sum()),
                 g * lo[rest],
                 g * hi[rest],
                 g * ref[rest],
                 view,
                 rest,
+                cost=cost,
             )
             power = np.clip(ref, lo, hi)
             power[rest] = cover.power / g
             total = float(held.sum()) + cover.total_kw
         else:
-            alloc = split(target, gain * lo, gain * hi, gain * ref, view, None)
+            alloc = self._split(target, gain * lo, gain * hi, gain * ref, view, None, cost=cost)
             power, total = alloc.power / gain, alloc.total_kw
         power = np.clip(power, lo, hi)  # dividing by the ratio may round past a bound
 
