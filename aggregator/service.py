@@ -342,6 +342,14 @@ class AggregatorService:
             self._reject(err, topic, payload)
             self._refused(err, topic, payload, properties)
 
+    def _may_refuse(self) -> bool:
+        """Spend one answer to a refused operator message: False past ``refusals_per_s``
+        (the refusal is then only counted, in ``refusals_unanswered``)."""
+        if self._refusals.take(time.monotonic()):
+            return True
+        self.refusals_unanswered += 1
+        return False
+
     def _reply_of(self, properties: Properties | None) -> ReplyTo | None:
         """Where the sender wants its answers; a response topic we may not answer on
         refuses the message (its sender would wait there for ever)."""
@@ -368,8 +376,7 @@ class AggregatorService:
                 return
             kind = "cancel" if what == "cancel" else "amend"
             rid = ident if _ID.fullmatch(ident) else None
-        if not self._refusals.take(time.monotonic()):
-            self.refusals_unanswered += 1
+        if not self._may_refuse():
             return
         try:
             reply = reply_of(properties, t.prefix) if err.reason != "reply" else None
@@ -689,8 +696,7 @@ class AggregatorService:
             if self.dispatcher.reuses_id(req):
                 # Its id is a request already taken: the answer is this sender's alone,
                 # never on the result topic that request's followers read.
-                if not self._refusals.take(time.monotonic()):
-                    self.refusals_unanswered += 1
+                if not self._may_refuse():
                     continue
                 refused = self.dispatcher.submit(req, now, view)
                 routed.append(self._private(refused, reply, req.to_json(), now))
@@ -777,8 +783,7 @@ class AggregatorService:
         self, rid: str, kind: Literal["cancel", "amend"], reply: ReplyTo | None, now: float
     ) -> list[Routed]:
         """The refusal of a cancel or amendment that names no running request."""
-        if not self._refusals.take(time.monotonic()):
-            self.refusals_unanswered += 1
+        if not self._may_refuse():
             return []
         answer = self.dispatcher.refuse(rid, self.dispatcher.not_running(rid), now, kind)
         self.log.info("dispatch_refused", request_id=rid, to=kind, reason=answer.reason)
