@@ -714,23 +714,30 @@ class AggregatorService:
             routed.append(self._route(answer, reply))
         for rid, reply in inbox.cancels:
             cancelled = self.dispatcher.cancel(rid, now, view)
-            if cancelled is None:
-                routed += self._not_running(rid, "cancel", reply, now)
-                continue
-            cancelled = cancelled.model_copy(update={"answer_to": "cancel"})
-            answers.append(cancelled)
-            routed.append(self._route(cancelled, reply))
+            routed += self._changed(rid, "cancel", cancelled, reply, now, answers)
         for rid, amend, reply in inbox.amends:
             amended = self.dispatcher.amend(
                 rid, now, view, power_kw=amend.power_kw, duration_s=amend.duration_s
             )
-            if amended is None:
-                routed += self._not_running(rid, "amend", reply, now)
-                continue
-            amended = amended.model_copy(update={"answer_to": "amend"})
-            answers.append(amended)
-            routed.append(self._route(amended, reply))
+            routed += self._changed(rid, "amend", amended, reply, now, answers)
         return answers, routed
+
+    def _changed(
+        self,
+        rid: str,
+        kind: Literal["cancel", "amend"],
+        answer: DispatchResult | None,
+        reply: ReplyTo | None,
+        now: float,
+        answers: list[DispatchResult],
+    ) -> list[Routed]:
+        """Route the dispatcher's answer to a cancel or amendment (into ``answers`` too),
+        or the refusal of one that named no running request (``answer`` None)."""
+        if answer is None:
+            return self._not_running(rid, kind, reply, now)
+        answer = answer.model_copy(update={"answer_to": kind})
+        answers.append(answer)
+        return [self._route(answer, reply)]
 
     def _route(self, answer: DispatchResult, reply: ReplyTo | None = None) -> Routed:
         """An answer about a request: on its result topic, to the response topic of the
