@@ -653,7 +653,8 @@ class AggregatorService:
         # What the fleet offers is what it will deliver: partial followers count for
         # their measured share, as admission counts them.
         windows = self.envelopes.update(view, now, self.dispatcher.follow_ratio(view.rows))
-        lo, hi = vehicle_ranges(view, now, self.settings.control_step_s)
+        # The dispatcher's, for the same view: the step's learning or plan may have them.
+        lo, hi = self.dispatcher.ranges(view, now, self.settings.control_step_s)
         online, plugged = self.state.counts(now, self.settings.stale_s)
         status = fleet_status(
             now=now,
