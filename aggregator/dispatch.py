@@ -318,7 +318,7 @@ class Dispatcher:
 
     def follow_ratio(self, rows: NDArray[np.intp]) -> Array:
         """The measured share of their setpoints these fleet rows deliver (1 = obey)."""
-        self._fit(int(rows.max()) + 1 if rows.size else 0)
+        self._fit_rows(rows)
         return self._ratio[rows].copy()
 
     def _memo(self, view: FleetView) -> dict[Any, Any]:
@@ -365,7 +365,7 @@ class Dispatcher:
         key = ("envelope", now, window_s, self._ratio_version)
         got = memo.get(key)
         if got is None:
-            self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+            self._fit_rows(view.rows)
             ratio = self._ratio[view.rows]
             got = memo[key] = ev.window(
                 view.batteries,
@@ -566,7 +566,7 @@ class Dispatcher:
                 assert sample.frequency_hz is not None
                 d.signal = float(fcr_activation(np.array([sample.frequency_hz]))[0])
                 self._watch_fcr(d, now, view)
-        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+        self._fit_rows(view.rows)
         out = StepOutput()
         self._drive(stack, now, view, out)
         for d, _ in moved:
@@ -1271,7 +1271,7 @@ class Dispatcher:
 
     def cycled_kwh(self, rows: NDArray[np.intp]) -> Array:
         """Energy each of these fleet rows has cycled under this dispatcher (kWh)."""
-        self._fit(int(rows.max()) + 1 if rows.size else 0)
+        self._fit_rows(rows)
         return self._cycled[rows].copy()
 
     def baseline(self, view: FleetView) -> float:
@@ -1328,7 +1328,7 @@ class Dispatcher:
         by the vehicles it was taken over); (0, 0) if the fleet barely moved."""
         assert d.last_t is not None and d.meter_start is not None
         span = now - d.last_t
-        self._fit(int(view.rows.max()) + 1 if len(view) else 0)
+        self._fit_rows(view.rows)
         rows = view.rows
         was = self._seen_in[rows]
         if len(view) == int(self._seen_in.sum()) and bool(was.all()):
@@ -1600,6 +1600,10 @@ class Dispatcher:
                 old, _ = self.answers.popitem(last=False)
                 self._terms.pop(old, None)
         return result
+
+    def _fit_rows(self, rows: NDArray[np.intp]) -> None:
+        """:meth:`_fit` the per-row arrays to hold every one of ``rows``."""
+        self._fit(int(rows.max()) + 1 if rows.size else 0)
 
     def _fit(self, n_rows: int) -> None:
         have = self._sent_kw.shape[0]
