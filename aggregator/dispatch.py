@@ -587,6 +587,11 @@ class Dispatcher:
         its books at its end rather than up to a control step later."""
         return min((d.end for d in self._stack(now)), default=None)
 
+    def _rest_s(self, end: float, now: float) -> float:
+        """The window from ``now`` to ``end`` that ranges and plans are made for: at least
+        a control step (setpoints hold that long, even at a request's last step)."""
+        return max(end - now, self.control_step_s)
+
     def _settle(self, now: float, view: FleetView, stack: list[Dispatch]) -> float:
         """Share the fleet's range among the running requests, in priority order, and
         return the fleet net power they ask together now.
@@ -606,7 +611,7 @@ class Dispatcher:
                 # A commitment stands: what the fleet holds was said in the answer.
                 point = d.allocated_kw
                 continue
-            lo_sum, hi_sum = self._usable_sums(view, now, max(d.end - now, self.control_step_s))
+            lo_sum, hi_sum = self._usable_sums(view, now, self._rest_s(d.end, now))
             if d.follows_signal:
                 room = (
                     0.5 * (hi_sum - lo_sum)
@@ -963,7 +968,7 @@ class Dispatcher:
     def _power_answer(self, d: Dispatch, now: float, view: FleetView) -> DispatchResult:
         """The answer for a power request just settled into the stack (at its start, or
         on new terms while it runs: the books carry on either way)."""
-        lo_sum, hi_sum = self._usable_sums(view, now, max(d.end - now, self.control_step_s))
+        lo_sum, hi_sum = self._usable_sums(view, now, self._rest_s(d.end, now))
         d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
         if d.shortfall_kw <= 1e-6:
             return self._result(
@@ -976,7 +981,7 @@ class Dispatcher:
             )
         side = "import" if d.requested_kw > d.allocated_kw else "export"
         limit = f"{side} limited to {d.allocated_kw:.1f} kW"
-        if not self.envelope(view, now, max(d.end - now, self.control_step_s)).feasible:
+        if not self.envelope(view, now, self._rest_s(d.end, now)).feasible:
             limit = (
                 "no constant power holds for that long (cars that must charge flat out"
                 f" leave inside it): {d.allocated_kw:.1f} kW comes closest"
@@ -1162,7 +1167,7 @@ class Dispatcher:
         any more because the fleet changed (a car left before its announced departure or
         went offline), the commitment moves to what the fleet can now hold, and the
         progress and the result say why."""
-        window_s = max(d.end - now, self.control_step_s)
+        window_s = self._rest_s(d.end, now)
         gain = self._gain(view)
         cached = self._replan_at.get(d.request_id)
         if (
@@ -1447,7 +1452,7 @@ class Dispatcher:
         steered = ratio >= FOLLOW_MIN_RATIO
         gain = np.where(steered, ratio, 1.0)
         if steering is None:
-            lo, hi = self.ranges(view, now, max(end - now, self.control_step_s))
+            lo, hi = self.ranges(view, now, self._rest_s(end, now))
             # Allocate as moves from what each vehicle was last told, so a steady request
             # does not churn every setpoint every step.
             ref = np.where(live, sent, 0.0)
