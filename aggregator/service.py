@@ -174,11 +174,10 @@ class AggregatorService:
         # Settlement records go to the ledger off the control path (see aggregator/ledger.py).
         self.ledger = None if ledger is None else LedgerWriter(ledger)
         self._ledger_task: asyncio.Task[bool] | None = None
-        # Per-vehicle settlement while requests run: the requests it books for, and the
-        # entries of this step.
+        # Per-vehicle settlement while requests run: the requests it books for (with when
+        # each ends), and the entries of this step.
         self.settlement = Settlement()
-        self._settling: list[str] = []
-        self._ends: dict[str, float] = {}  # when the requests it books for end
+        self._settling: dict[str, float] = {}
         self._vehicle_books: list[tuple[str, Entry]] = []
         # Signal samples waiting to be followed (the latest per request wins), when each
         # came in, and how long each took from arrival to setpoints on the wire (ms).
@@ -1067,15 +1066,15 @@ class AggregatorService:
     ) -> list[tuple[str, Entry]]:
         """Per-vehicle settlement entries for the requests running this step (and those
         that ran until it): intervals that closed and drivers who unplugged."""
-        running = [p.request_id for p in out.progress]
+        dispatches = self.dispatcher.dispatches
+        running = {p.request_id: dispatches[p.request_id].end for p in out.progress}
         owners = list(dict.fromkeys([*self._settling, *running]))
-        self._settling = running
+        before, self._settling = self._settling, running
         if self.ledger is None or not owners:
             return []
         meter, ids = self.state.meters(now, self.settings.stale_s), self.state.ids
         entries: list[Entry] = []
         if running:
-            self._ends = {rid: self.dispatcher.dispatches[rid].end for rid in running}
             closed, departures = self.settlement.observe(
                 now, view, meter, self.state.col("plugged"), ids, self.settings.control_step_s
             )
@@ -1087,13 +1086,13 @@ class AggregatorService:
                         "driver_left_short",
                         vehicle_id=d.vehicle_id,
                         short_kwh=round(d.short_kwh, 3),
-                        requests=running,
+                        requests=list(running),
                     )
         else:
             # The last interval stops where the requests did, not at this step: past their
             # end the vehicles are back to plain charging. Read the meters back to then, as
             # the dispatcher books the fleet's (each vehicle's power held since).
-            end = min(now, max((self._ends.get(r, now) for r in owners), default=now))
+            end = min(now, max(before.values(), default=now))
             meter = self.settlement.meters_at(end, now, meter, view)
             last = self.settlement.flush(end, meter, ids)
             if last is not None:
