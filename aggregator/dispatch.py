@@ -98,6 +98,14 @@ def _entries(schedule: list[list[float]] | None) -> list[tuple[float, float, flo
     return [(e[0], e[1], e[2] if len(e) > 2 else e[0] + SCHEDULE_STEP_S) for e in schedule or []]
 
 
+def _on_grid(bounds: Array, start: float, end: float, power_kw: float) -> Block | None:
+    """``power_kw`` from ``start`` to ``end`` on the planning grid ``bounds`` (clipped to
+    it; None if none of it is on it)."""
+    s = index_of(bounds, max(start, float(bounds[0])))
+    e = index_of(bounds, min(end, float(bounds[-1])))
+    return Block(s, e, power_kw) if s < e else None
+
+
 @dataclass(slots=True)
 class Dispatch:
     """One admitted request and its running books."""
@@ -882,16 +890,9 @@ class Dispatcher:
         schedule if it was planned ahead, else its power over its window."""
         if d.follows_signal:
             return []  # it holds headroom both ways, not a power: see _headroom
-        if not d.schedule:
-            b = self._block(d, bounds, d.allocated_kw)
-            return [] if b is None else [b]
-        out = []
-        for t, kw, end in _entries(d.schedule):
-            s = index_of(bounds, max(t, float(bounds[0])))
-            e = index_of(bounds, min(end, float(bounds[-1])))
-            if s < e:
-                out.append(Block(s, e, kw))
-        return out
+        spans = _entries(d.schedule) or [(d.start, d.allocated_kw, d.end)]
+        blocks = (_on_grid(bounds, t, end, kw) for t, kw, end in spans)
+        return [b for b in blocks if b is not None]
 
     def _headroom(self, bounds: Array) -> Array:
         """The capacity signal services hold both ways, per interval of the grid."""
@@ -907,9 +908,7 @@ class Dispatcher:
     @staticmethod
     def _block(d: Dispatch, bounds: Array, power_kw: float) -> Block | None:
         """The request on the planning grid (None if it is not on it)."""
-        s = index_of(bounds, max(d.start, float(bounds[0])))
-        e = index_of(bounds, min(d.end, float(bounds[-1])))
-        return Block(s, e, power_kw) if s < e else None
+        return _on_grid(bounds, d.start, d.end, power_kw)
 
     def _check(self, req: DispatchRequest, now: float) -> str | None:
         """Why a request is malformed or absurd, or None if it is fine."""
