@@ -258,6 +258,19 @@ class StepOutput:
     progress: list[DispatchProgress] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _KeptPlan:
+    """A committed request's plan, followed between solves: for which request and
+    commitment, until when, and the delivered kW of each vehicle (``rows``: the view's
+    rows it was made for, in order; another set of vehicles solves again)."""
+
+    request_id: str
+    until: float
+    allocated_kw: float
+    rows: NDArray[np.intp]
+    power_kw: Array
+
+
 class Dispatcher:
     """Admits requests and turns the active one into per-vehicle setpoints."""
 
@@ -316,11 +329,8 @@ class Dispatcher:
         self._notices: list[DispatchResult] = []
         # Recent fleet ranges by (end of window, ratio version): see _usable_sums.
         self._sums: dict[tuple[float, int], tuple[float, int, float, float]] = {}
-        # The plan a committed request follows (delivered kW by fleet row) and, by request,
-        # when to solve it again and for which commitment: see _keep_plan.
-        self._plan_kw: Array = np.zeros(0)
-        self._replan_at: dict[str, tuple[float, float]] = {}
-        self._plan_rows: NDArray[np.intp] = np.zeros(0, np.intp)
+        # The plan a committed request follows between solves: see _keep_plan.
+        self._kept: _KeptPlan | None = None
         # The vehicles of the last step and their announced departures: who left early.
         self._fleet_before: tuple[NDArray[np.intp], Array] = (np.zeros(0, np.intp), np.zeros(0))
 
@@ -668,7 +678,8 @@ class Dispatcher:
             d.capacity_kw = float(d.request.capacity_kw or 0.0)
         else:
             d.committed, d.lost = False, 0  # new terms: answered afresh, planned afresh
-            self._replan_at.pop(d.request_id, None)
+            if self._kept is not None and self._kept.request_id == d.request_id:
+                self._kept = None
         # New terms change what the rest of the stack asks on top of each request: book
         # the terms in force until now first (those that ended, to their end).
         for o in self._stack():
@@ -1168,15 +1179,16 @@ class Dispatcher:
         progress and the result say why."""
         window_s = self._rest_s(d.end, now)
         gain = self._gain(view)
-        cached = self._replan_at.get(d.request_id)
+        kept = self._kept
         if (
             len(view) >= self.replan_every_step_below
-            and cached is not None
-            and now < cached[0]
-            and cached[1] == d.allocated_kw
-            and np.array_equal(view.rows, self._plan_rows)
+            and kept is not None
+            and kept.request_id == d.request_id
+            and now < kept.until
+            and kept.allocated_kw == d.allocated_kw
+            and np.array_equal(view.rows, kept.rows)
         ):
-            return self._follow_plan(view, now, gain)
+            return self._follow_plan(view, now, gain, kept.power_kw)
         plan = self._plan_for(view, now, window_s, d.allocated_kw, gain)
         if plan.holds:
             d.lost = 0  # whoever left, the rest still hold it
@@ -1208,18 +1220,24 @@ class Dispatcher:
         goes, and follows it in between: each car's power in it is an average it can hold
         that long. A smaller one solves it every control step, which holds the edges of
         the envelope more tightly (cars reaching their floor mid-step)."""
-        self._plan_kw[:] = np.nan
-        self._plan_kw[view.rows] = plan.power_kw
-        self._plan_rows = view.rows.copy()
         step = window_s / ev.grid(window_s, min_step_s=self.control_step_s)
-        self._replan_at = {d.request_id: (now + step - 0.5 * self.control_step_s, d.allocated_kw)}
+        self._kept = _KeptPlan(
+            request_id=d.request_id,
+            until=now + step - 0.5 * self.control_step_s,
+            allocated_kw=d.allocated_kw,
+            rows=view.rows.copy(),
+            power_kw=plan.power_kw.copy(),
+        )
 
-    def _follow_plan(self, view: FleetView, now: float, gain: Array) -> ev.Steering:
-        """The kept plan's powers, within what each car can do this control step; the
-        allocation covers any gap in proportion."""
+    def _follow_plan(
+        self, view: FleetView, now: float, gain: Array, power_kw: Array
+    ) -> ev.Steering:
+        """The kept plan's powers (``power_kw``, for the same rows as the view), within
+        what each car can do this control step; the allocation covers any gap in
+        proportion."""
         lo, hi = self.ranges(view, now, self.control_step_s)
         lo, hi = gain * lo, gain * hi
-        ref = np.clip(np.nan_to_num(self._plan_kw[view.rows], nan=0.0), lo, hi)
+        ref = np.clip(np.nan_to_num(power_kw, nan=0.0), lo, hi)
         return ev.Steering(ref, lo, hi, True)
 
     def _gain(self, view: FleetView) -> Array:
@@ -1622,7 +1640,6 @@ class Dispatcher:
             self._seen_in = np.concatenate([self._seen_in, np.zeros(grow, dtype=bool)])
             self._seen_kw = np.concatenate([self._seen_kw, np.zeros(grow)])
             self._seen_meter = np.concatenate([self._seen_meter, np.full(grow, np.nan)])
-            self._plan_kw = np.concatenate([self._plan_kw, np.full(grow, np.nan)])
 
     # -- persistence -----------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:
