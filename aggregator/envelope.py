@@ -51,7 +51,7 @@ single power that comes closest, and ``feasible`` says so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -139,18 +139,13 @@ def scaled(bat: Batteries, energy: Array, ratio: Array | None) -> tuple[Batterie
     if ratio is None:
         return bat, energy
     r = np.maximum(ratio, 0.0)
-    return (
-        Batteries(
-            capacity_kwh=bat.capacity_kwh * r,
-            max_charge_kw=bat.max_charge_kw * r,
-            max_discharge_kw=bat.max_discharge_kw * r,
-            charge_efficiency=bat.charge_efficiency,
-            discharge_efficiency=bat.discharge_efficiency,
-            min_soc=bat.min_soc,
-            target_soc=bat.target_soc,
-        ),
-        energy * r,
+    sized = replace(
+        bat,
+        capacity_kwh=bat.capacity_kwh * r,
+        max_charge_kw=bat.max_charge_kw * r,
+        max_discharge_kw=bat.max_discharge_kw * r,
     )
+    return sized, energy * r
 
 
 def vehicle_units(
@@ -199,7 +194,7 @@ def vehicle_units(
     lk = last[leaves]
     frac = np.ones(n)
     frac[leaves] = np.clip(dep_at[leaves] - (lk - 1), 1e-6, 1.0)
-    lb = _rows(bat, leaves)
+    lb = bat.take(leaves)
     floor[leaves, lk] = energy_floor(lb, departure[leaves], departure[leaves])
     high = rate * since_h
     high += e0
@@ -244,7 +239,7 @@ def vehicle_units(
         pk = last[part] - 1
         need = floor[part, pk + 1] - high[part, pk]
         flat_out = need > ENERGY_EPS_KWH
-        pb = _rows(bat, part)
+        pb = bat.take(part)
         x_min[part, pk] = x_max[part, pk] = y_max[part, pk] = 0.0
         idle, ik = part[~flat_out], pk[~flat_out]
         low[idle, ik] = np.maximum(low[idle, ik], floor[idle, ik + 1])
@@ -273,19 +268,6 @@ def vehicle_units(
         frac=frac,
         load_full=load_full,
         load_avg=load_avg,
-    )
-
-
-def _rows(bat: Batteries, rows: NDArray[np.intp]) -> Batteries:
-    """Some vehicles' batteries."""
-    return Batteries(
-        capacity_kwh=bat.capacity_kwh[rows],
-        max_charge_kw=bat.max_charge_kw[rows],
-        max_discharge_kw=bat.max_discharge_kw[rows],
-        charge_efficiency=bat.charge_efficiency[rows],
-        discharge_efficiency=bat.discharge_efficiency[rows],
-        min_soc=bat.min_soc[rows],
-        target_soc=bat.target_soc[rows],
     )
 
 

@@ -22,7 +22,6 @@ provenance (bench.common: git SHA, package versions, CPU, load).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from datetime import UTC, datetime
 
@@ -54,8 +53,7 @@ def plugged(n: int, at: float, seed: int = 7) -> tuple[Batteries, Array, Array]:
     """The cars of a simulated fleet plugged in at ``at``: batteries, energy, departure."""
     fleet = SimFleet(generate_fleet(n, seed), at, step_s=CONTROL_STEP_S)
     on = fleet.plugged
-    bat = Batteries(*(getattr(fleet.bat, f.name)[on] for f in dataclasses.fields(Batteries)))
-    return bat, fleet.energy[on], fleet.departure[on]
+    return fleet.bat.take(on), fleet.energy[on], fleet.departure[on]
 
 
 def everyone(n: int, at: float) -> tuple[Batteries, Array, Array]:
@@ -124,8 +122,7 @@ def random_errors(count: int) -> list[Row]:
         env = ev.window(bat, energy, dep, now, window_s, steps=k, arrival=arr, exact_below=0)
         # Before issue 14 a car not there yet did not count; one that is counted whole.
         here = np.isnan(arr)
-        sub = Batteries(*(getattr(bat, f.name)[here] for f in dataclasses.fields(Batteries)))
-        lo, hi = feasible_range(sub, energy[here], dep[here], now, window_s)
+        lo, hi = feasible_range(bat.take(here), energy[here], dep[here], now, window_s)
         worst_before = max(worst_before, error((float(lo.sum()), float(hi.sum())), ref))
         worst_after = max(worst_after, error((env.min_power_kw, env.max_power_kw), ref))
     return [

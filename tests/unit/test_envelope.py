@@ -219,9 +219,7 @@ def test_the_commitment_moves_only_when_the_fleet_changed_and_says_why() -> None
     gone = dataclasses.replace(
         view,
         rows=view.rows[keep],
-        batteries=Batteries(
-            *(getattr(view.batteries, f.name)[keep] for f in dataclasses.fields(Batteries))
-        ),
+        batteries=view.batteries.take(keep),
         energy=view.energy[keep],
         departure=view.departure[keep],
         power=view.power[keep],
