@@ -284,15 +284,11 @@ def cohort_of(
     return keys, idx.astype(np.intp)
 
 
-def pool(
-    u: Units,
-    kind: NDArray[np.intp] | None = None,
-    cohorts: tuple[NDArray[np.intp], NDArray[np.intp]] | None = None,
-) -> Units:
-    """Cohorts (see cohort_of), summed. Efficiencies are weighted by charger power
-    (harmonic for discharge), as in the schedule."""
+def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
+    """The units of each cohort (from :func:`cohort_of`), summed. Efficiencies are
+    weighted by charger power (harmonic for discharge), as in the schedule."""
     k_steps = u.steps
-    keys, idx = cohort_of(u, kind) if cohorts is None else cohorts
+    keys, idx = cohorts
     m = keys.shape[0]
     flat = (idx[:, None] * k_steps + np.arange(k_steps)).ravel()
     flat_b = (idx[:, None] * (k_steps + 1) + np.arange(k_steps + 1)).ravel()
@@ -544,10 +540,13 @@ def kinds(u: Units, window_s: float, buckets: int = KIND_BUCKETS) -> NDArray[np.
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A fleet made ready for one window's programmes: its units, and the cohorts they
-    pool into (each unit its own cohort for a small fleet). The envelope and a plan for
-    the same fleet, time and window share it."""
+    """A fleet made ready for one window's programmes: its batteries and energy (each car
+    counted for its ratio of itself), its units, and the cohorts they pool into (each
+    unit its own cohort for a small fleet). The envelope and a plan for the same fleet,
+    time and window share it."""
 
+    batteries: Batteries
+    energy: Array
     units: Units
     cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]
     pooled: Units
@@ -560,22 +559,24 @@ def prepare(
     now: float,
     window_s: float,
     *,
+    steps: int | None = None,
+    arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
 ) -> Prepared:
-    """The fleet's units for the window (each car counted for ``ratio`` of itself) and
-    their cohorts: what :func:`window` and :func:`steer` solve over."""
+    """The fleet's units for the window (each car counted for ``ratio`` of itself, on
+    ``steps`` steps or as many as :func:`grid` allows) and their cohorts: what
+    :func:`window` and :func:`steer` solve over."""
     bat, energy = scaled(bat, energy, ratio)
     n = energy.shape[0]
-    units = vehicle_units(
-        bat, energy, departure, now, window_s, grid(window_s, min_step_s=min_step_s)
-    )
+    k_steps = grid(window_s, min_step_s=min_step_s) if steps is None else steps
+    units = vehicle_units(bat, energy, departure, now, window_s, k_steps, arrival)
     if n < exact_below:
         each = np.arange(n, dtype=np.intp)
-        return Prepared(units, (each, each), units)
+        return Prepared(bat, energy, units, (each, each), units)
     cohorts = cohort_of(units, kinds(units, window_s))
-    return Prepared(units, cohorts, pool(units, cohorts=cohorts))
+    return Prepared(bat, energy, units, cohorts, pool(units, cohorts))
 
 
 def window(
@@ -598,18 +599,22 @@ def window(
     ``ratio`` (per vehicle) is the share of its setpoints each car is measured to
     deliver; a car counts for that share of itself. ``prepared`` (from :func:`prepare`,
     with the same arguments) saves doing that again."""
-    if prepared is not None and steps is None and arrival is None:
-        if prepared.units.size == 0:
-            return Envelope(window_s, 0.0, 0.0, True, 0, prepared.units.steps)
-        return solve(prepared.pooled, window_s)
-    bat, energy = scaled(bat, energy, ratio)
-    k_steps = grid(window_s, min_step_s=min_step_s) if steps is None else steps
-    if energy.shape[0] == 0:
-        return Envelope(window_s, 0.0, 0.0, True, 0, k_steps)
-    units = vehicle_units(bat, energy, departure, now, window_s, k_steps, arrival)
-    if energy.shape[0] < exact_below:
-        return solve(units, window_s)
-    return solve(pool(units, kinds(units, window_s)), window_s)
+    if prepared is None:
+        prepared = prepare(
+            bat,
+            energy,
+            departure,
+            now,
+            window_s,
+            steps=steps,
+            arrival=arrival,
+            ratio=ratio,
+            exact_below=exact_below,
+            min_step_s=min_step_s,
+        )
+    if prepared.units.size == 0:
+        return Envelope(window_s, 0.0, 0.0, True, 0, prepared.units.steps)
+    return solve(prepared.pooled, window_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,9 +663,8 @@ def steer(
             exact_below=exact_below,
             min_step_s=min_step_s,
         )
-    bat, energy = scaled(bat, energy, ratio)
+    bat, energy, units = prepared.batteries, prepared.energy, prepared.units
     n = energy.shape[0]
-    units = prepared.units
     lo = np.where(units.x_min[:, 0] > 0.0, units.x_min[:, 0], -units.y_max[:, 0])
     hi = units.x_max[:, 0].copy()
     # A car leaving part-way through the first step that must charge flat out until then
