@@ -94,30 +94,41 @@ def wave_errors() -> list[Row]:
     return out
 
 
+def random_fleet(
+    rng: np.random.Generator, n: int, now: float, window_s: float = 900.0, steps: int = 12
+) -> tuple[Batteries, Array, Array, Array]:
+    """``n`` cars like the simulated ones, departures and arrivals on a grid of ``steps``
+    equal steps of the window from ``now``: some leave inside it, some arrive, some stay
+    with no departure. Batteries, energy, departure (NaN: unknown), arrival (NaN: here
+    now). The property test (tests/unit/test_envelope.py) draws its fleets with it too."""
+    cap = rng.uniform(30.0, 90.0, n)
+    bat = Batteries(
+        capacity_kwh=cap,
+        max_charge_kw=rng.choice([3.7, 7.4, 11.0, 22.0], n),
+        max_discharge_kw=rng.choice([0.0, 7.4, 11.0], n),
+        charge_efficiency=rng.uniform(0.88, 0.96, n),
+        discharge_efficiency=rng.uniform(0.88, 0.96, n),
+        min_soc=rng.uniform(0.1, 0.3, n),
+        target_soc=rng.uniform(0.6, 1.0, n),
+    )
+    energy = rng.uniform(0.1, 1.0, n) * cap
+    step = window_s / steps
+    dep = np.asarray(now + rng.integers(1, 3 * steps, n) * step, dtype=np.float64)
+    dep = np.where(rng.random(n) < 0.2, np.nan, dep)
+    arr: Array = np.where(rng.random(n) < 0.3, now + rng.integers(1, steps, n) * step, np.nan)
+    dep = np.where(~np.isnan(arr) & (dep <= arr), arr + 5 * step, dep).astype(np.float64)
+    return bat, energy, dep, arr
+
+
 def random_errors(count: int) -> list[Row]:
-    """Random fleets as the property test draws them (departures and arrivals inside the
-    window, on its 12-step grid): the worst error of each envelope over ``count``."""
+    """Random fleets as the property test draws them (:func:`random_fleet`): the worst
+    error of each envelope over ``count``."""
     rng = np.random.default_rng(14)
     now, window_s, k = DAY, 900.0, 12
     worst_before = worst_after = 0.0
     for _ in range(count):
         n = int(rng.integers(20, 41))
-        cap = rng.uniform(30.0, 90.0, n)
-        bat = Batteries(
-            capacity_kwh=cap,
-            max_charge_kw=rng.choice([3.7, 7.4, 11.0, 22.0], n),
-            max_discharge_kw=rng.choice([0.0, 7.4, 11.0], n),
-            charge_efficiency=rng.uniform(0.88, 0.96, n),
-            discharge_efficiency=rng.uniform(0.88, 0.96, n),
-            min_soc=rng.uniform(0.1, 0.3, n),
-            target_soc=rng.uniform(0.6, 1.0, n),
-        )
-        energy = rng.uniform(0.1, 1.0, n) * cap
-        step = window_s / k
-        dep = np.asarray(now + rng.integers(1, 3 * k, n) * step, dtype=np.float64)
-        dep = np.where(rng.random(n) < 0.2, np.nan, dep)
-        arr = np.where(rng.random(n) < 0.3, now + rng.integers(1, k, n) * step, np.nan)
-        dep = np.where(~np.isnan(arr) & (dep <= arr), arr + 5 * step, dep).astype(np.float64)
+        bat, energy, dep, arr = random_fleet(rng, n, now, window_s, k)
         ref = ev.reference(bat, energy, dep, now, window_s, k, arr)
         env = ev.window(bat, energy, dep, now, window_s, steps=k, arrival=arr, exact_below=0)
         # Before issue 14 a car not there yet did not count; one that is counted whole.
