@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -166,12 +167,17 @@ def costs(n: int) -> list[Row]:
     ]  # fmt: skip
 
 
-def rows(quick: bool = False) -> list[Row]:
-    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
-    out = wave_errors() + random_errors(10 if quick else 30)
-    for n in (10_000,) if quick else (10_000, 100_000):
+def measure(sizes: Iterable[int], random: int) -> list[Row]:
+    """The error rows (``random`` random fleets), then the cost rows at each size."""
+    out = wave_errors() + random_errors(random)
+    for n in sizes:
         out.extend(costs(n))
     return out
+
+
+def rows(quick: bool = False) -> list[Row]:
+    """The benchmark's rows at the sizes bench/run uses (``quick``: its --quick ones)."""
+    return measure((10_000,) if quick else (10_000, 100_000), 10 if quick else 30)
 
 
 def main() -> None:
@@ -183,9 +189,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "envelope.json"))
     args = ap.parse_args()
     started = start()
-    result = wave_errors() + random_errors(args.random)
-    for n in (int(s) for s in args.sizes.split(",") if s):
-        result.extend(costs(n))
+    result = measure((int(s) for s in args.sizes.split(",") if s), args.random)
     stamp = provenance(started)
     print_table(result, stamp)
     write_results(result, args.out, stamp)
