@@ -41,6 +41,7 @@ class Event:
     topic: str
     payload: bytes
     correlation: bytes | None = None  # MQTT 5 correlation data, if the message had any
+    retain: bool = False  # the broker's retained copy, not live traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,9 @@ async def operator_link(
 
     def handler(m: aiomqtt.Message) -> None:
         payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
-        queue.put_nowait(Event(str(m.topic), bytes(payload), correlation_of(m.properties)))
+        queue.put_nowait(
+            Event(str(m.topic), bytes(payload), correlation_of(m.properties), bool(m.retain))
+        )
 
     link = MqttLink(
         settings=settings,
