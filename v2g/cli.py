@@ -792,21 +792,16 @@ def dispatch_cmd(
             + ("" if p.score is None else f" | score {p.score:.3f}")
         )
 
-    try:
-        result = _run(
-            operator.dispatch(
-                settings,
-                req,
-                wait=wait,
-                timeout_s=timeout,
-                on_result=on_result,
-                on_progress=on_progress,
-            )
+    result = _run(
+        operator.dispatch(
+            settings,
+            req,
+            wait=wait,
+            timeout_s=timeout,
+            on_result=on_result,
+            on_progress=on_progress,
         )
-    except TimeoutError:
-        _fail(
-            f"no answer for {req.request_id} within {timeout:.0f} s; is the aggregator running?", 1
-        )
+    )
     if result is not None and result.status == "rejected":
         raise typer.Exit(1)
 
