@@ -833,19 +833,28 @@ def cancel_cmd(
 
     settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
     answer = _run(operator.cancel(settings, request_id, timeout_s=timeout))
+    _print_answer(answer, as_json, _cancel_line)
+
+
+def _cancel_line(r: DispatchResult) -> str:
+    line = f"{r.request_id} {r.status}"
+    if r.delivered_kwh is not None:
+        line += (
+            f": delivered {r.delivered_kwh:+.2f} kWh of {r.requested_kwh or 0:+.2f} kWh requested"
+        )
+    if r.reason:
+        line += f" ({r.reason})"
+    return line
+
+
+def _print_answer(
+    answer: DispatchResult | None, as_json: bool, line: Callable[[DispatchResult], str]
+) -> None:
+    """Print the aggregator's answer to a cancel or an amendment, as one JSON object or
+    ``line``; exit 1 when it was refused (or the wait was interrupted)."""
     if answer is None:  # interrupted
         raise typer.Exit(1)
-    if as_json:
-        typer.echo(answer.model_dump_json(exclude_none=True))
-        if answer.status == "rejected":
-            raise typer.Exit(1)
-        return
-    line = f"{answer.request_id} {answer.status}"
-    if answer.delivered_kwh is not None:
-        line += f": delivered {answer.delivered_kwh:+.2f} kWh of {answer.requested_kwh or 0:+.2f} kWh requested"
-    if answer.reason:
-        line += f" ({answer.reason})"
-    typer.echo(line)
+    typer.echo(answer.model_dump_json(exclude_none=True) if as_json else line(answer))
     if answer.status == "rejected":
         raise typer.Exit(1)
 
@@ -891,11 +900,7 @@ def amend(
         duration_s=None if duration is None else parse_duration(duration, "--duration"),
     )
     answer = _run(operator.amend(settings, request_id, change, timeout_s=timeout))
-    if answer is None:  # interrupted
-        raise typer.Exit(1)
-    typer.echo(answer.model_dump_json(exclude_none=True) if as_json else _result_line(answer))
-    if answer.status == "rejected":
-        raise typer.Exit(1)
+    _print_answer(answer, as_json, _result_line)
 
 
 @app.command(
