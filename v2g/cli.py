@@ -152,6 +152,13 @@ def setting_option(
     )
 
 
+def _url_option(flag: str, check: Callable[[str], str], help: str, shown_default: str) -> Any:
+    """A URL flag that is not a setting (no V2G_* variable): checked as the setting is."""
+    return typer.Option(
+        flag, help=help, metavar="URL", parser=_checked(check), show_default=shown_default
+    )
+
+
 Broker = Annotated[
     str | None,
     setting_option(
@@ -220,6 +227,9 @@ ColdStart = Annotated[
         help="start every plugged-in car at its arrival energy, as if it had just plugged in"
         " (default: with what its baseline charging since arrival put in it)",
     ),
+]
+AnswerTimeout = Annotated[
+    float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
 ]
 Json = Annotated[bool, typer.Option("--json", help="print each answer as one JSON object per line")]
 Every = Annotated[
@@ -404,22 +414,14 @@ def demo(
     ] = 15.0,
     broker: Annotated[
         str | None,
-        typer.Option(
-            "--broker",
-            help="use this broker instead of the embedded one",
-            metavar="URL",
-            parser=_checked(check_broker_url),
-            show_default="embedded",
+        _url_option(
+            "--broker", check_broker_url, "use this broker instead of the embedded one", "embedded"
         ),
     ] = None,
     redis: Annotated[
         str | None,
-        typer.Option(
-            "--redis",
-            help="persist to this Redis instead of memory",
-            metavar="URL",
-            parser=_checked(check_redis_url),
-            show_default="in memory",
+        _url_option(
+            "--redis", check_redis_url, "persist to this Redis instead of memory", "in memory"
         ),
     ] = None,
     cold_start: ColdStart = False,
@@ -820,9 +822,7 @@ def _result_line(r: DispatchResult) -> str:
 @app.command("cancel")
 def cancel_cmd(
     request_id: Annotated[str, typer.Argument(help="the request to cancel")],
-    timeout: Annotated[
-        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
-    ] = 15.0,
+    timeout: AnswerTimeout = 15.0,
     as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
@@ -879,9 +879,7 @@ def amend(
             show_default="unchanged",
         ),
     ] = None,
-    timeout: Annotated[
-        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
-    ] = 15.0,
+    timeout: AnswerTimeout = 15.0,
     as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
@@ -1175,12 +1173,11 @@ def provision(
     ] = False,
     broker: Annotated[
         str | None,
-        typer.Option(
+        _url_option(
             "--broker",
-            help="URL printed for clients",
-            metavar="URL",
-            parser=_checked(check_broker_url),
-            show_default="mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883",
+            check_broker_url,
+            "URL printed for clients",
+            "mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883",
         ),
     ] = None,
 ) -> None:
