@@ -289,18 +289,15 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     raise typer.Exit(code)
 
 
-def _clock_client_id(settings: Settings) -> str:
-    """The clock link's own MQTT client id, ``{prefix}-clock-{host}-{pid}`` (broker/
-    clientid.py): never the id of the process's main link."""
-    return derive_client_id(settings.topic_prefix, "clock", per_process=True)
-
-
 def _shared_clock(
     settings: Settings, *, create: bool = True
 ) -> contextlib.AbstractAsyncContextManager[SharedClock]:
     """The platform clock, settled on the fleet's anchor on ``{prefix}/clock`` (broker/
-    clocklink.py), logged, and kept fresh on the bus while the block runs."""
-    return shared_clock(settings, client_id=_clock_client_id(settings), create=create)
+    clocklink.py), logged, and kept fresh on the bus while the block runs. Its link has
+    its own client id, ``{prefix}-clock-{host}-{pid}`` (broker/clientid.py), never the
+    id of the process's main link."""
+    client_id = derive_client_id(settings.topic_prefix, "clock", per_process=True)
+    return shared_clock(settings, client_id=client_id, create=create)
 
 
 async def _read_clock(settings: Settings) -> SharedClock:
