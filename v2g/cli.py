@@ -1105,16 +1105,14 @@ def reset(
     """Remove a deployment's retained topics (PREFIX/...) and its Redis keys (REDIS_PREFIX:...),
     after a confirmation; prints what it removed. Stop the deployment's processes first:
     a running aggregator publishes its retained status again at its next step."""
-    import sys
-
     from v2g import reset as rs
 
     settings = _settings(
         broker_url=broker, redis_url=redis, topic_prefix=topic_prefix, redis_prefix=redis_prefix
     )
     where = (
-        f"topics {settings.topic_prefix}/# on {settings.deployment()['broker']} and Redis keys"
-        f" {settings.redis_prefix}:* on {settings.deployment()['redis']}"
+        f"topics {settings.topic_prefix}/# on {without_password(settings.broker_url)} and Redis"
+        f" keys {settings.redis_prefix}:* on {without_password(settings.redis_url)}"
     )
     found = _run(rs.find(settings))
     if not found:
