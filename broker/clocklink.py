@@ -17,6 +17,7 @@ import aiomqtt
 import structlog
 from pydantic import ValidationError
 
+from broker import clientid
 from broker.link import MqttLink
 from broker.models import ClockAnchor, from_epoch
 from broker.settings import Settings
@@ -65,9 +66,12 @@ class _Seen:
 
 @contextlib.asynccontextmanager
 async def shared_clock(
-    settings: Settings, *, client_id: str, create: bool = True
+    settings: Settings, *, client_id: str | None = None, create: bool = True
 ) -> AsyncIterator[SharedClock]:
     """Settle this process's clock on the fleet's anchor and log it.
+
+    The clock link has a connection of its own, ``client_id`` (default
+    ``{prefix}-clock-{host}-{pid}``, broker/clientid.py: never a main link's id).
 
     ``create``: this process starts (part of) a fleet, so with no anchor on the bus it
     creates one, and while the block runs it re-publishes the anchor it runs on every
@@ -76,6 +80,8 @@ async def shared_clock(
     """
     topic = settings.topics.clock
     seen = _Seen()
+    if client_id is None:
+        client_id = clientid.client_id(settings.topic_prefix, "clock", per_process=True)
 
     def handler(m: aiomqtt.Message) -> None:
         if str(m.topic) != topic:

@@ -25,7 +25,6 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from broker.clientid import client_id as derive_client_id
 from broker.clocklink import SharedClock, shared_clock
 from broker.models import (
     DispatchProgress,
@@ -279,23 +278,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     raise typer.Exit(code)
 
 
-def _clock_client_id(settings: Settings) -> str:
-    """The clock link's own MQTT client id, ``{prefix}-clock-{host}-{pid}`` (broker/
-    clientid.py): never the id of the process's main link."""
-    return derive_client_id(settings.topic_prefix, "clock", per_process=True)
-
-
-def _shared_clock(
-    settings: Settings, *, create: bool = True
-) -> contextlib.AbstractAsyncContextManager[SharedClock]:
-    """The platform clock, settled on the fleet's anchor on ``{prefix}/clock`` (broker/
-    clocklink.py), logged, and kept fresh on the bus while the block runs."""
-    return shared_clock(settings, client_id=_clock_client_id(settings), create=create)
-
-
 async def _read_clock(settings: Settings) -> SharedClock:
     """The fleet's platform clock, read once (a command that publishes no anchor)."""
-    async with _shared_clock(settings, create=False) as shared:
+    async with shared_clock(settings, create=False) as shared:
         return shared
 
 
@@ -566,7 +551,7 @@ def aggregator(
     # per process in a share group, or --client-id / V2G_CLIENT_ID.
 
     async def main() -> None:
-        async with _shared_clock(settings) as shared:
+        async with shared_clock(settings) as shared:
             service = AggregatorService(
                 settings=shared.settings,
                 clock=shared.clock,
@@ -653,7 +638,7 @@ def agents(
     )
 
     async def main() -> None:
-        async with _shared_clock(settings) as shared:
+        async with shared_clock(settings) as shared:
             fleet = SimFleet(
                 generate_fleet(count, seed, id_prefix=id_prefix),
                 shared.clock.now(),
