@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from broker.framing import (
     decode_length,
     subscribe_packet,
 )
-from broker.link import LinkStats, supervise, wait_connected
+from broker.link import LinkStats, supervise, tls_context, wait_connected
 from broker.settings import MqttTarget, Settings
 from core.errors import AuthenticationError, TransportError
 
@@ -65,16 +64,11 @@ async def open_session(
     """Connect (TLS if the target says so), send CONNECT and wait for a CONNACK that
     accepts it. Raises AuthenticationError on a refused login, TransportError otherwise;
     the transport is closed on any failure."""
-    context = None
-    if target.tls:
-        context = ssl.create_default_context(cafile=settings.tls_ca_file)
-        if settings.tls_cert_file:
-            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     loop = asyncio.get_running_loop()
     timeout = settings.publish_timeout_s
     async with asyncio.timeout(timeout):
         transport, proto = await loop.create_connection(
-            factory, target.host, target.port, ssl=context
+            factory, target.host, target.port, ssl=tls_context(settings, target)
         )
     try:
         transport.write(

@@ -110,6 +110,17 @@ async def wait_connected(
         ) from None
 
 
+def tls_context(settings: Settings, target: MqttTarget) -> ssl.SSLContext | None:
+    """The TLS context of a connection to ``target``, None for plain TCP: the CA file and
+    the client certificate of the settings (every client here, general or lean)."""
+    if not target.tls:
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca_file)
+    if settings.tls_cert_file:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
+
+
 def _rc_value(err: aiomqtt.MqttError) -> int | None:
     rc = getattr(err, "rc", None)
     value = rc.value if isinstance(rc, ReasonCode) else rc
@@ -280,11 +291,6 @@ class MqttLink:
         await wait_connected(self._connected, timeout, self.settings.broker_url)
 
     def _make_client(self, target: MqttTarget) -> aiomqtt.Client:
-        tls_context = None
-        if target.tls:
-            tls_context = ssl.create_default_context(cafile=self.settings.tls_ca_file)
-            if self.settings.tls_cert_file:
-                tls_context.load_cert_chain(self.settings.tls_cert_file, self.settings.tls_key_file)
         delay = self.settings.will_delay_s if self._v5 else 0
         will = None
         if self.will is not None:
@@ -314,7 +320,7 @@ class MqttLink:
             will=will,
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.publish_timeout_s,
-            tls_context=tls_context,
+            tls_context=tls_context(self.settings, target),
             logger=logging.getLogger(f"aiomqtt.{self.client_id}"),
             max_queued_outgoing_messages=100_000,
             # paho's default of 20 unacknowledged QoS 1 messages caps a burst of setpoints
