@@ -21,7 +21,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -289,6 +289,25 @@ class MqttLink:
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the link is up, or raise TransportError after ``timeout`` seconds."""
         await wait_connected(self._connected, timeout, self.settings.broker_url)
+
+    @contextlib.asynccontextmanager
+    async def running(self, timeout: float, *, name: str) -> AsyncIterator[None]:
+        """Run the link in a task called ``name`` for the life of the block, entered once it
+        is connected: TransportError after ``timeout``, or at once whatever ended ``run()``
+        first (AuthenticationError on bad credentials). The link stops when the block ends."""
+        task = asyncio.create_task(self.run(), name=name)
+        try:
+            waiter = asyncio.create_task(self.wait_connected(timeout))
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:  # the link died first: say why
+                waiter.cancel()
+                task.result()
+            await waiter
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await task
 
     def _make_client(self, target: MqttTarget) -> aiomqtt.Client:
         delay = self.settings.will_delay_s if self._v5 else 0
