@@ -38,13 +38,8 @@ def window(
     env = ev.window(
         view.batteries, view.energy, view.departure, now, window_s, ratio=scale, min_step_s=step_s
     )
-    return as_window(env)
-
-
-def as_window(env: ev.Envelope) -> CapabilityWindow:
-    """The wire form of an envelope."""
     return CapabilityWindow(
-        duration_s=env.duration_s,
+        duration_s=window_s,
         min_power_kw=round(env.min_power_kw, 3),
         max_power_kw=round(env.max_power_kw, 3),
         feasible=env.feasible,

@@ -51,7 +51,7 @@ single power that comes closest, and ``feasible`` says so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -139,18 +139,13 @@ def scaled(bat: Batteries, energy: Array, ratio: Array | None) -> tuple[Batterie
     if ratio is None:
         return bat, energy
     r = np.maximum(ratio, 0.0)
-    return (
-        Batteries(
-            capacity_kwh=bat.capacity_kwh * r,
-            max_charge_kw=bat.max_charge_kw * r,
-            max_discharge_kw=bat.max_discharge_kw * r,
-            charge_efficiency=bat.charge_efficiency,
-            discharge_efficiency=bat.discharge_efficiency,
-            min_soc=bat.min_soc,
-            target_soc=bat.target_soc,
-        ),
-        energy * r,
+    sized = replace(
+        bat,
+        capacity_kwh=bat.capacity_kwh * r,
+        max_charge_kw=bat.max_charge_kw * r,
+        max_discharge_kw=bat.max_discharge_kw * r,
     )
+    return sized, energy * r
 
 
 def vehicle_units(
@@ -199,7 +194,7 @@ def vehicle_units(
     lk = last[leaves]
     frac = np.ones(n)
     frac[leaves] = np.clip(dep_at[leaves] - (lk - 1), 1e-6, 1.0)
-    lb = _rows(bat, leaves)
+    lb = bat.take(leaves)
     floor[leaves, lk] = energy_floor(lb, departure[leaves], departure[leaves])
     high = rate * since_h
     high += e0
@@ -244,7 +239,7 @@ def vehicle_units(
         pk = last[part] - 1
         need = floor[part, pk + 1] - high[part, pk]
         flat_out = need > ENERGY_EPS_KWH
-        pb = _rows(bat, part)
+        pb = bat.take(part)
         x_min[part, pk] = x_max[part, pk] = y_max[part, pk] = 0.0
         idle, ik = part[~flat_out], pk[~flat_out]
         low[idle, ik] = np.maximum(low[idle, ik], floor[idle, ik + 1])
@@ -276,19 +271,6 @@ def vehicle_units(
     )
 
 
-def _rows(bat: Batteries, rows: NDArray[np.intp]) -> Batteries:
-    """Some vehicles' batteries."""
-    return Batteries(
-        capacity_kwh=bat.capacity_kwh[rows],
-        max_charge_kw=bat.max_charge_kw[rows],
-        max_discharge_kw=bat.max_discharge_kw[rows],
-        charge_efficiency=bat.charge_efficiency[rows],
-        discharge_efficiency=bat.discharge_efficiency[rows],
-        min_soc=bat.min_soc[rows],
-        target_soc=bat.target_soc[rows],
-    )
-
-
 def cohort_of(
     u: Units, kind: NDArray[np.intp] | None = None
 ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
@@ -302,15 +284,11 @@ def cohort_of(
     return keys, idx.astype(np.intp)
 
 
-def pool(
-    u: Units,
-    kind: NDArray[np.intp] | None = None,
-    cohorts: tuple[NDArray[np.intp], NDArray[np.intp]] | None = None,
-) -> Units:
-    """Cohorts (see cohort_of), summed. Efficiencies are weighted by charger power
-    (harmonic for discharge), as in the schedule."""
+def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
+    """The units of each cohort (from :func:`cohort_of`), summed. Efficiencies are
+    weighted by charger power (harmonic for discharge), as in the schedule."""
     k_steps = u.steps
-    keys, idx = cohort_of(u, kind) if cohorts is None else cohorts
+    keys, idx = cohorts
     m = keys.shape[0]
     flat = (idx[:, None] * k_steps + np.arange(k_steps)).ravel()
     flat_b = (idx[:, None] * (k_steps + 1) + np.arange(k_steps + 1)).ravel()
@@ -562,10 +540,13 @@ def kinds(u: Units, window_s: float, buckets: int = KIND_BUCKETS) -> NDArray[np.
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A fleet made ready for one window's programmes: its units, and the cohorts they
-    pool into (each unit its own cohort for a small fleet). The envelope and a plan for
-    the same fleet, time and window share it."""
+    """A fleet made ready for one window's programmes: its batteries and energy (each car
+    counted for its ratio of itself), its units, and the cohorts they pool into (each
+    unit its own cohort for a small fleet). The envelope and a plan for the same fleet,
+    time and window share it."""
 
+    batteries: Batteries
+    energy: Array
     units: Units
     cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]
     pooled: Units
@@ -578,22 +559,24 @@ def prepare(
     now: float,
     window_s: float,
     *,
+    steps: int | None = None,
+    arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
 ) -> Prepared:
-    """The fleet's units for the window (each car counted for ``ratio`` of itself) and
-    their cohorts: what :func:`window` and :func:`steer` solve over."""
+    """The fleet's units for the window (each car counted for ``ratio`` of itself, on
+    ``steps`` steps or as many as :func:`grid` allows) and their cohorts: what
+    :func:`window` and :func:`steer` solve over."""
     bat, energy = scaled(bat, energy, ratio)
     n = energy.shape[0]
-    units = vehicle_units(
-        bat, energy, departure, now, window_s, grid(window_s, min_step_s=min_step_s)
-    )
+    k_steps = grid(window_s, min_step_s=min_step_s) if steps is None else steps
+    units = vehicle_units(bat, energy, departure, now, window_s, k_steps, arrival)
     if n < exact_below:
         each = np.arange(n, dtype=np.intp)
-        return Prepared(units, (each, each), units)
+        return Prepared(bat, energy, units, (each, each), units)
     cohorts = cohort_of(units, kinds(units, window_s))
-    return Prepared(units, cohorts, pool(units, cohorts=cohorts))
+    return Prepared(bat, energy, units, cohorts, pool(units, cohorts))
 
 
 def window(
@@ -616,18 +599,22 @@ def window(
     ``ratio`` (per vehicle) is the share of its setpoints each car is measured to
     deliver; a car counts for that share of itself. ``prepared`` (from :func:`prepare`,
     with the same arguments) saves doing that again."""
-    if prepared is not None and steps is None and arrival is None:
-        if prepared.units.size == 0:
-            return Envelope(window_s, 0.0, 0.0, True, 0, prepared.units.steps)
-        return solve(prepared.pooled, window_s)
-    bat, energy = scaled(bat, energy, ratio)
-    k_steps = grid(window_s, min_step_s=min_step_s) if steps is None else steps
-    if energy.shape[0] == 0:
-        return Envelope(window_s, 0.0, 0.0, True, 0, k_steps)
-    units = vehicle_units(bat, energy, departure, now, window_s, k_steps, arrival)
-    if energy.shape[0] < exact_below:
-        return solve(units, window_s)
-    return solve(pool(units, kinds(units, window_s)), window_s)
+    if prepared is None:
+        prepared = prepare(
+            bat,
+            energy,
+            departure,
+            now,
+            window_s,
+            steps=steps,
+            arrival=arrival,
+            ratio=ratio,
+            exact_below=exact_below,
+            min_step_s=min_step_s,
+        )
+    if prepared.units.size == 0:
+        return Envelope(window_s, 0.0, 0.0, True, 0, prepared.units.steps)
+    return solve(prepared.pooled, window_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,9 +663,8 @@ def steer(
             exact_below=exact_below,
             min_step_s=min_step_s,
         )
-    bat, energy = scaled(bat, energy, ratio)
+    bat, energy, units = prepared.batteries, prepared.energy, prepared.units
     n = energy.shape[0]
-    units = prepared.units
     lo = np.where(units.x_min[:, 0] > 0.0, units.x_min[:, 0], -units.y_max[:, 0])
     hi = units.x_max[:, 0].copy()
     # A car leaving part-way through the first step that must charge flat out until then

@@ -6,7 +6,7 @@ Units are kW, kWh and seconds; power > 0 charges the vehicle, < 0 discharges it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,6 +32,10 @@ class Batteries:
 
     def __len__(self) -> int:
         return int(self.capacity_kwh.shape[0])
+
+    def take(self, rows: NDArray[np.intp] | NDArray[np.bool_]) -> Batteries:
+        """These vehicles' batteries (``rows``: indices or a mask)."""
+        return Batteries(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
 def energy_floor(bat: Batteries, departure: Array, at: float | Array) -> Array:

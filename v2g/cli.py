@@ -151,6 +151,13 @@ def setting_option(
     )
 
 
+def _url_option(flag: str, check: Callable[[str], str], help: str, shown_default: str) -> Any:
+    """A URL flag that is not a setting (no V2G_* variable): checked as the setting is."""
+    return typer.Option(
+        flag, help=help, metavar="URL", parser=_checked(check), show_default=shown_default
+    )
+
+
 Broker = Annotated[
     str | None,
     setting_option(
@@ -219,6 +226,9 @@ ColdStart = Annotated[
         help="start every plugged-in car at its arrival energy, as if it had just plugged in"
         " (default: with what its baseline charging since arrival put in it)",
     ),
+]
+AnswerTimeout = Annotated[
+    float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
 ]
 Json = Annotated[bool, typer.Option("--json", help="print each answer as one JSON object per line")]
 Every = Annotated[
@@ -389,22 +399,14 @@ def demo(
     ] = 15.0,
     broker: Annotated[
         str | None,
-        typer.Option(
-            "--broker",
-            help="use this broker instead of the embedded one",
-            metavar="URL",
-            parser=_checked(check_broker_url),
-            show_default="embedded",
+        _url_option(
+            "--broker", check_broker_url, "use this broker instead of the embedded one", "embedded"
         ),
     ] = None,
     redis: Annotated[
         str | None,
-        typer.Option(
-            "--redis",
-            help="persist to this Redis instead of memory",
-            metavar="URL",
-            parser=_checked(check_redis_url),
-            show_default="in memory",
+        _url_option(
+            "--redis", check_redis_url, "persist to this Redis instead of memory", "in memory"
         ),
     ] = None,
     cold_start: ColdStart = False,
@@ -777,21 +779,16 @@ def dispatch_cmd(
             + ("" if p.score is None else f" | score {p.score:.3f}")
         )
 
-    try:
-        result = _run(
-            operator.dispatch(
-                settings,
-                req,
-                wait=wait,
-                timeout_s=timeout,
-                on_result=on_result,
-                on_progress=on_progress,
-            )
+    result = _run(
+        operator.dispatch(
+            settings,
+            req,
+            wait=wait,
+            timeout_s=timeout,
+            on_result=on_result,
+            on_progress=on_progress,
         )
-    except TimeoutError:
-        _fail(
-            f"no answer for {req.request_id} within {timeout:.0f} s; is the aggregator running?", 1
-        )
+    )
     if result is not None and result.status == "rejected":
         raise typer.Exit(1)
 
@@ -810,9 +807,7 @@ def _result_line(r: DispatchResult) -> str:
 @app.command("cancel")
 def cancel_cmd(
     request_id: Annotated[str, typer.Argument(help="the request to cancel")],
-    timeout: Annotated[
-        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
-    ] = 15.0,
+    timeout: AnswerTimeout = 15.0,
     as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
@@ -823,19 +818,28 @@ def cancel_cmd(
 
     settings = _settings(broker_url=broker, topic_prefix=topic_prefix)
     answer = _run(operator.cancel(settings, request_id, timeout_s=timeout))
+    _print_answer(answer, as_json, _cancel_line)
+
+
+def _cancel_line(r: DispatchResult) -> str:
+    line = f"{r.request_id} {r.status}"
+    if r.delivered_kwh is not None:
+        line += (
+            f": delivered {r.delivered_kwh:+.2f} kWh of {r.requested_kwh or 0:+.2f} kWh requested"
+        )
+    if r.reason:
+        line += f" ({r.reason})"
+    return line
+
+
+def _print_answer(
+    answer: DispatchResult | None, as_json: bool, line: Callable[[DispatchResult], str]
+) -> None:
+    """Print the aggregator's answer to a cancel or an amendment, as one JSON object or
+    ``line``; exit 1 when it was refused (or the wait was interrupted)."""
     if answer is None:  # interrupted
         raise typer.Exit(1)
-    if as_json:
-        typer.echo(answer.model_dump_json(exclude_none=True))
-        if answer.status == "rejected":
-            raise typer.Exit(1)
-        return
-    line = f"{answer.request_id} {answer.status}"
-    if answer.delivered_kwh is not None:
-        line += f": delivered {answer.delivered_kwh:+.2f} kWh of {answer.requested_kwh or 0:+.2f} kWh requested"
-    if answer.reason:
-        line += f" ({answer.reason})"
-    typer.echo(line)
+    typer.echo(answer.model_dump_json(exclude_none=True) if as_json else line(answer))
     if answer.status == "rejected":
         raise typer.Exit(1)
 
@@ -860,9 +864,7 @@ def amend(
             show_default="unchanged",
         ),
     ] = None,
-    timeout: Annotated[
-        float, typer.Option(min=0.1, help="wait this many wall seconds for the answer")
-    ] = 15.0,
+    timeout: AnswerTimeout = 15.0,
     as_json: Json = False,
     broker: Broker = None,
     topic_prefix: Prefix = None,
@@ -881,11 +883,7 @@ def amend(
         duration_s=None if duration is None else parse_duration(duration, "--duration"),
     )
     answer = _run(operator.amend(settings, request_id, change, timeout_s=timeout))
-    if answer is None:  # interrupted
-        raise typer.Exit(1)
-    typer.echo(answer.model_dump_json(exclude_none=True) if as_json else _result_line(answer))
-    if answer.status == "rejected":
-        raise typer.Exit(1)
+    _print_answer(answer, as_json, _result_line)
 
 
 @app.command(
@@ -1095,16 +1093,14 @@ def reset(
     """Remove a deployment's retained topics (PREFIX/...) and its Redis keys (REDIS_PREFIX:...),
     after a confirmation; prints what it removed. Stop the deployment's processes first:
     a running aggregator publishes its retained status again at its next step."""
-    import sys
-
     from v2g import reset as rs
 
     settings = _settings(
         broker_url=broker, redis_url=redis, topic_prefix=topic_prefix, redis_prefix=redis_prefix
     )
     where = (
-        f"topics {settings.topic_prefix}/# on {settings.deployment()['broker']} and Redis keys"
-        f" {settings.redis_prefix}:* on {settings.deployment()['redis']}"
+        f"topics {settings.topic_prefix}/# on {without_password(settings.broker_url)} and Redis"
+        f" keys {settings.redis_prefix}:* on {without_password(settings.redis_url)}"
     )
     found = _run(rs.find(settings))
     if not found:
@@ -1160,12 +1156,11 @@ def provision(
     ] = False,
     broker: Annotated[
         str | None,
-        typer.Option(
+        _url_option(
             "--broker",
-            help="URL printed for clients",
-            metavar="URL",
-            parser=_checked(check_broker_url),
-            show_default="mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883",
+            check_broker_url,
+            "URL printed for clients",
+            "mqtts://127.0.0.1:8883 with --certs, else mqtt://127.0.0.1:1883",
         ),
     ] = None,
 ) -> None:

@@ -20,9 +20,6 @@ class _Stderr:
         sys.stderr.flush()
 
 
-_processors: list[structlog.typing.Processor] = []
-
-
 def configure(fmt: str = "kv", level: str = "info") -> None:
     """Set up structlog for the process; call once, first thing."""
     lvl = logging.getLevelNamesMapping().get(level.upper())
@@ -35,15 +32,14 @@ def configure(fmt: str = "kv", level: str = "info") -> None:
             key_order=["ts", "level", "event"], drop_missing=True
         )
     )
-    _processors[:] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-        structlog.processors.format_exc_info,
-        renderer,
-    ]
     structlog.configure(
-        processors=list(_processors),
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
@@ -60,10 +56,9 @@ def configure(fmt: str = "kv", level: str = "info") -> None:
 def lifecycle() -> structlog.typing.FilteringBoundLogger:
     """A logger for a process's start and stop lines, written whatever the log level (the
     demo runs at warning): why a process ended is always worth its one line."""
-    if not _processors:
+    if not structlog.is_configured():
         configure()
+    # The configured logger factory and processors; only the level filter is its own.
     return structlog.wrap_logger(  # type: ignore[no-any-return]
-        structlog.PrintLogger(file=_Stderr()),  # type: ignore[arg-type]
-        processors=list(_processors),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        None, wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
     )

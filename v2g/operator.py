@@ -41,6 +41,7 @@ class Event:
     topic: str
     payload: bytes
     correlation: bytes | None = None  # MQTT 5 correlation data, if the message had any
+    retain: bool = False  # the broker's retained copy, not live traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,9 @@ async def operator_link(
 
     def handler(m: aiomqtt.Message) -> None:
         payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
-        queue.put_nowait(Event(str(m.topic), bytes(payload), correlation_of(m.properties)))
+        queue.put_nowait(
+            Event(str(m.topic), bytes(payload), correlation_of(m.properties), bool(m.retain))
+        )
 
     link = MqttLink(
         settings=settings,
@@ -95,6 +98,17 @@ async def operator_link(
         yield link, queue
 
 
+@contextlib.asynccontextmanager
+async def _answer_within(timeout_s: float, no_answer: str) -> AsyncIterator[None]:
+    """Bound the wait for the aggregator's answer: past ``timeout_s``, TransportError
+    saying ``no_answer`` (one line for the command, as every other transport error)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise TransportError(no_answer) from None
+
+
 async def dispatch(
     settings: Settings,
     request: DispatchRequest,
@@ -105,6 +119,7 @@ async def dispatch(
     on_progress: Callable[[DispatchProgress], None] | None = None,
 ) -> DispatchResult:
     """Publish a request and return its answer; with ``wait``, follow it to its end.
+    No answer (with ``wait``: no end) within ``timeout_s`` raises TransportError.
 
     Over MQTT 5 the answer comes on a private response topic, matched by correlation
     data: an answer meant for someone else who used the same request id (a refusal of
@@ -120,7 +135,8 @@ async def dispatch(
         await link.publish(t.dispatch_requests, request.to_json(), qos=1, properties=props)
         answered = not v5  # on MQTT 3.1.1 the request's result topic is all there is
         seen: set[bytes] = set()  # an answer comes on both topics: take it once
-        async with asyncio.timeout(timeout_s):
+        no_answer = f"no answer for {rid} within {timeout_s:.0f} s; is the aggregator running?"
+        async with _answer_within(timeout_s, no_answer):
             while True:
                 ev = await queue.get()
                 # Match topics exactly: some brokers (amqtt) deliver beyond the filter.
@@ -156,24 +172,22 @@ async def ask(
         props = request_properties(asking.topic, asking.correlation) if v5 else None
         await link.publish(topic, payload, qos=1, properties=props)
         what = "cancel" if kind == "cancel" else "amendment"
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    ev = await queue.get()
-                    if not ev.payload:
-                        continue
-                    if v5 and asking.mine(ev):
-                        return answer_of(ev.payload, request_id)
-                    if not v5 and ev.topic == t.dispatch_result(request_id):
-                        answer = answer_of(ev.payload, request_id)
-                        if answer.answer_to == kind:
-                            return answer
-        except TimeoutError:
-            raise TransportError(
-                f"no answer to the {what} of {request_id} within {timeout_s:g} s; is the"
-                f" aggregator running on {settings.broker_url} with topic prefix"
-                f" {t.prefix!r}? The {what} may still be acted on when it comes back."
-            ) from None
+        no_answer = (
+            f"no answer to the {what} of {request_id} within {timeout_s:g} s; is the"
+            f" aggregator running on {settings.broker_url} with topic prefix"
+            f" {t.prefix!r}? The {what} may still be acted on when it comes back."
+        )
+        async with _answer_within(timeout_s, no_answer):
+            while True:
+                ev = await queue.get()
+                if not ev.payload:
+                    continue
+                if v5 and asking.mine(ev):
+                    return answer_of(ev.payload, request_id)
+                if not v5 and ev.topic == t.dispatch_result(request_id):
+                    answer = answer_of(ev.payload, request_id)
+                    if answer.answer_to == kind:
+                        return answer
 
 
 async def cancel(settings: Settings, request_id: str, *, timeout_s: float = 15.0) -> DispatchResult:

@@ -11,18 +11,15 @@ keys (``v2g`` does not touch ``v2g-demo:...``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from dataclasses import dataclass, field
 
-import aiomqtt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker.clientid import main_client_id
-from broker.link import MqttLink
 from broker.settings import Settings
 from core.errors import TransportError
+from v2g.operator import operator_link
 
 QUIET_S = 0.5  # the retained messages have all come once the broker is this quiet
 SCAN_COUNT = 1000
@@ -56,18 +53,9 @@ async def find(settings: Settings, *, timeout_s: float = 10.0) -> Found:
 async def remove(settings: Settings, found: Found, *, timeout_s: float = 10.0) -> None:
     """Clear ``found``'s retained topics and delete its keys."""
     if found.topics:
-        link = MqttLink(
-            settings=settings, client_id=main_client_id(settings, "cli", per_process=True)
-        )
-        task = asyncio.create_task(link.run(), name="reset-mqtt")
-        try:
-            await link.wait_connected(timeout_s)
+        async with operator_link(settings, [], connect_timeout=timeout_s) as (link, _):
             for topic in found.topics:
                 await link.publish(topic, b"", qos=1, retain=True)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
     if found.keys:
         r = _redis(settings, timeout_s)
         try:
@@ -85,43 +73,26 @@ async def _retained(settings: Settings, timeout_s: float) -> tuple[list[str], in
     head = settings.topic_prefix + "/"
     topics: set[str] = set()
     live = 0
-    got = asyncio.Event()
-
-    def on_message(m: aiomqtt.Message) -> None:
-        nonlocal live
-        topic = str(m.topic)
-        if not topic.startswith(head):  # some brokers deliver beyond the filter
-            return
-        if not m.retain:  # live traffic: does not hold up the end of the retained burst
-            live += 1
-            return
-        got.set()
-        if m.payload:
-            topics.add(topic)
-
-    link = MqttLink(
-        settings=settings,
-        client_id=main_client_id(settings, "cli", per_process=True),
-        handler=on_message,
-        subscriptions=[(f"{head}#", 1)],
-    )
-    task = asyncio.create_task(link.run(), name="reset-scan")
-    try:
-        await link.wait_connected(timeout_s)
+    subs = [(f"{head}#", 1)]
+    async with operator_link(settings, subs, connect_timeout=timeout_s) as (_, queue):
         # The broker sends the retained messages right after SUBACK: wait until they stop.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    got.clear()
-                    try:
-                        async with asyncio.timeout(QUIET_S):
-                            await got.wait()
-                    except TimeoutError:
-                        break
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        clock = asyncio.get_running_loop().time
+        end = clock() + timeout_s
+        quiet = clock() + QUIET_S
+        while True:
+            try:
+                async with asyncio.timeout_at(min(quiet, end)):
+                    ev = await queue.get()
+            except TimeoutError:
+                break
+            if not ev.topic.startswith(head):  # some brokers deliver beyond the filter
+                continue
+            if not ev.retain:  # live traffic: does not hold up the end of the retained burst
+                live += 1
+                continue
+            quiet = clock() + QUIET_S
+            if ev.payload:
+                topics.add(ev.topic)
     return sorted(topics), live
 
 

@@ -123,19 +123,9 @@ def fleet_view(fleet: SimFleet, now: float, held: Array, meter_kwh: float) -> Fl
     """The plugged-in vehicles as the dispatcher sees them, straight from the fleet's columns
     (rows are fleet indices; ``held`` is what each drew over the last step)."""
     rows = np.flatnonzero(fleet.plugged)
-    b = fleet.bat
-    bat = Batteries(
-        capacity_kwh=b.capacity_kwh[rows],
-        max_charge_kw=b.max_charge_kw[rows],
-        max_discharge_kw=b.max_discharge_kw[rows],
-        charge_efficiency=b.charge_efficiency[rows],
-        discharge_efficiency=b.discharge_efficiency[rows],
-        min_soc=b.min_soc[rows],
-        target_soc=b.target_soc[rows],
-    )
     return FleetView(
         rows=rows,
-        batteries=bat,
+        batteries=fleet.bat.take(rows),
         energy=fleet.energy[rows],
         departure=fleet.departure[rows],
         power=held[rows],

@@ -16,6 +16,7 @@ from agents.profiles import generate_fleet
 from aggregator import envelope as ev
 from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetView
+from bench.envelope import random_fleet
 from broker.models import DispatchRequest, Service
 from core.physics import Batteries, feasible_range
 from v2g.simcore import Simulation, fleet_view
@@ -113,24 +114,7 @@ def random_fleets(draw: st.DrawFn) -> tuple[Batteries, np.ndarray, np.ndarray, n
     900-s window: some leave inside it, some arrive, some stay with no departure."""
     n = draw(st.integers(20, 40))
     seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    cap = rng.uniform(30.0, 90.0, n)
-    bat = Batteries(
-        capacity_kwh=cap,
-        max_charge_kw=rng.choice([3.7, 7.4, 11.0, 22.0], n),
-        max_discharge_kw=rng.choice([0.0, 7.4, 11.0], n),
-        charge_efficiency=rng.uniform(0.88, 0.96, n),
-        discharge_efficiency=rng.uniform(0.88, 0.96, n),
-        min_soc=rng.uniform(0.1, 0.3, n),
-        target_soc=rng.uniform(0.6, 1.0, n),
-    )
-    energy = rng.uniform(0.1, 1.0, n) * cap
-    step = 900.0 / 12
-    departure = NOW + rng.integers(1, 36, n) * step
-    departure = np.where(rng.random(n) < 0.2, np.nan, departure)
-    arrival = np.where(rng.random(n) < 0.3, NOW + rng.integers(1, 12, n) * step, np.nan)
-    departure = np.where(~np.isnan(arrival) & (departure <= arrival), arrival + 5 * step, departure)
-    return bat, energy, departure, arrival
+    return random_fleet(np.random.default_rng(seed), n, NOW, 900.0, 12)
 
 
 # Derandomized so that CI sees the same 30 fleets every run. The bound is 1.5%, not the
@@ -219,9 +203,7 @@ def test_the_commitment_moves_only_when_the_fleet_changed_and_says_why() -> None
     gone = dataclasses.replace(
         view,
         rows=view.rows[keep],
-        batteries=Batteries(
-            *(getattr(view.batteries, f.name)[keep] for f in dataclasses.fields(Batteries))
-        ),
+        batteries=view.batteries.take(keep),
         energy=view.energy[keep],
         departure=view.departure[keep],
         power=view.power[keep],
