@@ -75,12 +75,12 @@ class SimFleet:
         self.setpoint_kw: Array = np.zeros(n)
         self.setpoint_until: Array = np.full(n, -np.inf)
         self.reachable: Array = self._reachable(start)
-        # Where each session started, for judging a driver who leaves early: a warm car's
-        # session began at its arrival, with its arrival energy.
+        # Where each session started, for judging a driver who leaves early: with its
+        # arrival energy, at the start (a warm car's: at its arrival).
         self.plug_t: Array = (
             np.where(self.plugged, self.arrival, start) if warm_start else np.full(n, start)
         )
-        self.plug_energy: Array = arrived.copy() if warm_start else self.energy.copy()
+        self.plug_energy: Array = arrived.copy()
         self.seq: NDArray[np.int64] = np.zeros(n, dtype=np.int64)
         self.departed = 0
         self.left_early = 0

@@ -17,6 +17,7 @@ import aiomqtt
 import structlog
 from pydantic import ValidationError
 
+from broker import clientid
 from broker.link import MqttLink
 from broker.models import ClockAnchor, from_epoch
 from broker.settings import Settings
@@ -65,9 +66,12 @@ class _Seen:
 
 @contextlib.asynccontextmanager
 async def shared_clock(
-    settings: Settings, *, client_id: str, create: bool = True
+    settings: Settings, *, client_id: str | None = None, create: bool = True
 ) -> AsyncIterator[SharedClock]:
     """Settle this process's clock on the fleet's anchor and log it.
+
+    The clock link has a connection of its own, ``client_id`` (default
+    ``{prefix}-clock-{host}-{pid}``, broker/clientid.py: never a main link's id).
 
     ``create``: this process starts (part of) a fleet, so with no anchor on the bus it
     creates one, and while the block runs it re-publishes the anchor it runs on every
@@ -76,6 +80,8 @@ async def shared_clock(
     """
     topic = settings.topics.clock
     seen = _Seen()
+    if client_id is None:
+        client_id = clientid.client_id(settings.topic_prefix, "clock", per_process=True)
 
     def handler(m: aiomqtt.Message) -> None:
         if str(m.topic) != topic:
@@ -95,61 +101,64 @@ async def shared_clock(
     link = MqttLink(
         settings=settings, client_id=client_id, handler=handler, subscriptions=[(topic, 1)]
     )
-    task = asyncio.create_task(link.run(), name="clock-mqtt")
-    keeper: asyncio.Task[None] | None = None
-    try:
-        waiter = asyncio.create_task(link.wait_connected(settings.publish_timeout_s))
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:  # the link died first (e.g. bad credentials): say why
-            waiter.cancel()
-            task.result()
-        await waiter
-        # A retained anchor arrives right after the subscription; none: wait it out.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(settings.clock_wait_s):
-                await seen.any.wait()
-        wall = time.time()
-        fleet = seen.anchor
-        if fleet is not None and is_stale(fleet, wall_now=wall, refresh_s=settings.clock_refresh_s):
-            log.info(
-                "clock_anchor_stale",
-                topic=topic,
-                anchor=fleet.anchor.describe(),
-                refreshed_at=fleet.refreshed_at.isoformat(),
-                note="no process has kept it fresh: its fleet has stopped; starting a new clock",
+    async with link.running(settings.publish_timeout_s, name="clock-mqtt"):
+        clock, settled, keeper = await _settle(link, seen, settings, client_id, create)
+        try:
+            yield SharedClock(
+                clock, settled, settings.model_copy(update={"speed": settled.anchor.speed})
             )
-            fleet = None
-        given = explicit(settings)
-        settled = settle(None if fleet is None else fleet.anchor, given, now=wall, create=create)
-        clock = settled.anchor.clock()
-        _log_clock(settled, clock, topic, fleet)
-        if settled.publish:
-            # The anchor keeps naming the process that created it.
-            set_by = fleet.set_by if fleet is not None and fleet.set_by else client_id
-            try:
-                await _publish(link, topic, settled.anchor, set_by)
-            except PublishRefused as err:  # e.g. a vehicle's login under the ACL
-                log.warning(
-                    "clock_anchor_not_published",
-                    topic=topic,
-                    error=str(err)[:200],
-                    note="this process runs on the clock but cannot share it; start the"
-                    " aggregator first so the others adopt its clock",
-                )
-            else:
-                keeper = asyncio.create_task(
-                    _keep(link, topic, settled.anchor, clock, seen, settings, set_by, given),
-                    name="clock-keeper",
-                )
-        yield SharedClock(
-            clock, settled, settings.model_copy(update={"speed": settled.anchor.speed})
-        )
-    finally:
-        for t in (keeper, task):
-            if t is not None:
-                t.cancel()
+        finally:
+            if keeper is not None:
+                keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError, V2GError):
-                    await t
+                    await keeper
+
+
+async def _settle(
+    link: MqttLink, seen: _Seen, settings: Settings, client_id: str, create: bool
+) -> tuple[SimClock, Settled, asyncio.Task[None] | None]:
+    """:func:`shared_clock`'s start, on a connected ``link``: the clock, how it was settled,
+    and the task that keeps the anchor fresh on the bus (None: this process does not)."""
+    topic = settings.topics.clock
+    # A retained anchor arrives right after the subscription; none: wait it out.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.clock_wait_s):
+            await seen.any.wait()
+    wall = time.time()
+    fleet = seen.anchor
+    if fleet is not None and is_stale(fleet, wall_now=wall, refresh_s=settings.clock_refresh_s):
+        log.info(
+            "clock_anchor_stale",
+            topic=topic,
+            anchor=fleet.anchor.describe(),
+            refreshed_at=fleet.refreshed_at.isoformat(),
+            note="no process has kept it fresh: its fleet has stopped; starting a new clock",
+        )
+        fleet = None
+    given = explicit(settings)
+    settled = settle(None if fleet is None else fleet.anchor, given, now=wall, create=create)
+    clock = settled.anchor.clock()
+    _log_clock(settled, clock, topic, fleet)
+    keeper = None
+    if settled.publish:
+        # The anchor keeps naming the process that created it.
+        set_by = fleet.set_by if fleet is not None and fleet.set_by else client_id
+        try:
+            await _publish(link, topic, settled.anchor, set_by)
+        except PublishRefused as err:  # e.g. a vehicle's login under the ACL
+            log.warning(
+                "clock_anchor_not_published",
+                topic=topic,
+                error=str(err)[:200],
+                note="this process runs on the clock but cannot share it; start the"
+                " aggregator first so the others adopt its clock",
+            )
+        else:
+            keeper = asyncio.create_task(
+                _keep(link, topic, settled.anchor, clock, seen, settings, set_by, given),
+                name="clock-keeper",
+            )
+    return clock, settled, keeper
 
 
 def _log_clock(settled: Settled, clock: SimClock, topic: str, fleet: ClockAnchor | None) -> None:

@@ -80,12 +80,8 @@ class TelemetryArrays:
 
     @classmethod
     def from_telemetry(cls, batch: Sequence[Telemetry | TelemetryRow]) -> TelemetryArrays:
-        """Columns of validated one-vehicle reports: rows as decoded, models, or both."""
-        rows = [t for t in batch if isinstance(t, tuple)]
-        if len(rows) == len(batch):
-            return cls.from_rows(rows)
-        if not rows:
-            return cls.from_models([t for t in batch if isinstance(t, Telemetry)])
+        """Columns of validated one-vehicle reports: rows as decoded, models (made rows by
+        :meth:`TelemetryRow.of`), or both."""
         return cls.from_rows([t if isinstance(t, tuple) else TelemetryRow.of(t) for t in batch])
 
     @classmethod
@@ -97,36 +93,6 @@ class TelemetryArrays:
             ts=np.array(batch.ts, dtype=np.float64),
             plugged_in=np.array(batch.plugged_in, dtype=np.bool_),
             values={name: np.array(getattr(batch, name), dtype=np.float64) for name in _FLOATS},
-        )
-
-    @classmethod
-    def from_models(cls, batch: Sequence[Telemetry]) -> TelemetryArrays:
-        """Columns of validated models (one pass over the objects)."""
-        table = np.array(
-            [
-                (
-                    t.ts.timestamp(),
-                    t.soc,
-                    t.capacity_kwh,
-                    t.power_kw,
-                    t.max_charge_kw,
-                    t.max_discharge_kw,
-                    t.charge_efficiency,
-                    t.discharge_efficiency,
-                    t.min_soc,
-                    t.target_soc,
-                    np.nan if t.departure is None else t.departure.timestamp(),
-                )
-                for t in batch
-            ],
-            dtype=np.float64,
-        ).reshape(len(batch), 1 + len(_FLOATS))
-        return cls(
-            vehicle_id=[t.vehicle_id for t in batch],
-            seq=np.fromiter((t.seq for t in batch), np.int64, len(batch)),
-            ts=table[:, 0].copy(),
-            plugged_in=np.fromiter((t.plugged_in for t in batch), np.bool_, len(batch)),
-            values={name: table[:, j].copy() for j, name in enumerate(_FLOATS, start=1)},
         )
 
     @classmethod

@@ -8,8 +8,8 @@ socket buffer and calls a synchronous handler with ``(topic, payload)``; no per-
 allocation beyond the two strings it hands over.
 
 It only subscribes and receives (QoS 0; a QoS 1 delivery is acknowledged), keeps the
-connection alive with PINGREQ, and reconnects with the same capped, jittered backoff as
-:class:`broker.link.MqttLink`, re-subscribing on every connect. Publishing, wills and
+connection alive with PINGREQ, and reconnects through :func:`broker.link.supervise`, the
+loop :class:`broker.link.MqttLink` runs too, re-subscribing on every connect. Publishing, wills and
 QoS 1 stay with ``MqttLink``.
 """
 
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, cast
 
@@ -34,7 +33,7 @@ from broker.framing import (
     decode_length,
     subscribe_packet,
 )
-from broker.link import LinkStats, TakeoverWatch, backoff_delays, log_takeover, wait_connected
+from broker.link import LinkStats, supervise, tls_context, wait_connected
 from broker.settings import MqttTarget, Settings
 from core.errors import AuthenticationError, TransportError
 
@@ -65,16 +64,11 @@ async def open_session(
     """Connect (TLS if the target says so), send CONNECT and wait for a CONNACK that
     accepts it. Raises AuthenticationError on a refused login, TransportError otherwise;
     the transport is closed on any failure."""
-    context = None
-    if target.tls:
-        context = ssl.create_default_context(cafile=settings.tls_ca_file)
-        if settings.tls_cert_file:
-            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     loop = asyncio.get_running_loop()
     timeout = settings.publish_timeout_s
     async with asyncio.timeout(timeout):
         transport, proto = await loop.create_connection(
-            factory, target.host, target.port, ssl=context
+            factory, target.host, target.port, ssl=tls_context(settings, target)
         )
     try:
         transport.write(
@@ -106,63 +100,6 @@ async def keep_alive(transport: asyncio.Transport, proto: Session, keepalive_s: 
         if time.monotonic() - proto.last_rx > 1.5 * keepalive_s:
             raise TransportError("no PINGRESP from the broker: the connection is dead")
         transport.write(PINGREQ)
-
-
-class _Counted(Protocol):
-    disconnects: int
-    connected_at: float
-    taken_over: int
-    taken_over_at: float
-    last_disconnect: str
-
-
-async def supervise(
-    session: Callable[[], Awaitable[None]],
-    *,
-    settings: Settings,
-    stats: _Counted,
-    connected: asyncio.Event,
-    event: str,
-    client_id: str,
-    lg: structlog.typing.FilteringBoundLogger,
-) -> None:
-    """Run ``session`` again and again until cancelled, as MqttLink runs its client: a
-    capped, jittered backoff between tries, started over after a try that connected.
-    AuthenticationError ends it; anything else is logged as ``event`` and retried."""
-    delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
-    takeover = TakeoverWatch()
-    while True:
-        tried = time.monotonic()
-        takeover.attempt()
-        try:
-            await session()
-            raise TransportError("the broker closed the connection")
-        except AuthenticationError:
-            raise
-        except (OSError, TransportError, TimeoutError) as err:
-            up = stats.connected_at >= tried
-            if up:  # the next try comes soon
-                delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
-            stats.disconnects += 1
-            delay = next(delays)
-            evidence = takeover.dropped(up=up, now=time.monotonic())
-            if evidence is not None:
-                delay = log_takeover(
-                    lg,
-                    stats,
-                    client_id=client_id,
-                    evidence=evidence,
-                    delay=delay,
-                    max_delay=settings.reconnect_max_s,
-                )
-            else:
-                stats.last_disconnect = str(err)[:200]
-                lg.warning(
-                    event, client_id=client_id, error=str(err)[:200], retry_in_s=round(delay, 2)
-                )
-            await asyncio.sleep(delay)
-        finally:
-            connected.clear()
 
 
 def close_session(transport: asyncio.BaseTransport) -> None:

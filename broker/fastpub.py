@@ -13,8 +13,8 @@ straight out of the socket buffer, and reports per message whether the broker to
   nothing, while disconnected; a connection lost mid-burst (or a timeout) returns the
   messages acknowledged so far (:class:`Delivery`): the caller re-sends the others later.
   Nothing is retransmitted on reconnect (clean session): setpoints are decided afresh.
-- It reconnects with the same capped, jittered backoff as :class:`broker.link.MqttLink`,
-  keeps the connection alive with PINGREQ, honours TLS and credentials from the settings,
+- It reconnects through :func:`broker.link.supervise`, as :class:`broker.link.MqttLink`
+  does, keeps the connection alive with PINGREQ, honours TLS and credentials from the settings,
   and stops loudly (AuthenticationError) on bad credentials.
 - MQTT 3.1.1, not 5: Mosquitto grants an MQTT 5 client a Receive Maximum of 20 in-flight
   messages, which would cap a burst at the round-trip rate. The price: a publish the
@@ -35,9 +35,9 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from broker.fastlink import close_session, keep_alive, open_session, supervise
+from broker.fastlink import close_session, keep_alive, open_session
 from broker.framing import BAD_LENGTH, MAX_FRAME_BYTES, decode_length, encode_length
-from broker.link import Outgoing, wait_connected
+from broker.link import Outgoing, supervise, wait_connected
 from broker.settings import MqttTarget, Settings
 from core.errors import TransportError
 

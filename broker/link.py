@@ -21,7 +21,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -110,6 +110,17 @@ async def wait_connected(
         ) from None
 
 
+def tls_context(settings: Settings, target: MqttTarget) -> ssl.SSLContext | None:
+    """The TLS context of a connection to ``target``, None for plain TCP: the CA file and
+    the client certificate of the settings (every client here, general or lean)."""
+    if not target.tls:
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca_file)
+    if settings.tls_cert_file:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
+
+
 def _rc_value(err: aiomqtt.MqttError) -> int | None:
     rc = getattr(err, "rc", None)
     value = rc.value if isinstance(rc, ReasonCode) else rc
@@ -143,7 +154,7 @@ class TakeoverWatch:
     connection, so the sign is the tug of war: a connection dropped, taken back at the
     first try, and dropped again within ``TAKEOVER_WINDOW_S``. A broker that restarts
     refuses the first tries; a broker that is there and keeps closing us is, most likely,
-    another client with our id. Used by every reconnect loop (MqttLink, the lean links).
+    another client with our id. Used by :func:`supervise`, the one reconnect loop.
     """
 
     tries: int = 0  # connect attempts since the last drop of a connection that was up
@@ -173,37 +184,72 @@ class TakeoverWatch:
         return None
 
 
-class TakeoverStats(Protocol):
+class SupervisedStats(Protocol):
+    """The counters :func:`supervise` keeps (LinkStats, the lean links' stats)."""
+
+    disconnects: int
+    connected_at: float
     taken_over: int
     taken_over_at: float
     last_disconnect: str
 
 
-def log_takeover(
-    lg: structlog.typing.FilteringBoundLogger,
-    stats: TakeoverStats,
+async def supervise(
+    session: Callable[[], Awaitable[None]],
     *,
+    settings: Settings,
+    stats: SupervisedStats,
+    connected: asyncio.Event,
+    event: str,
     client_id: str,
-    evidence: str,
-    delay: float,
-    max_delay: float,
-) -> float:
-    """Count and log a session taken over; returns how long to wait before trying again:
-    the longest backoff, since trying at once only goes on with the tug of war."""
-    now = time.monotonic()
-    stats.taken_over += 1
-    stats.taken_over_at = now
-    stats.last_disconnect = "session_taken_over"
-    delay = max(delay, max_delay)
-    lg.error(
-        "mqtt_session_taken_over",
-        client_id=client_id,
-        hint=TAKEN_OVER_HINT,
-        evidence=evidence,
-        taken_over=stats.taken_over,
-        retry_in_s=round(delay, 2),
-    )
-    return delay
+    lg: structlog.typing.FilteringBoundLogger,
+    retry_on: tuple[type[Exception], ...] = (OSError, TransportError, TimeoutError),
+) -> None:
+    """The one reconnect loop (MqttLink, the lean links): run ``session`` again and again
+    until cancelled, a capped, jittered backoff between tries, started over after a try
+    that connected (``stats.connected_at`` set during it). AuthenticationError ends it;
+    ``retry_on`` errors are logged as ``event`` and retried, a session taken over by
+    another client with our id (:class:`TakeoverWatch`) as ``mqtt_session_taken_over``,
+    after the longest backoff, since trying at once only goes on with the tug of war."""
+    delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
+    takeover = TakeoverWatch()
+    while True:
+        tried = time.monotonic()
+        takeover.attempt()
+        try:
+            await session()
+            raise TransportError("the broker closed the connection")
+        except AuthenticationError:
+            raise
+        except retry_on as err:
+            up = stats.connected_at >= tried
+            if up:  # the next try comes soon
+                delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
+            stats.disconnects += 1
+            delay = next(delays)
+            now = time.monotonic()
+            evidence = takeover.dropped(up=up, now=now, reason_code_says=is_session_taken_over(err))
+            if evidence is not None:
+                stats.taken_over += 1
+                stats.taken_over_at = now
+                stats.last_disconnect = "session_taken_over"
+                delay = max(delay, settings.reconnect_max_s)
+                lg.error(
+                    "mqtt_session_taken_over",
+                    client_id=client_id,
+                    hint=TAKEN_OVER_HINT,
+                    evidence=evidence,
+                    taken_over=stats.taken_over,
+                    retry_in_s=round(delay, 2),
+                )
+            else:
+                stats.last_disconnect = str(err)[:200]
+                lg.warning(
+                    event, client_id=client_id, error=str(err)[:200], retry_in_s=round(delay, 2)
+                )
+            await asyncio.sleep(delay)
+        finally:
+            connected.clear()
 
 
 def _is_version_refusal(err: aiomqtt.MqttError) -> bool:
@@ -244,12 +290,26 @@ class MqttLink:
         """Wait until the link is up, or raise TransportError after ``timeout`` seconds."""
         await wait_connected(self._connected, timeout, self.settings.broker_url)
 
+    @contextlib.asynccontextmanager
+    async def running(self, timeout: float, *, name: str) -> AsyncIterator[None]:
+        """Run the link in a task called ``name`` for the life of the block, entered once it
+        is connected: TransportError after ``timeout``, or at once whatever ended ``run()``
+        first (AuthenticationError on bad credentials). The link stops when the block ends."""
+        task = asyncio.create_task(self.run(), name=name)
+        try:
+            waiter = asyncio.create_task(self.wait_connected(timeout))
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:  # the link died first: say why
+                waiter.cancel()
+                task.result()
+            await waiter
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await task
+
     def _make_client(self, target: MqttTarget) -> aiomqtt.Client:
-        tls_context = None
-        if target.tls:
-            tls_context = ssl.create_default_context(cafile=self.settings.tls_ca_file)
-            if self.settings.tls_cert_file:
-                tls_context.load_cert_chain(self.settings.tls_cert_file, self.settings.tls_key_file)
         delay = self.settings.will_delay_s if self._v5 else 0
         will = None
         if self.will is not None:
@@ -279,7 +339,7 @@ class MqttLink:
             will=will,
             keepalive=self.settings.keepalive_s,
             timeout=self.settings.publish_timeout_s,
-            tls_context=tls_context,
+            tls_context=tls_context(self.settings, target),
             logger=logging.getLogger(f"aiomqtt.{self.client_id}"),
             max_queued_outgoing_messages=100_000,
             # paho's default of 20 unacknowledged QoS 1 messages caps a burst of setpoints
@@ -314,11 +374,23 @@ class MqttLink:
         """Stay connected until cancelled. Raises AuthenticationError on bad credentials."""
         lg = self.logger or log
         target = self.settings.mqtt_target()
-        delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-        takeover = TakeoverWatch()
+        await supervise(
+            lambda: self._session(target, lg),
+            settings=self.settings,
+            stats=self.stats,
+            connected=self._connected,
+            event="mqtt_disconnected",
+            client_id=self.client_id,
+            lg=lg,
+            retry_on=(TransportError,),
+        )
+
+    async def _session(self, target: MqttTarget, lg: structlog.typing.FilteringBoundLogger) -> None:
+        """One connection, from connect to drop: subscribe, publish the birth messages, hand
+        each message to the handler. Raises TransportError when it drops (from aiomqtt's
+        error), AuthenticationError on bad credentials; a broker that refuses MQTT 5 before
+        the first connect (``mqtt_protocol`` auto) is tried again at once with 3.1.1."""
         while True:
-            takeover.attempt()
-            up = False
             try:
                 async with self._make_client(target) as client:
                     self._client = client
@@ -328,18 +400,13 @@ class MqttLink:
                         await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                     self.stats.connects += 1
                     self.stats.connected_at = time.monotonic()
-                    up = True
                     self._connected.set()
-                    delays = backoff_delays(
-                        self.settings.reconnect_min_s, self.settings.reconnect_max_s
-                    )
                     if self.stats.connects > 1:
                         lg.info("mqtt_reconnected", client_id=self.client_id)
                     async for message in client.messages:
                         self._dispatch(message, lg)
+                return
             except aiomqtt.MqttError as err:
-                self._connected.clear()
-                self._client = None
                 auto = self.settings.mqtt_protocol == "auto"
                 if auto and self._v5 and self.stats.connects == 0 and _is_version_refusal(err):
                     self._v5 = False
@@ -356,29 +423,7 @@ class MqttLink:
                         f"broker {target.host}:{target.port} refused client {self.client_id!r}:"
                         f" {err}; check the username and password (V2G_USERNAME/V2G_PASSWORD)"
                     ) from err
-                self.stats.disconnects += 1
-                delay = next(delays)
-                evidence = takeover.dropped(
-                    up=up, now=time.monotonic(), reason_code_says=is_session_taken_over(err)
-                )
-                if evidence is not None:
-                    delay = log_takeover(
-                        lg,
-                        self.stats,
-                        client_id=self.client_id,
-                        evidence=evidence,
-                        delay=delay,
-                        max_delay=self.settings.reconnect_max_s,
-                    )
-                else:
-                    self.stats.last_disconnect = str(err)[:200]
-                    lg.warning(
-                        "mqtt_disconnected",
-                        client_id=self.client_id,
-                        error=str(err),
-                        retry_in_s=round(delay, 2),
-                    )
-                await asyncio.sleep(delay)
+                raise TransportError(str(err)) from err
             finally:
                 self._connected.clear()
                 self._client = None

@@ -168,11 +168,8 @@ class MqttTarget:
 
     @classmethod
     def parse(cls, url: str, settings: Settings | None = None) -> MqttTarget:
-        parts = urlsplit(url)
-        if parts.scheme not in _BROKER_SCHEMES:
-            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ValueError(f"broker URL {url!r} has no host; e.g. mqtt://127.0.0.1:1883")
+        parts = urlsplit(check_broker_url(url))
+        assert parts.hostname is not None  # check_broker_url: it names a host
         tls = parts.scheme in ("mqtts", "ssl")
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None

@@ -25,7 +25,6 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from broker.clientid import client_id as derive_client_id
 from broker.clocklink import SharedClock, shared_clock
 from broker.models import (
     DispatchProgress,
@@ -289,20 +288,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     raise typer.Exit(code)
 
 
-def _shared_clock(
-    settings: Settings, *, create: bool = True
-) -> contextlib.AbstractAsyncContextManager[SharedClock]:
-    """The platform clock, settled on the fleet's anchor on ``{prefix}/clock`` (broker/
-    clocklink.py), logged, and kept fresh on the bus while the block runs. Its link has
-    its own client id, ``{prefix}-clock-{host}-{pid}`` (broker/clientid.py), never the
-    id of the process's main link."""
-    client_id = derive_client_id(settings.topic_prefix, "clock", per_process=True)
-    return shared_clock(settings, client_id=client_id, create=create)
-
-
 async def _read_clock(settings: Settings) -> SharedClock:
     """The fleet's platform clock, read once (a command that publishes no anchor)."""
-    async with _shared_clock(settings, create=False) as shared:
+    async with shared_clock(settings, create=False) as shared:
         return shared
 
 
@@ -565,7 +553,7 @@ def aggregator(
     # per process in a share group, or --client-id / V2G_CLIENT_ID.
 
     async def main() -> None:
-        async with _shared_clock(settings) as shared:
+        async with shared_clock(settings) as shared:
             service = AggregatorService(
                 settings=shared.settings,
                 clock=shared.clock,
@@ -652,7 +640,7 @@ def agents(
     )
 
     async def main() -> None:
-        async with _shared_clock(settings) as shared:
+        async with shared_clock(settings) as shared:
             fleet = SimFleet(
                 generate_fleet(count, seed, id_prefix=id_prefix),
                 shared.clock.now(),

@@ -94,19 +94,8 @@ async def operator_link(
         handler=handler,
         subscriptions=subscriptions,
     )
-    task = asyncio.create_task(link.run(), name="operator-mqtt")
-    try:
-        waiter = asyncio.create_task(link.wait_connected(connect_timeout))
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:  # the link died first (e.g. bad credentials): surface why
-            waiter.cancel()
-            task.result()
-        await waiter
+    async with link.running(connect_timeout, name="operator-mqtt"):
         yield link, queue
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TransportError):
-            await task
 
 
 @contextlib.asynccontextmanager

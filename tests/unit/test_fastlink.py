@@ -12,7 +12,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import fastlink
+from broker import link
 from broker.fastlink import _Protocol
 from broker.framing import connect_packet, frame, subscribe_packet, utf8
 from broker.link import LinkStats
@@ -132,7 +132,7 @@ async def test_the_supervisor_backs_off_while_down_and_starts_over_after_a_conne
             drawn.append(k)
             yield 1e-4
 
-    monkeypatch.setattr(fastlink, "backoff_delays", backoff)
+    monkeypatch.setattr(link, "backoff_delays", backoff)
     stats, connected = LinkStats(), asyncio.Event()
     tries = 0
 
@@ -147,7 +147,7 @@ async def test_the_supervisor_backs_off_while_down_and_starts_over_after_a_conne
         raise TransportError("refused")
 
     with pytest.raises(asyncio.CancelledError):
-        await fastlink.supervise(
+        await link.supervise(
             session,
             settings=Settings(),
             stats=stats,
