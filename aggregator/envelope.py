@@ -226,6 +226,15 @@ def vehicle_units(
     np.maximum(x_min, 0.0, out=x_min)
     x_min /= eta_ch * h
     np.minimum(x_min, x_max, out=x_min)
+    # A car already under its floor charges flat out on its own (core.physics.protect),
+    # whatever it is asked: in the first step that is all it can be counted on for, as
+    # feasible_range says, or the envelope would promise power the fleet cannot give now.
+    under = np.flatnonzero(
+        (first == 0) & (energy < energy_floor(bat, departure, now) - ENERGY_TOL_KWH)
+    )
+    if under.size:
+        x_min[under, 0] = x_max[under, 0]
+        y_max[under, 0] = 0.0
     # The step a car leaves in part-way: its power would count for the whole step, but it
     # is there for only part of it, so it gets no say in it. A car that can be on its
     # departure floor by the step's start is held there and idles (it counts as gone);
