@@ -158,6 +158,7 @@ class FencedLedger:
             self._refuse(entries, term, str(err))
             if token == self.fence.term:
                 self.fence.fenced(err)
+            return  # nothing was written: the streams' expiry is not this writer's to set
         except LeaseUnavailable as err:  # kept by the writer and tried again
             raise TransportError(f"writing the ledger to Redis failed: {err}") from err
         # Written: a rejected request's stream expires as in the plain ledger. Best effort:

@@ -222,6 +222,13 @@ async def test_a_deposed_leaders_ledger_entries_are_refused_and_dropped_not_retr
         assert new_ledger.refused == 1
         assert new_scale.lease.token == new_token and new_scale.stats.fenced == 0
         assert await redis.xlen(key) == 2
+        # A refused rejection of an older term sets no expiry on a stream it did not write:
+        # the current leader's one-answer stream of r2 stays.
+        accepted = {"kind": "answer", "status": "accepted", "ts": "4", "term": str(new_token)}
+        await new.ledger.append([("r2", accepted)])
+        refusal = {"kind": "answer", "status": "rejected", "ts": "5", "term": str(old_token)}
+        await new.ledger.append([("r2", refusal)])
+        assert await redis.ttl(f"{cfg.redis_prefix}:ledger:r2") == -1
     finally:
         await old_scale.close(release=False)
         await new_scale.close()
