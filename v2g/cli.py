@@ -1089,10 +1089,12 @@ def reset(
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
     broker: Broker = None,
     redis: Redis = None,
+    as_json: Json = False,
 ) -> None:
     """Remove a deployment's retained topics (PREFIX/...) and its Redis keys (REDIS_PREFIX:...),
-    after a confirmation; prints what it removed. Stop the deployment's processes first:
-    a running aggregator publishes its retained status again at its next step."""
+    after a confirmation; prints what it removed (with --json, one object at the end:
+    topics, keys, removed). Stop the deployment's processes first: a running aggregator
+    publishes its retained status again at its next step."""
     from v2g import reset as rs
 
     settings = _settings(
@@ -1103,13 +1105,21 @@ def reset(
         f" keys {settings.redis_prefix}:* on {without_password(settings.redis_url)}"
     )
     found = _run(rs.find(settings))
+
+    def answer(removed: bool) -> None:
+        typer.echo(json.dumps({"topics": found.topics, "keys": found.keys, "removed": removed}))
+
     if not found:
-        typer.echo(f"nothing to remove: no retained {where}")
+        if as_json:
+            answer(False)
+        else:
+            typer.echo(f"nothing to remove: no retained {where}")
         return
-    for topic in found.topics:
-        typer.echo(f"retained  {topic}")
-    for key in found.keys:
-        typer.echo(f"redis key {key}")
+    if not as_json:
+        for topic in found.topics:
+            typer.echo(f"retained  {topic}")
+        for key in found.keys:
+            typer.echo(f"redis key {key}")
     if found.live:
         typer.echo(
             f"warning: {found.live} live messages under {settings.topic_prefix}/ while looking:"
@@ -1123,7 +1133,10 @@ def reset(
         if not typer.confirm(f"remove these {what}?", default=False):
             _fail("nothing removed", 1)
     _run(rs.remove(settings, found))
-    typer.echo(f"removed {what} ({where})")
+    if as_json:
+        answer(True)
+    else:
+        typer.echo(f"removed {what} ({where})")
 
 
 @app.command()

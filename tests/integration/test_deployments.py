@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -292,6 +293,33 @@ async def test_reset_removes_one_deployments_retained_topics_and_keys_and_nothin
             assert not await reset.find(mine)  # nothing left to remove
         finally:
             await r.delete(*keys)
+
+
+async def test_reset_answers_in_json_what_it_removed(
+    settings: Settings, retained_cleanup: None
+) -> None:
+    mine = deployment(settings, "json")
+    async with aiomqtt.Client(HOST, MQTT_PORT, identifier=f"itest-{uuid.uuid4().hex}") as c:
+        await c.publish(mine.topics.fleet_status, b"{}", qos=1, retain=True)
+    async with redis_client(settings.redis_url) as r:
+        key = f"{mine.redis_prefix}:fleet"
+        await r.set(key, "1")
+        try:
+            cli = ["reset", "--topic-prefix", mine.topic_prefix, "--broker", mine.broker_url]
+            cli += ["--redis", mine.redis_url, "--yes", "--json"]
+            code, out = await v2g(*cli)
+            assert code == 0, out
+            answer = json.loads(out.strip().splitlines()[-1])
+            assert answer == {"topics": [mine.topics.fleet_status], "keys": [key], "removed": True}
+            code, out = await v2g(*cli)
+            assert code == 0, out
+            assert json.loads(out.strip().splitlines()[-1]) == {
+                "topics": [],
+                "keys": [],
+                "removed": False,
+            }
+        finally:
+            await r.delete(key)
 
 
 async def test_the_ledger_stream_of_a_rejected_request_expires_and_a_running_ones_does_not(
