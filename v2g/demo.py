@@ -17,14 +17,12 @@ from typing import TextIO
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.runtime import AgentRuntime, Mode
-from aggregator.ledger import Ledger, MemoryLedger, RedisLedger
 from aggregator.service import AggregatorService, StepReport
-from aggregator.store import MemoryStore, RedisStore, StateStore
 from broker.embedded import EmbeddedBroker
 from broker.models import DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings, without_password
 from core.clock import SimClock, day_anchor
-from v2g import operator
+from v2g import compose, operator
 
 DEMO_START_TOD_S = 19.5 * 3600  # 19:30 UTC: most cars are home and plugged in
 
@@ -59,14 +57,7 @@ async def run_demo(
         settings = settings.model_copy(
             update={"broker_url": broker.url, "mqtt_protocol": broker.PROTOCOL}
         )
-    store: StateStore = (
-        RedisStore(settings.redis_url, prefix=settings.redis_prefix) if use_redis else MemoryStore()
-    )
-    ledger: Ledger = (
-        RedisLedger(settings.redis_url, prefix=settings.redis_prefix)
-        if use_redis
-        else MemoryLedger()
-    )
+    persisted = compose.persistence(settings, memory=not use_redis)
     clock = SimClock(speed=settings.speed, sim_anchor=day_anchor() + DEMO_START_TOD_S)
     fleet = SimFleet(
         generate_fleet(count, seed),
@@ -78,7 +69,7 @@ async def run_demo(
     # (broker/clientid.py); a V2G_CLIENT_ID meant for one connection would collide here.
     settings = settings.model_copy(update={"client_id": None})
     agents = AgentRuntime(settings=settings, clock=clock, fleet=fleet, mode=mode)
-    aggregator = AggregatorService(settings=settings, clock=clock, store=store, ledger=ledger)
+    aggregator = compose.aggregator_service(settings, clock, persisted)
     print(
         f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g} from"
         f" {from_epoch(clock.sim_anchor):%Y-%m-%d %H:%M}Z simulated, broker"
@@ -101,8 +92,7 @@ async def run_demo(
                 for t in (t_print, t_agg, t_agents):
                     t.cancel()
     finally:
-        await store.close()
-        await ledger.close()
+        await persisted.close()
         if broker is not None:
             await broker.stop()
     _summary(outcomes, fleet, time.monotonic() - wall0, out)

@@ -12,7 +12,8 @@ import typer.core
 import typer.main
 from typer.testing import CliRunner
 
-from v2g.cli import app, every, parse_duration, parse_start
+from v2g.cli import app
+from v2g.commands.options import every, parse_duration, parse_start
 
 runner = CliRunner()
 
@@ -253,7 +254,7 @@ def test_a_service_logs_why_it_stopped_signal_error_or_end(
     import signal
 
     from core.errors import TransportError
-    from v2g.cli import _run
+    from v2g.commands.running import run as _run
 
     async def ends() -> int:
         return 7

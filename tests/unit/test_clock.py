@@ -16,7 +16,7 @@ from broker.models import ClockAnchor, DispatchRequest, from_epoch, to_epoch
 from broker.settings import Settings
 from core.clock import Anchor, Given, SimClock, prefer, reconcile, settle
 from tests.support.memory_loop import STEP, T0, fleet_and_state
-from v2g.cli import parse_start
+from v2g.commands.options import parse_start
 
 WALL = 1_796_292_000.0  # 2026-12-03 10:00 UTC, a wall time for the pure rules
 

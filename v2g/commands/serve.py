@@ -1,0 +1,298 @@
+"""Commands that run the platform's processes: ``v2g demo``, ``broker``, ``aggregator``
+and ``agents``. Long-running; each stops cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Annotated
+
+import structlog
+import typer
+
+from broker.clocklink import shared_clock
+from broker.settings import check_broker_url, check_redis_url, without_password
+from v2g import logs
+from v2g.commands.options import (
+    Broker,
+    ClientId,
+    ColdStart,
+    LogFormat,
+    Prefix,
+    Redis,
+    RedisPrefix,
+    SimStart,
+    Speed,
+    setting_option,
+    settings_from,
+    url_option,
+)
+from v2g.commands.running import fail, run
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``, in the order ``v2g --help`` lists them."""
+    app.command()(demo)
+    app.command("broker")(broker_cmd)
+    app.command()(aggregator)
+    app.command()(agents)
+
+
+def demo(
+    count: Annotated[int, typer.Option(min=1, max=2000, help="vehicles in the fleet")] = 200,
+    seed: Annotated[int, typer.Option(help="fleet seed: the same seed, the same fleet")] = 1,
+    speed: Annotated[float, typer.Option(min=1.0, help="clock acceleration")] = 30.0,
+    minutes: Annotated[
+        float, typer.Option(min=1.0, help="simulated length of each request")
+    ] = 10.0,
+    mode: Annotated[
+        str, typer.Option(help="per-vehicle or multiplexed connections")
+    ] = "multiplexed",
+    interval: Annotated[
+        float, typer.Option(min=1.0, help="telemetry and control step, simulated s")
+    ] = 15.0,
+    broker: Annotated[
+        str | None,
+        url_option(
+            "--broker", check_broker_url, "use this broker instead of the embedded one", "embedded"
+        ),
+    ] = None,
+    redis: Annotated[
+        str | None,
+        url_option(
+            "--redis", check_redis_url, "persist to this Redis instead of memory", "in memory"
+        ),
+    ] = None,
+    cold_start: ColdStart = False,
+    topic_prefix: Annotated[
+        str | None,
+        setting_option(
+            "--topic-prefix",
+            "topic_prefix",
+            "topic prefix",
+            metavar="PREFIX",
+            default="v2g-demo-RANDOM",
+        ),
+    ] = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Run the whole loop on embedded defaults (no servers needed) and print a summary."""
+    from v2g.demo import run_demo
+
+    if mode not in ("per-vehicle", "multiplexed"):
+        raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
+    settings = settings_from(
+        broker_url=broker,
+        redis_url=redis,
+        topic_prefix=topic_prefix or f"v2g-demo-{uuid.uuid4().hex[:6]}",
+        speed=speed,
+        log_format=log_format,
+        log_level="warning",
+        status_every_wall_s=3600.0,
+        # The embedded broker moves ~2k msg/s: report and steer every 15 simulated s.
+        telemetry_interval_s=interval,
+        control_step_s=interval,
+    )
+    run(
+        run_demo(
+            settings,
+            count=count,
+            seed=seed,
+            request_minutes=minutes,
+            use_broker=broker is not None,
+            use_redis=redis is not None,
+            mode=mode,  # type: ignore[arg-type]
+            warm_start=not cold_start,
+        ),
+        process="demo",
+    )
+
+
+def broker_cmd(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+) -> None:
+    """Run the embedded development broker (amqtt). Use Mosquitto in production."""
+    from broker.embedded import EmbeddedBroker
+
+    logs.configure()
+    log = structlog.get_logger("broker")
+
+    async def serve() -> None:
+        async with EmbeddedBroker(host=host, port=port) as b:
+            log.info("broker_listening", url=b.url, note="development broker; Ctrl-C stops it")
+            await asyncio.Event().wait()
+
+    run(serve(), process="broker")
+
+
+def aggregator(
+    broker: Broker = None,
+    redis: Redis = None,
+    topic_prefix: Prefix = None,
+    redis_prefix: RedisPrefix = None,
+    client_id: ClientId = None,
+    speed: Speed = None,
+    sim_start: SimStart = None,
+    memory: Annotated[
+        bool, typer.Option("--memory", help="keep state in memory, not Redis")
+    ] = False,
+    share_group: Annotated[
+        str | None,
+        setting_option(
+            "--share-group",
+            "share_group",
+            "run as one of several aggregators on an MQTT 5 shared subscription"
+            " ($share/GROUP/...), sharing state through Redis, one leading by a Redis lease",
+            metavar="GROUP",
+            default="none: one aggregator",
+        ),
+    ] = None,
+    lease_ttl: Annotated[
+        float | None,
+        setting_option("--lease-ttl", "lease_ttl_s", "leader lease, wall seconds", metavar="S"),
+    ] = None,
+    fast_ingest: Annotated[
+        bool,
+        typer.Option(
+            "--fast-ingest/--no-fast-ingest",
+            help="receive telemetry on a second, lean MQTT connection (broker/fastlink.py):"
+            " ~10x the general client's ingest",
+        ),
+    ] = True,
+    fast_setpoints: Annotated[
+        bool,
+        typer.Option(
+            "--fast-setpoints/--no-fast-setpoints",
+            help="send setpoints on a second, lean publish-only MQTT connection"
+            " (broker/fastpub.py): ~20x the QoS 1 rate of the general client",
+        ),
+    ] = True,
+    log_format: LogFormat = None,
+) -> None:
+    """Run the aggregator: fleet state, capability, dispatch and fleet status."""
+    from v2g import compose
+
+    settings = settings_from(
+        broker_url=broker,
+        redis_url=redis,
+        topic_prefix=topic_prefix,
+        redis_prefix=redis_prefix,
+        client_id=client_id,
+        speed=speed,
+        sim_start=sim_start,
+        log_format=log_format,
+        share_group=share_group,
+        lease_ttl_s=lease_ttl,
+    )
+    if memory and settings.share_group:
+        fail("--share-group shares fleet state through Redis: drop --memory")
+    persisted = compose.persistence(settings, memory=memory)
+    # The client id comes from the settings (broker/clientid.py): {prefix}-aggregator,
+    # per process in a share group, or --client-id / V2G_CLIENT_ID.
+
+    async def main() -> None:
+        async with shared_clock(settings) as shared:
+            service = compose.aggregator_service(
+                shared.settings,
+                shared.clock,
+                persisted,
+                fast_ingest=fast_ingest,
+                fast_setpoints=fast_setpoints,
+            )
+            structlog.get_logger("aggregator").info(
+                "aggregator_starting",
+                broker=without_password(settings.broker_url),
+                store="memory" if memory else without_password(settings.redis_url),
+                prefix=settings.topic_prefix,
+                speed=shared.settings.speed,
+            )
+            await service.run()
+
+    run(main(), process="aggregator")
+
+
+def agents(
+    count: Annotated[int, typer.Option(min=1, help="vehicles to simulate")] = 50,
+    seed: Annotated[int, typer.Option(help="fleet seed")] = 1,
+    mode: Annotated[
+        str, typer.Option(help="per-vehicle (one connection each) or multiplexed")
+    ] = "per-vehicle",
+    connections: Annotated[int, typer.Option(min=1, help="connections in multiplexed mode")] = 4,
+    id_prefix: Annotated[str, typer.Option(help="vehicle ids are PREFIX-0000, ...")] = "ev",
+    misbehave: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "fault injection: shares of the fleet that misbehave, e.g."
+                " partial=0.2,lag=0.2,early=0.1,skew=0.05. partial: draw only 30-80% of"
+                " the setpoint; lag: ramp over 1-5 s; early: unplug 10 min-2 h before the"
+                " announced departure; skew: clock 30-300 s ahead or behind, or stopped."
+                " Seeded by --seed"
+            ),
+            show_default="none",
+        ),
+    ] = "",
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch",
+            help="with --mode multiplexed: each connection is a bridge that sends its"
+            " vehicles' telemetry as one batch per interval (v2g/bridges/ID/telemetry) and"
+            " takes their setpoints in batches",
+        ),
+    ] = False,
+    cold_start: ColdStart = False,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+    speed: Speed = None,
+    sim_start: SimStart = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Run N simulated vehicles that report telemetry and follow setpoints. A car plugged in
+    at the start holds what plain charging since its arrival put in it (--cold-start: its
+    arrival energy, as if it had just plugged in)."""
+    from agents.faults import Misbehaviour, parse_fractions
+    from agents.fleet import SimFleet
+    from agents.profiles import generate_fleet
+    from agents.runtime import AgentRuntime
+
+    if mode not in ("per-vehicle", "multiplexed"):
+        raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
+    if batch and mode != "multiplexed":
+        raise typer.BadParameter(
+            "batched telemetry needs --mode multiplexed (a bridge per connection)",
+            param_hint="--batch",
+        )
+    try:
+        faults = Misbehaviour.random(count, seed, **parse_fractions(misbehave))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--misbehave") from None
+    settings = settings_from(
+        broker_url=broker,
+        topic_prefix=topic_prefix,
+        speed=speed,
+        sim_start=sim_start,
+        log_format=log_format,
+    )
+
+    async def main() -> None:
+        async with shared_clock(settings) as shared:
+            fleet = SimFleet(
+                generate_fleet(count, seed, id_prefix=id_prefix),
+                shared.clock.now(),
+                step_s=settings.telemetry_interval_s,
+                faults=faults,
+                warm_start=not cold_start,
+            )
+            runtime = AgentRuntime(
+                settings=shared.settings,
+                clock=shared.clock,
+                fleet=fleet,
+                mode=mode,  # type: ignore[arg-type]
+                connections=connections,
+                batch=batch,
+            )
+            await runtime.run()
+
+    run(main(), process="agents")
