@@ -1,6 +1,6 @@
 """Broker credentials for a fleet: Mosquitto password file, credentials file, optional certs.
 
-``v2g provision --out DIR`` (v2g/cli.py) calls :func:`provision`. It
+``v2g provision --out DIR`` (v2g/commands/tools.py) calls :func:`provision`. It
 
 - adds every user to ``DIR/passwd`` with ``mosquitto_passwd -b`` (the file is created on
   first use, appended to afterwards); vehicles log in with their vehicle id as username,

@@ -1,7 +1,9 @@
 """The import contract of docs/ARCHITECTURE.md holds: layers import downward only
 (v2g ; aggregator | agents ; broker ; core), no package has an import cycle, scale-out
-sits below the service (scaleout, lease and fence never import it, even indirectly), and
-the test packages share only through tests/support and tests/conftest.py.
+sits below the service (scaleout, lease and fence never import it, even indirectly), the
+CLI's audience modules (v2g/commands/serve, operate, tools) never import each other and
+sit above its shared helpers, and the test packages share only through tests/support and
+tests/conftest.py.
 
 The contracts live in pyproject.toml ([tool.importlinter]); import-linter checks them on
 grimp's import graph, TYPE_CHECKING imports included.
@@ -49,7 +51,7 @@ def run_lint_imports(cwd: Path, *args: str, pythonpath: Path | None = None) -> t
 def test_the_tree_keeps_the_import_contract() -> None:
     code, output = run_lint_imports(ROOT)
     assert code == 0, f"lint-imports found a broken import contract:\n{output}"
-    assert "Contracts: 4 kept, 0 broken." in output, output
+    assert "Contracts: 6 kept, 0 broken." in output, output
 
 
 @pytest.mark.parametrize(
@@ -103,6 +105,33 @@ def test_the_contract_refuses_scale_out_importing_the_service(
         (tmp_path / "aggregator" / f"{name}.py").write_text("")
     (tmp_path / "aggregator" / "service.py").write_text("import aggregator.scaleout\n")
     (tmp_path / "aggregator" / f"{module}.py").write_text(source)
+
+    code, output = run_lint_imports(tmp_path, "--contract", contract, pythonpath=tmp_path)
+
+    assert code != 0, output
+    assert said in output, output
+
+
+@pytest.mark.parametrize(
+    ("contract", "module", "source", "said"),
+    [
+        ("commands", "tools", "from v2g.commands import operate\n", "v2g.commands.tools ->"),
+        ("commands-helpers", "running", "from v2g.commands import options\n", "running ->"),
+    ],
+)
+def test_the_contract_refuses_a_command_module_importing_another(
+    tmp_path: Path, contract: str, module: str, source: str, said: str
+) -> None:
+    """A toy CLI whose offline tools import the operator commands (or whose runner imports
+    the flags above it) breaks the contracts."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for package in ("aggregator", "agents", "broker", "core", "v2g", "tests", "v2g/commands"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "v2g" / "cli.py").write_text("")
+    for name in ("serve", "operate", "tools", "options", "output", "running"):
+        (tmp_path / "v2g" / "commands" / f"{name}.py").write_text("")
+    (tmp_path / "v2g" / "commands" / f"{module}.py").write_text(source)
 
     code, output = run_lint_imports(tmp_path, "--contract", contract, pythonpath=tmp_path)
 
