@@ -1,7 +1,8 @@
 """The ``v2g`` command line. ``v2g --help`` lists the commands, ``v2g CMD --help`` their flags.
 
 Every command reads its settings from flags, then ``V2G_*`` environment variables, then
-defaults (DESIGN.md, "Configuration").
+defaults (DESIGN.md, "Configuration"). This module only assembles the app; the commands
+live in v2g/commands/ by audience (serve, operate, tools).
 """
 
 from __future__ import annotations
