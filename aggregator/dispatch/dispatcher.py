@@ -20,6 +20,14 @@ from numpy.typing import NDArray
 from aggregator import envelope as ev
 from aggregator.allocation import Allocation, allocate, allocate_cost
 from aggregator.capability import vehicle_ranges
+from aggregator.dispatch.records import (
+    SAME_INSTANT_S,
+    Dispatch,
+    FcrCheck,
+    Interval,
+    ScoreSample,
+    overlaps,
+)
 from aggregator.fleet_state import FleetView
 from aggregator.schedule import Block, cohorts, grid, index_of, plan
 from aggregator.scoring import FCR_FULL_WITHIN_S, fcr_activation, regulation_score
@@ -79,23 +87,9 @@ REMEMBERED_ANSWERS = 10_000
 # A committed request's plan is solved every control step for a fleet under this many
 # vehicles, and above only when its first step runs out or a car comes or goes.
 REPLAN_EVERY_STEP_BELOW = 20_000
-# Windows are half-open, [start, end): one that starts where another ends does not overlap
-# it. Times are epoch seconds (a float's step there is ~0.2 µs) that went through the
-# wire's microseconds: ends closer than this are the same instant.
-SAME_INSTANT_S = 1e-3
+# A step reads the clock a little late or early: a request ending within this share of
+# a control step of it ends there.
 ENDING_SLACK_STEPS = 0.2
-# A request is over at a step whose clock reads its end, to a float's rounding.
-ENDED_EPS_S = 1e-9
-
-
-def overlaps(a_start: float, a_end: float, b_start: float, b_end: float) -> bool:
-    """Do the half-open windows [a_start, a_end) and [b_start, b_end) share a moment?"""
-    return a_start < b_end - SAME_INSTANT_S and b_start < a_end - SAME_INSTANT_S
-
-
-def _entries(schedule: list[list[float]] | None) -> list[tuple[float, float, float]]:
-    """A planned request's schedule as (start, kW, end) intervals."""
-    return [(e[0], e[1], e[2] if len(e) > 2 else e[0] + SCHEDULE_STEP_S) for e in schedule or []]
 
 
 def _on_grid(bounds: Array, start: float, end: float, power_kw: float) -> Block | None:
@@ -104,133 +98,6 @@ def _on_grid(bounds: Array, start: float, end: float, power_kw: float) -> Block 
     s = index_of(bounds, max(start, float(bounds[0])))
     e = index_of(bounds, min(end, float(bounds[-1])))
     return Block(s, e, power_kw) if s < e else None
-
-
-@dataclass(slots=True)
-class Dispatch:
-    """One admitted request and its running books."""
-
-    request: DispatchRequest
-    start: float
-    end: float
-    state: Literal["scheduled", "active"] = "scheduled"
-    allocated_kw: float = 0.0
-    shortfall_kw: float = 0.0
-    vehicles: int = 0
-    requested_kwh: float = 0.0
-    delivered_kwh: float = 0.0
-    baseline_kwh: float = 0.0
-    delivered_kw: float = 0.0
-    baseline_kw: float = 0.0
-    last_t: float | None = None
-    meter_start: float | None = None
-    # The delivery window runs from when the first setpoints are in force (None until the
-    # step after they went out shows when) to ``end``. The fleet's measured power at the
-    # last booking (until the window opens: when the first setpoints went out).
-    delivery_start: float | None = None
-    measured_kw: float = 0.0
-    # [interval start, kW, interval end] reserved, if planned (records from before the
-    # end was kept have two entries: a 15-min interval)
-    schedule: list[list[float]] | None = None
-    # A service that follows a signal: the capacity held, the latest signal (-1..1), the
-    # baseline it moves around, and (t, signal, response) samples for its score.
-    capacity_kw: float = 0.0
-    signal: float = 0.0
-    signal_prev: float = 0.0
-    signal_at: float = -math.inf
-    base_kw: float = 0.0
-    samples: list[list[float]] | None = None
-    # Stacking: admission order (ties of priority go to the earlier), the capacity a
-    # signal service holds now (its grant, at most capacity_kw), and what the rest of
-    # the stack asks on top of this request's own term, in kW now and in kWh so far
-    # (kept off its delivered energy: every request is metered at the same fleet meter).
-    seq: int = 0
-    held_kw: float = 0.0
-    offset_kw: float = 0.0
-    stacked_kwh: float = 0.0
-    acc_t: float | None = None
-    # Containment: the open 30-s activation check [step at, kW needed, kW before, last
-    # sample t, last sample kW, activation] and the shares of full activation found.
-    fcr_check: list[float] | None = None
-    fcr_shares: list[float] | None = None
-    # A power request's commitment: once answered, allocated_kw is what the fleet holds
-    # until the request is amended or the fleet changes; ``changed`` says how it changed.
-    committed: bool = False
-    changed: str | None = None
-    lost: int = 0  # vehicles gone unannounced (or offline) since the commitment
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def priority(self) -> int:
-        return self.request.priority or 0
-
-    def over(self, now: float, slack_s: float = ENDED_EPS_S) -> bool:
-        """Has it ended by ``now`` (give or take ``slack_s``)? The one rule for when a
-        request is over: a step closes it, the stack drops it, admission looks past it."""
-        return self.end <= now + slack_s
-
-    @property
-    def follows_signal(self) -> bool:
-        return self.request.service in SIGNAL_SERVICES
-
-    @property
-    def requested_kw(self) -> float:
-        """The fleet net power asked now: the request's, or baseline + signal x capacity."""
-        if self.request.power_kw is not None:
-            return self.request.power_kw
-        return self.base_kw + self.signal * self.capacity_kw
-
-    def to_record(self) -> dict[str, Any]:
-        record = {k: getattr(self, k) for k in _BOOK_FIELDS}
-        record["request"] = self.request.model_dump(mode="json")
-        return record
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Dispatch:
-        request = DispatchRequest.model_validate(record["request"])
-        d = cls(request=request, **{k: record[k] for k in _BOOK_FIELDS if k in record})
-        if "delivery_start" not in record and d.state == "active":
-            d.delivery_start = d.start  # books kept before the window had its own start
-        return d
-
-
-_BOOK_FIELDS = (
-    "start",
-    "end",
-    "state",
-    "allocated_kw",
-    "shortfall_kw",
-    "vehicles",
-    "requested_kwh",
-    "delivered_kwh",
-    "baseline_kwh",
-    "delivered_kw",
-    "baseline_kw",
-    "last_t",
-    "meter_start",
-    "delivery_start",
-    "measured_kw",
-    "schedule",
-    "capacity_kw",
-    "signal",
-    "signal_prev",
-    "signal_at",
-    "base_kw",
-    "samples",
-    "seq",
-    "held_kw",
-    "offset_kw",
-    "stacked_kwh",
-    "acc_t",
-    "fcr_check",
-    "fcr_shares",
-    "committed",
-    "changed",
-    "lost",
-)
 
 
 def _when(t: float | None) -> datetime | None:
@@ -741,13 +608,13 @@ class Dispatcher:
         if d.samples is None or d.capacity_kw <= 0 or d.signal_at == -math.inf:
             return  # nothing to score before the first signal sample
         # Steps come every control step, a little late at times: half a step of slack.
-        if d.samples and now - d.samples[-1][0] < SCORE_SAMPLE_S - 0.5 * self.control_step_s:
+        if d.samples and now - d.samples[-1].t < SCORE_SAMPLE_S - 0.5 * self.control_step_s:
             return
         # The fleet's measured power answers the latest signal only once the vehicles it
         # moved have reported since; until then it answers the one before.
         s = d.signal if self._answered(d, view) else d.signal_prev
         measured = float(view.power.sum())
-        d.samples.append([now, s, (measured - d.base_kw) / d.capacity_kw])
+        d.samples.append(ScoreSample(now, s, (measured - d.base_kw) / d.capacity_kw))
         del d.samples[:-MAX_SCORE_SAMPLES]
 
     def _answered(self, d: Dispatch, view: FleetView) -> bool:
@@ -767,12 +634,12 @@ class Dispatcher:
         """A step in the activation containment asks for opens a check of what the fleet
         delivers of it 30 s later; a further move before then voids the check."""
         check = d.fcr_check
-        if check is not None and abs(d.signal - check[5]) <= FCR_CHECK_HOLD:
+        if check is not None and abs(d.signal - check.activation) <= FCR_CHECK_HOLD:
             return
         d.fcr_check = None
         need = (d.signal - d.signal_prev) * d.capacity_kw
         if abs(d.signal - d.signal_prev) >= FCR_CHECK_STEP and abs(need) >= SIGNAL_MIN_KW:
-            d.fcr_check = [now, need, float(view.power.sum()), now, 0.0, d.signal]
+            d.fcr_check = FcrCheck(now, need, float(view.power.sum()), now, 0.0, d.signal)
 
     @staticmethod
     def _check_fcr(d: Dispatch, now: float, measured: float) -> None:
@@ -781,14 +648,13 @@ class Dispatcher:
         check = d.fcr_check
         if check is None:
             return
-        at, need, before, last_t, last_got, _ = check
-        got = measured - before
-        due = at + FCR_FULL_WITHIN_S
+        got = measured - check.before_kw
+        due = check.at + FCR_FULL_WITHIN_S
         if now < due:
-            check[3], check[4] = now, got
+            check.last_t, check.last_kw = now, got
             return
-        w = 0.0 if now <= last_t else (due - last_t) / (now - last_t)
-        share = (last_got + w * (got - last_got)) / need
+        w = 0.0 if now <= check.last_t else (due - check.last_t) / (now - check.last_t)
+        share = (check.last_kw + w * (got - check.last_kw)) / check.need_kw
         d.fcr_shares = [*(d.fcr_shares or [])[-(MAX_FCR_CHECKS - 1) :], round(share, 4)]
         d.fcr_check = None
 
@@ -828,7 +694,7 @@ class Dispatcher:
         cuts = [d.start, d.end]
         for o in self.dispatches.values():
             cuts += [o.start, o.end]
-            cuts += [b for t, _, end in _entries(o.schedule) for b in (t, end)]
+            cuts += [b for t, _, end in o.schedule or [] for b in (t, end)]
         bounds = grid(now, d.end, step_s=SCHEDULE_STEP_S, cuts=cuts)
         new = self._block(d, bounds, d.requested_kw)
         assert new is not None  # it starts after now and ends within the horizon
@@ -871,7 +737,9 @@ class Dispatcher:
         d.allocated_kw = hold
         d.shortfall_kw = abs(d.requested_kw - hold)
         # The energy reserved is what the plan gives it, interval by interval.
-        d.schedule = [[t0, sign * float(kw), t1] for (t0, t1), kw in zip(spans, part, strict=True)]
+        d.schedule = [
+            Interval(t0, sign * float(kw), t1) for (t0, t1), kw in zip(spans, part, strict=True)
+        ]
         self.dispatches[d.request_id] = d
         status: ResultStatus = "accepted" if d.shortfall_kw <= SCHEDULE_TOL_KW else "partial"
         if status == "accepted":
@@ -901,8 +769,7 @@ class Dispatcher:
         schedule if it was planned ahead, else its power over its window."""
         if d.follows_signal:
             return []  # it holds headroom both ways, not a power: see _headroom
-        spans = _entries(d.schedule) or [(d.start, d.allocated_kw, d.end)]
-        blocks = (_on_grid(bounds, t, end, kw) for t, kw, end in spans)
+        blocks = (_on_grid(bounds, t, end, kw) for t, kw, end in d.intervals())
         return [b for b in blocks if b is not None]
 
     def _headroom(self, bounds: Array) -> Array:
