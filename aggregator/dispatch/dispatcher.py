@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -23,7 +22,7 @@ from aggregator.dispatch.ahead import SCHEDULE_STEP_S
 from aggregator.dispatch.books import Books, accrue
 from aggregator.dispatch.learning import Learned
 from aggregator.dispatch.ranges import FleetRanges
-from aggregator.dispatch.records import Dispatch
+from aggregator.dispatch.records import Dispatch, StepOutput
 from aggregator.dispatch.setpoints import REPLAN_EVERY_STEP_BELOW, Setpoints
 from aggregator.dispatch.stack import Stack
 from aggregator.dispatch.tracking import Tracking
@@ -40,19 +39,6 @@ from broker.models import (
 from core.physics import Array
 
 __all__ = ["SCHEDULE_STEP_S", "Dispatcher", "StepOutput"]
-
-
-@dataclass(slots=True)
-class StepOutput:
-    """What one control step decided: setpoints (by fleet row) and messages."""
-
-    rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
-    power_kw: Array = field(default_factory=lambda: np.zeros(0))
-    valid_until: Array = field(default_factory=lambda: np.zeros(0))
-    request_id: str = ""
-    release_rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
-    results: list[DispatchResult] = field(default_factory=list)
-    progress: list[DispatchProgress] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -318,22 +304,8 @@ class Dispatcher:
         sent = self.setpoints.plan(target, max(d.end for d in stack), now, view, steering)
         out.rows, out.power_kw, out.valid_until = sent.rows, sent.power_kw, sent.valid_until
         out.request_id = head.request_id
-        for d in stack:
-            d.vehicles = len(view)
-            if d.follows_signal:
-                d.allocated_kw = d.held_kw
-                d.shortfall_kw = max(0.0, d.capacity_kw - d.held_kw)
-            else:
-                d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
-        miss = sent.total_kw - target
-        if abs(miss) > 1e-6 and steering is None:
-            last = stack[-1]
-            if last.follows_signal:
-                last.allocated_kw = max(0.0, last.held_kw - abs(miss))
-                last.shortfall_kw = max(0.0, last.capacity_kw - last.allocated_kw)
-            else:
-                last.allocated_kw += miss
-                last.shortfall_kw = abs(last.requested_kw - last.allocated_kw)
+        miss = 0.0 if steering is not None else sent.total_kw - target
+        self.stack.account(stack, len(view), miss)
 
     def _close(
         self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None

@@ -7,10 +7,14 @@ is a contract with snapshots already written: extend it, never rename a field).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from broker.models import SIGNAL_SERVICES, DispatchRequest
+import numpy as np
+from numpy.typing import NDArray
+
+from broker.models import SIGNAL_SERVICES, DispatchProgress, DispatchRequest, DispatchResult
+from core.physics import Array
 
 # Windows are half-open, [start, end): one that starts where another ends does not overlap
 # it. Times are epoch seconds (a float's step there is ~0.2 µs) that went through the
@@ -59,6 +63,19 @@ class FcrCheck:
 
     def to_list(self) -> list[float]:
         return [self.at, self.need_kw, self.before_kw, self.last_t, self.last_kw, self.activation]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one control step decided: setpoints (by fleet row) and messages."""
+
+    rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    power_kw: Array = field(default_factory=lambda: np.zeros(0))
+    valid_until: Array = field(default_factory=lambda: np.zeros(0))
+    request_id: str = ""
+    release_rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    results: list[DispatchResult] = field(default_factory=list)
+    progress: list[DispatchProgress] = field(default_factory=list)
 
 
 @dataclass(slots=True)

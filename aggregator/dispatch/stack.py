@@ -130,6 +130,27 @@ class Stack:
                 d.offset_kw = target - d.allocated_kw
         return target
 
+    @staticmethod
+    def account(stack: list[Dispatch], vehicles: int, miss_kw: float) -> None:
+        """After a plan: each running request's grant and shortfall; a miss of the plan
+        (what the fleet could not give of the target) falls to the request of lowest
+        priority (the others hold their reserves)."""
+        for d in stack:
+            d.vehicles = vehicles
+            if d.follows_signal:
+                d.allocated_kw = d.held_kw
+                d.shortfall_kw = max(0.0, d.capacity_kw - d.held_kw)
+            else:
+                d.shortfall_kw = abs(d.requested_kw - d.allocated_kw)
+        if abs(miss_kw) > 1e-6:
+            last = stack[-1]
+            if last.follows_signal:
+                last.allocated_kw = max(0.0, last.held_kw - abs(miss_kw))
+                last.shortfall_kw = max(0.0, last.capacity_kw - last.allocated_kw)
+            else:
+                last.allocated_kw += miss_kw
+                last.shortfall_kw = abs(last.requested_kw - last.allocated_kw)
+
     def count_lost(self, now: float, view: FleetView) -> None:
         """Count, against every running commitment, the vehicles gone since the last step
         that were not due to leave (no announced departure, or one still ahead): they
