@@ -6,7 +6,7 @@ baseline. Admission, settling and planning of one control step ask the same ques
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,6 +15,15 @@ from aggregator.capability import vehicle_ranges
 from aggregator.dispatch.learning import Learned
 from aggregator.fleet_state import FleetView
 from core.physics import Array, baseline_power
+
+
+class _Sums(NamedTuple):
+    """The fleet's usable range worked out at ``at`` for a fleet of ``vehicles``."""
+
+    at: float
+    vehicles: int
+    lo_kw: float
+    hi_kw: float
 
 
 class FleetRanges:
@@ -27,7 +36,7 @@ class FleetRanges:
         self._view: FleetView | None = None
         self._of_view: dict[Any, Any] = {}
         # Recent fleet ranges by (end of window, ratio version): see usable_sums.
-        self._sums: dict[tuple[float, int], tuple[float, int, float, float]] = {}
+        self._sums: dict[tuple[float, int], _Sums] = {}
 
     def _memo(self, view: FleetView) -> dict[Any, Any]:
         """What was computed from this view so far (a new view starts afresh)."""
@@ -55,11 +64,11 @@ class FleetRanges:
         end = round(now + window_s, 6)
         key = (end, self.learned.version)
         got = self._sums.get(key)
-        if got is not None and now - got[0] < self.control_step_s and got[1] == len(view):
-            return got[2], got[3]
+        if got is not None and now - got.at < self.control_step_s and got.vehicles == len(view):
+            return got.lo_kw, got.hi_kw
         env = self.envelope(view, now, window_s)
-        self._sums = {k: v for k, v in self._sums.items() if now - v[0] < self.control_step_s}
-        self._sums[key] = (now, len(view), env.min_power_kw, env.max_power_kw)
+        self._sums = {k: v for k, v in self._sums.items() if now - v.at < self.control_step_s}
+        self._sums[key] = _Sums(now, len(view), env.min_power_kw, env.max_power_kw)
         return env.min_power_kw, env.max_power_kw
 
     def envelope(self, view: FleetView, now: float, window_s: float) -> ev.Envelope:
