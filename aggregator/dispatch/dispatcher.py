@@ -16,7 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from aggregator import envelope as ev
-from aggregator.dispatch import answers, tracking
+from aggregator.dispatch import answers as wire
+from aggregator.dispatch import tracking
 from aggregator.dispatch.admission import Admission
 from aggregator.dispatch.ahead import SCHEDULE_STEP_S
 from aggregator.dispatch.books import Books, accrue
@@ -68,8 +69,8 @@ class Dispatcher:
         # while to go out: judge drift only after two steps, or cars that simply have not
         # heard yet look like cars that will not follow.
         self.settle_s = 2.0 * control_step_s if settle_s is None else settle_s
-        self.limits = answers.Limits(max_request_kw, max_duration_s, control_step_s)
-        self.said = answers.AnswerBook()
+        self.limits = wire.Limits(max_request_kw, max_duration_s, control_step_s)
+        self.said = wire.AnswerBook()
         self.learning = Learned()
         self.fleet = FleetRanges(self.learning, control_step_s=control_step_s)
         self.stack = Stack(self.fleet, control_step_s=control_step_s)
@@ -146,19 +147,19 @@ class Dispatcher:
     def score(d: Dispatch) -> float | None:
         """The PJM-style composite score of a signal service so far, as published (None
         before one whole 5-minute window of samples)."""
-        return answers.wire_score(tracking.score(d))
+        return wire.wire_score(tracking.score(d))
 
     @staticmethod
     def fcr_share(d: Dispatch) -> float | None:
         """The least share of full activation delivered 30 s after a step, so far."""
-        return answers.wire_score(tracking.fcr_share(d))
+        return wire.wire_score(tracking.fcr_share(d))
 
     def active(self) -> list[ActiveDispatch]:
         """The running requests, for fleet status."""
-        return [answers.active(d) for d in self.dispatches.values() if d.state == "active"]
+        return [wire.active(d) for d in self.dispatches.values() if d.state == "active"]
 
     def _progress(self, d: Dispatch, now: float) -> DispatchProgress:
-        return answers.progress(d, now, tracking.score(d), tracking.fcr_share(d))
+        return wire.progress(d, now, tracking.score(d), tracking.fcr_share(d))
 
     # -- answers -----------------------------------------------------------------------
     def reuses_id(self, req: DispatchRequest) -> bool:
@@ -217,7 +218,7 @@ class Dispatcher:
             return None
         if d.state == "active":
             self.books.book(d, view, now)
-        return self._close(d, now, "cancelled", reason=answers.CANCELLED)
+        return self._close(d, now, "cancelled", reason=wire.CANCELLED)
 
     # -- signals -------------------------------------------------------------------------
     def signal(
@@ -299,7 +300,7 @@ class Dispatcher:
             # A power request alone: follow a plan that holds its commitment to its end.
             steering, moved = self.setpoints.steer(head, now, view)
             if moved is not None:
-                head.changed = answers.fleet_changed(now, *moved)
+                head.changed = wire.fleet_changed(now, *moved)
             target = head.allocated_kw
         sent = self.setpoints.plan(target, max(d.end for d in stack), now, view, steering)
         out.rows, out.power_kw, out.valid_until = sent.rows, sent.power_kw, sent.valid_until
