@@ -179,7 +179,7 @@ async def measure(
                         await asyncio.sleep(0.001)
                 own_ms.append(svc.signal_latency_ms[-1])
                 # The vehicles this signal moved (the dispatcher keeps them for its score).
-                want = int(svc.dispatcher._signal_rows[rid].size)
+                want = int(svc.dispatcher.tracking.signal_rows[rid].size)
                 got = await wait_arrivals(arrivals, rid, t0, want)
                 if not got:
                     raise SystemExit(f"no setpoint of signal {k} reached the subscriber")

@@ -2,8 +2,9 @@
 (v2g ; aggregator | agents ; broker ; core), no package has an import cycle, scale-out
 sits below the service (scaleout, lease and fence never import it, even indirectly), the
 CLI's audience modules (v2g/commands/serve, operate, tools) never import each other and
-sit above its shared helpers, and the test packages share only through tests/support and
-tests/conftest.py.
+sit above its shared helpers, inside aggregator/dispatch/ the facade sits on top of its
+parts, which import downward only, and the test packages share only through
+tests/support and tests/conftest.py.
 
 The contracts live in pyproject.toml ([tool.importlinter]); import-linter checks them on
 grimp's import graph, TYPE_CHECKING imports included.
@@ -51,7 +52,7 @@ def run_lint_imports(cwd: Path, *args: str, pythonpath: Path | None = None) -> t
 def test_the_tree_keeps_the_import_contract() -> None:
     code, output = run_lint_imports(ROOT)
     assert code == 0, f"lint-imports found a broken import contract:\n{output}"
-    assert "Contracts: 6 kept, 0 broken." in output, output
+    assert "Contracts: 7 kept, 0 broken." in output, output
 
 
 @pytest.mark.parametrize(
@@ -146,3 +147,47 @@ def test_every_path_docs_architecture_names_exists() -> None:
     assert len(named) > 20, named  # the table is still there
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert missing == [], f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
+
+
+DISPATCH_PARTS = (
+    "dispatcher",
+    "admission",
+    "answers",
+    "ahead",
+    "books",
+    "stack",
+    "tracking",
+    "setpoints",
+    "ranges",
+    "learning",
+    "records",
+)
+
+
+@pytest.mark.parametrize(
+    ("module", "imported"),
+    [
+        ("stack", "dispatcher"),  # a part reaching up to the facade
+        ("records", "setpoints"),  # the records reaching up to a part
+        ("tracking", "stack"),  # two parts of one layer importing each other
+    ],
+)
+def test_the_contract_keeps_the_parts_of_dispatch_layered(
+    tmp_path: Path, module: str, imported: str
+) -> None:
+    """A toy dispatch package with one part importing upward or sideways breaks it."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for package in ("aggregator", "agents", "broker", "core", "v2g", "tests"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "aggregator" / "dispatch").mkdir()
+    (tmp_path / "aggregator" / "dispatch" / "__init__.py").write_text("")
+    for name in DISPATCH_PARTS:
+        (tmp_path / "aggregator" / "dispatch" / f"{name}.py").write_text("")
+    bad = f"import aggregator.dispatch.{imported}\n"
+    (tmp_path / "aggregator" / "dispatch" / f"{module}.py").write_text(bad)
+
+    code, output = run_lint_imports(tmp_path, "--contract", "dispatch", pythonpath=tmp_path)
+
+    assert code != 0, output
+    assert f"aggregator.dispatch.{module} -> aggregator.dispatch.{imported}" in output, output

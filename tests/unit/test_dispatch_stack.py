@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from aggregator.capability import envelope
 from aggregator.dispatch import Dispatcher, StepOutput
+from aggregator.dispatch.stack import holding
 from aggregator.fleet_state import FleetState
 from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
 from tests.support.memory_loop import REACT_S, STEP, T0, close_loop, fleet_and_state, req, run_loop
@@ -60,7 +61,7 @@ def test_regulation_and_peak_shaving_stacked_are_both_honoured() -> None:
         out = d.signal("reg", sample, t, state.view(t, 3 * STEP))
         assert out is not None and out.request_id == "reg"  # the top of the stack
         total = float(out.power_kw.sum()) + float(
-            np.sum([d._sent_kw[r] for r in np.setdiff1d(state.view(t, 45).rows, out.rows)])
+            np.sum([d.setpoints.sent_kw[r] for r in np.setdiff1d(state.view(t, 45).rows, out.rows)])
         )
         assert total == pytest.approx(block_kw + signal[k] * capacity, abs=0.02 * capacity)
         apply(out)
@@ -140,7 +141,7 @@ def test_when_the_fleet_shrinks_the_lowest_priority_is_cut_first() -> None:
     out = d.step(t, view, len(state))
     held = {p.request_id: p for p in out.progress}
     reg, block = d.dispatches["reg"], d.dispatches["block"]
-    lo2 = d._usable_sums(view, t, block.end - t)[0]
+    lo2 = d.fleet.usable_sums(view, t, block.end - t)[0]
     assert reg.held_kw == capacity
     assert block.allocated_kw >= lo2 + capacity - 1e-6
     assert held["block"].allocated_kw == pytest.approx(block.allocated_kw, abs=0.01)
@@ -258,7 +259,7 @@ def test_no_request_holds_less_than_it_would_without_those_below_it(
             f = full.dispatches.get(rid)
             if f is None:
                 continue  # rejected in both
-            assert Dispatcher._holding(f) >= Dispatcher._holding(o) - 1e-6, (rid, n)
+            assert holding(f) >= holding(o) - 1e-6, (rid, n)
 
 
 _STATES = [fleet_and_state(n=30, seed=s) for s in range(6)]
