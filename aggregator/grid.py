@@ -197,7 +197,7 @@ def load_grid(path: Path) -> GridTopology:
 
 
 def _kw(v: float) -> str:
-    return "-" if not np.isfinite(v) else f"{v:g} kW"
+    return "none" if not np.isfinite(v) else f"{v:g} kW"
 
 
 def render_tree(grid: GridTopology) -> str:

@@ -1303,6 +1303,12 @@ def simulate(
         typer.echo(sim.summary_line(done.summary, out_dir))
 
 
+# v2g grid show FILE: its work is in v2g/gridcmd.py.
+from v2g.gridcmd import grid_app  # noqa: E402 - registered after the other commands
+
+app.add_typer(grid_app, name="grid")
+
+
 def main() -> None:
     """Entry point of the ``v2g`` console script."""
     with contextlib.suppress(BrokenPipeError):
