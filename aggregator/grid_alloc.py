@@ -95,8 +95,10 @@ def _waterfill(group: Ints, x: Floats, lo: Floats, hi: Floats, w: Floats, target
     dslope = np.concatenate((wf, -wf))
     dconst = np.concatenate((xf - lf, hf - xf))
     kg = np.concatenate((g, g))
-    order = np.argsort(kink, kind="stable")
-    order = order[np.argsort(kg[order], kind="stable")]  # by group, then by level
+    # By group, then by level: one sort of group + the level scaled into [0, 0.5] (two
+    # levels closer than 1e-13 of their spread may swap: the sum between them is flat).
+    k_lo, k_hi = float(kink.min()), float(kink.max())
+    order = np.argsort(kg + 0.5 * (kink - k_lo) / max(k_hi - k_lo, 1e-300))
     kink, dslope, dconst, kg = kink[order], dslope[order], dconst[order], kg[order]
     count = np.bincount(kg, minlength=n_groups)
     first = np.concatenate(([0], np.cumsum(count)[:-1]))
