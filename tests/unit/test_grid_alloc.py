@@ -210,3 +210,24 @@ def test_surplus_beyond_what_the_cars_can_take_is_reported_exactly() -> None:
     r = allocate_nested(g, node, p_min, p_max, np.zeros(3), meter, g.import_kw, g.export_kw)
     np.testing.assert_allclose(r.power_kw, 7.0)  # every car soaks up what it can
     assert r.over_limit_kw[g.index["solar"]] == pytest.approx(80.0 - 50.0 - 21.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases())
+def test_where_no_limit_binds_every_car_gets_what_it_was_to_get(c: Case) -> None:
+    none = np.full(len(c.grid), np.inf)
+    r = allocate_nested(c.grid, c.node, c.p_min, c.p_max, c.desired, c.meter, none, none)
+    np.testing.assert_allclose(r.power_kw, np.clip(c.desired, c.p_min, c.p_max), atol=1e-9)
+    assert not r.conflicts.any() and not r.over_limit_kw.any()
+
+
+def test_a_car_at_a_node_not_in_the_grid_counts_under_the_root() -> None:
+    g = _two_sites()
+    node = np.array([-1, -1, g.index["carpark"]])
+    p = np.full(3, 50.0)
+    r = allocate_nested(
+        g, node, np.zeros(3), p, p.copy(), np.full(3, np.nan), g.import_kw, g.export_kw
+    )
+    assert r.vehicle_node.tolist() == [0, 0, g.index["carpark"]]
+    assert r.node_power_kw[0] == pytest.approx(100.0)  # the feeder's 100 kW holds for all
+    assert r.power_kw[2] == pytest.approx(100.0 / 3)
