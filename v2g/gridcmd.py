@@ -40,7 +40,7 @@ def show(
     A node is {id, parent, kind, import_kw, export_kw}: one root without parent; kind is
     substation, feeder, transformer or site; limits are magnitudes in kW (absent: none).
 
-    Example: v2g grid show scenarios/grid-example.yaml
+    Example: v2g grid show scenarios/grids/example.yaml
     """
     try:
         grid = load_grid(file)

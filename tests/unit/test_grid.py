@@ -25,7 +25,7 @@ from aggregator.grid_limits import (
 )
 from broker.models import GridLimits
 
-EXAMPLE = Path(__file__).parents[2] / "scenarios" / "grid-example.yaml"
+EXAMPLE = Path(__file__).parents[2] / "scenarios" / "grids" / "example.yaml"
 
 
 def _doc(*nodes: dict[str, Any]) -> dict[str, Any]:

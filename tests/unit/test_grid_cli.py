@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from v2g.cli import app
 
 runner = CliRunner()
-EXAMPLE = str(Path(__file__).parents[2] / "scenarios" / "grid-example.yaml")
+EXAMPLE = str(Path(__file__).parents[2] / "scenarios" / "grids" / "example.yaml")
 
 
 def test_grid_show_prints_the_tree_indented_with_its_limits() -> None:
