@@ -422,6 +422,24 @@ class NodeCapability(WireModel):
     vehicles: int = 0
 
 
+class NodeStatus(WireModel):
+    """One grid node in the fleet status (an extension, issue 11; FleetStatus does not
+    carry it yet): its vehicles' net power, its meter and limits in force (null = none),
+    the headroom left, how far it is over a limit it cannot hold (0 when held), and the
+    vehicles a limit holds below their floor."""
+
+    node: str
+    power_kw: float
+    meter_kw: float | None
+    import_limit_kw: float | None
+    export_limit_kw: float | None
+    headroom_import_kw: float | None
+    headroom_export_kw: float | None
+    vehicles: int
+    over_limit_kw: float = 0.0
+    conflicts: list[str] = Field(default_factory=list)
+
+
 class ActiveDispatch(WireModel):
     request_id: str
     service: str

@@ -21,6 +21,7 @@ from scipy.sparse import csr_matrix
 
 from aggregator.grid import GridTopology, parse_grid
 from aggregator.grid_alloc import allocate_nested, over_limit, subtree_sums
+from aggregator.grid_status import node_statuses
 
 Floats = np.ndarray
 
@@ -231,3 +232,25 @@ def test_a_car_at_a_node_not_in_the_grid_counts_under_the_root() -> None:
     assert r.vehicle_node.tolist() == [0, 0, g.index["carpark"]]
     assert r.node_power_kw[0] == pytest.approx(100.0)  # the feeder's 100 kW holds for all
     assert r.power_kw[2] == pytest.approx(100.0 / 3)
+
+
+def test_each_node_reports_its_power_meter_limits_headroom_and_conflicts() -> None:
+    g = _two_sites()
+    node = np.full(4, g.index["carpark"])
+    p_min = np.array([11.0, 11.0, 11.0, 0.0])
+    p_max = np.full(4, 11.0)
+    meter = np.array([np.nan, 30.0, np.nan])
+    r = allocate_nested(g, node, p_min, p_max, p_max.copy(), meter, g.import_kw, g.export_kw)
+    rows = {
+        s.node: s
+        for s in node_statuses(g, r, ["a", "b", "c", "d"], meter, g.import_kw, g.export_kw)
+    }
+    park = rows["carpark"]
+    assert park.power_kw == pytest.approx(14.0) and park.meter_kw == 30.0
+    assert park.import_limit_kw == 44.0 and park.export_limit_kw is None
+    assert park.headroom_import_kw == pytest.approx(0.0) and park.headroom_export_kw is None
+    assert park.vehicles == 4 and park.conflicts == ["a", "b", "c"]
+    assert rows["feeder"].vehicles == 4 and rows["feeder"].conflicts == []
+    assert rows["feeder"].headroom_import_kw == pytest.approx(100.0 - 14.0)
+    assert rows["solar"].vehicles == 0 and rows["solar"].meter_kw is None
+    assert all(s.over_limit_kw == 0.0 for s in rows.values())
