@@ -12,17 +12,19 @@ ancestor, whenever the vehicles can make it so. In order of precedence:
 2. the drivers' floors: a vehicle goes below ``p_min`` only as far as a limit needs, and
    never below ``hard_min`` (by default the floor or 0, the lower: a limit may stop a car
    that must charge, not make it discharge); such cars are the *conflicts*;
-3. the fleet's total: as close to the sum of the wanted setpoints as 1. and 2. allow;
-4. each vehicle: as close to its wanted setpoint as the rest allows, every subtree moved
+3. the bands a service asks of a node's net power (firming: :func:`firming_band`), where
+   the limits and floors leave room (``band_miss_kw`` reports what they do not);
+4. the fleet's total: as close to the sum of the wanted setpoints as 1.-3. allow;
+5. each vehicle: as close to its wanted setpoint as the rest allows, every subtree moved
    by the same kW per vehicle where its own limits do not bind.
 
 When a node's limit cannot be held (the meter alone breaks it, or the surplus is more
 than its cars can take), its cars do the most they can toward it and ``over_limit_kw``
 reports the excess: exactly the distance from the node's net power to its limits.
 
-How: one pass up the tree computes, per node, the range of subtree totals its vehicles
-can reach with every limit below it held ([a, b]), and the part of that range that keeps
-the floors ([fa, fb]); one pass down splits each node's total over its children and its
+How: one pass up the tree computes, per node and per tier (the limits, the floors, the
+bands), the range of subtree totals its vehicles can reach with that tier's bounds below
+it held, inside the range of the tier around it; one pass down splits each node's total over its children and its
 own vehicles by one water level per node (``clip(x + w·λ, l, u)`` summing to the total,
 the weight ``w`` being a child's vehicle count). Both passes are a few numpy calls per
 depth level, never per node or vehicle: a tree of depth 4 costs the same whether it has
@@ -55,6 +57,7 @@ class NestedAllocation:
     over_limit_kw: Floats  # per node: how far meter + node_power is beyond a limit (>= 0)
     conflicts: NDArray[np.bool_]  # per vehicle: held below its floor by a limit
     vehicle_node: Ints  # per vehicle: the node it is counted under (unknown: the root)
+    band_miss_kw: Floats  # per node: how far meter + node_power is outside its band (>= 0)
 
 
 def subtree_sums(grid: GridTopology, vehicle_node: Ints, values: Floats) -> Floats:
@@ -128,6 +131,29 @@ def _waterfill(group: Ints, x: Floats, lo: Floats, hi: Floats, w: Floats, target
     return lam
 
 
+def firming_band(
+    min_kw: float | None,
+    max_kw: float | None,
+    ramp_kw_per_min: float | None,
+    last_net_kw: float,
+    step_s: float,
+) -> tuple[float, float]:
+    """The band on a node's net power for the next step of a firming request: [min_kw,
+    max_kw] (None: open), within ``ramp_kw_per_min`` of the last net power (NaN: no
+    ramp yet). When the last net power is outside the band by more than the ramp allows
+    in one step, the band is the one point nearest it that the ramp reaches."""
+    lo = -np.inf if min_kw is None else min_kw
+    hi = np.inf if max_kw is None else max_kw
+    if ramp_kw_per_min is None or not np.isfinite(last_net_kw):
+        return lo, hi
+    reach = ramp_kw_per_min * step_s / 60.0
+    r_lo, r_hi = last_net_kw - reach, last_net_kw + reach
+    if r_hi < lo or r_lo > hi:
+        point = min(max(lo if r_hi < lo else hi, r_lo), r_hi)
+        return point, point
+    return max(lo, r_lo), min(hi, r_hi)
+
+
 def allocate_nested(
     grid: GridTopology,
     vehicle_node: Ints,
@@ -138,6 +164,8 @@ def allocate_nested(
     import_kw: Floats,
     export_kw: Floats,
     hard_min: Floats | None = None,
+    band_low_kw: Floats | None = None,
+    band_high_kw: Floats | None = None,
 ) -> NestedAllocation:
     """Setpoints near ``desired`` that keep every node within its limits (see the module).
 
@@ -145,47 +173,66 @@ def allocate_nested(
     ``p_min <= p_max`` per vehicle; ``meter_kw`` per node (NaN: none, counted as 0);
     ``import_kw``/``export_kw`` per node, magnitudes (inf: none); ``hard_min`` per
     vehicle, how far a limit may push a car below its floor (default ``min(p_min, 0)``).
+    ``band_low_kw``/``band_high_kw`` per node (-inf/inf: open): a band on the node's net
+    power (meter + vehicles) that a service asks for (firming: [min_kw, max_kw], the ramp
+    as a band around the last net power); it yields to the limits and to the floors, and
+    ``band_miss_kw`` says how far each node ends outside it.
     """
     n = len(grid)
     vn = np.where(vehicle_node < 0, 0, vehicle_node).astype(np.intp)
     hmin = np.minimum(p_min, 0.0) if hard_min is None else np.minimum(hard_min, p_min)
     want = np.clip(desired, p_min, p_max)
     meter0 = np.nan_to_num(meter_kw, nan=0.0)
-    low_limit = -export_kw - meter0  # bounds on each subtree's vehicle total
-    high_limit = import_kw - meter0
     parent = grid.parent
-
-    own_hmin = np.bincount(vn, weights=hmin, minlength=n)
-    own_min = np.bincount(vn, weights=p_min, minlength=n)
-    own_max = np.bincount(vn, weights=p_max, minlength=n)
+    has_band = band_low_kw is not None or band_high_kw is not None
+    band_lo = np.full(n, -np.inf) if band_low_kw is None else band_low_kw
+    band_hi = np.full(n, np.inf) if band_high_kw is None else band_high_kw
+    open_ = np.full(n, np.inf)
+    # Tiers, outermost first: (each car's range, each node's bound on its subtree's
+    # vehicle total). The limits; the floors (no node bound of their own); the bands.
+    tiers: list[tuple[Floats, Floats, Floats, Floats]] = [
+        (hmin, p_max, -export_kw - meter0, import_kw - meter0),
+        (p_min, p_max, -open_, open_),
+    ]
+    if has_band:
+        tiers.append((p_min, p_max, band_lo - meter0, band_hi - meter0))
+    n_tiers = len(tiers)
     count = subtree_sums(grid, vn, np.ones(vn.shape[0]))
     wanted = subtree_sums(grid, vn, want)
 
-    # Up: the reachable range of each subtree's total with the limits below it held.
-    a, b, fa, fb = (np.zeros(n) for _ in range(4))
-    ch_a, ch_b, ch_fa, ch_fb = (np.zeros(n) for _ in range(4))
+    # Up: per tier, the reachable range [lo, hi] of each subtree's total with that tier's
+    # bounds below it held (descendants first: where a node's bound cannot be met, the
+    # extreme nearest it), inside the range of the tier around it. ``raw`` keeps the sums
+    # of the items' ranges (the children's and the node's own cars') before the node's
+    # own bound.
+    own = [
+        (np.bincount(vn, weights=lo, minlength=n), np.bincount(vn, weights=hi, minlength=n))
+        for lo, hi, _, _ in tiers
+    ]
+    rng_lo = [np.zeros(n) for _ in range(n_tiers)]
+    rng_hi = [np.zeros(n) for _ in range(n_tiers)]
+    raw_lo = [np.zeros(n) for _ in range(n_tiers)]
+    raw_hi = [np.zeros(n) for _ in range(n_tiers)]
     for level in reversed(grid.levels):
-        lo_raw = own_hmin[level] + ch_a[level]
-        hi_raw = own_max[level] + ch_b[level]
-        lo_lim, hi_lim = low_limit[level], high_limit[level]
-        # Reachable and within the limits; where the limits cannot be met, the extreme
-        # nearest them (the most the cars can do toward the limit).
-        a_l = np.minimum(np.maximum(lo_raw, lo_lim), hi_raw)
-        b_l = np.maximum(np.minimum(hi_raw, hi_lim), lo_raw)
-        fa_l = np.clip(np.maximum(own_min[level] + ch_fa[level], lo_lim), a_l, b_l)
-        fb_l = np.clip(np.minimum(own_max[level] + ch_fb[level], hi_lim), a_l, b_l)
-        fa_l = np.minimum(fa_l, fb_l)  # floors above the limit: the limit wins
-        a[level], b[level], fa[level], fb[level] = a_l, b_l, fa_l, fb_l
-        up = parent[level]
-        if up[0] >= 0:
-            np.add.at(ch_a, up, a_l)
-            np.add.at(ch_b, up, b_l)
-            np.add.at(ch_fa, up, fa_l)
-            np.add.at(ch_fb, up, fb_l)
+        out_lo = np.full(level.shape[0], -np.inf)
+        out_hi = np.full(level.shape[0], np.inf)
+        for k, (_, _, bound_lo, bound_hi) in enumerate(tiers):
+            r_lo = raw_lo[k][level] + own[k][0][level]
+            r_hi = raw_hi[k][level] + own[k][1][level]
+            raw_lo[k][level], raw_hi[k][level] = r_lo, r_hi
+            lo_l = np.clip(np.minimum(np.maximum(r_lo, bound_lo[level]), r_hi), out_lo, out_hi)
+            hi_l = np.clip(np.maximum(np.minimum(r_hi, bound_hi[level]), r_lo), out_lo, out_hi)
+            rng_lo[k][level], rng_hi[k][level] = lo_l, hi_l
+            out_lo, out_hi = lo_l, hi_l
+            up = parent[level]
+            if up[0] >= 0:
+                np.add.at(raw_lo[k], up, lo_l)
+                np.add.at(raw_hi[k], up, hi_l)
 
     # Down: each node's total split over its children and its own vehicles.
+    inner = n_tiers - 1
     total = np.zeros(n)
-    total[0] = min(max(float(wanted[0]), fa[0]), fb[0])
+    total[0] = min(max(float(wanted[0]), rng_lo[inner][0]), rng_hi[inner][0])
     power = np.empty(vn.shape[0])
     by_depth = np.argsort(grid.depth[vn], kind="stable")
     vdepth = grid.depth[vn][by_depth]
@@ -195,33 +242,36 @@ def allocate_nested(
         # The group of an item is its node's position in this level.
         slot = np.full(n, -1, dtype=np.intp)
         slot[level] = np.arange(level.shape[0])
-        floor_lo = own_min[level] + ch_fa[level]
-        floor_hi = own_max[level] + ch_fb[level]
         goal = total[level]
-        below = goal < floor_lo  # per group: some floors must give
-        above = goal > floor_hi
         kids = grid.levels[d + 1] if d + 1 < n_levels else np.zeros(0, dtype=np.intp)
         cars = by_depth[cuts[d] : cuts[d + 1]]
         # Items: the children (as their subtrees), then the vehicles at this level.
-        gk = slot[parent[kids]]
-        gv = slot[vn[cars]]
-        group = np.concatenate((gk, gv))
+        group = np.concatenate((slot[parent[kids]], slot[vn[cars]]))
+        item_lo = [np.concatenate((rng_lo[k][kids], t[0][cars])) for k, t in enumerate(tiers)]
+        item_hi = [np.concatenate((rng_hi[k][kids], t[1][cars])) for k, t in enumerate(tiers)]
         # A child's wanted total, not clipped into its range: as the parent lowers
-        # everyone, a child capped by its own limit is capped until the shift reaches it,
-        # then moves with the rest (as the exact optimum's dual shifts do).
-        x_in = np.concatenate((wanted[kids], want[cars]))
-        l_in = np.concatenate((fa[kids], p_min[cars]))
-        u_in = np.concatenate((fb[kids], p_max[cars]))
-        l_out = np.concatenate((a[kids], hmin[cars]))
-        u_out = np.concatenate((b[kids], p_max[cars]))
+        # everyone, a child capped by its own bound is capped until the shift reaches
+        # it, then moves with the rest (as the exact optimum's dual shifts do).
+        x = np.concatenate((wanted[kids], want[cars]))
+        lo, hi = item_lo[inner].copy(), item_hi[inner].copy()
+        # Per group: inside the innermost tier's sums, water-fill from the wanted values
+        # within it. Below them, the first tier out whose sums reach the goal: everyone
+        # lowered from the tier inside it toward that tier's low end (floors give to a
+        # limit, a band to the floors). Above them, the same upward.
+        decided = (raw_lo[inner][level] <= goal) & (goal <= raw_hi[inner][level])
+        for k in range(inner - 1, -1, -1):
+            down = (
+                ~decided & ((raw_lo[k][level] <= goal) | (k == 0)) & (goal < raw_lo[k + 1][level])
+            )
+            rise = (
+                ~decided & ((goal <= raw_hi[k][level]) | (k == 0)) & (goal > raw_hi[k + 1][level])
+            )
+            dn, ug = down[group], rise[group]
+            x = np.where(dn, item_lo[k + 1], np.where(ug, item_hi[k + 1], x))
+            lo = np.where(dn, item_lo[k], np.where(ug, item_hi[k + 1], lo))
+            hi = np.where(dn, item_lo[k + 1], np.where(ug, item_hi[k], hi))
+            decided |= down | rise
         w = np.concatenate((np.maximum(count[kids], 1.0), np.ones(cars.shape[0])))
-        # Per group: inside its floors, water-fill from the wanted values within them;
-        # under them, lower everyone from its floor toward its hard minimum; over them
-        # (float noise only), raise from the floor range's top.
-        bi, ai = below[group], above[group]
-        x = np.where(bi, l_in, np.where(ai, u_in, x_in))
-        lo = np.where(bi, l_out, np.where(ai, u_in, l_in))
-        hi = np.where(ai, u_out, np.where(bi, l_in, u_in))
         lam = _waterfill(group, x, lo, hi, w, goal)
         value = np.clip(x + w * lam[group], lo, hi)
         nk = kids.shape[0]
@@ -229,10 +279,12 @@ def allocate_nested(
         power[cars] = value[nk:]
 
     node_power = subtree_sums(grid, vn, power)
+    net = meter0 + node_power
     return NestedAllocation(
         power_kw=power,
         node_power_kw=node_power,
         over_limit_kw=over_limit(meter_kw, node_power, import_kw, export_kw),
         conflicts=power < p_min - FLOOR_TOL_KW,
         vehicle_node=vn,
+        band_miss_kw=np.maximum(0.0, np.maximum(net - band_hi, band_lo - net)),
     )

@@ -20,7 +20,7 @@ from scipy.optimize import linprog
 from scipy.sparse import csr_matrix
 
 from aggregator.grid import GridTopology, parse_grid
-from aggregator.grid_alloc import allocate_nested, over_limit, subtree_sums
+from aggregator.grid_alloc import allocate_nested, firming_band, over_limit, subtree_sums
 from aggregator.grid_status import node_statuses
 
 Floats = np.ndarray
@@ -254,3 +254,92 @@ def test_each_node_reports_its_power_meter_limits_headroom_and_conflicts() -> No
     assert rows["feeder"].headroom_import_kw == pytest.approx(100.0 - 14.0)
     assert rows["solar"].vehicles == 0 and rows["solar"].meter_kw is None
     assert all(s.over_limit_kw == 0.0 for s in rows.values())
+
+
+@st.composite
+def banded(draw: st.DrawFn) -> tuple[Case, Floats, Floats]:
+    """A case and a band on some nodes' net power (a firming service's), -inf/inf open."""
+    c = draw(cases())
+    n = len(c.grid)
+    lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
+    for j in range(n):
+        if draw(st.booleans()):
+            a = draw(st.floats(-200.0, 200.0))
+            b = a + draw(st.floats(0.0, 100.0))
+            if draw(st.booleans()):
+                lo[j] = a
+            if draw(st.booleans()):
+                hi[j] = b
+    return c, lo, hi
+
+
+@settings(max_examples=300, deadline=None)
+@given(banded())
+def test_a_band_holds_where_it_can_and_never_breaks_a_limit_or_a_floor(
+    case: tuple[Case, Floats, Floats],
+) -> None:
+    c, band_lo, band_hi = case
+    r = allocate_nested(
+        c.grid,
+        c.node,
+        c.p_min,
+        c.p_max,
+        c.desired,
+        c.meter,
+        c.imp,
+        c.exp,
+        band_low_kw=band_lo,
+        band_high_kw=band_hi,
+    )
+    zero = np.zeros(len(c.node))
+    low, high = _bounds(c)
+    if _lp(c, low, high, c.hard_min, c.p_max, zero)[0]:
+        assert r.over_limit_kw.max(initial=0.0) <= _tol(c)
+    if _lp(c, low, high, c.p_min, c.p_max, zero)[0]:
+        assert not r.conflicts.any()
+    m0 = np.nan_to_num(c.meter, nan=0.0)
+    both_lo, both_hi = np.maximum(low, band_lo - m0), np.minimum(high, band_hi - m0)
+    every = _lp(c, both_lo, both_hi, c.p_min, c.p_max, zero)[0] and bool(np.all(both_lo <= both_hi))
+    event(f"band holdable={every} missed={bool(r.band_miss_kw.max(initial=0.0) > _tol(c))}")
+    if every:
+        assert r.band_miss_kw.max(initial=0.0) <= _tol(c), r.band_miss_kw
+    net = m0 + r.node_power_kw
+    real = np.maximum(0.0, np.maximum(net - band_hi, band_lo - net))
+    np.testing.assert_allclose(r.band_miss_kw, real, atol=_tol(c))
+
+
+def test_a_solar_site_firmed_to_its_committed_export_soaks_up_the_rest_in_its_cars() -> None:
+    g = _two_sites()
+    node = np.full(6, g.index["solar"])
+    p_min, p_max = np.full(6, -7.0), np.full(6, 7.0)
+    meter = np.array([np.nan, np.nan, -45.0])  # 45 kW of sun, within the 50 kW DSO limit
+    band_lo = np.full(3, -np.inf)
+    band_lo[g.index["solar"]] = -30.0  # the plant's committed export: at most 30 kW
+    r = allocate_nested(
+        g,
+        node,
+        p_min,
+        p_max,
+        np.zeros(6),
+        meter,
+        g.import_kw,
+        g.export_kw,
+        band_low_kw=band_lo,
+    )
+    assert r.node_power_kw[g.index["solar"]] == pytest.approx(15.0)  # the cars take 15
+    np.testing.assert_allclose(r.power_kw, 2.5)
+    assert r.band_miss_kw.max() == 0.0
+    # Without the band, the cars idle as asked: the DSO limit alone holds by itself.
+    r = allocate_nested(g, node, p_min, p_max, np.zeros(6), meter, g.import_kw, g.export_kw)
+    np.testing.assert_allclose(r.power_kw, 0.0)
+
+
+def test_a_firming_band_is_the_band_within_the_ramp_of_the_last_net_power() -> None:
+    assert firming_band(-300.0, 50.0, None, -500.0, 5.0) == (-300.0, 50.0)
+    assert firming_band(None, None, 60.0, -200.0, 5.0) == (-205.0, -195.0)  # 1 kW/s
+    assert firming_band(-300.0, None, 60.0, -298.0, 5.0) == (-300.0, -293.0)
+    # Far outside the band: toward it as fast as the ramp allows, one point.
+    assert firming_band(-300.0, 50.0, 60.0, -500.0, 5.0) == (-495.0, -495.0)
+    assert firming_band(-300.0, 50.0, 60.0, 52.0, 5.0) == (47.0, 50.0)
+    assert firming_band(-300.0, 50.0, 60.0, 60.0, 5.0) == (55.0, 55.0)
+    assert firming_band(None, 50.0, 6.0, float("nan"), 5.0) == (-np.inf, 50.0)
