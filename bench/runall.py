@@ -69,6 +69,11 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             120.0 if quick else 300.0,
         ),
         ("scale_out", ["--repeat", "2" if quick else "3"], 240.0 if quick else 360.0),
+        (
+            "grid",
+            ["--sizes", "10000:100" if quick else "10000:100,100000:1000", "--lp", "10000:100"],
+            120.0,
+        ),
     ]
 
 

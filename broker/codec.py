@@ -67,11 +67,10 @@ _from_iso = datetime.fromisoformat
 _loads = orjson.loads
 _row = TelemetryRow._make
 _ABSENT = object()
-# Quotes in the text of a report without extra fields, each key and string once:
-# 13 keys and 2 strings (vehicle_id, ts), plus the departure key and maybe its string.
-_QUOTES_WITHOUT_DEPARTURE = 2 * (13 + 2)
-_QUOTES_NULL_DEPARTURE = 2 * (14 + 2)
-_QUOTES_DEPARTURE = 2 * (14 + 3)
+# Quotes in the text of a report without extra fields: each key and string value is two
+# quotes, 13 keys and 2 strings (vehicle_id, ts) always; departure and node (an extension)
+# add a key each when present, and a string each when not null.
+_QUOTES_BASE = 2 * (13 + 2)
 
 
 def _utc_epoch(text: object) -> float | None:
@@ -96,25 +95,27 @@ def telemetry_row(payload: bytes, vehicle_id: str) -> TelemetryRow | None:
     try:
         doc = _loads(payload)
         departure = doc.get("departure", _ABSENT)
+        node = doc.get("node", _ABSENT)
         vid, seq, ts, plugged, soc, cap, power, mch, mdis, ech, edis, low, tgt = _required(doc)
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):  # not an object
         return None
     # Every key and string value is two quotes in the text (more if it escapes one), and
     # orjson checked the grammar: with the count right, each key is there once, and no
     # value anywhere is nested.
-    quotes = payload.count(b'"')
-    if departure is _ABSENT:
-        if len(doc) != 13 or quotes != _QUOTES_WITHOUT_DEPARTURE:
-            return None
-        leave: float | None = math.nan
-    elif departure is None:
-        if len(doc) != 14 or quotes != _QUOTES_NULL_DEPARTURE:
-            return None
-        leave = math.nan
-    elif len(doc) != 14 or quotes != _QUOTES_DEPARTURE:
-        return None
+    keys, quotes = 13, _QUOTES_BASE
+    leave: float | None = math.nan
+    if departure is not _ABSENT:
+        keys, quotes = keys + 1, quotes + (2 if departure is None else 4)
+        if departure is not None:
+            leave = _utc_epoch(departure)
+    if node is _ABSENT:
+        node = None
     else:
-        leave = _utc_epoch(departure)
+        keys, quotes = keys + 1, quotes + (2 if node is None else 4)
+        if node is not None and (type(node) is not str or _id_match(node) is None):
+            return None
+    if len(doc) != keys or payload.count(b'"') != quotes:
+        return None
     if vid != vehicle_id or _id_match(vid) is None:
         return None
     if type(seq) is not int or not 0 <= seq < SEQ_LIMIT or type(plugged) is not bool:
@@ -154,7 +155,9 @@ def telemetry_row(payload: bytes, vehicle_id: str) -> TelemetryRow | None:
     at = _utc_epoch(ts)
     if at is None or leave is None:
         return None
-    return _row((vid, seq, plugged, at, soc, cap, power, mch, mdis, ech, edis, low, tgt, leave))
+    return _row(
+        (vid, seq, plugged, at, soc, cap, power, mch, mdis, ech, edis, low, tgt, leave, node)
+    )
 
 
 # -- Telemetry out: what simulated vehicles and bridges send -----------------------------
@@ -198,6 +201,12 @@ def telemetry_payloads(reports: TelemetryArrays) -> list[bytes]:
     departure = v["departure"].tolist()
     plugged = reports.plugged_in.tolist()
     seq = reports.seq.tolist()
+    # Extension (the grid): ',"node":"x"' after departure where a report names one.
+    node = (
+        [""] * len(reports)
+        if reports.node is None
+        else ["" if n is None else f',"node":"{n}"' for n in reports.node]
+    )
     out = []
     for i, vid in enumerate(reports.vehicle_id):
         d = departure[i]
@@ -209,7 +218,7 @@ def telemetry_payloads(reports: TelemetryArrays) -> list[bytes]:
                 f'"capacity_kwh":{cap[i]!r},"power_kw":{power[i]:.4f},'
                 f'"max_charge_kw":{mch[i]!r},"max_discharge_kw":{mdis[i]!r},'
                 f'"charge_efficiency":{ech[i]!r},"discharge_efficiency":{edis[i]!r},'
-                f'"min_soc":{mins[i]!r},"target_soc":{tgt[i]!r},"departure":{dep}}}'
+                f'"min_soc":{mins[i]!r},"target_soc":{tgt[i]!r},"departure":{dep}{node[i]}}}'
             ).encode()
         )
     return out
@@ -251,6 +260,8 @@ def telemetry_batch_payloads(
             "target_soc": v["target_soc"][part].tolist(),
             "departure": departure,
         }
+        if reports.node is not None:  # extension (the grid)
+            columns["node"] = reports.node[part]
         out.append(json.dumps(columns, separators=(",", ":")).encode())
     return out
 

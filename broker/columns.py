@@ -42,6 +42,7 @@ class TelemetryRow(NamedTuple):
     min_soc: float
     target_soc: float
     departure: float
+    node: str | None = None  # extension (the grid): None when the report names none
 
     @classmethod
     def of(cls, t: Telemetry) -> TelemetryRow:
@@ -62,6 +63,7 @@ class TelemetryRow(NamedTuple):
             t.min_soc,
             t.target_soc,
             math.nan if t.departure is None else t.departure.timestamp(),
+            t.node,
         )
 
 
@@ -74,6 +76,9 @@ class TelemetryArrays:
     ts: NDArray[np.float64]  # epoch seconds
     plugged_in: NDArray[np.bool_]
     values: dict[str, NDArray[np.float64]]  # TELEMETRY_FLOAT_COLUMNS; departure NaN if unknown
+    # Extension (the grid): each report's node (None: none said); None when no report
+    # names one, so a fleet without a grid carries no column for it.
+    node: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.vehicle_id)
@@ -93,6 +98,7 @@ class TelemetryArrays:
             ts=np.array(batch.ts, dtype=np.float64),
             plugged_in=np.array(batch.plugged_in, dtype=np.bool_),
             values={name: np.array(getattr(batch, name), dtype=np.float64) for name in _FLOATS},
+            node=batch.node if batch.node is not None and any(batch.node) else None,
         )
 
     @classmethod
@@ -104,12 +110,14 @@ class TelemetryArrays:
         def column(k: int, dtype: type[np.generic]) -> NDArray[Any]:
             return np.fromiter(map(itemgetter(k), rows), dtype, n)
 
+        nodes: list[str | None] = [r[14] for r in rows]
         return cls(
             vehicle_id=[r[0] for r in rows],
             seq=column(1, np.int64),
             ts=column(3, np.float64),
             plugged_in=column(2, np.bool_),
             values={name: column(k, np.float64) for k, name in enumerate(_FLOATS, start=4)},
+            node=nodes if any(nodes) else None,
         )
 
     def take(self, index: NDArray[np.intp]) -> TelemetryArrays:
@@ -120,13 +128,18 @@ class TelemetryArrays:
             ts=self.ts[index],
             plugged_in=self.plugged_in[index],
             values={k: v[index] for k, v in self.values.items()},
+            node=None if self.node is None else list(map(self.node.__getitem__, index.tolist())),
         )
 
     @classmethod
     def concat(cls, parts: list[TelemetryArrays]) -> TelemetryArrays:
         if len(parts) == 1:
             return parts[0]
+        node: list[str | None] | None = None
+        if any(p.node is not None for p in parts):
+            node = list(chain.from_iterable(p.node or [None] * len(p.vehicle_id) for p in parts))
         return cls(
+            node=node,
             vehicle_id=list(chain.from_iterable(p.vehicle_id for p in parts)),
             seq=np.concatenate([p.seq for p in parts]),
             ts=np.concatenate([p.ts for p in parts]),

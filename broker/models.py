@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from itertools import pairwise
 from typing import Annotated, Literal, Self
 
 from pydantic import (
@@ -34,18 +35,25 @@ MAX_VEHICLE_KW = 1000.0
 """Largest power magnitude of one vehicle (power_kw within +-this, ratings up to it)."""
 MAX_CAPACITY_KWH = 1000.0
 """Largest battery capacity of one vehicle."""
+MAX_NODE_KW = 1e7
+"""Largest limit, meter reading or band of one grid node (10 GW: above any substation)."""
+MAX_LIMIT_INTERVALS = 1000
+"""At most this many intervals in one dynamic limits message (a day at 90 s resolution)."""
 SEQ_LIMIT = 2**63
 """A report's seq is below this: the fleet keeps seq as int64, and a bigger one, let
 through, would break the fold of every report of the step."""
 
 VehicleId = Annotated[str, AfterValidator(lambda v: check_id(v, "vehicle_id"))]
 RequestId = Annotated[str, AfterValidator(lambda v: check_id(v, "request_id"))]
+NodeId = Annotated[str, AfterValidator(lambda v: check_id(v, "node"))]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Efficiency = Annotated[float, Field(gt=0.0, le=1.0)]
 VehiclePowerKw = Annotated[float, Field(ge=-MAX_VEHICLE_KW, le=MAX_VEHICLE_KW)]
 RatingKw = Annotated[float, Field(ge=0.0, le=MAX_VEHICLE_KW)]
 CapacityKwh = Annotated[float, Field(gt=0.0, le=MAX_CAPACITY_KWH)]
 Seq = Annotated[int, Field(ge=0, lt=SEQ_LIMIT)]
+NodeKw = Annotated[float, Field(strict=True, ge=-MAX_NODE_KW, le=MAX_NODE_KW)]
+LimitKw = Annotated[float, Field(strict=True, ge=0.0, le=MAX_NODE_KW)]
 UtcTime = Annotated[AwareDatetime, AfterValidator(lambda v: v.astimezone(UTC))]
 
 
@@ -94,6 +102,9 @@ class Telemetry(WireModel):
     min_soc: Fraction
     target_soc: Fraction
     departure: UtcTime | None = None
+    # Extension (the grid): the grid node the vehicle is plugged in under; absent = none
+    # said (the aggregator counts it under the grid's root). A new node means it moved.
+    node: NodeId | None = None
 
 
 # Telemetry's float fields, in its order: the float columns of a batch, and of the fleet's
@@ -143,6 +154,7 @@ class Service(StrEnum):
     DEMAND_RESPONSE = "demand_response"
     ENERGY_ARBITRAGE = "energy_arbitrage"
     MANUAL = "manual"
+    FIRMING = "firming"  # extension (the grid): hold a node's net power in a band
 
 
 SIGNAL_SERVICES = frozenset({Service.FREQUENCY_REGULATION, Service.FREQUENCY_CONTAINMENT})
@@ -161,9 +173,38 @@ class DispatchRequest(OperatorMessage):
     start: UtcTime | None = None
     duration_s: Annotated[float, Field(strict=True, gt=0.0)]
     priority: Annotated[int, Field(strict=True)] | None = None
+    # Extension (the grid): served by the vehicles under this node only; power_kw is then
+    # their net power. Firming (service "firming") needs it, and takes a band instead of
+    # power_kw: the node's net power (meter + vehicles) within [min_kw, max_kw] and/or
+    # its change per minute within ramp_kw_per_min; each absent = open, not all three.
+    node: NodeId | None = None
+    min_kw: NodeKw | None = None
+    max_kw: NodeKw | None = None
+    ramp_kw_per_min: Annotated[float, Field(strict=True, gt=0.0, le=MAX_NODE_KW)] | None = None
 
     @model_validator(mode="after")
     def _power_or_capacity(self) -> Self:
+        band = (self.min_kw, self.max_kw, self.ramp_kw_per_min)
+        if self.service is Service.FIRMING:
+            if self.node is None:
+                raise ValueError("service firming needs node (the grid node to hold)")
+            if self.power_kw is not None or self.capacity_kw is not None:
+                raise ValueError(
+                    "service firming takes no power_kw or capacity_kw: give min_kw, max_kw"
+                    " and/or ramp_kw_per_min"
+                )
+            if all(v is None for v in band):
+                raise ValueError(
+                    "service firming needs at least one of min_kw, max_kw, ramp_kw_per_min"
+                )
+            if self.min_kw is not None and self.max_kw is not None and self.min_kw > self.max_kw:
+                raise ValueError(f"min_kw {self.min_kw:g} is above max_kw {self.max_kw:g}")
+            return self
+        if any(v is not None for v in band):
+            raise ValueError(
+                f"min_kw, max_kw and ramp_kw_per_min belong to service firming, not"
+                f" {self.service.value}"
+            )
         if self.service in SIGNAL_SERVICES:
             if self.capacity_kw is None:
                 raise ValueError(f"service {self.service.value} needs capacity_kw (> 0)")
@@ -326,6 +367,79 @@ class FleetForecast(WireModel):
     periods: list[ForecastPeriod]
 
 
+# -- The grid under the fleet: an extension (issue 11) --------------------------------------
+# A node's meter and limits come from a site meter or a distribution operator and change
+# what the fleet does: like operator messages, an unknown field is refused, never ignored.
+
+
+class GridMeter(OperatorMessage):
+    """A node's net power without the fleet's vehicles, on ``v2g/grid/{node}/meter``:
+    load minus local generation, its children's included (+ import, - export)."""
+
+    ts: UtcTime
+    power_kw: NodeKw
+
+
+class LimitInterval(OperatorMessage):
+    """Import and export limits (magnitudes, kW; null = none) from ``start`` for
+    ``duration_s``."""
+
+    start: UtcTime
+    duration_s: Annotated[float, Field(strict=True, gt=0.0)]
+    import_kw: LimitKw | None = None
+    export_kw: LimitKw | None = None
+
+
+class GridLimits(OperatorMessage):
+    """A node's dynamic limits, retained on ``v2g/grid/{node}/limits``: within an interval
+    its limits hold, outside every interval the safe values (null = none). A dynamic limit
+    never loosens the node's static one: the tighter holds. Intervals may not overlap."""
+
+    ts: UtcTime
+    intervals: Annotated[list[LimitInterval], Field(max_length=MAX_LIMIT_INTERVALS)]
+    safe_import_kw: LimitKw | None = None
+    safe_export_kw: LimitKw | None = None
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> Self:
+        spans = sorted((i.start.timestamp(), i.duration_s) for i in self.intervals)
+        for (s0, d0), (s1, _) in pairwise(spans):
+            if s1 < s0 + d0:
+                raise ValueError(
+                    f"intervals overlap (one from {from_epoch(s0).isoformat()} for {d0:g} s,"
+                    f" the next from {from_epoch(s1).isoformat()}): send one limit per moment"
+                )
+        return self
+
+
+class NodeCapability(WireModel):
+    """The capability windows of the vehicles under one node, within the limits of the
+    node and its ancestors minus their meters: retained on ``v2g/grid/{node}/capability``."""
+
+    node: str
+    ts: UtcTime
+    windows: list[CapabilityWindow]
+    vehicles: int = 0
+
+
+class NodeStatus(WireModel):
+    """One grid node in the fleet status (an extension, issue 11; FleetStatus does not
+    carry it yet): its vehicles' net power, its meter and limits in force (null = none),
+    the headroom left, how far it is over a limit it cannot hold (0 when held), and the
+    vehicles a limit holds below their floor."""
+
+    node: str
+    power_kw: float
+    meter_kw: float | None
+    import_limit_kw: float | None
+    export_limit_kw: float | None
+    headroom_import_kw: float | None
+    headroom_export_kw: float | None
+    vehicles: int
+    over_limit_kw: float = 0.0
+    conflicts: list[str] = Field(default_factory=list)
+
+
 class ActiveDispatch(WireModel):
     request_id: str
     service: str
@@ -412,6 +526,7 @@ _RatingColumn = Annotated[list[RatingKw], _Cap]
 _PowerColumn = Annotated[list[VehiclePowerKw], _Cap]
 _CapacityColumn = Annotated[list[CapacityKwh], _Cap]
 _DepartureColumn = Annotated[list[EpochS | None], _Cap]
+_NodeColumn = Annotated[list[_BatchId | None], _Cap]
 
 
 class TelemetryBatch(WireModel):
@@ -438,6 +553,9 @@ class TelemetryBatch(WireModel):
     min_soc: _FractionColumn
     target_soc: _FractionColumn
     departure: _DepartureColumn
+    # Extension (the grid): each vehicle's grid node (null: none said); the column may be
+    # absent altogether, as from a bridge that predates it.
+    node: _NodeColumn | None = None
 
     @model_validator(mode="after")
     def _columns_line_up(self) -> Self:
@@ -445,6 +563,8 @@ class TelemetryBatch(WireModel):
         for name in TELEMETRY_BATCH_COLUMNS:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"column {name} has {len(getattr(self, name))} entries, not {n}")
+        if self.node is not None and len(self.node) != n:
+            raise ValueError(f"column node has {len(self.node)} entries, not {n}")
         return self
 
     def __len__(self) -> int:
@@ -469,6 +589,12 @@ class TelemetryBatch(WireModel):
                 "departure": [
                     None if t.departure is None else t.departure.timestamp() for t in batch
                 ],
+                # Only when some report names a node: a batch without them stays as it was.
+                **(
+                    {"node": [t.node for t in batch]}
+                    if any(t.node is not None for t in batch)
+                    else {}
+                ),
             }
         )
 

@@ -89,7 +89,26 @@ class Topics:
     def bridge_setpoints(self, bridge_id: str) -> str:
         return f"{self.prefix}/bridges/{bridge_id}/setpoints"
 
+    # The grid under the fleet (an extension): per node, a meter and dynamic limits coming
+    # in, the capability of the vehicles under it going out.
+    def grid_meter(self, node: str) -> str:
+        return f"{self.prefix}/grid/{node}/meter"
+
+    def grid_limits(self, node: str) -> str:
+        return f"{self.prefix}/grid/{node}/limits"
+
+    def grid_capability(self, node: str) -> str:
+        return f"{self.prefix}/grid/{node}/capability"
+
     # Subscription filters.
+    @property
+    def all_grid_meters(self) -> str:
+        return f"{self.prefix}/grid/+/meter"
+
+    @property
+    def all_grid_limits(self) -> str:
+        return f"{self.prefix}/grid/+/limits"
+
     @property
     def all_telemetry(self) -> str:
         return f"{self.prefix}/vehicles/+/telemetry"
@@ -131,7 +150,8 @@ class Topics:
 
         kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
         ``requests``, ``rejected`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend``, ``signal`` (id: request),
-        ``bridge_telemetry``, ``bridge_setpoints`` (id: bridge).
+        ``bridge_telemetry``, ``bridge_setpoints`` (id: bridge),
+        ``grid_meter``, ``grid_limits``, ``grid_capability`` (id: node).
         Raises InvalidMessage(reason="topic") for anything else.
         """
         head = self.prefix + "/"
@@ -148,6 +168,8 @@ class Topics:
             kind, ident = parts[2], parts[1]
         elif len(parts) == 3 and parts[0] == "bridges" and parts[2] in _BRIDGE_KINDS:
             kind, ident = f"bridge_{parts[2]}", parts[1]
+        elif len(parts) == 3 and parts[0] == "grid" and parts[2] in _GRID_KINDS:
+            kind, ident = f"grid_{parts[2]}", parts[1]
         else:
             raise InvalidMessage("topic", f"{topic[:120]!r} is not a contract topic")
         if not _ID_RE.fullmatch(ident):
@@ -180,3 +202,4 @@ def check_reply_topic(topic: str, prefix: str) -> str:
 _VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})
 _DISPATCH_KINDS = frozenset({"result", "progress", "cancel", "amend", "signal"})
 _BRIDGE_KINDS = frozenset({"telemetry", "setpoints"})
+_GRID_KINDS = frozenset({"meter", "limits", "capability"})

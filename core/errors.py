@@ -11,6 +11,7 @@ with one follows from its branch::
     ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
     ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
     ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
+    ├── GridError                aggregator/grid.py: a grid topology file that does not validate
     └── ProvisionError           v2g/provision.py: credentials could not be provisioned
 
 The roots live here, below every layer; an error that belongs to one layer's job is

@@ -85,7 +85,7 @@ def _options(
 # Grouped by audience; the order here is the order `v2g --help` lists the commands in.
 serve.register(app)  # the processes: demo, broker, aggregator, agents
 operate.register(app)  # a live fleet: dispatch, cancel, amend, status, capability, report, reset
-tools.register(app)  # offline: provision, simulate
+tools.register(app)  # offline: provision, simulate, grid show
 
 
 def main() -> None:

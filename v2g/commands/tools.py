@@ -1,5 +1,6 @@
 """Commands that work offline, without a running fleet: ``v2g provision`` (broker logins
-and certificates) and ``v2g simulate`` (a scenario, headless, as fast as the CPU allows)."""
+and certificates), ``v2g simulate`` (a scenario, headless, as fast as the CPU allows) and
+``v2g grid show`` (a grid topology file)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from broker.settings import check_broker_url
 from v2g import logs
 from v2g.commands.options import url_option
 from v2g.commands.running import fail
+from v2g.gridcmd import grid_app
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``, in the order ``v2g --help`` lists them."""
     app.command()(provision)
     app.command()(simulate)
+    app.add_typer(grid_app, name="grid")  # v2g grid show FILE
 
 
 def provision(
