@@ -11,6 +11,8 @@ with one follows from its branch::
     ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
     ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
     ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
+    ├── ActionRefused            v2g/web/app.py: a web action that is not valid: answer 4xx
+    ├── ListenError              v2g/web/serve.py: the web view cannot listen: fix --listen
     └── ProvisionError           v2g/provision.py: credentials could not be provisioned
 
 The roots live here, below every layer; an error that belongs to one layer's job is

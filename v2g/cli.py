@@ -1303,6 +1303,28 @@ def simulate(
         typer.echo(sim.summary_line(done.summary, out_dir))
 
 
+# -- v2g web (its work is in v2g/web/) ------------------------------------------------------
+from v2g.web.options import DEFAULT_LISTEN, Listen, Token  # noqa: E402
+
+
+@app.command(
+    epilog=_examples("v2g web", "V2G_WEB_TOKEN=$(cat ~/.v2g-token) v2g web --listen 127.0.0.1:8080")
+)
+def web(
+    listen: Listen = DEFAULT_LISTEN,
+    token: Token = None,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Serve a live view of the fleet in a browser: status, capability, power against the
+    requests, dispatches, refusals; with a token, send, amend and cancel requests."""
+    from v2g.web.serve import run_web
+
+    settings = _settings(broker_url=broker, topic_prefix=topic_prefix, log_format=log_format)
+    _run(run_web(settings, listen=listen, token=token or None), process="web")
+
+
 def main() -> None:
     """Entry point of the ``v2g`` console script."""
     with contextlib.suppress(BrokenPipeError):
