@@ -108,9 +108,9 @@ function renderChart(history) {
   // Round ticks: a step of 1, 2 or 5 times a power of ten, about four to the height.
   const raw = Math.max(hi - lo, 1) / 4, mag = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
-  lo = Math.floor(lo / step) * step; hi = Math.ceil(hi / step) * step;
-  const x = (t) => L + ((t - t0) / 3600) * (W - L - R);
-  const y = (v) => T + ((hi - v) / (hi - lo)) * (H - T - B);
+  lo = Math.floor(lo / step) * step; hi = Math.max(Math.ceil(hi / step) * step, lo + step);
+  const x = (t) => (L + ((t - t0) / 3600) * (W - L - R)).toFixed(1);
+  const y = (v) => (T + ((hi - v) / (hi - lo)) * (H - T - B)).toFixed(1);
   const el = (name, attrs, text) => {
     const e = document.createElementNS(SVG, name);
     for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
@@ -120,7 +120,7 @@ function renderChart(history) {
   };
   for (let v = lo; v <= hi + step / 2; v += step) {
     el("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" });
-    el("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, v.toFixed(0));
+    el("text", { x: L - 6, y: Number(y(v)) + 4, "text-anchor": "end" }, v.toFixed(0));
   }
   el("line", { x1: L, x2: W - R, y1: y(0), y2: y(0), class: "grid", "stroke-width": 2 });
   for (let m = 0; m <= 60; m += 15) {
@@ -142,7 +142,8 @@ function renderChart(history) {
   let d = "", prev = null;
   for (const p of history) {
     if (p[2] === null) { prev = null; continue; }
-    d += prev === null ? `M${x(p[0])},${y(p[2])}` : `H${x(p[0])}V${y(p[2])}`;
+    if (prev === null) d += `M${x(p[0])},${y(p[2])}`;
+    else d += p[2] === prev[2] ? `H${x(p[0])}` : `H${x(p[0])}V${y(p[2])}`;
     prev = p;
   }
   if (d) el("path", { d, class: "req", id: "requested-line" });
