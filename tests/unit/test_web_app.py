@@ -4,6 +4,7 @@ actions refused before anything reaches the broker, no asset from anywhere else.
 from __future__ import annotations
 
 import re
+import tomllib
 
 import pytest
 from starlette.testclient import TestClient
@@ -118,7 +119,22 @@ def test_the_page_loads_nothing_from_anywhere_else() -> None:
 
 def test_state_is_the_views_snapshot() -> None:
     snap = client(None).get("/api/state").json()
-    assert set(snap) == {"version", "status", "capability", "history", "dispatches", "rejected"}
+    assert set(snap) == {
+        "version",
+        "broker_connected",
+        "status",
+        "capability",
+        "history",
+        "dispatches",
+        "rejected",
+    }
+
+
+def test_the_page_ships_as_package_data() -> None:
+    pyproject = tomllib.loads((STATIC.parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    data = pyproject["tool"]["setuptools"]["package-data"]["v2g"]
+    assert "web/static/*" in data
+    assert {p.name for p in STATIC.iterdir()} == {"index.html", "app.js", "style.css"}
 
 
 @pytest.mark.parametrize(

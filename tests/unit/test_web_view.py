@@ -143,3 +143,10 @@ def test_every_change_moves_the_version_the_streams_wait_on() -> None:
     view.on_status(status(0, 1.0))
     view.on_result(DispatchResult(request_id="x", status="accepted", ts=T0))
     assert view.version == before + 2
+
+
+def test_the_page_hears_when_the_broker_link_drops_and_comes_back() -> None:
+    view = FleetView()
+    assert view.on_broker(True) and view.snapshot()["broker_connected"]
+    assert not view.on_broker(True)  # no change, no new version to send
+    assert view.on_broker(False) and not view.snapshot()["broker_connected"]

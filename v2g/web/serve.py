@@ -12,6 +12,7 @@ import structlog
 import uvicorn
 from pydantic import ValidationError
 
+from broker.link import MqttLink
 from broker.models import Capability, DispatchProgress, FleetStatus
 from broker.settings import Settings
 from core.errors import InvalidMessage, V2GError
@@ -81,6 +82,17 @@ async def _feed(live: Live, settings: Settings, queue: asyncio.Queue[Event]) -> 
         apply(live, settings, await queue.get())
 
 
+async def _watch(live: Live, link: MqttLink) -> None:
+    """Tell the page when the broker link drops or comes back (it reconnects by itself)."""
+    while True:
+        if live.view.on_broker(link.connected):
+            live.changed()
+        await asyncio.sleep(LINK_CHECK_S)
+
+
+LINK_CHECK_S = 1.0
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the ``v2g`` command owns the signals."""
 
@@ -121,8 +133,9 @@ async def run_web(
     server = _Server(config)
     with contextlib.closing(listen_socket(host, port)) as sock:
         port = sock.getsockname()[1]
-        async with operator_link(settings, subs) as (_, queue), asyncio.TaskGroup() as tg:
+        async with operator_link(settings, subs) as (link, queue), asyncio.TaskGroup() as tg:
             feed = tg.create_task(_feed(live, settings, queue), name="web-feed")
+            watch = tg.create_task(_watch(live, link), name="web-link-watch")
             http = tg.create_task(server.serve(sockets=[sock]), name="web-http")
             # The socket listens already: connections wait in its backlog until uvicorn runs.
             logs.lifecycle().info(
@@ -138,3 +151,4 @@ async def run_web(
                     async with asyncio.timeout(5.0):
                         await asyncio.wait({http})
                 feed.cancel()
+                watch.cancel()

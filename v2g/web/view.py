@@ -60,7 +60,16 @@ class FleetView:
     # the 15-minute capability band's min and max kW or None)
     history: deque[Point] = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
     dispatches: OrderedDict[str, DispatchRow] = field(default_factory=OrderedDict)
+    broker_connected: bool = False  # the reader's link, so the page can say it is stale
     version: int = 0
+
+    def on_broker(self, connected: bool) -> bool:
+        """Note the broker link's state; True when it changed."""
+        if connected == self.broker_connected:
+            return False
+        self.broker_connected = connected
+        self.version += 1
+        return True
 
     def _row(self, request_id: str, ts: float) -> DispatchRow:
         row = self.dispatches.pop(request_id, None) or DispatchRow(request_id)
@@ -154,6 +163,7 @@ class FleetView:
         s = self.status
         return {
             "version": self.version,
+            "broker_connected": self.broker_connected,
             "status": None if s is None else s.model_dump(mode="json"),
             "capability": None
             if self.capability is None

@@ -14,7 +14,18 @@ function mins(s) { return s >= 3600 ? `${(s / 3600).toFixed(s % 3600 ? 1 : 0)} h
 function cell(tr, text, cls) { const td = tr.insertCell(); td.textContent = text; if (cls) td.className = cls; return td; }
 function setText(id, text) { $(id).textContent = text; }
 
+let streaming = false;
+let brokerUp = false;
+
+function showLink() {
+  const up = streaming && brokerUp;
+  $("link").className = `pill ${up ? "on" : "off"}`;
+  setText("link", !streaming ? "reconnecting…" : brokerUp ? "live" : "broker unreachable: showing the last data");
+}
+
 function render(view) {
+  brokerUp = view.broker_connected;
+  showLink();
   const s = view.status;
   if (s) {
     setText("online", s.vehicles_online);
@@ -198,8 +209,8 @@ async function whoami() {
 
 function connect() {
   const es = new EventSource("/api/events");
-  es.onopen = () => { $("link").className = "pill on"; setText("link", "live"); };
-  es.onerror = () => { $("link").className = "pill off"; setText("link", "reconnecting…"); };
+  es.onopen = () => { streaming = true; showLink(); };
+  es.onerror = () => { streaming = false; showLink(); };
   es.onmessage = (ev) => render(JSON.parse(ev.data));
 }
 
