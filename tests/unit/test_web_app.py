@@ -13,7 +13,16 @@ from typer.testing import CliRunner
 from broker.models import Service
 from broker.settings import Settings
 from v2g.cli import app as cli_app
-from v2g.web.app import STATIC, ActionRefused, Live, build_request, create_app
+from v2g.web.app import (
+    MAX_WRONG,
+    STATIC,
+    WRONG_WINDOW_S,
+    ActionRefused,
+    Live,
+    _Sessions,
+    build_request,
+    create_app,
+)
 from v2g.web.options import parse_listen
 
 JSON = {"Content-Type": "application/json"}
@@ -51,6 +60,27 @@ def test_actions_need_a_login_and_a_wrong_token_is_refused() -> None:
     c.post("/api/logout")
     assert not c.get("/api/whoami").json()["logged_in"]
     assert c.post("/api/dispatch", json={"power_kw": -10}).status_code == 403
+
+
+def test_guessing_the_token_locks_every_login_for_a_while() -> None:
+    c = client("s3cret")
+    for _ in range(MAX_WRONG):
+        assert c.post("/api/login", json={"token": "guess"}).status_code == 401
+    locked = c.post("/api/login", json={"token": "s3cret"})  # even the right one, for now
+    assert locked.status_code == 429 and "too many wrong tokens" in locked.json()["error"]
+    assert int(locked.headers["retry-after"]) > 0
+    bearer = c.post("/api/dispatch", json={}, headers={"Authorization": "Bearer s3cret"})
+    assert bearer.status_code == 429
+
+
+def test_the_lock_lifts_once_the_wrong_tokens_are_old() -> None:
+    now = [0.0]
+    sessions = _Sessions("s3cret", clock=lambda: now[0])
+    for _ in range(MAX_WRONG):
+        assert not sessions.check("guess")
+    assert not sessions.check("s3cret") and sessions.locked_for() == WRONG_WINDOW_S
+    now[0] = WRONG_WINDOW_S + 0.1
+    assert sessions.check("s3cret")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import json
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -42,6 +43,8 @@ MAX_SESSIONS = 64  # logins kept; the oldest is logged out past this
 MAX_BODY = 4096  # an action's JSON body is a few fields
 KEEPALIVE_S = 15.0  # a comment line on a quiet stream, so proxies keep it open
 MIN_SEND_GAP_S = 0.25  # at most 4 snapshots a second per stream
+MAX_WRONG = 10  # wrong tokens (login or bearer) within WRONG_WINDOW_S before a lock
+WRONG_WINDOW_S = 60.0
 
 # The page loads nothing from anywhere else: every asset ships in the package.
 CSP = (
@@ -80,14 +83,29 @@ class Live:
 
 
 class _Sessions:
-    """Logged-in browsers: random session ids in a bounded set; the token never leaves."""
+    """Logged-in browsers: random session ids in a bounded set; the token never leaves.
+    Past MAX_WRONG wrong tokens within WRONG_WINDOW_S, no token is taken (not even the
+    right one) until the oldest of them is that old: guessing gets nowhere fast."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.token = token
         self._ids: deque[str] = deque(maxlen=MAX_SESSIONS)
+        self._wrong: deque[float] = deque(maxlen=MAX_WRONG)
+        self._clock = clock
+
+    def locked_for(self) -> float:
+        """Seconds until a token is taken again (0: now)."""
+        if len(self._wrong) < MAX_WRONG:
+            return 0.0
+        return max(0.0, self._wrong[0] + WRONG_WINDOW_S - self._clock())
 
     def check(self, token: str) -> bool:
-        return self.token is not None and hmac.compare_digest(token.encode(), self.token.encode())
+        if self.token is None or self.locked_for() > 0:
+            return False
+        if hmac.compare_digest(token.encode(), self.token.encode()):
+            return True
+        self._wrong.append(self._clock())
+        return False
 
     def open(self) -> str:
         sid = secrets.token_urlsafe(32)
@@ -240,6 +258,8 @@ def create_app(
             return JSONResponse({"error": str(err)}, status_code=err.status)
         if token is None:
             return JSONResponse({"error": _READ_ONLY}, status_code=403)
+        if (wait := sessions.locked_for()) > 0:
+            return _locked(wait)
         if not sessions.check(str(data.get("token", ""))):
             log.warning("web_login_refused", client=_client(request))
             return JSONResponse({"error": "wrong token"}, status_code=401)
@@ -259,6 +279,8 @@ def create_app(
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if not sessions.allows(request):
+                if token is not None and (wait := sessions.locked_for()) > 0:
+                    return _locked(wait)
                 message = _READ_ONLY if token is None else "log in first"
                 return JSONResponse({"error": message}, status_code=403)
             try:
@@ -352,6 +374,14 @@ class _SecurityHeaders:
 
 
 _READ_ONLY = "this view is read-only: start v2g web with --token or V2G_WEB_TOKEN to act from it"
+
+
+def _locked(wait_s: float) -> Response:
+    return JSONResponse(
+        {"error": f"too many wrong tokens: no login for {wait_s:.0f} s"},
+        status_code=429,
+        headers={"Retry-After": str(max(1, round(wait_s)))},
+    )
 
 
 def _client(request: Request) -> str:
