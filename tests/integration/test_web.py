@@ -67,7 +67,7 @@ async def test_the_web_view_shows_the_fleet_live_and_sends_a_request_after_a_log
     started = time.monotonic()
     cfg = settings.model_copy(update={"speed": 30.0})
     env = aggregator_env(cfg, time.time())
-    port = free_port()
+    port, ro_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}/"
     web_env = env | {"V2G_WEB_TOKEN": TOKEN, "V2G_LOG_FORMAT": "kv"}
     agents = ["agents", "--count", "40", "--seed", "3", "--mode", "multiplexed"]
@@ -75,6 +75,7 @@ async def test_the_web_view_shows_the_fleet_live_and_sends_a_request_after_a_log
         aggregator_process(env, tmp_path / "aggregator.log"),
         v2g_process(agents, env, tmp_path / "agents.log"),
         v2g_process(["web", "--listen", f"127.0.0.1:{port}"], web_env, tmp_path / "web.log") as web,
+        v2g_process(["web", "--listen", f"127.0.0.1:{ro_port}"], env, tmp_path / "ro.log"),
         async_playwright() as pw,
     ):
         browser = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
@@ -97,6 +98,15 @@ async def test_the_web_view_shows_the_fleet_live_and_sends_a_request_after_a_log
             assert re.fullmatch(r"[−+]\d+ … [−+]\d+ kW", await text(page, "#band"))
             assert await page.locator("#capability tbody tr").count() == 5
             await page.wait_for_selector("#power-line", state="attached", timeout=WAIT_MS)
+
+            # Without a token at start, the page is read-only and says so.
+            ro = await browser.new_page()
+            await _open(ro, f"http://127.0.0.1:{ro_port}/")
+            await ro.locator("#readonly").wait_for(timeout=WAIT_MS)
+            assert "read-only" in await text(ro, "#readonly")
+            assert await ro.locator("#login").is_hidden()
+            assert await ro.locator("#send").is_hidden()
+            await ro.close()
 
             # A wrong token is refused; the right one opens the request form.
             assert await page.locator("#send").is_hidden()
