@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from datetime import UTC, datetime
 
 import pytest
 from starlette.testclient import TestClient
@@ -92,6 +93,7 @@ def test_the_lock_lifts_once_the_wrong_tokens_are_old() -> None:
         ({"power_kw": -10, "request_id": "a/b"}, 400, "invalid request"),
         ({"power_kw": -10, "duration": -300}, 400, "invalid request"),
         ({"power_kw": -10, "start": "tomorrow"}, 400, "ISO 8601"),
+        ({"power_kw": -10, "start": "2026-12-07T18:00:00"}, 400, "invalid request"),
     ],
 )
 def test_a_bad_request_is_refused_before_it_reaches_the_broker(
@@ -132,6 +134,14 @@ def test_the_form_builds_the_same_request_the_cli_sends() -> None:
     assert fresh.request_id.startswith("web-") and fresh.capacity_kw == 300.0
     with pytest.raises(ActionRefused, match="invalid request"):
         build_request({"duration": "15m"})  # neither power nor capacity
+
+
+def test_a_relative_start_counts_from_the_platform_clock_as_the_cli_does() -> None:
+    now = datetime(2024, 6, 3, 21, 0, 12, 400000, tzinfo=UTC).timestamp()
+    req = build_request({"power_kw": 300, "start": "+30m", "duration": "1h"}, now=now)
+    assert req.start == datetime(2024, 6, 3, 21, 30, 12, tzinfo=UTC)
+    with pytest.raises(ActionRefused, match="platform clock"):
+        build_request({"power_kw": 300, "start": "+30m"})
 
 
 def test_the_page_loads_nothing_from_anywhere_else() -> None:

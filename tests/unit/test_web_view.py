@@ -150,3 +150,22 @@ def test_the_page_hears_when_the_broker_link_drops_and_comes_back() -> None:
     assert view.on_broker(True) and view.snapshot()["broker_connected"]
     assert not view.on_broker(True)  # no change, no new version to send
     assert view.on_broker(False) and not view.snapshot()["broker_connected"]
+
+
+def test_a_request_accepted_for_later_stays_open_to_amend_until_it_ends() -> None:
+    view = FleetView()
+    view.on_result(DispatchResult(request_id="later", status="accepted", ts=T0))
+    view.on_status(status(5, 0.0))  # not running yet, so not in the status
+    (row,) = view.snapshot()["dispatches"]
+    assert row["active"] and row["status"] == "accepted"
+    view.on_result(DispatchResult(request_id="later", status="cancelled", ts=T0))
+    (row,) = view.snapshot()["dispatches"]
+    assert not row["active"]
+
+
+def test_a_running_request_that_leaves_the_status_has_ended() -> None:
+    view = FleetView()  # started after the request did: no answer heard, only the status
+    view.on_status(status(0, -20.0, ("r", -20.0)))
+    view.on_status(status(5, 0.0))
+    (row,) = view.snapshot()["dispatches"]
+    assert (row["active"], row["status"]) == (False, "ended")

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.models import DispatchAmend, DispatchRequest, DispatchResult, Service
+from broker.clocklink import shared_clock
+from broker.models import DispatchAmend, DispatchRequest, DispatchResult, Service, from_epoch
 from broker.settings import Settings
 from broker.topics import check_id
 from core.errors import V2GError
@@ -168,19 +169,36 @@ def _number(data: dict[str, Any], field: str) -> float | None:
         raise ActionRefused(400, f"{field}: {value!r} is not a number") from None
 
 
-def build_request(data: dict[str, Any]) -> DispatchRequest:
-    """A DispatchRequest from the page's form, validated as the CLI's is."""
+def is_relative(start: Any) -> bool:
+    """A start like '+30m': from the platform clock's now, as ``v2g dispatch --start``."""
+    return isinstance(start, str) and start.strip().startswith("+")
+
+
+def _start(start: Any, now: float | None) -> datetime | None:
+    if start is None or start == "":
+        return None
+    if is_relative(start):
+        if now is None:
+            raise ActionRefused(400, "a relative start needs the platform clock")
+        return from_epoch(round(now)) + timedelta(
+            seconds=_duration(str(start).strip()[1:], "start")
+        )
+    try:
+        return datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+    except ValueError:
+        raise ActionRefused(
+            400, f"start: {start!r} is not +DURATION (e.g. +30m) or an ISO 8601 time with a zone"
+        ) from None
+
+
+def build_request(data: dict[str, Any], *, now: float | None = None) -> DispatchRequest:
+    """A DispatchRequest from the page's form, validated as the CLI's is; ``now`` is the
+    platform clock's time, for a start like '+30m'."""
     known = {"request_id", "service", "power_kw", "capacity_kw", "duration", "start", "priority"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ActionRefused(400, f"unknown fields {unknown}; a request takes {sorted(known)}")
-    start = data.get("start") or None
-    try:
-        moment = (
-            None if start is None else datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-        )
-    except ValueError:
-        raise ActionRefused(400, f"start: {start!r} is not an ISO 8601 time with a zone") from None
+    moment = _start(data.get("start"), now)
     priority = data.get("priority")
     try:
         return DispatchRequest(
@@ -299,7 +317,12 @@ def create_app(
         return endpoint
 
     async def send(_: Request, data: dict[str, Any]) -> DispatchResult:
-        req = build_request(data)
+        now = None
+        if is_relative(data.get("start")):
+            # '+30m' is on the fleet's clock, read on the bus as the CLI reads it.
+            async with shared_clock(acting, create=False) as shared:
+                now = shared.clock.now()
+        req = build_request(data, now=now)
         return await operator.dispatch(
             acting, req, wait=False, timeout_s=answer_timeout_s, on_result=lambda _: None
         )

@@ -29,7 +29,9 @@ class DispatchRow:
 
     request_id: str
     service: str | None = None
-    status: str = "active"  # the last answer's status; "active" when only the status named it
+    # The last answer's status; "active" when only the fleet status named it (it ran before
+    # this view started), "ended" once it no longer does.
+    status: str = "active"
     reason: str | None = None
     requested_kw: float | None = None
     allocated_kw: float | None = None
@@ -111,8 +113,12 @@ class FleetView:
             row.delivered_kw = d.delivered_kw
             row.delivered_kwh = d.delivered_kwh
         for rid, row in self.dispatches.items():
-            if rid not in live:
+            # A running request the status no longer lists has ended (its final answer
+            # may have come before this view started); one accepted for later has not.
+            if rid not in live and row.status in ("active", "started"):
                 row.active = False
+                if row.status == "active":
+                    row.status = "ended"  # seen running, its answer never heard here
         self.version += 1
 
     def on_capability(self, c: Capability) -> None:
@@ -121,6 +127,8 @@ class FleetView:
 
     def on_result(self, r: DispatchResult) -> None:
         row = self._row(r.request_id, to_epoch(r.ts))
+        if r.answer_to == "request" and r.status in ("accepted", "partial"):
+            row.active = True  # running now or scheduled: it can be amended or cancelled
         if r.answer_to == "request" or r.status in ("completed", "cancelled"):
             # An answer to an amendment or a cancel that did not end the request leaves
             # its status as it was (refused new terms leave the old ones): only the why.

@@ -224,7 +224,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("request").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const body = { service: $("service").value, duration: $("duration").value };
-    for (const f of ["power_kw", "capacity_kw", "request_id"]) if ($(f).value !== "") body[f] = f === "request_id" ? $(f).value : Number($(f).value);
+    for (const f of ["power_kw", "capacity_kw"]) if ($(f).value !== "") body[f] = Number($(f).value);
+    for (const f of ["request_id", "start"]) if ($(f).value.trim() !== "") body[f] = $(f).value.trim();
     say("sending…");
     try { say(answerLine(await post("/api/dispatch", body))); } catch (e) { say(`refused: ${e.message}`); }
   });
