@@ -150,6 +150,26 @@ async def test_the_web_view_shows_the_fleet_live_and_sends_a_request_after_a_log
                 await asyncio.sleep(DOCS_FILL_S)
             shot = _save(await page.screenshot(full_page=True))
             assert shot.stat().st_size > 10_000  # a picture of the page, not a blank
+
+            # Amend it (two prompts: new power, duration kept), then cancel it (a confirm).
+            answers = iter([str(power // 2), "", ""])
+            page.on("dialog", lambda d: asyncio.ensure_future(d.accept(next(answers))))
+            await row.locator("button", has_text="amend").click()
+            await page.wait_for_function(
+                "() => /web-e2e-1 accepted.*amended/.test(document.getElementById('answer').textContent)",
+                timeout=WAIT_MS,
+            )
+            await page.wait_for_function(
+                """(kw) => {
+                    const row = document.querySelector('#dispatches tr[data-request="web-e2e-1"]');
+                    return row !== null && Number(row.cells[3].textContent) === kw;
+                }""",
+                arg=power // 2,
+                timeout=WAIT_MS,
+            )
+            await row.locator("button", has_text="cancel").click()
+            await row.locator("td.status", has_text="cancelled").wait_for(timeout=WAIT_MS)
+            assert await row.locator("button").count() == 0  # ended: nothing left to do
             # The browser logs the wrong token's 401 itself; nothing else may go wrong.
             assert [e for e in errors if "status of 401" not in e] == []
         finally:
