@@ -63,6 +63,13 @@ class Live:
         self.view = view or FleetView()
         self.closing = False
         self._tick = asyncio.Event()
+        self._json: tuple[int, str] = (-1, "")
+
+    def snapshot_json(self) -> str:
+        """The view as JSON, encoded once per version however many streams send it."""
+        if self._json[0] != self.view.version:
+            self._json = (self.view.version, json.dumps(self.view.snapshot()))
+        return self._json[1]
 
     def changed(self) -> None:
         """Wake every stream (call after the view changed)."""
@@ -256,7 +263,7 @@ def create_app(
             while not live.closing:
                 if live.view.version != sent:
                     sent = live.view.version
-                    yield f"data: {json.dumps(live.view.snapshot())}\n\n"
+                    yield f"data: {live.snapshot_json()}\n\n"
                     await asyncio.sleep(MIN_SEND_GAP_S)
                     continue
                 await live.wait(sent, KEEPALIVE_S)
