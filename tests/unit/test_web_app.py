@@ -162,6 +162,7 @@ def test_state_is_the_views_snapshot() -> None:
     assert set(snap) == {
         "version",
         "broker_connected",
+        "unreadable",
         "status",
         "capability",
         "history",

@@ -15,6 +15,10 @@ from broker.models import (
     DispatchResult,
     FleetStatus,
 )
+from broker.settings import Settings
+from v2g.operator import Event
+from v2g.web.app import Live
+from v2g.web.serve import apply
 from v2g.web.view import HISTORY_S, MAX_DISPATCHES, MAX_POINTS, FleetView
 
 T0 = datetime(2026, 12, 7, 18, 0, tzinfo=UTC)
@@ -169,3 +173,23 @@ def test_a_running_request_that_leaves_the_status_has_ended() -> None:
     view.on_status(status(5, 0.0))
     (row,) = view.snapshot()["dispatches"]
     assert (row["active"], row["status"]) == (False, "ended")
+
+
+def test_a_message_the_view_cannot_read_is_counted_and_dropped() -> None:
+    settings = Settings(topic_prefix="p")
+    live = Live()
+    t = settings.topics
+    good = status(0, 5.0).to_json()
+    assert apply(live, settings, Event(t.fleet_status, good))
+    for topic, payload in [
+        (t.fleet_status, b"{not json"),
+        (t.fleet_capability, b'{"ts": "yesterday"}'),
+        (t.dispatch_progress("r1"), b"[]"),
+        ("p/dispatch/a+b/result", b"{}"),
+    ]:
+        before = live.view.version
+        assert not apply(live, settings, Event(topic, payload))
+        assert live.view.version == before + 1  # the page hears of the count
+    assert live.view.unreadable == 4
+    assert live.view.status is not None and live.view.status.power_kw == 5.0  # kept
+    assert apply(live, settings, Event(t.fleet_status, b""))  # a cleared topic is no error

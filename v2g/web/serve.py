@@ -51,8 +51,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def apply(live: Live, settings: Settings, ev: Event) -> bool:
-    """Fold one broker message into the view; False (and counted in the log) when it could
-    not be read. A bad message is logged and dropped, never fatal."""
+    """Fold one broker message into the view; False when it could not be read: such a
+    message is counted (the page shows the count), logged and dropped, never fatal."""
     t = settings.topics
     if not ev.payload:  # a cleared retained topic
         return True
@@ -71,7 +71,10 @@ def apply(live: Live, settings: Settings, ev: Event) -> bool:
             else:
                 return True
     except (ValidationError, InvalidMessage) as err:
+        view.unreadable += 1
+        view.version += 1
         log.warning("web_message_dropped", topic=ev.topic[:120], error=str(err)[:200])
+        live.changed()
         return False
     live.changed()
     return True

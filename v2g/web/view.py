@@ -63,6 +63,7 @@ class FleetView:
     history: deque[Point] = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
     dispatches: OrderedDict[str, DispatchRow] = field(default_factory=OrderedDict)
     broker_connected: bool = False  # the reader's link, so the page can say it is stale
+    unreadable: int = 0  # messages this view could not read (logged and dropped)
     version: int = 0
 
     def on_broker(self, connected: bool) -> bool:
@@ -172,6 +173,7 @@ class FleetView:
         return {
             "version": self.version,
             "broker_connected": self.broker_connected,
+            "unreadable": self.unreadable,
             "status": None if s is None else s.model_dump(mode="json"),
             "capability": None
             if self.capability is None

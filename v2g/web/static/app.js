@@ -42,6 +42,8 @@ function render(view) {
   }
   renderCapability(view.capability);
   renderRefusals(view.rejected);
+  $("unreadable").hidden = !view.unreadable;
+  setText("unreadable", `messages this view could not read: ${view.unreadable} (see its log)`);
   renderDispatches(view.dispatches);
   renderChart(view.history);
 }
