@@ -78,7 +78,10 @@ async def test_the_web_view_shows_the_fleet_live_and_sends_a_request_after_a_log
         v2g_process(["web", "--listen", f"127.0.0.1:{ro_port}"], env, tmp_path / "ro.log"),
         async_playwright() as pw,
     ):
-        browser = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        # Root (CI) needs --no-sandbox; a small /dev/shm in a container needs the other.
+        browser = await pw.chromium.launch(
+            executable_path=chromium(), args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
