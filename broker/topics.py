@@ -138,6 +138,10 @@ class Topics:
         return f"{self.prefix}/dispatch/+/result"
 
     @property
+    def all_progress(self) -> str:
+        return f"{self.prefix}/dispatch/+/progress"
+
+    @property
     def all_bridge_telemetry(self) -> str:
         return f"{self.prefix}/bridges/+/telemetry"
 

@@ -12,6 +12,8 @@ with one follows from its branch::
     ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
     ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
     ├── GridError                aggregator/grid.py: a grid topology file that does not validate
+    ├── ActionRefused            v2g/web/app.py: a web action that is not valid: answer 4xx
+    ├── ListenError              v2g/web/serve.py: the web view cannot listen: fix --listen
     └── ProvisionError           v2g/provision.py: credentials could not be provisioned
 
 The roots live here, below every layer; an error that belongs to one layer's job is

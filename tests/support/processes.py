@@ -53,3 +53,22 @@ async def aggregator_process(
             proc.kill()
         async with asyncio.timeout(5.0):
             await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def v2g_process(
+    args: list[str], env: dict[str, str], log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``v2g ARGS`` in a process of its own, output to ``log``; killed at the end if it
+    is still running (a test that wants a clean stop sends SIGTERM and waits first)."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            str(VENV_BIN / "v2g"), *args, env=env, stdout=out, stderr=out
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        async with asyncio.timeout(5.0):
+            await proc.wait()

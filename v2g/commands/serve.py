@@ -1,5 +1,5 @@
-"""Commands that run the platform's processes: ``v2g demo``, ``broker``, ``aggregator``
-and ``agents``. Long-running; each stops cleanly on Ctrl-C or SIGTERM."""
+"""Commands that run the platform's processes: ``v2g demo``, ``broker``, ``aggregator``,
+``agents`` and ``web``. Long-running; each stops cleanly on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ from v2g.commands.options import (
     RedisPrefix,
     SimStart,
     Speed,
+    examples,
     setting_option,
     settings_from,
     url_option,
 )
 from v2g.commands.running import fail, run
+from v2g.web.options import DEFAULT_LISTEN, Listen, Token
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +38,11 @@ def register(app: typer.Typer) -> None:
     app.command("broker")(broker_cmd)
     app.command()(aggregator)
     app.command()(agents)
+    app.command(
+        epilog=examples(
+            "v2g web", "V2G_WEB_TOKEN=$(cat ~/.v2g-token) v2g web --listen 127.0.0.1:8080"
+        )
+    )(web)
 
 
 def demo(
@@ -296,3 +303,18 @@ def agents(
             await runtime.run()
 
     run(main(), process="agents")
+
+
+def web(
+    listen: Listen = DEFAULT_LISTEN,
+    token: Token = None,
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Serve a live view of the fleet in a browser: status, capability, power against the
+    requests, dispatches, refusals; with a token, send, amend and cancel requests."""
+    from v2g.web.serve import run_web
+
+    settings = settings_from(broker_url=broker, topic_prefix=topic_prefix, log_format=log_format)
+    run(run_web(settings, listen=listen, token=token or None), process="web")
