@@ -1,0 +1,226 @@
+"""The OCPP gateway over real websockets, with the ocpp library's own ChargePoint classes
+as the stations, on real Redis (credentials) and Mosquitto (the bridge)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from broker.settings import Settings
+from chargers.auth import RedisStations
+from chargers.gateway import Gateway
+from core.clock import SimClock
+from tests.support.ocpp_peer import basic, iso_now, start_session, station
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+PASSWORD = "correct-horse-battery-staple"
+
+
+@pytest.fixture
+def rt_settings(settings: Settings) -> Settings:
+    """Real time: chargers are real. A 1 s telemetry interval and control step."""
+    return settings.model_copy(
+        update={"speed": 1.0, "telemetry_interval_s": 1.0, "control_step_s": 1.0}
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings, *, open_mode: bool = False, provision: tuple[str, ...] = ("cs-1",)
+) -> AsyncIterator[tuple[Gateway, str]]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    stations = RedisStations(client, settings.redis_prefix)
+    for sid in provision:
+        await stations.provision(sid, PASSWORD)
+    gw = Gateway(
+        settings=settings,
+        clock=SimClock(speed=1.0),
+        stations=stations,
+        bridge_id="ocpp-test",
+        open_mode=open_mode,
+    )
+    task = asyncio.create_task(gw.run("127.0.0.1", 0), name="gateway")
+    try:
+        async with asyncio.timeout(5):
+            await gw.listening.wait()
+            await gw.link.wait_connected(5)
+        yield gw, f"ws://127.0.0.1:{gw.port}"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def handshake_status(url: str, *, headers: dict[str, str], protocols: list[str]) -> int:
+    try:
+        ws = await connect(
+            url,
+            subprotocols=protocols or None,
+            additional_headers=headers,
+            open_timeout=5,  # type: ignore[arg-type]
+        )
+    except InvalidStatus as err:
+        return err.response.status_code
+    await ws.close()
+    return 101
+
+
+async def test_boot_is_accepted_with_a_heartbeat_interval(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings) as (gw, url):
+        for version in ("2.1", "2.0.1"):
+            async with station(url, "cs-1", PASSWORD, version) as cp:
+                answer = await cp.boot()
+                assert answer.status == "Accepted" and answer.interval == 60
+                await until(lambda: "cs-1" in gw.stations, what="station registered")
+                assert gw.stations["cs-1"].version == version
+
+
+async def test_auth_comes_first_then_the_subprotocol(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings) as (gw, url):
+        good = {"Authorization": basic("cs-1", PASSWORD)}
+        ocpp = ["ocpp2.1"]
+        assert await handshake_status(f"{url}/cs-1", headers={}, protocols=ocpp) == 401
+        assert (
+            await handshake_status(
+                f"{url}/cs-1", headers={"Authorization": basic("cs-1", "wrong")}, protocols=ocpp
+            )
+            == 401
+        )
+        unknown = {"Authorization": basic("cs-9", PASSWORD)}
+        assert await handshake_status(f"{url}/cs-9", headers=unknown, protocols=ocpp) == 401
+        # Bad credentials and no subprotocol: still 401, auth is first.
+        assert await handshake_status(f"{url}/cs-1", headers={}, protocols=[]) == 401
+        assert await handshake_status(f"{url}/cs-1", headers=good, protocols=[]) == 400
+        assert await handshake_status(f"{url}/cs-1", headers=good, protocols=["ocpp1.6"]) == 400
+        assert await handshake_status(f"{url}/cs-1", headers=good, protocols=["ocpp2.0.1"]) == 101
+        assert gw.csms.refused["no_credentials"] == 2 and gw.csms.refused["bad_password"] == 1
+        assert gw.csms.refused["unknown"] == 1 and gw.csms.refused["subprotocol"] == 2
+
+
+async def test_open_mode_takes_unprovisioned_stations_but_not_a_wrong_password(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings, open_mode=True) as (_, url):
+        ocpp = ["ocpp2.1"]
+        assert await handshake_status(f"{url}/lab-7", headers={}, protocols=ocpp) == 101
+        wrong = {"Authorization": basic("cs-1", "wrong")}
+        assert await handshake_status(f"{url}/cs-1", headers=wrong, protocols=ocpp) == 401
+
+
+async def test_malformed_calls_get_the_callerror_ocpp_j_names_and_the_station_carries_on(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with (
+        running_gateway(rt_settings, provision=("cs-1", "cs-2")) as (gw, url),
+        station(url, "cs-2", PASSWORD) as other,
+    ):
+        headers = {"Authorization": basic("cs-1", PASSWORD)}
+        async with connect(
+            f"{url}/cs-1",
+            subprotocols=["ocpp2.1"],
+            additional_headers=headers,  # type: ignore[list-item]
+        ) as ws:
+
+            async def ask(frame: str) -> list[Any]:
+                await ws.send(frame)
+                async with asyncio.timeout(5):
+                    return list(json.loads(await ws.recv()))
+
+            got = await ask('[2,"m1","BootNotification",{"reason":"PowerUp"}]')
+            assert got[:3] == [4, "m1", "OccurrenceConstraintViolation"]
+            got = await ask('[2,"m2","NoSuchAction",{}]')
+            assert got[:3] == [4, "m2", "NotImplemented"]
+            got = await ask('[2,"m3","SetChargingProfile",{}]')
+            assert got[:3] == [4, "m3", "NotSupported"]
+            got = await ask("this is not json")
+            assert got[:3] == [4, "-1", "RpcFrameworkError"]
+            got = await ask('[2,"m4","Heartbeat",{"extra":1}]')
+            assert got[:3] == [4, "m4", "FormatViolation"]
+            # Every other action a station may send gets a schema-valid answer.
+            for i, (action, payload) in enumerate(
+                [
+                    ("Heartbeat", {}),
+                    ("SecurityEventNotification", {"type": "x", "timestamp": iso_now()}),
+                    (
+                        "NotifyEVChargingSchedule",
+                        {
+                            "timeBase": iso_now(),
+                            "evseId": 1,
+                            "chargingSchedule": {
+                                "id": 1,
+                                "chargingRateUnit": "W",
+                                "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 1.0}],
+                            },
+                        },
+                    ),
+                    ("DataTransfer", {"vendorId": "acme"}),
+                    ("PullDynamicScheduleUpdate", {"chargingProfileId": 1}),
+                ]
+            ):
+                got = await ask(json.dumps([2, f"ok{i}", action, payload]))
+                assert got[0] == 3 and got[1] == f"ok{i}", (action, got)
+        # The other station was never disturbed.
+        assert (await other.boot()).status == "Accepted"
+        assert "cs-2" in gw.stations
+
+
+async def test_a_session_becomes_a_vehicle_reported_over_the_bridge(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    import aiomqtt
+
+    from broker.models import TelemetryBatch
+
+    async with (
+        running_gateway(rt_settings) as (gw, url),
+        aiomqtt.Client(
+            "127.0.0.1", 1883, identifier=f"watch-{rt_settings.topic_prefix.replace('/', '-')}"
+        ) as watch,
+    ):
+        await watch.subscribe(rt_settings.topics.bridge_telemetry("ocpp-test"), qos=0)
+        async with station(url, "cs-1", PASSWORD) as cp:
+            await cp.boot()
+            mac = {"id_token": "00:1A:2B:3C:4D:5E", "type": "MacAddress"}
+            await start_session(cp, evse=1, tx="tx-1", soc=0.5, power_w=7000, id_token=mac)
+            await until(
+                lambda: (
+                    gw.sessions.get(("cs-1", 1)) is not None
+                    and gw.sessions[("cs-1", 1)].can_discharge
+                ),
+                what="BPT accepted",
+            )
+            assert cp.calls("NotifyAllowedEnergyTransfer") == [
+                {"transactionId": "tx-1", "allowedEnergyTransfer": ["AC_BPT"]}
+            ]
+            async with asyncio.timeout(5):
+                async for m in watch.messages:
+                    batch = TelemetryBatch.model_validate_json(m.payload)  # type: ignore[arg-type]
+                    if batch.max_discharge_kw[0] > 0:
+                        break
+            assert batch.vehicle_id == ["001a2b3c4d5e"]
+            assert batch.plugged_in == [True] and batch.power_kw == [7.0]
+            assert batch.soc == [0.5] and batch.capacity_kwh == [60.0]
+            assert batch.min_soc[0] == pytest.approx((30 - 20) / 60)
+            assert batch.max_discharge_kw == [11.0]
