@@ -1311,3 +1311,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# `v2g ocpp` and the `v2g provision` group (mqtt, station): their work is in v2g/ocpp_gateway.py.
+from v2g import ocpp_gateway as _ocpp  # noqa: E402
+
+_ocpp.register(
+    app,
+    run=_run,
+    make_settings=_settings,
+    fail=_fail,
+    broker=Broker,
+    redis=Redis,
+    prefix=Prefix,
+    log_format=LogFormat,
+    provision_mqtt=provision,
+)
