@@ -224,3 +224,161 @@ async def test_a_session_becomes_a_vehicle_reported_over_the_bridge(
             assert batch.soc == [0.5] and batch.capacity_kwh == [60.0]
             assert batch.min_soc[0] == pytest.approx((30 - 20) / 60)
             assert batch.max_discharge_kw == [11.0]
+
+
+# -- with the aggregator: the stations join the fleet and follow its dispatch ------------
+
+
+@contextlib.asynccontextmanager
+async def fleet_with_gateway(
+    settings: Settings, store: Any, test_id: str, stations: tuple[str, ...]
+) -> AsyncIterator[tuple[Any, Gateway, str]]:
+    from tests.support.harness import make_aggregator
+
+    clock = SimClock(speed=1.0)
+    agg = make_aggregator(settings, clock, store, test_id)
+    async with running_gateway(settings, provision=stations) as (gw, url):
+        task = asyncio.create_task(agg.run(), name="aggregator")
+        try:
+            yield agg, gw, url
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def step_where(agg: Any, ok: Callable[[Any], bool], what: str, timeout: float) -> Any:
+    last = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                last = await agg.reports.get()
+                if ok(last):
+                    return last
+    except TimeoutError:
+        status = None if last is None else last.status.model_dump(exclude={"capability"})
+        raise AssertionError(f"no step with {what} within {timeout} s; last: {status}") from None
+
+
+def profile_periods(cp: Any) -> list[dict[str, Any]]:
+    return [
+        p["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]
+        for p in cp.calls("SetChargingProfile")
+    ]
+
+
+async def test_a_mixed_fleet_joins_and_tracks_a_discharge_and_never_discharges_a_non_bpt_session(
+    rt_settings: Settings, store: Any, test_id: str, retained_cleanup: None, figure: Any
+) -> None:
+    import aiomqtt
+
+    from broker.models import DispatchRequest
+    from chargers.profiles import negative_values
+
+    names = ("bpt-a", "bpt-b", "v21-nobpt", "v201")
+    async with fleet_with_gateway(rt_settings, store, test_id, names) as (agg, gw, url):
+        async with contextlib.AsyncExitStack() as stack:
+            cps = {
+                n: await stack.enter_async_context(
+                    station(url, n, PASSWORD, "2.0.1" if n == "v201" else "2.1")
+                )
+                for n in names
+            }
+            for i, (n, cp) in enumerate(cps.items()):
+                await cp.boot()
+                await start_session(
+                    cp, evse=1, tx=f"tx-{i}", soc=0.5, power_w=11000.0, bpt=n.startswith("bpt")
+                )
+            await until(lambda: gw.summary()["can_discharge"] == 2, what="two BPT sessions")
+            joined = await step_where(
+                agg,
+                lambda r: (
+                    r.status.vehicles_plugged_in == 4 and r.status.available_discharge_kw > 20
+                ),
+                "4 plugged in, 2 x 11 kW to discharge",
+                10,
+            )
+            assert joined.status.vehicles_online == 4
+            # A discharge at the fleet's meter: only the two BPT sessions can give it.
+            request = DispatchRequest(request_id=f"r-{test_id}", power_kw=-12.0, duration_s=120)
+            async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"op-{test_id}") as op:
+                await op.publish(rt_settings.topics.dispatch_requests, request.to_json(), qos=1)
+            t0 = time.monotonic()
+            tracked = await step_where(
+                agg,
+                lambda r: abs(r.status.power_kw - -12.0) <= 0.6,
+                "fleet net power within 5% of -12 kW",
+                10,
+            )
+            took = time.monotonic() - t0
+            assert took < 3 * rt_settings.control_step_s + 2.0, took
+            assert tracked.status.power_kw == pytest.approx(-12.0, abs=0.6)
+            for n in ("v21-nobpt", "v201"):
+                assert cps[n].calls("SetChargingProfile"), n
+                for p in cps[n].calls("SetChargingProfile"):
+                    assert negative_values(p) == [], (n, p)
+                assert all("setpoint" not in q and q["limit"] >= 0 for q in profile_periods(cps[n]))
+            for n in ("bpt-a", "bpt-b"):
+                last = cps[n].calls("SetChargingProfile")[-1]["chargingProfile"]
+                period = last["chargingSchedule"][0]["chargingSchedulePeriod"][0]
+                assert period["operationMode"] == "CentralSetpoint" and period["setpoint"] < 0
+                assert last["maxOfflineDuration"] > 0 and last["invalidAfterOfflineDuration"]
+            assert gw.setpoint_latency_s, "no setpoint latency measured"
+            figure("time to track -12 kW within 5%", took, "s", limit="< 3 control steps")
+            lat = sorted(gw.setpoint_latency_s)
+            figure(
+                "setpoint in -> SetChargingProfile answered, p50", lat[len(lat) // 2] * 1e3, "ms"
+            )
+            figure("SetChargingProfile round trip, max", max(gw.call_rtt_s) * 1e3, "ms")
+
+            # One BPT car unplugs mid-dispatch: the other picks up its share.
+            from ocpp.v21 import call as call21
+
+            await cps["bpt-b"].call(
+                call21.TransactionEvent(
+                    event_type="Ended",
+                    seq_no=1,
+                    timestamp=iso_now(),
+                    trigger_reason="EVDeparted",
+                    transaction_info={"transaction_id": "tx-1", "stopped_reason": "EVDisconnected"},
+                    evse={"id": 1, "connector_id": 1},
+                )
+            )
+            await step_where(
+                agg,
+                lambda r: (
+                    r.status.vehicles_plugged_in == 3 and abs(r.status.power_kw - -11.0) <= 0.6
+                ),
+                "3 plugged, the last BPT car at its 11 kW discharge limit",
+                10,
+            )
+            assert cps["bpt-a"].power_w[1] == pytest.approx(-11000.0, abs=100)
+            # A dropped websocket: its vehicle is out within the stale bound.
+            await stack.aclose()
+        await step_where(
+            agg, lambda r: r.status.vehicles_online == 0, "every station gone stale", 10
+        )
+
+
+async def test_a_dropped_station_goes_stale_and_comes_back_with_the_same_vehicle_id(
+    rt_settings: Settings, store: Any, test_id: str, retained_cleanup: None
+) -> None:
+    mac = {"id_token": "AA-BB-CC-00-11-22", "type": "MacAddress"}
+    async with fleet_with_gateway(rt_settings, store, test_id, ("cs-1",)) as (agg, gw, url):
+        async with station(url, "cs-1", PASSWORD) as cp:
+            await cp.boot()
+            await start_session(cp, evse=1, tx="tx-1", soc=0.5, power_w=7000.0, id_token=mac)
+            await step_where(agg, lambda r: r.status.vehicles_plugged_in == 1, "joined", 10)
+        assert gw.by_vehicle == {"aabbcc001122": ("cs-1", 1)}
+        t0 = time.monotonic()
+        await step_where(agg, lambda r: r.status.vehicles_online == 0, "stale", 10)
+        assert time.monotonic() - t0 < rt_settings.stale_s + 2 * rt_settings.control_step_s + 1
+        # Back without a reboot: no BootNotification; the gateway asks with TriggerMessage.
+        async with station(url, "cs-1", PASSWORD) as cp:
+            await until(lambda: len(cp.calls("TriggerMessage")) >= 2, what="TriggerMessage")
+            assert {c["requestedMessage"] for c in cp.calls("TriggerMessage")} == {
+                "TransactionEvent",
+                "MeterValues",
+            }
+            await step_where(agg, lambda r: r.status.vehicles_plugged_in == 1, "back", 10)
+            assert gw.by_vehicle == {"aabbcc001122": ("cs-1", 1)}

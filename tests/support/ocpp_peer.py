@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v21 import ChargePoint as ChargePoint21
 from ocpp.v21 import call as call21
 from ocpp.v21 import call_result as result21
@@ -30,11 +30,23 @@ def iso_now() -> str:
 
 
 class _Recording:
-    """What the CSMS called, raw (camelCase, as on the wire), and how to answer."""
+    """What the CSMS called, raw (camelCase, as on the wire), and how to answer. With
+    ``follow`` the EV does what each accepted profile says (a CentralSetpoint's setpoint,
+    else its natural draw capped at the limit) and reports it at once in MeterValues."""
 
     received: list[tuple[str, dict[str, Any]]]
     accept_profiles: bool = True
     accept_bpt: bool = True
+    follow: bool = True
+    natural_w: float = 11000.0
+    soc: float | None = 0.5
+    power_w: dict[int, float]
+
+    def _followed(self, evse_id: int, charging_profile: dict[str, Any]) -> float:
+        period = charging_profile["charging_schedule"][0]["charging_schedule_period"][0]
+        if period.get("operation_mode") == "CentralSetpoint":
+            return float(period["setpoint"])
+        return min(float(period.get("limit", self.natural_w)), self.natural_w)
 
     def _record(self, raw: str | bytes) -> None:
         with contextlib.suppress(ValueError):
@@ -50,6 +62,7 @@ class Station21(_Recording, ChargePoint21):  # type: ignore[misc]
     def __init__(self, station_id: str, connection: ClientConnection) -> None:
         super().__init__(station_id, connection, response_timeout=10)
         self.received = []
+        self.power_w = {}
 
     async def route_message(self, raw_msg: str | bytes) -> None:
         self._record(raw_msg)
@@ -60,6 +73,16 @@ class Station21(_Recording, ChargePoint21):  # type: ignore[misc]
         return result21.SetChargingProfile(
             status="Accepted" if self.accept_profiles else "Rejected"
         )
+
+    @after("SetChargingProfile")
+    async def _follow(self, evse_id: int, charging_profile: dict[str, Any], **_: Any) -> None:
+        if self.follow and self.accept_profiles:
+            self.power_w[evse_id] = self._followed(evse_id, charging_profile)
+            await self.call(
+                call21.MeterValues(
+                    evse_id=evse_id, meter_value=meter(self.soc, self.power_w[evse_id])
+                )
+            )
 
     @on("NotifyAllowedEnergyTransfer")
     def _naet(self, **_: Any) -> result21.NotifyAllowedEnergyTransfer:
@@ -83,6 +106,7 @@ class Station201(_Recording, ChargePoint201):  # type: ignore[misc]
     def __init__(self, station_id: str, connection: ClientConnection) -> None:
         super().__init__(station_id, connection, response_timeout=10)
         self.received = []
+        self.power_w = {}
 
     async def route_message(self, raw_msg: str | bytes) -> None:
         self._record(raw_msg)
@@ -93,6 +117,14 @@ class Station201(_Recording, ChargePoint201):  # type: ignore[misc]
         return result201.SetChargingProfile(
             status="Accepted" if self.accept_profiles else "Rejected"
         )
+
+    @after("SetChargingProfile")
+    async def _follow(self, evse_id: int, charging_profile: dict[str, Any], **_: Any) -> None:
+        if self.follow and self.accept_profiles:
+            self.power_w[evse_id] = self._followed(evse_id, charging_profile)
+            await self.call(
+                call201.MeterValues(evse_id=evse_id, meter_value=meter(None, self.power_w[evse_id]))
+            )
 
     @on("TriggerMessage")
     def _trigger(self, **_: Any) -> result201.TriggerMessage:
