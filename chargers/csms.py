@@ -123,10 +123,8 @@ def default_answer(action: str, version: str, payload: Json, *, heartbeat_s: int
         if action == "VatNumberValidation":
             base["vatNumber"] = str(payload.get("vatNumber", ""))
         return base
-    if action in ("GetCertificateStatus", "GetCertificateChainStatus"):
-        return (
-            {"status": "Failed"} if action == "GetCertificateStatus" else {"certificateStatus": []}
-        )
+    if action == "GetCertificateStatus":
+        return {"status": "Failed"}
     answer: Json = minimal_instance(get_validator(CALLRESULT, action, version).schema)
     return answer
 

@@ -45,6 +45,7 @@ from chargers.sessions import (
     vehicle_id_of,
 )
 from core.clock import Clock
+from core.errors import TransportError
 
 Key = tuple[str, int]  # (station id, evse id)
 FLUSH_WALL_S = 0.05  # changed sessions go out this soon after the message that changed them
@@ -452,7 +453,8 @@ class Gateway:
         now = self.clock.now()
         for i in range(0, len(rows), MAX_BATCH_VEHICLES):
             body = self._batch(rows[i : i + MAX_BATCH_VEHICLES], now)
-            with contextlib.suppress(Exception):
+            # QoS 0: while the broker is away a report is dropped, the next one follows.
+            with contextlib.suppress(TransportError):
                 await self.link.publish_many(
                     [Outgoing(self.topics.bridge_telemetry(self.bridge_id), body, qos=0)]
                 )

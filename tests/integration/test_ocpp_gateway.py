@@ -35,7 +35,11 @@ def rt_settings(settings: Settings) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    settings: Settings, *, open_mode: bool = False, provision: tuple[str, ...] = ("cs-1",)
+    settings: Settings,
+    *,
+    open_mode: bool = False,
+    provision: tuple[str, ...] = ("cs-1",),
+    tls: Any = None,
 ) -> AsyncIterator[tuple[Gateway, str]]:
     client = aioredis.Redis.from_url(settings.redis_url)
     stations = RedisStations(client, settings.redis_prefix)
@@ -48,12 +52,12 @@ async def running_gateway(
         bridge_id="ocpp-test",
         open_mode=open_mode,
     )
-    task = asyncio.create_task(gw.run("127.0.0.1", 0), name="gateway")
+    task = asyncio.create_task(gw.run("127.0.0.1", 0, tls=tls), name="gateway")
     try:
         async with asyncio.timeout(5):
             await gw.listening.wait()
             await gw.link.wait_connected(5)
-        yield gw, f"ws://127.0.0.1:{gw.port}"
+        yield gw, f"{'wss' if tls else 'ws'}://127.0.0.1:{gw.port}"
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -382,3 +386,127 @@ async def test_a_dropped_station_goes_stale_and_comes_back_with_the_same_vehicle
             }
             await step_where(agg, lambda r: r.status.vehicles_plugged_in == 1, "back", 10)
             assert gw.by_vehicle == {"aabbcc001122": ("cs-1", 1)}
+
+
+async def publish_setpoints(
+    settings: Settings, gw: Gateway, vid: str, power_kw: float, valid_s: float
+) -> None:
+    import aiomqtt
+
+    from broker.models import SetpointBatch, from_epoch
+
+    now = time.time()
+    batch = SetpointBatch(
+        bridge_id=gw.bridge_id,
+        request_id="r-1",
+        issued_at=from_epoch(now),
+        vehicle_id=[vid],
+        power_kw=[power_kw],
+        valid_until=[now + valid_s],
+    )
+    ident = f"sp-{settings.topic_prefix.replace('/', '-')}"
+    async with aiomqtt.Client("127.0.0.1", 1883, identifier=ident) as c:
+        await c.publish(settings.topics.bridge_setpoints(gw.bridge_id), batch.to_json(), qos=1)
+
+
+async def test_a_discharge_setpoint_to_a_2_0_1_station_is_a_zero_limit_and_a_release_restores_the_baseline(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with (
+        running_gateway(rt_settings) as (gw, url),
+        station(url, "cs-1", PASSWORD, "2.0.1") as cp,
+    ):
+        await cp.boot()
+        await start_session(cp, evse=1, tx="tx-1", soc=None, power_w=11000.0)
+        await until(lambda: "cs-1.1" in gw.by_vehicle, what="session")
+        await publish_setpoints(rt_settings, gw, "cs-1.1", -7.0, 60.0)
+        await until(lambda: len(cp.calls("SetChargingProfile")) == 1, what="profile")
+        first = profile_periods(cp)[0]
+        assert first == {"startPeriod": 0, "limit": 0.0}
+        await asyncio.sleep(0.01)
+        await publish_setpoints(rt_settings, gw, "cs-1.1", 0.0, 0.001)  # the release
+        await until(lambda: len(cp.calls("SetChargingProfile")) == 2, what="baseline")
+        baseline = cp.calls("SetChargingProfile")[1]["chargingProfile"]["chargingSchedule"][0]
+        assert "duration" not in baseline
+        assert baseline["chargingSchedulePeriod"][0]["limit"] == pytest.approx(11040.0)
+
+
+async def test_a_rejected_profile_is_counted_and_not_retried(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings) as (gw, url), station(url, "cs-1", PASSWORD) as cp:
+        cp.accept_profiles = False
+        await cp.boot()
+        await start_session(cp, evse=1, tx="tx-1", soc=0.5, power_w=11000.0, bpt=False)
+        await until(lambda: "cs-1.1" in gw.by_vehicle, what="session")
+        await publish_setpoints(rt_settings, gw, "cs-1.1", 3.0, 60.0)
+        await until(lambda: gw.counts["profile_rejected"] == 1, what="rejection counted")
+        await asyncio.sleep(1.5)  # a report loop and more: no retry of the same setpoint
+        assert len(cp.calls("SetChargingProfile")) == 1
+
+
+@pytest.fixture
+def server_cert(tmp_path: Any) -> tuple[Any, Any]:
+    """A throwaway self-signed certificate for 127.0.0.1 (openssl)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+async def test_security_profile_2_serves_wss_with_the_given_certificate(
+    rt_settings: Settings, redis_keys: None, server_cert: tuple[Any, Any]
+) -> None:
+    import ssl
+
+    from websockets.exceptions import InvalidHandshake
+
+    from v2g.ocpp_gateway import tls_context
+
+    cert, key = server_cert
+    async with running_gateway(rt_settings, tls=tls_context(cert, key)) as (_, url):
+        assert url.startswith("wss://")
+        client = ssl.create_default_context(cafile=str(cert))
+        ws = await connect(
+            f"{url}/cs-1",
+            subprotocols=["ocpp2.1"],  # type: ignore[list-item]
+            additional_headers={"Authorization": basic("cs-1", PASSWORD)},
+            ssl=client,
+            open_timeout=5,
+        )
+        await ws.send('[2,"h1","Heartbeat",{}]')
+        async with asyncio.timeout(5):
+            assert json.loads(await ws.recv())[:2] == [3, "h1"]
+        await ws.close()
+        with pytest.raises((InvalidHandshake, OSError)):  # plain ws:// to a TLS port
+            await connect(
+                url.replace("wss://", "ws://") + "/cs-1", subprotocols=["ocpp2.1"], open_timeout=3
+            )  # type: ignore[list-item]

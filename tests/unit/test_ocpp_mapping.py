@@ -335,3 +335,28 @@ def test_station_ids_are_checked() -> None:
     assert check_station_id("CS-0001") == "CS-0001"
     with pytest.raises(ValueError, match="station id"):
         check_station_id("a/b")
+
+
+# -- every CALL a station may send has a schema-valid answer -------------------------------
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.0.1"])
+def test_every_action_a_station_may_send_has_a_schema_valid_default_answer(version: str) -> None:
+    from chargers.csms import CALLRESULT, FROM_STATION, default_answer
+
+    for action in sorted(FROM_STATION[version]):
+        answer = default_answer(action, version, {"vatNumber": "DE123"}, heartbeat_s=60)
+        get_validator(CALLRESULT, action, version).validate(answer)
+
+
+def test_schema_errors_are_named_as_ocpp_j_names_them() -> None:
+    from chargers.csms import schema_error
+
+    assert schema_error("Heartbeat", "2.1", {}) is None
+    missing = schema_error("BootNotification", "2.1", {"reason": "PowerUp"})
+    assert missing is not None and missing[0] == "OccurrenceConstraintViolation"
+    mv = [{"timestamp": "2027-01-15T08:00:00Z", "sampledValue": [{"value": 1.0}]}]
+    wrong_type = schema_error("MeterValues", "2.0.1", {"evseId": "one", "meterValue": mv})
+    assert wrong_type is not None and wrong_type[0] == "TypeConstraintViolation"
+    extra = schema_error("Heartbeat", "2.0.1", {"extra": 1})
+    assert extra is not None and extra[0] == "FormatViolation"
