@@ -110,6 +110,7 @@ class Gateway:
         )
         self.sessions: dict[Key, EvseSession] = {}
         self.by_vehicle: dict[str, Key] = {}
+        self.evses: dict[str, set[int]] = {}  # station id -> its EVSEs with a session
         self.want: dict[Key, Want] = {}
         self.sent: dict[Key, Sent] = {}
         self.ended: list[EvseSession] = []  # to report unplugged once, then forget
@@ -153,7 +154,7 @@ class Gateway:
 
     def connected(self, station: Station) -> None:
         self.stations[station.id] = station
-        known = sorted(evse for (sid, evse) in self.sessions if sid == station.id)
+        known = sorted(self.evses.get(station.id, ()))
         if known:  # back from a drop: its vehicles return; ask for what we missed
             self._dirty.update((station.id, e) for e in known)
             self._wake.set()
@@ -166,13 +167,13 @@ class Gateway:
         self._sync_posted.discard(station.id)
         # Its vehicles stop being reported: the fleet counts them out at its stale bound.
         # What the station was told is unknown from now on (it may drop it offline).
-        for key in [k for k in self.sent if k[0] == station.id]:
-            del self.sent[key]
+        for evse in self.evses.get(station.id, ()):
+            self.sent.pop((station.id, evse), None)
 
     def on_call(self, station: Station, action: str, payload: Json) -> Json | None:
         if action == "BootNotification":
-            for key in [k for k in self.sessions if k[0] == station.id]:
-                self._end(key, "station rebooted")
+            for evse in list(self.evses.get(station.id, ())):
+                self._end((station.id, evse), "station rebooted")
         elif action == "StatusNotification":
             if payload["connectorStatus"] == "Available":
                 self._end((station.id, payload["evseId"]), "EV disconnected")
@@ -201,8 +202,8 @@ class Gateway:
             evse = next(
                 (
                     e
-                    for (sid, e), s in self.sessions.items()
-                    if sid == station.id and s.transaction_id == tx
+                    for e in self.evses.get(station.id, ())
+                    if self.sessions[(station.id, e)].transaction_id == tx
                 ),
                 None,
             )
@@ -239,6 +240,7 @@ class Gateway:
                 station_id=station.id, evse_id=key[1], version=station.version, vehicle_id=vid
             )
             self.sessions[key] = s
+            self.evses.setdefault(key[0], set()).add(key[1])
             self.log.info("ocpp_vehicle_joined", station=station.id, evse=key[1], vehicle=vid)
         if tx is not None:
             s.transaction_id = tx
@@ -255,6 +257,9 @@ class Gateway:
         self._dirty.discard(key)
         if s is None:
             return
+        self.evses[key[0]].discard(key[1])
+        if not self.evses[key[0]]:
+            del self.evses[key[0]]
         if self.by_vehicle.get(s.vehicle_id) == key:
             del self.by_vehicle[s.vehicle_id]
         s.plugged = False
@@ -327,7 +332,8 @@ class Gateway:
         """Bring every session of ``station`` to the profile its setpoint asks for."""
         self._sync_posted.discard(station.id)
         now = self.clock.now()
-        for key in [k for k in self.sessions if k[0] == station.id]:
+        for evse in sorted(self.evses.get(station.id, ())):
+            key = (station.id, evse)
             s = self.sessions.get(key)
             if s is None:
                 continue
