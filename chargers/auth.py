@@ -7,6 +7,7 @@ the ``Authorization`` header of the websocket upgrade against it before any OCPP
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -132,6 +133,8 @@ async def authenticate(
     if creds is None:
         return "no_credentials"
     user, password = creds
-    if user != station_id or not verify_password(password, stored):
+    # scrypt takes ~50 ms of CPU by design; hashlib releases the GIL for it, so a thread
+    # keeps the event loop (every other station) running through a reconnect storm.
+    if user != station_id or not await asyncio.to_thread(verify_password, password, stored):
         return "bad_password"
     return "ok"

@@ -373,7 +373,8 @@ class Gateway:
             return
         started = time.monotonic()
         try:
-            answer = await station.call_raw("SetChargingProfile", payload)
+            # chargers/profiles.py is held to the schema by tests (tests/unit/test_ocpp_mapping.py)
+            answer = await station.call_raw("SetChargingProfile", payload, validate=False)
         finally:
             self.sent[key] = goal  # tried: a refusal is not retried until the setpoint changes
         done = time.monotonic()
