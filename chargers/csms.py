@@ -252,6 +252,10 @@ class Station(ChargePoint):  # type: ignore[misc]
             except ConnectionClosed:
                 return
 
+    async def close(self, reason: str) -> None:
+        """Close the websocket (the station reconnects, wherever the balancer sends it)."""
+        await self._connection.close(1001, reason[:120])
+
     # -- incoming ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -435,7 +439,7 @@ class Csms:
         version = SUBPROTOCOLS[connection.subprotocol or "ocpp2.0.1"]
         old = self.connected.get(station_id)
         if old is not None:  # the station reconnected before we saw its old socket go
-            await old._connection.close(1000, "replaced by a new connection")
+            await old.close("replaced by a new connection")
         station = Station(
             station_id,
             connection,

@@ -35,6 +35,7 @@ from broker.models import MAX_BATCH_VEHICLES, SetpointBatch, TelemetryBatch, fro
 from broker.settings import Settings
 from chargers.auth import StationStore
 from chargers.csms import Csms, Json, Station, listening_port
+from chargers.ownership import Ownership
 from chargers.profiles import Target, negative_values, set_charging_profile
 from chargers.sessions import (
     Assumptions,
@@ -83,6 +84,7 @@ class Gateway:
         bridge_id: str,
         open_mode: bool = False,
         heartbeat_s: int = 60,
+        ownership: Ownership | None = None,
         assumptions: Assumptions | None = None,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
@@ -101,6 +103,8 @@ class Gateway:
             logger=self.log,
         )
         self.open_mode = open_mode
+        self.ownership = ownership
+        self._dropped_claims: list[tuple[str, str]] = []
         self.link = MqttLink(
             settings=settings,
             client_id=client_id(settings.topic_prefix, bridge_id),
@@ -149,11 +153,15 @@ class Gateway:
                 tg.create_task(self.link.run(), name="ocpp-mqtt")
                 tg.create_task(self._report_loop(), name="ocpp-report")
                 tg.create_task(self._flush_loop(), name="ocpp-flush")
+                if self.ownership is not None:
+                    tg.create_task(self._ownership_loop(self.ownership), name="ocpp-owner")
 
     # -- the stations' side (chargers.csms.Handlers) --------------------------------------
 
     def connected(self, station: Station) -> None:
         self.stations[station.id] = station
+        if self.ownership is not None:
+            station.post(lambda: self._claim(station))
         known = sorted(self.evses.get(station.id, ()))
         if known:  # back from a drop: its vehicles return; ask for what we missed
             self._dirty.update((station.id, e) for e in known)
@@ -164,6 +172,10 @@ class Gateway:
     def disconnected(self, station: Station) -> None:
         if self.stations.get(station.id) is station:
             del self.stations[station.id]
+            if self.ownership is not None:
+                value = self.ownership.drop(station.id)
+                if value is not None:
+                    self._dropped_claims.append((station.id, value))
         self._sync_posted.discard(station.id)
         # Its vehicles stop being reported: the fleet counts them out at its stale bound.
         # What the station was told is unknown from now on (it may drop it offline).
@@ -251,17 +263,10 @@ class Gateway:
         return s
 
     def _end(self, key: Key, why: str) -> None:
-        s = self.sessions.pop(key, None)
-        self.want.pop(key, None)
-        self.sent.pop(key, None)
-        self._dirty.discard(key)
+        s = self.sessions.get(key)
+        self._forget(key)
         if s is None:
             return
-        self.evses[key[0]].discard(key[1])
-        if not self.evses[key[0]]:
-            del self.evses[key[0]]
-        if self.by_vehicle.get(s.vehicle_id) == key:
-            del self.by_vehicle[s.vehicle_id]
         s.plugged = False
         self.ended.append(s)
         self._wake.set()
@@ -272,6 +277,42 @@ class Gateway:
     def _touch(self, key: Key) -> None:
         self._dirty.add(key)
         self._wake.set()
+
+    # -- which process holds which station (several gateways, one fleet) ------------------
+
+    async def _claim(self, station: Station) -> None:
+        assert self.ownership is not None
+        value = await self.ownership.claim(station.id)
+        self.log.info("ocpp_station_claimed", station=station.id, owner=value)
+
+    async def _ownership_loop(self, ownership: Ownership) -> None:
+        """Renew this process's claims; a station another process has claimed since is
+        dropped here: its socket closed, its sessions forgotten (not ended: they go on
+        at the other process, under the same vehicle ids)."""
+        while True:
+            await asyncio.sleep(ownership.ttl_s / 3.0)
+            dropped, self._dropped_claims = self._dropped_claims, []
+            await ownership.release(dropped)
+            for sid in await ownership.renew():
+                self.counts["stations_taken_over"] += 1
+                self.log.warning("ocpp_station_taken_over", station=sid)
+                for evse in list(self.evses.get(sid, ())):
+                    self._forget((sid, evse))
+                station = self.stations.pop(sid, None)
+                if station is not None:
+                    await station.close("taken over by another gateway process")
+
+    def _forget(self, key: Key) -> None:
+        s = self.sessions.pop(key, None)
+        self.want.pop(key, None)
+        self.sent.pop(key, None)
+        self._dirty.discard(key)
+        if s is not None:
+            self.evses[key[0]].discard(key[1])
+            if not self.evses[key[0]]:
+                del self.evses[key[0]]
+            if self.by_vehicle.get(s.vehicle_id) == key:
+                del self.by_vehicle[s.vehicle_id]
 
     # -- calls to the stations -------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from broker.clocklink import shared_clock
 from broker.settings import Settings, without_password
 from chargers.auth import RedisStations, check_station_id, new_password
 from chargers.gateway import Gateway
+from chargers.ownership import Ownership
 
 DEFAULT_LISTEN = "127.0.0.1:9000"
 
@@ -74,11 +75,13 @@ async def run_gateway(
                     f"the fleet's clock runs at x{shared.clock.speed:g}; chargers are real and"
                     " run in real time: start the fleet at --speed 1 (or another --topic-prefix)"
                 )
+            bridge = bridge_id or default_bridge_id(port)
             gateway = Gateway(
                 settings=shared.settings,
                 clock=shared.clock,
                 stations=RedisStations(redis, settings.redis_prefix),
-                bridge_id=bridge_id or default_bridge_id(port),
+                bridge_id=bridge,
+                ownership=Ownership(redis, settings.redis_prefix, bridge),
                 open_mode=open_mode,
                 heartbeat_s=heartbeat_s,
                 logger=log,

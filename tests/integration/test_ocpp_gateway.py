@@ -40,7 +40,11 @@ async def running_gateway(
     open_mode: bool = False,
     provision: tuple[str, ...] = ("cs-1",),
     tls: Any = None,
+    bridge_id: str = "ocpp-test",
+    owner_ttl_s: float | None = None,
 ) -> AsyncIterator[tuple[Gateway, str]]:
+    from chargers.ownership import Ownership
+
     client = aioredis.Redis.from_url(settings.redis_url)
     stations = RedisStations(client, settings.redis_prefix)
     for sid in provision:
@@ -49,8 +53,11 @@ async def running_gateway(
         settings=settings,
         clock=SimClock(speed=1.0),
         stations=stations,
-        bridge_id="ocpp-test",
+        bridge_id=bridge_id,
         open_mode=open_mode,
+        ownership=None
+        if owner_ttl_s is None
+        else Ownership(client, settings.redis_prefix, bridge_id, ttl_s=owner_ttl_s),
     )
     task = asyncio.create_task(gw.run("127.0.0.1", 0, tls=tls), name="gateway")
     try:
@@ -510,3 +517,30 @@ async def test_security_profile_2_serves_wss_with_the_given_certificate(
             await connect(
                 url.replace("wss://", "ws://") + "/cs-1", subprotocols=["ocpp2.1"], open_timeout=3
             )  # type: ignore[list-item]
+
+
+async def test_a_station_that_reconnects_to_another_gateway_process_is_dropped_by_the_first(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with (
+        running_gateway(rt_settings, bridge_id="gw-a", owner_ttl_s=0.6) as (gw_a, url_a),
+        running_gateway(rt_settings, bridge_id="gw-b", owner_ttl_s=0.6) as (gw_b, url_b),
+        station(url_a, "cs-1", PASSWORD) as first,
+    ):
+        await first.boot()
+        await start_session(first, evse=1, tx="tx-1", soc=0.5, power_w=7000.0)
+        await until(
+            lambda: gw_a.ownership is not None and "cs-1" in gw_a.ownership.claims,
+            what="claimed by a",
+        )
+        # The station comes back through the other process while its old socket lingers.
+        async with station(url_b, "cs-1", PASSWORD) as second:
+            await start_session(second, evse=1, tx="tx-1", soc=0.5, power_w=7000.0)
+            await until(
+                lambda: "cs-1" not in gw_a.stations and not gw_a.sessions, what="process a let go"
+            )
+            assert gw_a.counts["stations_taken_over"] == 1
+            assert gw_b.by_vehicle == {"cs-1.1": ("cs-1", 1)}
+            assert gw_b.ownership is not None
+            owner = await gw_b.ownership.owner("cs-1")
+            assert owner is not None and owner.startswith("gw-b|")
