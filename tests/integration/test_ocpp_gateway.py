@@ -544,3 +544,59 @@ async def test_a_station_that_reconnects_to_another_gateway_process_is_dropped_b
             assert gw_b.ownership is not None
             owner = await gw_b.ownership.owner("cs-1")
             assert owner is not None and owner.startswith("gw-b|")
+
+
+async def test_the_commands_as_a_user_runs_them_provision_then_serve_a_station(
+    settings: Settings, redis_keys: None, retained_cleanup: None, tmp_path: Any
+) -> None:
+    """`v2g provision station` then `v2g ocpp`, as processes of this venv's `v2g`."""
+    import os
+    import signal
+
+    from tests.support.processes import VENV_BIN
+    from tests.support.servers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("V2G_")} | {
+        "V2G_BROKER_URL": settings.broker_url,
+        "V2G_REDIS_URL": settings.redis_url,
+        "V2G_TOPIC_PREFIX": settings.topic_prefix,
+        "V2G_REDIS_PREFIX": settings.redis_prefix,
+        "V2G_LOG_FORMAT": "json",
+    }
+    v2g = str(VENV_BIN / "v2g")
+    prov = await asyncio.create_subprocess_exec(
+        v2g,
+        "provision",
+        "station",
+        "cs-cli",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await prov.communicate()
+    assert prov.returncode == 0, err
+    password = out.decode().strip()
+    assert len(password) >= 16 and b"provisioned" in err
+    port = free_port()
+    log = tmp_path / "ocpp.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            v2g, "ocpp", "--listen", f"127.0.0.1:{port}", env=env, stdout=sink, stderr=sink
+        )
+    try:
+        await until(lambda: b"ocpp_gateway_listening" in log.read_bytes(), 20, "listening")
+        async with station(f"ws://127.0.0.1:{port}", "cs-cli", password, "2.0.1") as cp:
+            assert (await cp.boot()).status == "Accepted"
+        wrong = {"Authorization": basic("cs-cli", "not-the-password")}
+        assert (
+            await handshake_status(
+                f"ws://127.0.0.1:{port}/cs-cli", headers=wrong, protocols=["ocpp2.0.1"]
+            )
+            == 401
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await proc.wait()
+    assert b'"process_stopped"' in log.read_bytes() and b"SIGTERM" in log.read_bytes()
