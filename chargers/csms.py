@@ -246,11 +246,14 @@ class Station(ChargePoint):  # type: ignore[misc]
             job = await self._jobs.get()
             try:
                 await job()
+            except ConnectionClosed:
+                return
             except (TimeoutError, CallErrorReceived) as err:
                 self.counts["call_failed"] += 1
                 self.log.warning("ocpp_call_failed", error=str(err)[:200])
-            except ConnectionClosed:
-                return
+            except Exception as err:  # an answer that breaks its schema, or our bug
+                self.counts["call_failed"] += 1
+                self.log.warning("ocpp_call_failed", error=repr(err)[:200])
 
     async def close(self, reason: str) -> None:
         """Close the websocket (the station reconnects, wherever the balancer sends it)."""
@@ -296,6 +299,8 @@ class Station(ChargePoint):  # type: ignore[misc]
             return
         if kind == CALL:
             await self._on_call(frame)
+        elif kind in (CALLRESULT, CALLERROR) and not self._call_lock.locked():
+            self.counts["unsolicited"] += 1  # no CALL of ours waits: nothing to match it
         elif kind == CALLRESULT and len(frame) == 3:
             self._response_queue.put_nowait(CallResult(uid, frame[2]))
         elif kind == CALLERROR and len(frame) >= 4:
