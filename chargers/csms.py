@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from chargers.auth import STATION_ID_RE, StationStore, Verdict, authenticate
+from core.errors import V2GError
 
 SUBPROTOCOLS = {"ocpp2.1": "2.1", "ocpp2.0.1": "2.0.1"}
 CALL, CALLRESULT, CALLERROR, SEND = 2, 3, 4, 6
@@ -95,7 +96,7 @@ FROM_STATION = {"2.1": FROM_STATION_21, "2.0.1": FROM_STATION_201}
 Json = dict[str, Any]
 
 
-class CallErrorReceived(Exception):
+class CallErrorReceived(V2GError):
     """The station answered a CALL of ours with a CALLERROR."""
 
     def __init__(self, code: str, description: str) -> None:

@@ -11,7 +11,9 @@ with one follows from its branch::
     ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
     ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
     ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
-    └── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    ├── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    └── CallErrorReceived        chargers/csms.py: a station answered our CALL with a
+                                 CALLERROR: log and count; the same CALL would fail again
 
 The roots live here, below every layer; an error that belongs to one layer's job is
 defined beside that job (the file named above) and hangs from one of them. A new
