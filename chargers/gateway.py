@@ -153,6 +153,7 @@ class Gateway:
                 tg.create_task(self.link.run(), name="ocpp-mqtt")
                 tg.create_task(self._report_loop(), name="ocpp-report")
                 tg.create_task(self._flush_loop(), name="ocpp-flush")
+                tg.create_task(self._summary_loop(), name="ocpp-summary")
                 if self.ownership is not None:
                     tg.create_task(self._ownership_loop(self.ownership), name="ocpp-owner")
 
@@ -520,6 +521,23 @@ class Gateway:
             {"bridge_id": self.bridge_id, "sent_at": from_epoch(now), **cols}
         )
         return batch.to_json()
+
+    async def _summary_loop(self) -> None:
+        """One ``ocpp_summary`` line every ``summary_every_wall_s``: what the gateway holds
+        and the SetChargingProfile round trips since the last line."""
+        while True:
+            await asyncio.sleep(self.settings.summary_every_wall_s)
+            rtt = sorted(self.call_rtt_s)
+            self.call_rtt_s.clear()
+            extra = (
+                {
+                    "profile_rtt_p50_ms": round(rtt[len(rtt) // 2] * 1e3, 1),
+                    "profile_rtt_max_ms": round(rtt[-1] * 1e3, 1),
+                }
+                if rtt
+                else {}
+            )
+            self.log.info("ocpp_summary", **self.summary(), **extra)
 
     def summary(self) -> dict[str, Any]:
         """What the gateway holds, as counts (logged, and read by tests and benches)."""
