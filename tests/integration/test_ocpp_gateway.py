@@ -600,3 +600,68 @@ async def test_the_commands_as_a_user_runs_them_provision_then_serve_a_station(
         async with asyncio.timeout(10):
             await proc.wait()
     assert b'"process_stopped"' in log.read_bytes() and b"SIGTERM" in log.read_bytes()
+
+
+async def test_twenty_stations_track_a_discharge_within_5_percent_in_three_steps(
+    rt_settings: Settings, store: Any, test_id: str, retained_cleanup: None, figure: Any
+) -> None:
+    """12 OCPP 2.1 BPT, 4 OCPP 2.1 charge-only and 4 OCPP 2.0.1 stations, one EV each."""
+    import aiomqtt
+
+    from broker.models import DispatchRequest
+    from chargers.profiles import negative_values
+
+    kinds = ["bpt"] * 12 + ["v21"] * 4 + ["v201"] * 4
+    names = tuple(f"cs-{i:02d}-{k}" for i, k in enumerate(kinds))
+    async with (
+        fleet_with_gateway(rt_settings, store, test_id, names) as (agg, gw, url),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        cps = {}
+        for i, (n, k) in enumerate(zip(names, kinds, strict=True)):
+            cp = await stack.enter_async_context(
+                station(url, n, PASSWORD, "2.0.1" if k == "v201" else "2.1")
+            )
+            await cp.boot()
+            await start_session(cp, evse=1, tx=f"tx-{i}", soc=0.5, power_w=11000.0, bpt=k == "bpt")
+            cps[n] = cp
+        await until(lambda: gw.summary()["can_discharge"] == 12, 10, "12 BPT sessions")
+        await step_where(
+            agg,
+            lambda r: r.status.vehicles_plugged_in == 20 and r.status.available_discharge_kw > 130,
+            "20 joined",
+            10,
+        )
+        target = -60.0
+        request = DispatchRequest(request_id=f"r20-{test_id}", power_kw=target, duration_s=120)
+        async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"op20-{test_id}") as op:
+            await op.publish(rt_settings.topics.dispatch_requests, request.to_json(), qos=1)
+        t0 = time.monotonic()
+        hit = await step_where(
+            agg,
+            lambda r: abs(r.status.power_kw - target) <= 0.05 * abs(target),
+            "within 5% of -60 kW",
+            3 * rt_settings.control_step_s + 3,
+        )
+        took = time.monotonic() - t0
+        errors = []
+        for _ in range(5):  # does it hold?
+            r = await step_where(agg, lambda r: True, "a step", 5)
+            errors.append(abs(r.status.power_kw - target) / abs(target))
+        figure(
+            "20 OCPP stations: time to track -60 kW within 5%",
+            took,
+            "s",
+            limit="< 3 control steps + 3 s",
+        )
+        figure(
+            "20 OCPP stations: worst tracking error over 5 steps",
+            100 * max(errors),
+            "%",
+            limit="<= 5 %",
+        )
+        assert abs(hit.status.power_kw - target) <= 3.0
+        assert max(errors) <= 0.05, errors
+        for n, k in zip(names, kinds, strict=True):
+            if k != "bpt":
+                assert all(negative_values(p) == [] for p in cps[n].calls("SetChargingProfile"))
