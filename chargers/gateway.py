@@ -119,6 +119,7 @@ class Gateway:
         self.sent: dict[Key, Sent] = {}
         self.ended: list[EvseSession] = []  # to report unplugged once, then forget
         self.stations: dict[str, Station] = {}
+        self.units: dict[str, str] = {}  # a station found to take limits in A only: "A"
         self.counts: Counter[str] = Counter()
         # SetChargingProfile: the CALL's round trip, and setpoint received -> answered.
         self.call_rtt_s: deque[float] = deque(maxlen=100_000)
@@ -403,20 +404,22 @@ class Gateway:
             evse_id=key[1],
             transaction_id=s.transaction_id,
             can_discharge=s.can_discharge,
-            max_charge_w=1000.0 * telemetry_fields(s, self.assume)["max_charge_kw"],  # type: ignore[operator]
+            max_charge_w=1000.0 * float(telemetry_fields(s, self.assume)["max_charge_kw"] or 0.0),
             max_discharge_w=1000.0 * s.ev_max_discharge_kw,
+            watts_per_amp=230.0 * s.phases,
         )
-        payload = set_charging_profile(
-            target, goal.power_kw, now=self.clock.now(), until=goal.until
-        )
-        if not s.can_discharge and negative_values(payload):  # never, but never ever send it
-            self.counts["profile_withheld"] += 1
-            self.log.error("ocpp_negative_profile_withheld", station=station.id, evse=key[1])
-            return
+        unit = self.units.get(station.id, "W")
         started = time.monotonic()
         try:
-            # chargers/profiles.py is held to the schema by tests (tests/unit/test_ocpp_mapping.py)
-            answer = await station.call_raw("SetChargingProfile", payload, validate=False)
+            answer = await self._call_profile(station, key, s, target, goal, unit)
+            if answer.get("status") == "Rejected" and unit == "W":
+                # Some stations take limits in A only (SmartChargingCtrlr.RateUnit): try
+                # once in A at the nominal voltage, and keep to A if that is taken.
+                again = await self._call_profile(station, key, s, target, goal, "A")
+                if again.get("status") == "Accepted":
+                    self.units[station.id] = "A"
+                    self.log.info("ocpp_station_takes_amperes", station=station.id)
+                    answer = again
         finally:
             self.sent[key] = goal  # tried: a refusal is not retried until the setpoint changes
         done = time.monotonic()
@@ -435,6 +438,19 @@ class Gateway:
             )
         else:
             self.counts["profile_accepted"] += 1
+
+    async def _call_profile(
+        self, station: Station, key: Key, s: EvseSession, target: Target, goal: Sent, unit: str
+    ) -> Json:
+        payload = set_charging_profile(
+            target, goal.power_kw, now=self.clock.now(), until=goal.until, unit=unit
+        )
+        if not s.can_discharge and negative_values(payload):  # never, but never ever send it
+            self.counts["profile_withheld"] += 1
+            self.log.error("ocpp_negative_profile_withheld", station=station.id, evse=key[1])
+            return {"status": "Withheld"}
+        # chargers/profiles.py is held to the schema by tests (tests/unit/test_ocpp_mapping.py)
+        return await station.call_raw("SetChargingProfile", payload, validate=False)
 
     # -- the fleet's side (MQTT) ----------------------------------------------------------
 

@@ -33,6 +33,9 @@ class Target:
     can_discharge: bool
     max_charge_w: float
     max_discharge_w: float
+    # W per A at the station's nominal voltage, for a station that takes limits in A only
+    # (230 V x the phases in use; three unless the EV asked for single-phase AC).
+    watts_per_amp: float = 690.0
 
 
 def iso(epoch_s: float) -> str:
@@ -49,11 +52,12 @@ def profile_id(evse_id: int) -> int:
 
 
 def set_charging_profile(
-    t: Target, setpoint_kw: float | None, *, now: float, until: float | None
+    t: Target, setpoint_kw: float | None, *, now: float, until: float | None, unit: str = "W"
 ) -> dict[str, Any]:
     """The ``SetChargingProfileRequest`` payload that makes ``t`` hold ``setpoint_kw``
     (signed, + charges) from ``now`` (platform clock) until ``until``; ``None``: the
-    baseline (charge at full power, no end).
+    baseline (charge at full power, no end). ``unit`` "A": the same in amperes at the
+    nominal voltage (``watts_per_amp``), for a station that refuses W.
 
     An Absolute schedule starting at ``now``: when it ends the station falls back to its
     default, plain charging, so no setpoint lingers past its validity."""
@@ -76,9 +80,14 @@ def set_charging_profile(
         period["limit"] = limit
         if t.version == "2.1":
             period["operationMode"] = "ChargingOnly"
+    if unit == "A":
+        per_amp = t.watts_per_amp if t.watts_per_amp > 0 else 690.0
+        for k in ("setpoint", "limit", "dischargeLimit"):
+            if k in period:
+                period[k] = round(period[k] / per_amp, 1)
     schedule: dict[str, Any] = {
         "id": profile_id(t.evse_id),
-        "chargingRateUnit": "W",
+        "chargingRateUnit": "A" if unit == "A" else "W",
         "startSchedule": iso(now),
         "chargingSchedulePeriod": [period],
     }

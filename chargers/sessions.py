@@ -88,6 +88,7 @@ class EvseSession:
     export_wh: float | None = None
     seq: int = 0
     saw_soc: bool = False
+    phases: int = 3  # AC phases in use (for limits in A at the nominal voltage)
 
     @property
     def can_discharge(self) -> bool:
@@ -111,6 +112,8 @@ def apply_charging_needs(s: EvseSession, needs: Json, a: Assumptions) -> None:
     modes = [str(m) for m in needs.get("availableEnergyTransfer") or []]
     modes.append(str(needs.get("requestedEnergyTransfer", "")))
     s.bpt_modes = tuple(sorted({m for m in modes if m in BPT_MODES}))
+    requested = str(needs.get("requestedEnergyTransfer", ""))
+    s.phases = {"AC_single_phase": 1, "AC_two_phase": 2}.get(requested, a.ac_phases)
     dc = needs.get("dcChargingParameters") or {}
     ac = needs.get("acChargingParameters") or {}
     v2x = needs.get("v2xChargingParameters") or {}

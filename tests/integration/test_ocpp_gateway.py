@@ -449,7 +449,34 @@ async def test_a_rejected_profile_is_counted_and_not_retried(
         await publish_setpoints(rt_settings, gw, "cs-1.1", 3.0, 60.0)
         await until(lambda: gw.counts["profile_rejected"] == 1, what="rejection counted")
         await asyncio.sleep(1.5)  # a report loop and more: no retry of the same setpoint
-        assert len(cp.calls("SetChargingProfile")) == 1
+        # Tried in W, then once in A (a station may take A only), and no more.
+        units = [
+            c["chargingProfile"]["chargingSchedule"][0]["chargingRateUnit"]
+            for c in cp.calls("SetChargingProfile")
+        ]
+        assert units == ["W", "A"]
+
+
+async def test_a_station_that_takes_only_amperes_gets_its_profiles_in_a(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings) as (gw, url), station(url, "cs-1", PASSWORD) as cp:
+        cp.accept_units = frozenset({"A"})
+        await cp.boot()
+        await start_session(cp, evse=1, tx="tx-1", soc=0.5, power_w=11000.0, bpt=False)
+        await until(lambda: "cs-1.1" in gw.by_vehicle, what="session")
+        await publish_setpoints(rt_settings, gw, "cs-1.1", 6.9, 60.0)
+        await until(lambda: gw.counts["profile_accepted"] == 1, what="accepted in A")
+        await asyncio.sleep(0.01)
+        await publish_setpoints(rt_settings, gw, "cs-1.1", 3.45, 60.0)
+        await until(lambda: gw.counts["profile_accepted"] == 2, what="second, straight in A")
+        periods = [
+            c["chargingProfile"]["chargingSchedule"][0] for c in cp.calls("SetChargingProfile")
+        ]
+        assert [p["chargingRateUnit"] for p in periods] == ["W", "A", "A"]
+        assert periods[1]["chargingSchedulePeriod"][0]["limit"] == 10.0  # 6.9 kW / 690 V
+        assert periods[2]["chargingSchedulePeriod"][0]["limit"] == 5.0
+        assert gw.counts["profile_rejected"] == 0 and gw.units == {"cs-1": "A"}
 
 
 @pytest.fixture

@@ -37,10 +37,15 @@ class _Recording:
     received: list[tuple[str, dict[str, Any]]]
     accept_profiles: bool = True
     accept_bpt: bool = True
+    accept_units: frozenset[str] = frozenset({"W", "A"})
     follow: bool = True
     natural_w: float = 11000.0
     soc: float | None = 0.5
     power_w: dict[int, float]
+
+    def _takes(self, charging_profile: dict[str, Any]) -> bool:
+        unit = charging_profile["charging_schedule"][0]["charging_rate_unit"]
+        return self.accept_profiles and unit in self.accept_units
 
     def _followed(self, evse_id: int, charging_profile: dict[str, Any]) -> float:
         period = charging_profile["charging_schedule"][0]["charging_schedule_period"][0]
@@ -69,14 +74,14 @@ class Station21(_Recording, ChargePoint21):  # type: ignore[misc]
         await super().route_message(raw_msg)
 
     @on("SetChargingProfile")
-    def _scp(self, **_: Any) -> result21.SetChargingProfile:
+    def _scp(self, charging_profile: dict[str, Any], **_: Any) -> result21.SetChargingProfile:
         return result21.SetChargingProfile(
-            status="Accepted" if self.accept_profiles else "Rejected"
+            status="Accepted" if self._takes(charging_profile) else "Rejected"
         )
 
     @after("SetChargingProfile")
     async def _follow(self, evse_id: int, charging_profile: dict[str, Any], **_: Any) -> None:
-        if self.follow and self.accept_profiles:
+        if self.follow and self._takes(charging_profile):
             self.power_w[evse_id] = self._followed(evse_id, charging_profile)
             await self.call(
                 call21.MeterValues(
@@ -113,14 +118,14 @@ class Station201(_Recording, ChargePoint201):  # type: ignore[misc]
         await super().route_message(raw_msg)
 
     @on("SetChargingProfile")
-    def _scp(self, **_: Any) -> result201.SetChargingProfile:
+    def _scp(self, charging_profile: dict[str, Any], **_: Any) -> result201.SetChargingProfile:
         return result201.SetChargingProfile(
-            status="Accepted" if self.accept_profiles else "Rejected"
+            status="Accepted" if self._takes(charging_profile) else "Rejected"
         )
 
     @after("SetChargingProfile")
     async def _follow(self, evse_id: int, charging_profile: dict[str, Any], **_: Any) -> None:
-        if self.follow and self.accept_profiles:
+        if self.follow and self._takes(charging_profile):
             self.power_w[evse_id] = self._followed(evse_id, charging_profile)
             await self.call(
                 call201.MeterValues(evse_id=evse_id, meter_value=meter(None, self.power_w[evse_id]))

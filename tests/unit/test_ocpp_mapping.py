@@ -256,6 +256,15 @@ def test_charge_only_gets_a_zero_limit_for_a_discharge_request() -> None:
         assert period.get("operationMode", "ChargingOnly") == "ChargingOnly"
 
 
+def test_a_station_that_takes_amperes_gets_the_same_profile_in_a_at_nominal_voltage() -> None:
+    p = set_charging_profile(target("2.1", True), -6.9, now=NOW, until=NOW + 60, unit="A")
+    valid_call("SetChargingProfile", p, "2.1")
+    sched = p["chargingProfile"]["chargingSchedule"][0]
+    assert sched["chargingRateUnit"] == "A"
+    period = sched["chargingSchedulePeriod"][0]
+    assert (period["setpoint"], period["limit"], period["dischargeLimit"]) == (-10.0, 15.9, -15.9)
+
+
 def test_baseline_is_full_power_charging_without_an_end() -> None:
     p = set_charging_profile(target("2.1", True), None, now=NOW, until=None)
     valid_call("SetChargingProfile", p, "2.1")
@@ -276,6 +285,7 @@ def test_baseline_is_full_power_charging_without_an_end() -> None:
     max_discharge=st.floats(-1e6, 1e6),
     evse=st.integers(0, 100),
     ttl=st.floats(0.001, 3600),
+    unit=st.sampled_from(["W", "A"]),
 )
 def test_no_session_that_cannot_discharge_ever_gets_a_negative_value(
     version: str,
@@ -286,12 +296,14 @@ def test_no_session_that_cannot_discharge_ever_gets_a_negative_value(
     max_discharge: float,
     evse: int,
     ttl: float,
+    unit: str,
 ) -> None:
     s = EvseSession(station_id="cs", evse_id=evse, version=version, vehicle_id="cs.1")
     s.bpt_modes = ("AC_BPT",) if bpt_modes else ()
     s.bpt_allowed = accepted
     t = Target(version, evse, "tx", s.can_discharge, max_charge, max_discharge)
-    p = set_charging_profile(t, setpoint, now=NOW, until=None if setpoint is None else NOW + ttl)
+    until = None if setpoint is None else NOW + ttl
+    p = set_charging_profile(t, setpoint, now=NOW, until=until, unit=unit)
     if not s.can_discharge:
         assert negative_values(p) == []
         period = p["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]
