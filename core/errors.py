@@ -14,7 +14,9 @@ with one follows from its branch::
     ├── GridError                aggregator/grid.py: a grid topology file that does not validate
     ├── ActionRefused            v2g/web/app.py: a web action that is not valid: answer 4xx
     ├── ListenError              v2g/web/serve.py: the web view cannot listen: fix --listen
-    └── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    ├── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    └── CallErrorReceived        chargers/csms.py: a station answered our CALL with a
+                                 CALLERROR: log and count; the same CALL would fail again
 
 The roots live here, below every layer; an error that belongs to one layer's job is
 defined beside that job (the file named above) and hangs from one of them. A new
