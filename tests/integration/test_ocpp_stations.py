@@ -8,8 +8,12 @@ is mocked. Every wait is bounded; every station and server is stopped at the end
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -317,3 +321,37 @@ async def test_a_session_ends_at_departure(ocpp: Factory) -> None:
         st, event = ended[0]
         assert event["transaction_info"]["stopped_reason"] == "EVDisconnected"
         assert not stations.fleet.plugged[st.index]
+
+
+async def test_the_command_runs_the_mix_against_a_csms(tmp_path: Path) -> None:
+    """``v2g agents --protocol ocpp`` as a user runs it, stopped with SIGTERM."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("V2G_")}
+    env |= {"V2G_OCPP_PASSWORD": "s3cret", "V2G_TELEMETRY_INTERVAL_S": "0.5",
+            "V2G_LOG_FORMAT": "json"}  # fmt: skip
+    log = tmp_path / "agents.log"
+    async with MiniCsms(password="s3cret") as csms:
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "v2g"), "agents", "--protocol", "ocpp",
+                "--url", csms.url, "--count", "10", "--mix", "v21bpt=0.6,v21=0.2,v201=0.2",
+                env=env, stdout=out, stderr=out,
+            )  # fmt: skip
+        try:
+            ids = [f"cs-{i:04d}" for i in range(10)]
+            await csms.wait_for(
+                lambda: all(csms.seen[s].of("MeterValues") for s in ids), timeout=30.0
+            )
+            versions = sorted(csms.points[s]._ocpp_version for s in ids)
+            assert versions == ["2.0.1"] * 2 + ["2.1"] * 8
+            bpt = sum(
+                "AC_BPT" in n or "DC_BPT" in n
+                for s in ids
+                for n in [str(csms.last(s, "NotifyEVChargingNeeds"))]
+            )
+            assert bpt == 6
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15.0):
+                code = await proc.wait()
+    assert code == 0, log.read_text()[-2000:]
+    assert "process_stopped" in log.read_text()
