@@ -210,9 +210,12 @@ class OcppStations:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         react_wall_s: float = 0.05,
+        validate: bool = True,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
-        """``password``: HTTP Basic (OCPP Security Profile 1), user = the station id."""
+        """``password``: HTTP Basic (OCPP Security Profile 1), user = the station id.
+        ``validate=False`` skips the ``ocpp`` library's JSON-schema checks of what the
+        stations send and receive (a benchmark's reference; a real station checks)."""
         if len(plan.station_ids) != len(fleet):
             raise ValueError(f"{len(plan.station_ids)} stations for {len(fleet)} cars")
         self.url = url.rstrip("/")
@@ -225,6 +228,7 @@ class OcppStations:
         self.open_timeout_s = open_timeout_s
         self.reconnect = (reconnect_min_s, reconnect_max_s)
         self.react_wall_s = react_wall_s
+        self.validate = validate
         self.log = logger or structlog.get_logger("ocpp_stations")
         n = len(fleet)
         self.stations = [
@@ -547,6 +551,9 @@ class OcppStations:
             cls = _Station21 if st.version == "2.1" else _Station201
             cp = cls(st.station_id, ws, response_timeout=self.response_timeout_s)
             cp.runtime, cp.station = self, st
+            if not self.validate:
+                for route in cp.route_map.values():
+                    route["_skip_schema_validation"] = True
             # Both halves are owned here: the first to end (a closed socket, a timeout)
             # ends the other, and its error is what happened to the connection. Not a
             # TaskGroup: its cancellation of this task would outlive the connection.
@@ -569,7 +576,8 @@ class OcppStations:
         call = cp._call
         resumed = st.booted
         while not st.booted:
-            res = await cp.call(
+            res = await self._call(
+                cp,
                 call.BootNotification(
                     charging_station={"model": MODEL, "vendor_name": VENDOR},
                     reason="PowerUp",
@@ -603,6 +611,9 @@ class OcppStations:
                     "station_message_failed", station=st.station_id, kind=kind, error=str(err)[:300]
                 )
 
+    async def _call(self, cp: Any, payload: Any, *, suppress: bool = True) -> Any:
+        return await cp.call(payload, suppress=suppress, skip_schema_validation=not self.validate)
+
     async def _send(self, st: Station, cp: Any, kind: str, data: dict[str, Any]) -> None:
         """Send one message of ``kind``, built from the fleet's state now."""
         call = cp._call
@@ -611,32 +622,35 @@ class OcppStations:
         evse = {"id": 1, "connector_id": 1}
         plugged = bool(self.fleet.plugged[i])
         if kind == "boot":
-            await cp.call(
+            await self._call(
+                cp,
                 call.BootNotification(
                     charging_station={"model": MODEL, "vendor_name": VENDOR}, reason="Triggered"
-                )
+                ),
             )
         elif kind == "heartbeat":
-            await cp.call(call.Heartbeat())
+            await self._call(cp, call.Heartbeat())
         elif kind == "status":
-            await cp.call(
+            await self._call(
+                cp,
                 call.StatusNotification(
                     timestamp=iso(now),
                     connector_status="Occupied" if plugged else "Available",
                     evse_id=1,
                     connector_id=1,
-                )
+                ),
             )
         elif kind == "meter":
             st.meter_pending = False
             if st.tx_id is not None:
-                await cp.call(call.MeterValues(evse_id=1, meter_value=self.meter(i)))
+                await self._call(cp, call.MeterValues(evse_id=1, meter_value=self.meter(i)))
         elif kind == "needs":
             if st.tx_id is not None:
-                await cp.call(
+                await self._call(
+                    cp,
                     call.NotifyEVChargingNeeds(
                         evse_id=1, charging_needs=charging_needs(self.plan, i, self.car(i))
-                    )
+                    ),
                 )
         elif kind in ("started", "updated", "ended"):
             tx_id = data.get("tx_id", st.tx_id)
@@ -656,7 +670,8 @@ class OcppStations:
             else:
                 info["charging_state"] = "Charging"
             token, token_type = st.token
-            await cp.call(
+            await self._call(
+                cp,
                 call.TransactionEvent(
                     event_type=kind.capitalize(),
                     timestamp=iso(now),
@@ -667,7 +682,7 @@ class OcppStations:
                     id_token=None if kind == "ended" else {"id_token": token, "type": token_type},
                     meter_value=data.get("meter") or self.meter(i),
                     offline=bool(data.get("offline", False)),
-                )
+                ),
             )
             if kind == "started":
                 st.tx_announced = True

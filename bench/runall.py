@@ -69,6 +69,16 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             120.0 if quick else 300.0,
         ),
         ("scale_out", ["--repeat", "2" if quick else "3"], 240.0 if quick else 360.0),
+        (
+            "ocpp_stations",
+            [
+                "--sizes",
+                "250,1000" if quick else "250,1000,2000",
+                "--steps",
+                "5" if quick else "10",
+            ],
+            300.0 if quick else 600.0,
+        ),
     ]
 
 

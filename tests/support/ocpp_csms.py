@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-from ocpp.routing import on
 from ocpp.v21 import ChargePoint as Cp21
 from ocpp.v21 import call as call21
 from ocpp.v201 import ChargePoint as Cp201
@@ -30,6 +29,8 @@ from ocpp.v201 import call as call201
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
+
+from agents.ocpp_stations import on
 
 HOST = "127.0.0.1"
 SUBPROTOCOLS = [Subprotocol("ocpp2.1"), Subprotocol("ocpp2.0.1")]
@@ -52,6 +53,7 @@ class Seen:
 class _Answers:
     """Every CALL a station sends gets a schema-valid answer, and is recorded."""
 
+    id: str
     csms: MiniCsms
     _call_result: Any
 
@@ -104,9 +106,16 @@ class MiniCsms:
     """Run with ``async with MiniCsms() as csms``; stations connect to ``csms.url``."""
 
     def __init__(
-        self, *, password: str | None = None, heartbeat_s: int = 60, response_timeout_s: float = 10
+        self,
+        *,
+        password: str | None = None,
+        heartbeat_s: int = 60,
+        response_timeout_s: float = 10,
+        validate: bool = True,
     ) -> None:
+        """``validate=False``: no JSON-schema checks either way (a benchmark's reference)."""
         self.password = password
+        self.validate = validate
         self.heartbeat_s = heartbeat_s
         self.response_timeout_s = response_timeout_s
         self.seen: defaultdict[str, Seen] = defaultdict(Seen)
@@ -165,6 +174,9 @@ class MiniCsms:
         cls = _Csms21 if ws.subprotocol == "ocpp2.1" else _Csms201
         cp = cls(station, ws, response_timeout=self.response_timeout_s)
         cp.csms = self
+        if not self.validate:
+            for route in cp.route_map.values():
+                route["_skip_schema_validation"] = True
         self.points[station] = cp
         self.sockets[station] = ws
         self.seen[station]  # a station that connects is seen, even silent
@@ -249,6 +261,7 @@ class MiniCsms:
         return await self.points[station].call(
             self._call(station).SetChargingProfile(evse_id=1, charging_profile=profile),
             suppress=False,
+            skip_schema_validation=not self.validate,
         )
 
     async def timed_profile(self, station: str, profile: dict[str, Any]) -> tuple[Any, float]:
@@ -261,6 +274,7 @@ class MiniCsms:
         return await self.points[station].call(
             call21.UpdateDynamicSchedule(charging_profile_id=profile_id, schedule_update=update),
             suppress=False,
+            skip_schema_validation=not self.validate,
         )
 
     async def clear_profile(self, station: str) -> Any:
@@ -274,6 +288,7 @@ class MiniCsms:
                 allowed_energy_transfer=modes, transaction_id=self.transaction_id(station)
             ),
             suppress=False,
+            skip_schema_validation=not self.validate,
         )
 
     async def trigger(self, station: str, message: str, custom: str | None = None) -> Any:
@@ -282,6 +297,7 @@ class MiniCsms:
                 requested_message=message, **({"custom_trigger": custom} if custom else {})
             ),
             suppress=False,
+            skip_schema_validation=not self.validate,
         )
 
     async def drop(self, station: str) -> None:
