@@ -302,6 +302,22 @@ def asks_discharge(values: Mapping[str, Any]) -> bool:
     )
 
 
+_POWER_KEY = re.compile(r"^(setpoint|limit|dischargeLimit)(_L[23])?$")
+
+
+def has_negative(payload: Any) -> bool:
+    """Whether a raw (camelCase) message holds a negative setpoint, limit or discharge
+    limit anywhere, whatever else is wrong with it."""
+    if isinstance(payload, Mapping):
+        return any(
+            (_POWER_KEY.match(str(k)) and isinstance(v, int | float) and v < 0) or has_negative(v)
+            for k, v in payload.items()
+        )
+    if isinstance(payload, list):
+        return any(has_negative(v) for v in payload)
+    return False
+
+
 def period_order(
     period: Mapping[str, Any], *, w_per_unit: float, start: float, until: float
 ) -> Order:

@@ -57,6 +57,7 @@ from agents.ocpp_model import (
     asks_discharge,
     assign_kinds,
     charging_needs,
+    has_negative,
     iso,
     parse_mix,
     period_order,
@@ -124,6 +125,13 @@ class _Handlers:
     runtime: OcppStations
     station: Station
     _call_result: Any
+
+    async def _handle_call(self, msg: Any) -> Any:
+        # Screen what may carry power before the library's schema check: a negative value
+        # to a station that cannot discharge is a violation even in a malformed message.
+        if msg.action in ("SetChargingProfile", "UpdateDynamicSchedule"):
+            self.runtime.screen(self.station, msg.action, msg.payload)
+        return await super()._handle_call(msg)  # type: ignore[misc]
 
     @on("SetChargingProfile")
     def on_set_charging_profile(
@@ -363,13 +371,13 @@ class OcppStations:
             received=str(what)[:300],
         )
 
-    def _refuse_negative(self, st: Station, what: Any) -> str | None:
-        """Why a negative value to this station is a violation, or None if it may discharge."""
-        if self.may_discharge(st):
-            return None
+    def screen(self, st: Station, action: str, payload: Any) -> None:
+        """Count a violation when a message to this station holds a negative setpoint,
+        limit or discharge limit (any phase) and the station may not discharge."""
+        if self.may_discharge(st) or not has_negative(payload):
+            return
         reason = "discharge_to_non_bpt" if not st.bpt else "discharge_not_allowed"
-        self._violation(st, reason, what)
-        return reason
+        self._violation(st, reason, {"action": action, **payload})
 
     def apply_profile(self, st: Station, profile: dict[str, Any]) -> tuple[str, str | None]:
         """A SetChargingProfile: (status, reasonCode)."""
@@ -381,7 +389,7 @@ class OcppStations:
             self.counts["profiles_rejected"] += 1
             self.log.warning("profile_rejected", station=st.station_id, reason=str(err))
             return "Rejected", "UnsupportedRequest"
-        if read.negative and self._refuse_negative(st, profile):
+        if read.negative and not self.may_discharge(st):  # counted by screen()
             self.counts["profiles_rejected"] += 1
             return "Rejected", "NoDischarge"
         if st.tx_id is None and profile.get("charging_profile_purpose") == "TxProfile":
@@ -416,7 +424,7 @@ class OcppStations:
         prof = st.profile
         if prof is None or prof.profile_id != profile_id or not prof.orders:
             return "Rejected", "UnknownProfile"
-        if asks_discharge(update) and self._refuse_negative(st, update):
+        if asks_discharge(update) and not self.may_discharge(st):  # counted by screen()
             return "Rejected", "NoDischarge"
         first = prof.orders[0]
         mode = "CentralSetpoint" if first.mode == "setpoint" else "ChargingOnly"

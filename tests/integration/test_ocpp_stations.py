@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ocpp.exceptions import OCPPError
+from ocpp.v201 import call as call201
 
 from agents.ocpp_stations import OcppStations, Station, build_stations
 from core.clock import SimClock
@@ -200,7 +202,16 @@ async def test_a_negative_value_to_a_station_that_cannot_discharge_is_a_violatio
         # A BPT car before the CSMS allowed a BPT mode.
         prof = csms.profile(bpt.station_id, setpoint_w=-3000, mode="CentralSetpoint")
         assert (await csms.set_profile(bpt.station_id, prof)).status == "Rejected"
-        assert stations.violations == {"discharge_to_non_bpt": 2, "discharge_not_allowed": 1}
+        # A 2.0.1 station sent a 2.1 setpoint: malformed for it (the library answers
+        # FormatViolation), and still a violation.
+        prof = csms.profile(old.station_id, setpoint_w=-3000, mode="CentralSetpoint")
+        with pytest.raises(OCPPError):
+            await csms.points[old.station_id].call(
+                call201.SetChargingProfile(evse_id=1, charging_profile=prof),
+                suppress=False,
+                skip_schema_validation=True,
+            )
+        assert stations.violations == {"discharge_to_non_bpt": 3, "discharge_not_allowed": 1}
         await asyncio.sleep(0.2)
         stations.advance(stations.clock.now())
         for st in (non_bpt, old, bpt):

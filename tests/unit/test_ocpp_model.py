@@ -22,6 +22,7 @@ from agents.ocpp_model import (
     ProfileRefused,
     assign_kinds,
     charging_needs,
+    has_negative,
     id_token,
     parse_mix,
     plan_stations,
@@ -272,3 +273,14 @@ def test_a_cap_holds_charging_under_it_and_never_above_the_baseline() -> None:
     assert fleet.power[1] <= fleet.bat.max_charge_kw[1] + 1e-9
     fleet.tick(T0 + 65)  # the cap is over: back to the baseline
     assert fleet.power[0] > 2.0 or fleet.power[0] == pytest.approx(base[0], abs=0.5)
+
+
+def test_a_negative_power_value_is_found_anywhere_in_a_raw_message() -> None:
+    period = {"startPeriod": 0, "limit": 11000, "setpointReactive": -500}
+    msg = {"evseId": 1, "chargingProfile": {"chargingSchedule": [
+        {"chargingSchedulePeriod": [period]}]}}  # fmt: skip
+    assert not has_negative(msg)  # reactive power is not discharge
+    period["dischargeLimit_L2"] = -1
+    assert has_negative(msg)
+    assert has_negative({"scheduleUpdate": {"setpoint": -0.5}})
+    assert not has_negative({"scheduleUpdate": {"setpoint": 0, "dischargeLimit": 0}})
