@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agents.profiles import DAY_S, FleetProfile
+from core.errors import InvalidMessage
 from core.physics import Array, Batteries
 
 Kind = Literal["v21bpt", "v21", "v201"]
@@ -254,9 +255,12 @@ def sampled_values(
 
 
 # -- what a station is told -----------------------------------------------------------
-class ProfileRefused(ValueError):
-    """A charging profile this station does not carry out; the message is the reason
-    (answered Rejected with it)."""
+class ProfileRefused(InvalidMessage):
+    """A charging profile this station does not carry out (answered Rejected; the
+    detail says why)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("profile", detail)
 
 
 @dataclass(frozen=True, slots=True)

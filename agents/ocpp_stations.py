@@ -70,6 +70,7 @@ from agents.ocpp_model import (
 from agents.profiles import generate_fleet
 from broker.link import backoff_delays
 from core.clock import Clock, raise_if_cancelled
+from core.errors import AuthenticationError
 
 VENDOR = "v2g-sim"
 MODEL = "bpt-sim"
@@ -84,7 +85,7 @@ def on(action: str) -> Callable[[_F], _F]:
     return cast("Callable[[_F], _F]", _on(action))
 
 
-class StationAuthError(Exception):
+class StationAuthError(AuthenticationError):
     """The CSMS refused the station's credentials (HTTP 401/403): retrying cannot help."""
 
 
@@ -254,6 +255,7 @@ class OcppStations:
         self.export_kwh = np.zeros(n)
         self.offline_since = np.full(n, np.nan)
         self.max_offline_s = np.full(n, np.inf)
+        self.next_period_at = np.full(n, np.inf)  # when a station's next period starts
         self._was_plugged = np.zeros(n, dtype=bool)
         self.violations: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
@@ -288,15 +290,19 @@ class OcppStations:
         self._was_plugged = plugged.copy()
 
     def _next_periods(self, now: float) -> None:
-        """Move the (few) stations whose profile period ran out to their next period."""
-        f = self.fleet
-        due = (f.setpoint_until <= now) | (f.cap_until <= now)
-        for i in np.flatnonzero(due).tolist():
-            st = self.stations[i]
-            while st.pending and st.pending[0].until <= now:
-                st.pending.pop(0)
-            if st.pending and st.pending[0].start <= now:
-                self._hold(st, st.pending.pop(0))
+        """Move the (few) stations whose next profile period is due to it."""
+        for i in np.flatnonzero(self.next_period_at <= now).tolist():
+            self._take_due(self.stations[i], now)
+
+    def _take_due(self, st: Station, now: float) -> None:
+        """Hold the latest period of ``st``'s profile that has started; note when the
+        next one starts (inf: none)."""
+        due = None
+        while st.pending and st.pending[0].start <= now:
+            due = st.pending.pop(0)
+        if due is not None and due.until > now:
+            self._hold(st, due)
+        self.next_period_at[st.index] = st.pending[0].start if st.pending else np.inf
 
     def car(self, i: int) -> CarState:
         f = self.fleet
@@ -353,6 +359,7 @@ class OcppStations:
         st.tx_id = None
         st.profile = None
         st.pending = []
+        self.next_period_at[st.index] = np.inf
         self.max_offline_s[st.index] = np.inf
 
     # -- what the CSMS asks -----------------------------------------------------------
@@ -401,8 +408,7 @@ class OcppStations:
         f = self.fleet
         f.setpoint_until[st.index] = -np.inf
         f.cap_until[st.index] = -np.inf
-        while st.pending and st.pending[0].start <= now:
-            self._hold(st, st.pending.pop(0))
+        self._take_due(st, now)
         self.counts["profiles_applied"] += 1
         self._heard.set()
         return "Accepted", None
@@ -446,6 +452,7 @@ class OcppStations:
         had = st.profile is not None
         st.profile = None
         st.pending = []
+        self.next_period_at[st.index] = np.inf
         self.fleet.setpoint_until[st.index] = -np.inf
         self.fleet.cap_until[st.index] = -np.inf
         self.max_offline_s[st.index] = np.inf
@@ -541,6 +548,9 @@ class OcppStations:
                 additional_headers=self._headers(st),
                 open_timeout=self.open_timeout_s,
                 max_size=2**20,
+                # No permessage-deflate: OCPP messages are small, and compressing each
+                # costs more CPU than it saves on loopback or a LAN.
+                compression=None,
             )
         except InvalidStatus as err:
             code = err.response.status_code

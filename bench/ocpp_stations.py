@@ -76,6 +76,7 @@ async def _csms(count: int, steps: int, method: str, validation: str) -> dict[st
         latencies: list[float] = []
         step_s: list[float] = []
         accepted = errors = 0
+        print("steps", flush=True)  # the stations' process starts its CPU clock here
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         for k in range(steps):
@@ -102,6 +103,8 @@ async def _csms(count: int, steps: int, method: str, validation: str) -> dict[st
             "sent": count * steps,
             "errors": errors,
             "csms_cpu_share": (time.process_time() - cpu0) / wall,
+            "csms_cpu_s": time.process_time() - cpu0,
+            "steps_wall_s": wall,
         }
 
 
@@ -161,15 +164,22 @@ async def _measure(count: int, steps: int, method: str, validation: str) -> dict
                     out = (await proc.stdout.readline()).decode()
                     if not out:
                         raise RuntimeError("the CSMS process ended without a result")
+                    if out.startswith("steps"):
+                        cpu0, t0 = time.process_time(), time.perf_counter()
                     if out.startswith("result "):
+                        cpu_s = time.process_time() - cpu0
+                        wall_s = time.perf_counter() - t0
                         result: dict[str, Any] = json.loads(out[len("result ") :])
                         break
         finally:
-            result_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        result["stations_cpu_share"] = result_cpu
+        # The stations' CPU over the steps (their meter values and the physics included),
+        # per setpoint: what the machine's load does not change.
+        result["stations_cpu_share"] = cpu_s / wall_s
+        result["stations_cpu_us_per_setpoint"] = cpu_s / max(result["sent"], 1) * 1e6
+        result["csms_cpu_us_per_setpoint"] = result["csms_cpu_s"] / max(result["sent"], 1) * 1e6
         result["violations"] = sum(stations.violations.values())
         result["applied"] = stations.counts["profiles_applied"] + stations.counts["updates_applied"]
         return result
@@ -189,8 +199,9 @@ def _summary(r: dict[str, Any]) -> str:
         f" {r['connect_s']:.1f} s; answer p50 {_ms(r['latency_s'], 0.5):.0f} ms"
         f" p99 {_ms(r['latency_s'], 0.99):.0f} ms; step p99 {_ms(r['step_s'], 0.99):.0f} ms;"
         f" {r['accepted']}/{r['sent']} accepted, {r['errors']} errors,"
-        f" {r['violations']} violations; CPU stations {r['stations_cpu_share']:.0%},"
-        f" CSMS {r['csms_cpu_share']:.0%}"
+        f" {r['violations']} violations; CPU stations {r['stations_cpu_share']:.0%}"
+        f" ({r['stations_cpu_us_per_setpoint']:.0f} us/setpoint),"
+        f" CSMS {r['csms_cpu_share']:.0%} ({r['csms_cpu_us_per_setpoint']:.0f} us/setpoint)"
     )
 
 
@@ -225,6 +236,16 @@ def bench(sizes: list[int], steps: int) -> tuple[list[Row], list[dict[str, Any]]
                     lower_is_better=True)
             )  # fmt: skip
             if n == LATENCY_AT:
+                cpu = r["stations_cpu_us_per_setpoint"]
+                out.append(
+                    row(f"stations' CPU per setpoint ({label})", n, cpu,
+                        ref["stations_cpu_us_per_setpoint"], "us", "no schema validation",
+                        lower_is_better=True)
+                )  # fmt: skip
+                out.append(
+                    row(f"stations one idle core holds at 1 s, from CPU ({label})", n,
+                        1e6 / cpu, None, "stations", target=float(LATENCY_AT))
+                )  # fmt: skip
                 for q, name in ((0.5, "p50"), (0.99, "p99")):
                     out.append(
                         row(f"SetChargingProfile send->answer {name} ({label})", n,

@@ -1,0 +1,102 @@
+"""How the stations' runtime turns profiles into the power their cars hold, without a
+socket: the handlers' methods called directly, on a manual clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agents.ocpp_stations import OcppStations, build_stations
+from core.clock import ManualClock
+from core.physics import feasible_range
+
+T0 = datetime(2026, 11, 26, 21, tzinfo=UTC).timestamp()
+
+
+def _stations(mix: str = "v21bpt=1") -> tuple[OcppStations, ManualClock]:
+    clock = ManualClock(T0)
+    stations = build_stations(url="ws://127.0.0.1:9", count=20, clock=clock, mix=mix, seed=2)
+    stations.advance(T0)  # opens every session (the messages wait in the outboxes)
+    return stations, clock
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _profile(*periods: dict[str, Any], **schedule: Any) -> dict[str, Any]:
+    return {
+        "id": 3,
+        "stack_level": 0,
+        "charging_profile_purpose": "TxProfile",
+        "charging_profile_kind": "Absolute",
+        "charging_schedule": [
+            {"id": 1, "charging_rate_unit": "W", "start_schedule": _iso(T0),
+             "charging_schedule_period": list(periods), **schedule}
+        ],
+    }  # fmt: skip
+
+
+def _discharger(stations: OcppStations) -> int:
+    f = stations.fleet
+    p_lo, _ = feasible_range(f.bat, f.energy, f.departure, f.now, 3600.0)
+    i = int(np.argmin(p_lo))
+    assert p_lo[i] < -3.0
+    return i
+
+
+def test_a_schedule_moves_from_period_to_period_then_back_to_baseline() -> None:
+    stations, clock = _stations()
+    i = _discharger(stations)
+    st = stations.stations[i]
+    stations.allow_transfer(st, ["AC_BPT", "DC_BPT"], str(st.tx_id))
+    prof = _profile(
+        {"start_period": 0, "operation_mode": "CentralSetpoint", "setpoint": -3000},
+        {"start_period": 60, "operation_mode": "CentralSetpoint", "setpoint": 1500},
+        duration=120,
+    )
+    assert stations.apply_profile(st, prof) == ("Accepted", None)
+    f = stations.fleet
+    for t, want in ((1, -3.0), (61, 1.5)):
+        clock.advance(t - (clock.now() - T0))
+        stations.advance(clock.now())
+        assert f.power[i] == pytest.approx(want)
+    clock.advance(60)
+    stations.advance(clock.now())
+    baseline = f.power.copy()
+    assert baseline[i] != pytest.approx(1.5) or f.bat.max_charge_kw[i] == pytest.approx(1.5)
+    assert stations.next_period_at[i] == np.inf
+    assert sum(stations.violations.values()) == 0
+
+
+def test_a_cleared_or_ended_session_drops_its_profile() -> None:
+    stations, clock = _stations()
+    i = _discharger(stations)
+    st = stations.stations[i]
+    stations.allow_transfer(st, ["AC_BPT"], str(st.tx_id))
+    prof = _profile({"start_period": 0, "operation_mode": "CentralSetpoint", "setpoint": -2000})
+    assert stations.apply_profile(st, prof)[0] == "Accepted"
+    clock.advance(1)
+    stations.advance(clock.now())
+    assert stations.fleet.power[i] == pytest.approx(-2.0)
+    assert stations.clear_profile(st)
+    clock.advance(1)
+    stations.advance(clock.now())
+    assert stations.fleet.power[i] >= 0.0
+    assert not stations.clear_profile(st)  # nothing left: answered Unknown
+
+
+def test_a_profile_for_no_transaction_or_in_another_mode_is_rejected() -> None:
+    stations, _ = _stations("v21=1")
+    st = stations.stations[0]
+    freq = _profile({"start_period": 0, "operation_mode": "LocalFrequency"})
+    assert stations.apply_profile(st, freq) == ("Rejected", "UnsupportedRequest")
+    assert stations.allow_transfer(st, ["AC_BPT", "DC_BPT"], str(st.tx_id)) == "Rejected"
+    neg = _profile({"start_period": 0, "operation_mode": "CentralSetpoint", "setpoint": -1})
+    assert stations.apply_profile(st, neg) == ("Rejected", "NoDischarge")
+    stations._session_ended(st, T0)
+    pos = _profile({"start_period": 0, "limit": 1000})
+    assert stations.apply_profile(st, pos) == ("Rejected", "TxNotFound")
