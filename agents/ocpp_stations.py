@@ -165,15 +165,7 @@ class _Handlers:
     def on_set_variables(self, set_variable_data: list[dict[str, Any]], **_: Any) -> Any:
         return self._call_result.SetVariables(
             set_variable_result=[
-                {
-                    "attribute_status": "Accepted"
-                    if d["component"]["name"] == "OCPPCommCtrlr"
-                    and d["variable"]["name"] == "HeartbeatInterval"
-                    else "Rejected",
-                    "component": d["component"],
-                    "variable": d["variable"],
-                }
-                for d in set_variable_data
+                self.runtime.set_variable(self.station, d) for d in set_variable_data
             ]
         )
 
@@ -200,6 +192,14 @@ class _Station21(_Handlers, ChargePoint21):  # type: ignore[misc]
         return self._call_result.UpdateDynamicSchedule(
             status=status, status_info={"reason_code": reason} if reason else None
         )
+
+
+# What GetVariables can read (component, variable) -> value.
+_READABLE: dict[tuple[str, str], Callable[[Station], str]] = {
+    ("OCPPCommCtrlr", "HeartbeatInterval"): lambda st: str(int(st.heartbeat_s)),
+    ("SmartChargingCtrlr", "Enabled"): lambda st: "true",
+    ("V2XChargingCtrlr", "Enabled"): lambda st: "true" if st.bpt else "false",
+}
 
 
 class OcppStations:
@@ -488,12 +488,8 @@ class OcppStations:
 
     def get_variable(self, st: Station, data: dict[str, Any]) -> dict[str, Any]:
         component, variable = data["component"], data["variable"]
-        known = {
-            ("OCPPCommCtrlr", "HeartbeatInterval"): str(int(st.heartbeat_s)),
-            ("SmartChargingCtrlr", "Enabled"): "true",
-            ("V2XChargingCtrlr", "Enabled"): "true" if st.bpt else "false",
-        }
-        value = known.get((component["name"], variable["name"]))
+        key = (component["name"], variable["name"])
+        value = _READABLE[key](st) if key in _READABLE else None
         out: dict[str, Any] = {
             "attribute_status": "Accepted" if value is not None else "UnknownVariable",
             "component": component,
@@ -502,6 +498,22 @@ class OcppStations:
         if value is not None:
             out["attribute_value"] = value
         return out
+
+    def set_variable(self, st: Station, data: dict[str, Any]) -> dict[str, Any]:
+        """SetVariables: only OCPPCommCtrlr.HeartbeatInterval (seconds > 0) is writable."""
+        component, variable = data["component"], data["variable"]
+        status = "Rejected"
+        if (component["name"], variable["name"]) == ("OCPPCommCtrlr", "HeartbeatInterval"):
+            try:
+                seconds = float(data["attribute_value"])
+            except ValueError:
+                seconds = 0.0
+            if math.isfinite(seconds) and seconds > 0:
+                st.heartbeat_s = seconds
+                status = "Accepted"
+        elif (component["name"], variable["name"]) not in _READABLE:
+            status = "UnknownVariable"
+        return {"attribute_status": status, "component": component, "variable": variable}
 
     # -- the connections ----------------------------------------------------------------
     def _headers(self, st: Station) -> dict[str, str]:

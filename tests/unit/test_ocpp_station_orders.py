@@ -100,3 +100,23 @@ def test_a_profile_for_no_transaction_or_in_another_mode_is_rejected() -> None:
     stations._session_ended(st, T0)
     pos = _profile({"start_period": 0, "limit": 1000})
     assert stations.apply_profile(st, pos) == ("Rejected", "TxNotFound")
+
+
+def test_variables_and_triggers_answer_what_the_station_knows() -> None:
+    stations, _ = _stations()
+    st = stations.stations[0]
+    hb = {"component": {"name": "OCPPCommCtrlr"}, "variable": {"name": "HeartbeatInterval"}}
+    assert stations.set_variable(st, {**hb, "attribute_value": "30"})["attribute_status"] == (
+        "Accepted"
+    )
+    assert stations.get_variable(st, hb)["attribute_value"] == "30"
+    assert st.heartbeat_s == 30.0
+    assert stations.set_variable(st, {**hb, "attribute_value": "-1"})["attribute_status"] == (
+        "Rejected"
+    )
+    other = {"component": {"name": "X"}, "variable": {"name": "Y"}, "attribute_value": "1"}
+    assert stations.set_variable(st, other)["attribute_status"] == "UnknownVariable"
+    assert stations.get_variable(st, other)["attribute_status"] == "UnknownVariable"
+    assert stations.trigger(st, "MeterValues", None) == "Accepted"
+    assert stations.trigger(st, "LogStatusNotification", None) == "NotImplemented"
+    assert stations.trigger(st, "CustomTrigger", "NotifyEVChargingNeeds") == "Accepted"
