@@ -334,6 +334,7 @@ async def test_a_session_ends_at_departure(ocpp: Factory) -> None:
         assert not stations.fleet.plugged[st.index]
 
 
+@pytest.mark.timeout(120)
 async def test_the_command_runs_the_mix_against_a_csms(tmp_path: Path) -> None:
     """``v2g agents --protocol ocpp`` as a user runs it, stopped with SIGTERM."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("V2G_")}
@@ -350,7 +351,7 @@ async def test_the_command_runs_the_mix_against_a_csms(tmp_path: Path) -> None:
         try:
             ids = [f"cs-{i:04d}" for i in range(10)]
             await csms.wait_for(
-                lambda: all(csms.seen[s].of("MeterValues") for s in ids), timeout=30.0
+                lambda: all(csms.seen[s].of("MeterValues") for s in ids), timeout=60.0
             )
             versions = sorted(csms.points[s]._ocpp_version for s in ids)
             assert versions == ["2.0.1"] * 2 + ["2.1"] * 8
