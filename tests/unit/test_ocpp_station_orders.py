@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ocpp.charge_point import snake_to_camel_case
 
 from agents.ocpp_stations import OcppStations, build_stations
 from core.clock import ManualClock
@@ -120,3 +123,48 @@ def test_variables_and_triggers_answer_what_the_station_knows() -> None:
     assert stations.trigger(st, "MeterValues", None) == "Accepted"
     assert stations.trigger(st, "LogStatusNotification", None) == "NotImplemented"
     assert stations.trigger(st, "CustomTrigger", "NotifyEVChargingNeeds") == "Accepted"
+
+
+_power = st.one_of(st.none(), st.floats(-30_000, 30_000, allow_nan=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    periods=st.lists(
+        st.tuples(st.sampled_from(["CentralSetpoint", "ChargingOnly", "Idle", None]), _power,
+                  _power, st.one_of(st.none(), st.floats(-30_000, 0))),
+        min_size=1, max_size=3,
+    ),
+    kind=st.sampled_from(["v21", "v201"]),
+    allowed=st.booleans(),
+)  # fmt: skip
+def test_a_station_that_cannot_discharge_never_does_whatever_it_is_sent(
+    periods: list[tuple[str | None, float | None, float | None, float | None]],
+    kind: str,
+    allowed: bool,
+) -> None:
+    stations, clock = _stations(f"{kind}=1")
+    target = stations.stations[0]
+    if allowed:  # a charge-only car refuses BPT; the allowed set stays plain
+        stations.allow_transfer(target, ["AC_BPT", "DC_BPT", "AC_three_phase"], "x")
+    rows = []
+    for k, (mode, setpoint, limit, dlimit) in enumerate(periods):
+        p: dict[str, Any] = {"start_period": 30 * k}
+        for key, v in (("operation_mode", mode), ("setpoint", setpoint), ("limit", limit),
+                       ("discharge_limit", dlimit)):  # fmt: skip
+            if v is not None:
+                p[key] = v
+        rows.append(p)
+    negative = any(p.get(k, 0) < 0 for p in rows for k in ("setpoint", "limit", "discharge_limit"))
+    prof = _profile(*rows)
+    # As on the wire: screen() reads the raw camelCase message, the handler snake_case.
+    raw = {"evseId": 1, "chargingProfile": snake_to_camel_case(prof)}
+    stations.screen(target, "SetChargingProfile", raw)
+    status, _ = stations.apply_profile(target, prof)
+    assert sum(stations.violations.values()) == int(negative)
+    if negative:
+        assert status == "Rejected"
+    for _ in range(4):
+        clock.advance(20)
+        stations.advance(clock.now())
+        assert (stations.fleet.power >= 0).all()
