@@ -672,16 +672,18 @@ class OcppStations:
             )
         elif kind == "meter":
             st.meter_pending = False
-            if st.tx_id is not None:
-                await self._call(cp, call.MeterValues(evse_id=1, meter_value=self.meter(i)))
+            if st.tx_id is None:
+                return  # the session ended while the reading waited: nothing to meter
+            await self._call(cp, call.MeterValues(evse_id=1, meter_value=self.meter(i)))
         elif kind == "needs":
-            if st.tx_id is not None:
-                await self._call(
-                    cp,
-                    call.NotifyEVChargingNeeds(
-                        evse_id=1, charging_needs=charging_needs(self.plan, i, self.car(i))
-                    ),
-                )
+            if st.tx_id is None:
+                return
+            await self._call(
+                cp,
+                call.NotifyEVChargingNeeds(
+                    evse_id=1, charging_needs=charging_needs(self.plan, i, self.car(i))
+                ),
+            )
         elif kind in ("started", "updated", "ended"):
             tx_id = data.get("tx_id", st.tx_id)
             if tx_id is None:
