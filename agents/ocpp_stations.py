@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -220,11 +221,14 @@ class OcppStations:
         reconnect_max_s: float = 30.0,
         react_wall_s: float = 0.05,
         validate: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         """``password``: HTTP Basic (OCPP Security Profile 1), user = the station id.
         ``validate=False`` skips the ``ocpp`` library's JSON-schema checks of what the
-        stations send and receive (a benchmark's reference; a real station checks)."""
+        stations send and receive (a benchmark's reference; a real station checks).
+        ``ssl_context``: for a ``wss://`` CSMS with its own CA (Security Profile 2);
+        without it ``wss://`` uses the system's trust store."""
         if len(plan.station_ids) != len(fleet):
             raise ValueError(f"{len(plan.station_ids)} stations for {len(fleet)} cars")
         self.url = url.rstrip("/")
@@ -238,6 +242,7 @@ class OcppStations:
         self.reconnect = (reconnect_min_s, reconnect_max_s)
         self.react_wall_s = react_wall_s
         self.validate = validate
+        self.ssl_context = ssl_context
         self.log = logger or structlog.get_logger("ocpp_stations")
         n = len(fleet)
         self.stations = [
@@ -553,6 +558,9 @@ class OcppStations:
             await asyncio.sleep(next(delays))
 
     async def _connect_once(self, st: Station) -> None:
+        # ssl only when given: websockets refuses it for ws://, and for wss:// without it
+        # uses the system's trust store.
+        tls: dict[str, Any] = {} if self.ssl_context is None else {"ssl": self.ssl_context}
         try:
             ws = await connect(
                 f"{self.url}/{st.station_id}",
@@ -563,6 +571,7 @@ class OcppStations:
                 # No permessage-deflate: OCPP messages are small, and compressing each
                 # costs more CPU than it saves on loopback or a LAN.
                 compression=None,
+                **tls,
             )
         except InvalidStatus as err:
             code = err.response.status_code
@@ -627,6 +636,10 @@ class OcppStations:
         if resumed and st.tx_id is not None and st.tx_announced:
             await self._send(st, cp, "updated", {"resumed": True})
         while True:
+            # The ocpp library waits for answers with asyncio.wait_for, which on Python
+            # 3.11 can swallow a cancellation that lands as the answer arrives: without
+            # this the send half of a closed connection would wait on its outbox for ever.
+            raise_if_cancelled()
             try:
                 async with asyncio.timeout(st.heartbeat_s):
                     kind, data = await st.outbox.get()

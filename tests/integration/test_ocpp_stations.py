@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -25,6 +26,7 @@ from agents.ocpp_stations import OcppStations, Station, build_stations
 from core.clock import SimClock
 from core.physics import feasible_range
 from tests.support.ocpp_csms import MiniCsms, running
+from v2g.provision import make_certs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -367,3 +369,20 @@ async def test_the_command_runs_the_mix_against_a_csms(tmp_path: Path) -> None:
                 code = await proc.wait()
     assert code == 0, log.read_text()[-2000:]
     assert "process_stopped" in log.read_text()
+
+
+async def test_stations_connect_over_tls_with_the_csms_ca(tmp_path: Path) -> None:
+    """Security Profile 2: wss:// to a CSMS whose certificate a throwaway CA signed."""
+    certs = make_certs(tmp_path / "certs", [])
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(certs.server.cert_file, certs.server.key_file)
+    client = ssl.create_default_context(cafile=str(certs.ca_file))
+    async with MiniCsms(ssl_context=server, password="pw") as csms:
+        assert csms.url.startswith("wss://")
+        stations = build_stations(
+            url=csms.url, count=3, clock=SimClock(), mix=MIX, seed=4, password="pw",
+            ssl_context=client, telemetry_interval_s=0.25,
+        )  # fmt: skip
+        async with running(stations.run()):
+            await _sessions_open(csms, stations)
+        assert stations.counts["connects"] == 3

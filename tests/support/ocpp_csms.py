@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -112,8 +113,11 @@ class MiniCsms:
         heartbeat_s: int = 60,
         response_timeout_s: float = 10,
         validate: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``validate=False``: no JSON-schema checks either way (a benchmark's reference)."""
+        """``validate=False``: no JSON-schema checks either way (a benchmark's reference);
+        ``ssl_context``: serve ``wss://`` (Security Profile 2)."""
+        self.ssl_context = ssl_context
         self.password = password
         self.validate = validate
         self.heartbeat_s = heartbeat_s
@@ -129,7 +133,7 @@ class MiniCsms:
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}"
+        return f"{'wss' if self.ssl_context else 'ws'}://{HOST}:{self.port}"
 
     async def __aenter__(self) -> MiniCsms:
         self._server = await serve(
@@ -139,6 +143,7 @@ class MiniCsms:
             subprotocols=SUBPROTOCOLS,
             process_request=self._check,
             max_size=2**20,
+            ssl=self.ssl_context,
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         return self
