@@ -52,6 +52,7 @@ from agents.ocpp_model import (
     BPT_MODES,
     SUBPROTOCOL,
     CarState,
+    Order,
     ProfileRefused,
     ReadProfile,
     StationPlan,
@@ -109,7 +110,7 @@ class Station:
     tx_count: int = 0
     allowed: frozenset[str] = frozenset()
     profile: ReadProfile | None = None
-    pending: list[Any] = field(default_factory=list)  # later periods of the profile
+    pending: list[Order] = field(default_factory=list)  # later periods of the profile
     meter_pending: bool = False
     connects: int = 0
     outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = field(
@@ -418,7 +419,7 @@ class OcppStations:
         self._heard.set()
         return "Accepted", None
 
-    def _hold(self, st: Station, order: Any) -> None:
+    def _hold(self, st: Station, order: Order) -> None:
         f = self.fleet
         if order.mode == "setpoint":
             f.cap_until[st.index] = -np.inf
