@@ -40,8 +40,20 @@ T0 = 1_795_651_200.0 + 21 * 3600  # 2026-11-26 21:00 UTC, most home cars plugged
 Row = dict[str, Any]
 
 # Whose versions a result depends on: the measured paths' libraries (pydantic decodes,
-# aiomqtt/paho and redis carry, numpy computes, scipy's HiGHS schedules).
-PACKAGES = ("numpy", "pydantic", "aiomqtt", "paho-mqtt", "redis", "scipy", "highspy", "orjson")
+# aiomqtt/paho and redis carry, numpy computes, scipy's HiGHS schedules, ocpp and
+# websockets carry OCPP).
+PACKAGES = (
+    "numpy",
+    "pydantic",
+    "aiomqtt",
+    "paho-mqtt",
+    "redis",
+    "scipy",
+    "highspy",
+    "orjson",
+    "ocpp",
+    "websockets",
+)
 PROVENANCE_KEYS = frozenset(
     {
         "git_sha",

@@ -6,9 +6,11 @@ with one follows from its branch::
     V2GError                     core/errors.py
     ├── TransportError           broker or state store unreachable: retry with backoff
     │   ├── AuthenticationError  bad credentials: do not retry, fix the settings
+    │   │   └── StationAuthError agents/ocpp_stations.py: a CSMS refused a station (401/403)
     │   └── LeaseUnavailable     aggregator/lease.py: Redis did not answer a lease operation
     ├── PublishRefused           the broker refused a publish (ACL): fix credentials or ACL
     ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
+    │   └── ProfileRefused       agents/ocpp_model.py: a charging profile a station refuses
     ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
     ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
     ├── GridError                aggregator/grid.py: a grid topology file that does not validate

@@ -250,6 +250,31 @@ def agents(
         ),
     ] = False,
     cold_start: ColdStart = False,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="mqtt: vehicles on the platform's contract; ocpp: charging stations, each"
+            " with its car, that connect to a CSMS (--url) over OCPP 2.1 / 2.0.1"
+        ),
+    ] = "mqtt",
+    url: Annotated[
+        str, typer.Option(help="with --protocol ocpp: the CSMS; stations connect to URL/ID")
+    ] = "ws://127.0.0.1:9000",
+    mix: Annotated[
+        str,
+        typer.Option(
+            help="with --protocol ocpp: shares of 2.1 with BPT, 2.1 without, and 2.0.1"
+            " stations, e.g. v21bpt=0.6,v21=0.2,v201=0.2"
+        ),
+    ] = "v21bpt=1",
+    password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="V2G_OCPP_PASSWORD",
+            help="with --protocol ocpp: HTTP Basic password of every station (user: its id)",
+            show_default="none",
+        ),
+    ] = None,
     broker: Broker = None,
     topic_prefix: Prefix = None,
     speed: Speed = None,
@@ -258,7 +283,14 @@ def agents(
 ) -> None:
     """Run N simulated vehicles that report telemetry and follow setpoints. A car plugged in
     at the start holds what plain charging since its arrival put in it (--cold-start: its
-    arrival energy, as if it had just plugged in)."""
+    arrival energy, as if it had just plugged in). With --protocol ocpp: N charging
+    stations with their cars, every car plugged in at the start (--cold-start: on their
+    daily patterns instead), against the CSMS at --url."""
+    if protocol not in ("mqtt", "ocpp"):
+        raise typer.BadParameter("protocol must be mqtt or ocpp", param_hint="--protocol")
+    if protocol == "ocpp":
+        _ocpp_agents(count, seed, id_prefix, cold_start, url, mix, password, log_format)
+        return
     from agents.faults import Misbehaviour, parse_fractions
     from agents.fleet import SimFleet
     from agents.profiles import generate_fleet
@@ -303,6 +335,45 @@ def agents(
             await runtime.run()
 
     run(main(), process="agents")
+
+
+def _ocpp_agents(
+    count: int,
+    seed: int,
+    id_prefix: str,
+    daily: bool,
+    url: str,
+    mix: str,
+    password: str | None,
+    log_format: str | None,
+) -> None:
+    """``v2g agents --protocol ocpp`` (its work is in v2g/ocpp_agents.py)."""
+    from agents.ocpp_model import parse_mix
+    from v2g.ocpp_agents import check_url, run_stations
+
+    try:
+        parse_mix(mix)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--mix") from None
+    try:
+        check_url(url)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--url") from None
+    settings = settings_from(log_format=log_format)
+    run(
+        run_stations(
+            url=url,
+            count=count,
+            seed=seed,
+            mix=mix,
+            password=password,
+            id_prefix=id_prefix,
+            daily=daily,
+            telemetry_interval_s=settings.telemetry_interval_s,
+            summary_every_wall_s=settings.summary_every_wall_s,
+        ),
+        process="agents",
+    )
 
 
 def web(
