@@ -6,11 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agents.runtime import AgentRuntime
-from broker.metrics import Connections, mqtt_families
+from broker.metrics import Connections, add_connections
+
+
+def register_agents(runtime: AgentRuntime, registry: CollectorRegistry) -> None:
+    """Register ``runtime``'s metrics on ``registry`` (its connections among the process's)."""
+    collector = AgentsCollector(runtime)
+    registry.register(collector)
+    add_connections(registry, collector.connections)
 
 
 class AgentsCollector(Collector):
@@ -66,13 +74,10 @@ class AgentsCollector(Collector):
         for reason, n in sorted(rt.rejected.items()):
             refused.add_metric([reason], n)
         yield refused
-        links = rt.links
-        yield from mqtt_families(
-            [
-                Connections(
-                    "vehicles" if rt.mode == "per-vehicle" else "multiplexed",
-                    [link.stats for link in links],
-                    sum(1 for link in links if link.connected),
-                )
-            ]
-        )
+
+    def connections(self) -> list[Connections]:
+        """The fleet's MQTT links: one per vehicle, or the multiplexed few."""
+        rt = self.runtime
+        kind = "vehicles" if rt.mode == "per-vehicle" else "multiplexed"
+        up = sum(1 for link in rt.links if link.connected)
+        return [Connections(kind, [link.stats for link in rt.links], up)]

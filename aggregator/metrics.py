@@ -25,7 +25,7 @@ from aggregator.fleet_state import FleetView
 from aggregator.service import AggregatorService, StepReport
 from aggregator.settlement import Departure, Settlement, VehicleInterval
 from aggregator.store import MemoryStore
-from broker.metrics import Connections, mqtt_families
+from broker.metrics import Connections, add_connections
 
 # Control steps run from ~1 ms (a small fleet) to seconds (100k vehicles on a slow box).
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -155,7 +155,9 @@ def instrument(service: AggregatorService, registry: CollectorRegistry) -> Aggre
     log.extend(service.signal_latency_ms)
     service.signal_latency_ms = log
     service.settlement = CountingSettlement(metrics.drivers_short, metrics.short_kwh)
-    registry.register(AggregatorCollector(service))
+    collector = AggregatorCollector(service)
+    registry.register(collector)
+    add_connections(registry, collector.connections)
     return metrics
 
 
@@ -176,7 +178,6 @@ class AggregatorCollector(Collector):
         yield from self._fleet()
         yield from self._dispatches()
         yield from self._messages()
-        yield from self._connections()
         yield from self._books()
 
     def _fleet(self) -> Iterator[Metric]:
@@ -295,7 +296,8 @@ class AggregatorCollector(Collector):
             value=svc.batched_updates,
         )
 
-    def _connections(self) -> Iterator[Metric]:
+    def connections(self) -> list[Connections]:
+        """The service's MQTT connections: main, and the lean ingest and setpoint ones."""
         svc = self.service
         groups = [Connections("main", [svc.link.stats], int(svc.link.connected))]
         if svc.ingest is not None:
@@ -304,7 +306,7 @@ class AggregatorCollector(Collector):
             groups.append(
                 Connections("setpoints", [svc.setpoints.stats], int(svc.setpoints.connected))
             )
-        yield from mqtt_families(groups)
+        return groups
 
     def _books(self) -> Iterator[Metric]:
         svc = self.service

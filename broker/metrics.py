@@ -9,7 +9,8 @@ scrape time, so nothing is counted twice and nothing costs on the hot path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,3 +104,28 @@ def mqtt_families(groups: Iterable[Connections]) -> list[Metric]:
         disconnects.add_metric([g.kind], sum(s.disconnects for s in g.stats))
         taken.add_metric([g.kind], sum(s.taken_over for s in g.stats))
     return [total, up, reconnects, disconnects, taken]
+
+
+class MqttCollector(Collector):
+    """The ``v2g_mqtt_*`` families of every part of a process (the demo runs the aggregator
+    and the fleet in one), each part adding a source of its connection groups."""
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Iterable[Connections]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from mqtt_families(g for source in self.sources for g in source())
+
+
+_MQTT: weakref.WeakKeyDictionary[CollectorRegistry, MqttCollector] = weakref.WeakKeyDictionary()
+
+
+def add_connections(
+    registry: CollectorRegistry, source: Callable[[], Iterable[Connections]]
+) -> None:
+    """Report ``source``'s connection groups in ``registry``'s one ``v2g_mqtt_*`` set."""
+    collector = _MQTT.get(registry)
+    if collector is None:
+        collector = _MQTT[registry] = MqttCollector()
+        registry.register(collector)
+    collector.sources.append(source)

@@ -76,11 +76,11 @@ async def run_demo(
     agents = AgentRuntime(settings=settings, clock=clock, fleet=fleet, mode=mode)
     aggregator = compose.aggregator_service(settings, clock, persisted)
     if registry is not None:  # --metrics: both halves of the loop on one endpoint
-        from agents.metrics import AgentsCollector
+        from agents.metrics import register_agents
         from aggregator.metrics import instrument
 
         instrument(aggregator, registry)
-        registry.register(AgentsCollector(agents))
+        register_agents(agents, registry)
     print(
         f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g} from"
         f" {from_epoch(clock.sim_anchor):%Y-%m-%d %H:%M}Z simulated, broker"

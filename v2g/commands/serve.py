@@ -345,9 +345,9 @@ def agents(
                 batch=batch,
             )
             if settings.metrics:
-                from agents.metrics import AgentsCollector
+                from agents.metrics import register_agents
 
-                registry.register(AgentsCollector(runtime))
+                register_agents(runtime, registry)
             await runtime.run()
 
     with metrics_endpoint(settings.metrics, "agents") as registry:
