@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "ops" / "grafana" / "dashboards"
 _METRIC = re.compile(r"\b(v2g_[a-z0-9_]+)")
 
+# The series a family of each type exposes, even before its first sample.
+_SERIES_OF = {
+    "counter": ("", "_total"),
+    "histogram": ("", "_bucket", "_count", "_sum"),
+}
+
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
@@ -22,7 +28,8 @@ def parse(text: str) -> Samples:
     (a family with no sample yet, e.g. refusals before the first, maps to [])."""
     out: Samples = {}
     for fam in text_string_to_metric_families(text):
-        out.setdefault(fam.name, [])
+        for suffix in _SERIES_OF.get(fam.type, ("",)):
+            out.setdefault(fam.name + suffix, [])
         for s in fam.samples:
             out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
     return out
