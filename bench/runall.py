@@ -69,6 +69,11 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             120.0 if quick else 300.0,
         ),
         ("scale_out", ["--repeat", "2" if quick else "3"], 240.0 if quick else 360.0),
+        (
+            "metrics_scrape",
+            ["--sizes", "1000,10000" if quick else "1000,10000,100000"],
+            120.0 if quick else 240.0,
+        ),
     ]
 
 

@@ -6,9 +6,11 @@ tests/integration/test_metrics.py."""
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
 
 from agents.fleet import SimFleet
 from agents.metrics import register_agents
@@ -30,6 +32,7 @@ from tests.support.metrics import (
     scrape_registry,
     value,
 )
+from v2g.cli import app
 
 T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC: most home cars are plugged in
 P = "met"
@@ -166,3 +169,26 @@ def test_every_dashboard_query_names_a_platform_metric() -> None:
     assert len(queries) >= 15
     for where, expr in queries:
         assert metric_names(expr), f"{where}: {expr!r} names no v2g_ metric"
+
+
+# -- the flag on the command line -------------------------------------------------------
+runner = CliRunner()
+
+
+def test_a_bad_metrics_address_is_a_usage_error_naming_the_flag() -> None:
+    result = runner.invoke(
+        app, ["agents", "--metrics", "nowhere", "--broker", "mqtt://127.0.0.1:9"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--metrics" in result.output and "HOST:PORT or PORT" in result.output
+
+
+def test_a_metrics_port_in_use_fails_the_command_before_it_starts() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # The broker would listen on a free port: it must not start at all.
+        result = runner.invoke(app, ["broker", "--port", "9", "--metrics", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output
