@@ -71,7 +71,7 @@ class AgentsCollector(Collector):
         refused = CounterMetricFamily(
             "v2g_agents_setpoints_refused", "setpoints refused, by reason", labels=["reason"]
         )
-        for reason, n in sorted(rt.rejected.items()):
+        for reason, n in sorted(dict(rt.rejected).items()):
             refused.add_metric([reason], n)
         yield refused
 

@@ -169,7 +169,11 @@ def _gauge(name: str, doc: str, value: float, labels: list[str] | None = None) -
 
 
 class AggregatorCollector(Collector):
-    """The service's state as Prometheus metrics, read at each scrape."""
+    """The service's state as Prometheus metrics, read at each scrape.
+
+    A scrape runs on the HTTP server's thread while the event loop steps: it reads
+    whole values the loop replaces (the last report and output) and copies the counters
+    it iterates in one atomic ``dict()``, so it never sees a half-made step."""
 
     def __init__(self, service: AggregatorService) -> None:
         self.service = service
@@ -274,7 +278,7 @@ class AggregatorCollector(Collector):
         refused = CounterMetricFamily(
             "v2g_messages_refused", "messages refused, by reason", labels=["reason"]
         )
-        for reason, n in sorted(svc.rejected.items()):
+        for reason, n in sorted(dict(svc.rejected).items()):
             refused.add_metric([reason], n)
         yield refused
         rows = CounterMetricFamily(
@@ -282,7 +286,7 @@ class AggregatorCollector(Collector):
             "rows dropped from accepted bridge batches, by reason",
             labels=["reason"],
         )
-        for reason, n in sorted(svc.rejected_rows.items()):
+        for reason, n in sorted(dict(svc.rejected_rows).items()):
             rows.add_metric([reason], n)
         yield rows
         yield CounterMetricFamily(
