@@ -25,6 +25,9 @@ from broker.metrics import new_registry
 from broker.settings import Settings
 from core.clock import ManualClock
 from core.settings import listen_address
+from tests.support.memory_loop import STEP as MSTEP
+from tests.support.memory_loop import T0 as MT0
+from tests.support.memory_loop import fleet_and_state
 from tests.support.metrics import (
     Samples,
     dashboard_queries,
@@ -192,3 +195,32 @@ def test_a_metrics_port_in_use_fails_the_command_before_it_starts() -> None:
         result = runner.invoke(app, ["broker", "--port", "9", "--metrics", str(port)])
     assert result.exit_code == 2, result.output
     assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output
+
+
+def test_a_driver_who_leaves_short_is_counted_with_the_energy_they_lacked() -> None:
+    """As tests/unit/test_settlement.py drives the settlement: one driver leaves on time
+    under target (counted), one leaves early (not the platform's doing: not counted)."""
+    svc = AggregatorService(
+        settings=Settings(topic_prefix=P, log_level="warning"),
+        clock=ManualClock(MT0),
+        store=MemoryStore(),
+    )
+    registry = new_registry()
+    instrument(svc, registry)
+    _, state = fleet_and_state(n=10)
+    t = MT0
+    on_time, early = (int(r) for r in state.view(t, 3 * MSTEP).rows[:2])
+    state.cols["departure"][on_time] = t + MSTEP
+    state.cols["departure"][early] = t + 3600.0
+    settle = svc.settlement  # what the service books with, step after step
+    settle.observe(t, state.view(t, 3 * MSTEP), state.col("meter_kwh"), state.col("plugged"),
+                   state.ids, MSTEP)  # fmt: skip
+    t += MSTEP
+    state.cols["plugged"][[on_time, early]] = False
+    _, gone = settle.observe(t, state.view(t, 3 * MSTEP), state.col("meter_kwh"),
+                             state.col("plugged"), state.ids, MSTEP)  # fmt: skip
+    short = [d for d in gone if d.short]
+    assert len(gone) == 2 and len(short) == 1
+    m = scrape_registry(registry)
+    assert value(m, "v2g_drivers_short_total") == 1
+    assert value(m, "v2g_drivers_short_kwh_total") == pytest.approx(short[0].short_kwh)
