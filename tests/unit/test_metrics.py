@@ -224,3 +224,11 @@ def test_a_driver_who_leaves_short_is_counted_with_the_energy_they_lacked() -> N
     m = scrape_registry(registry)
     assert value(m, "v2g_drivers_short_total") == 1
     assert value(m, "v2g_drivers_short_kwh_total") == pytest.approx(short[0].short_kwh)
+
+
+def test_the_metric_names_of_a_query_leave_out_functions_labels_and_strings() -> None:
+    expr = (
+        'sum by (reason) (rate(v2g_messages_refused_total{reason="v2g_not_a_metric"}[5m]))'
+        " / on() group_left v2g_fleet_vehicles"
+    )
+    assert metric_names(expr) == {"v2g_messages_refused_total", "v2g_fleet_vehicles"}
