@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from aggregator.dispatch import StepOutput
 from aggregator.fleet_state import FleetView
 from aggregator.service import AggregatorService, StepReport
 from aggregator.settlement import Departure, Settlement, VehicleInterval
@@ -34,16 +35,20 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class StepSink(asyncio.Queue[StepReport]):
-    """The service's step-report queue when no one else reads it: each report observed
-    into the step histogram and counters, then dropped (kept only if ``keep``)."""
+    """The service's step-report queue: each report observed into the step histogram and
+    counters, with the step's output (the control loop queues a report right after its
+    step), then dropped (kept only if ``keep``: someone reads the reports)."""
 
-    def __init__(self, metrics: AggregatorMetrics, *, keep: bool = False) -> None:
+    def __init__(
+        self, service: AggregatorService, metrics: AggregatorMetrics, *, keep: bool = False
+    ) -> None:
         super().__init__()
+        self.service = service
         self.metrics = metrics
         self.keep = keep
 
     def put_nowait(self, item: StepReport) -> None:
-        self.metrics.observe_step(item)
+        self.metrics.observe_step(item, self.service.last_output)
         if self.keep:
             super().put_nowait(item)
 
@@ -127,9 +132,14 @@ class AggregatorMetrics:
             registry=registry,
         )
         self._degraded = False
+        # The last step's report and output, replaced together (one assignment) so that a
+        # scrape on the HTTP thread never mixes two steps.
+        self.stepped: tuple[StepReport, StepOutput | None] | None = None
 
-    def observe_step(self, report: StepReport) -> None:
-        """One control step's report: its duration, setpoints, answers, store state."""
+    def observe_step(self, report: StepReport, output: StepOutput | None) -> None:
+        """One control step's report and output: its duration, setpoints, answers, store
+        state; the step a scrape shows."""
+        self.stepped = (report, output)
         self.step_seconds.observe(report.step_ms / 1e3)
         self.setpoints.inc(report.setpoints_sent)
         for r in report.results:
@@ -145,7 +155,7 @@ def instrument(service: AggregatorService, registry: CollectorRegistry) -> Aggre
     metrics on its outlets (call before ``service.run()``)."""
     metrics = AggregatorMetrics(registry)
     keep = service.reports is not None
-    sink = StepSink(metrics, keep=keep)
+    sink = StepSink(service, metrics, keep=keep)
     if keep:  # someone reads the reports already: hand them over in order
         assert service.reports is not None
         while not service.reports.empty():
@@ -155,7 +165,7 @@ def instrument(service: AggregatorService, registry: CollectorRegistry) -> Aggre
     log.extend(service.signal_latency_ms)
     service.signal_latency_ms = log
     service.settlement = CountingSettlement(metrics.drivers_short, metrics.short_kwh)
-    collector = AggregatorCollector(service)
+    collector = AggregatorCollector(service, metrics)
     registry.register(collector)
     add_connections(registry, collector.connections)
     return metrics
@@ -175,8 +185,9 @@ class AggregatorCollector(Collector):
     whole values the loop replaces (the last report and output) and copies the counters
     it iterates in one atomic ``dict()``, so it never sees a half-made step."""
 
-    def __init__(self, service: AggregatorService) -> None:
+    def __init__(self, service: AggregatorService, metrics: AggregatorMetrics) -> None:
         self.service = service
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         yield from self._fleet()
@@ -187,9 +198,10 @@ class AggregatorCollector(Collector):
     def _fleet(self) -> Iterator[Metric]:
         svc = self.service
         yield _gauge("v2g_fleet_vehicles", "vehicles the aggregator knows", len(svc.state))
-        report = svc.last_report
-        if report is None:  # before the first step: no fleet figures yet
+        stepped = self.metrics.stepped
+        if stepped is None:  # before the first step: no fleet figures yet
             return
+        report = stepped[0]
         st = report.status
         yield _gauge("v2g_fleet_vehicles_online", "vehicles online", st.vehicles_online)
         yield _gauge("v2g_fleet_vehicles_plugged", "vehicles plugged in", st.vehicles_plugged_in)
@@ -232,9 +244,11 @@ class AggregatorCollector(Collector):
         yield from (lo, hi, ok)
 
     def _dispatches(self) -> Iterator[Metric]:
-        svc = self.service
-        out, report = svc.last_output, svc.last_report
-        if out is None or report is None:
+        stepped = self.metrics.stepped
+        if stepped is None:
+            return
+        report, out = stepped
+        if out is None:
             return
         service_of = {d.request_id: d.service for d in report.status.dispatches}
         labels = ["request_id", "service"]
