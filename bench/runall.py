@@ -84,6 +84,11 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             ],
             300.0 if quick else 600.0,
         ),
+        (
+            "metrics_scrape",
+            ["--sizes", "1000,10000" if quick else "1000,10000,100000"],
+            120.0 if quick else 240.0,
+        ),
     ]
 
 

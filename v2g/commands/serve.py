@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from typing import Annotated
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
@@ -23,13 +25,45 @@ from v2g.commands.options import (
     RedisPrefix,
     SimStart,
     Speed,
+    checked,
     examples,
+    listen_address_text,
     setting_option,
     settings_from,
     url_option,
 )
 from v2g.commands.running import fail, run
 from v2g.web.options import DEFAULT_LISTEN, Listen, Token
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+Metrics = Annotated[
+    str | None,
+    setting_option(
+        "--metrics",
+        "metrics",
+        "serve Prometheus metrics on HOST:PORT (a bare PORT: 127.0.0.1:PORT)",
+        metavar="HOST:PORT",
+        parser=checked(listen_address_text),
+        default="off",
+    ),
+]
+
+
+@contextlib.contextmanager
+def metrics_endpoint(address: str | None, process: str) -> Iterator[CollectorRegistry]:
+    """The process's metrics registry, served on ``address`` while the block runs (not
+    served when None); a port that cannot be bound fails the command before it starts."""
+    from broker.metrics import new_registry, serving
+
+    registry = new_registry()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(serving(address, registry, process=process))
+        except OSError as err:
+            fail(f"--metrics {address}: cannot listen there ({err}); give a free HOST:PORT")
+        yield registry
 
 
 def register(app: typer.Typer) -> None:
@@ -82,6 +116,7 @@ def demo(
         ),
     ] = None,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Run the whole loop on embedded defaults (no servers needed) and print a summary."""
     from v2g.demo import run_demo
@@ -99,25 +134,29 @@ def demo(
         # The embedded broker moves ~2k msg/s: report and steer every 15 simulated s.
         telemetry_interval_s=interval,
         control_step_s=interval,
+        metrics=metrics,
     )
-    run(
-        run_demo(
-            settings,
-            count=count,
-            seed=seed,
-            request_minutes=minutes,
-            use_broker=broker is not None,
-            use_redis=redis is not None,
-            mode=mode,  # type: ignore[arg-type]
-            warm_start=not cold_start,
-        ),
-        process="demo",
-    )
+    with metrics_endpoint(settings.metrics, "demo") as registry:
+        run(
+            run_demo(
+                settings,
+                count=count,
+                seed=seed,
+                request_minutes=minutes,
+                use_broker=broker is not None,
+                use_redis=redis is not None,
+                mode=mode,  # type: ignore[arg-type]
+                warm_start=not cold_start,
+                registry=registry if settings.metrics else None,
+            ),
+            process="demo",
+        )
 
 
 def broker_cmd(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    metrics: Metrics = None,
 ) -> None:
     """Run the embedded development broker (amqtt). Use Mosquitto in production."""
     from broker.embedded import EmbeddedBroker
@@ -130,7 +169,10 @@ def broker_cmd(
             log.info("broker_listening", url=b.url, note="development broker; Ctrl-C stops it")
             await asyncio.Event().wait()
 
-    run(serve(), process="broker")
+    # The embedded broker's own counters are amqtt's ($SYS topics); the endpoint serves
+    # the process's (CPU, memory, file descriptors, GC).
+    with metrics_endpoint(metrics, "broker"):
+        run(serve(), process="broker")
 
 
 def aggregator(
@@ -176,6 +218,7 @@ def aggregator(
         ),
     ] = True,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Run the aggregator: fleet state, capability, dispatch and fleet status."""
     from v2g import compose
@@ -191,6 +234,7 @@ def aggregator(
         log_format=log_format,
         share_group=share_group,
         lease_ttl_s=lease_ttl,
+        metrics=metrics,
     )
     if memory and settings.share_group:
         fail("--share-group shares fleet state through Redis: drop --memory")
@@ -198,7 +242,7 @@ def aggregator(
     # The client id comes from the settings (broker/clientid.py): {prefix}-aggregator,
     # per process in a share group, or --client-id / V2G_CLIENT_ID.
 
-    async def main() -> None:
+    async def main(registry: CollectorRegistry) -> None:
         async with shared_clock(settings) as shared:
             service = compose.aggregator_service(
                 shared.settings,
@@ -207,6 +251,10 @@ def aggregator(
                 fast_ingest=fast_ingest,
                 fast_setpoints=fast_setpoints,
             )
+            if settings.metrics:
+                from aggregator.metrics import instrument
+
+                instrument(service, registry)
             structlog.get_logger("aggregator").info(
                 "aggregator_starting",
                 broker=without_password(settings.broker_url),
@@ -216,7 +264,8 @@ def aggregator(
             )
             await service.run()
 
-    run(main(), process="aggregator")
+    with metrics_endpoint(settings.metrics, "aggregator") as registry:
+        run(main(registry), process="aggregator")
 
 
 def agents(
@@ -280,6 +329,7 @@ def agents(
     speed: Speed = None,
     sim_start: SimStart = None,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Run N simulated vehicles that report telemetry and follow setpoints. A car plugged in
     at the start holds what plain charging since its arrival put in it (--cold-start: its
@@ -313,9 +363,10 @@ def agents(
         speed=speed,
         sim_start=sim_start,
         log_format=log_format,
+        metrics=metrics,
     )
 
-    async def main() -> None:
+    async def main(registry: CollectorRegistry) -> None:
         async with shared_clock(settings) as shared:
             fleet = SimFleet(
                 generate_fleet(count, seed, id_prefix=id_prefix),
@@ -332,9 +383,14 @@ def agents(
                 connections=connections,
                 batch=batch,
             )
+            if settings.metrics:
+                from agents.metrics import register_agents
+
+                register_agents(runtime, registry)
             await runtime.run()
 
-    run(main(), process="agents")
+    with metrics_endpoint(settings.metrics, "agents") as registry:
+        run(main(registry), process="agents")
 
 
 def _ocpp_agents(
