@@ -41,7 +41,17 @@ Row = dict[str, Any]
 
 # Whose versions a result depends on: the measured paths' libraries (pydantic decodes,
 # aiomqtt/paho and redis carry, numpy computes, scipy's HiGHS schedules).
-PACKAGES = ("numpy", "pydantic", "aiomqtt", "paho-mqtt", "redis", "scipy", "highspy", "orjson")
+PACKAGES = (
+    "numpy",
+    "pydantic",
+    "aiomqtt",
+    "paho-mqtt",
+    "mqtt5",
+    "redis",
+    "scipy",
+    "highspy",
+    "orjson",
+)
 PROVENANCE_KEYS = frozenset(
     {
         "git_sha",
