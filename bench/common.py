@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-HOST, PORT = "127.0.0.1", 1883
+# The broker under test: the shared one, or another on loopback (V2G_BENCH_BROKER_PORT; the
+# service's own connections then follow V2G_BROKER_URL, which Settings reads).
+HOST, PORT = "127.0.0.1", int(os.environ.get("V2G_BENCH_BROKER_PORT", "1883"))
 T0 = 1_795_651_200.0 + 21 * 3600  # 2026-11-26 21:00 UTC, most home cars plugged in
 
 Row = dict[str, Any]

@@ -1,9 +1,7 @@
 """The MQTT 5 transport (broker/mqtt5link.py) against the production ACL on a real Mosquitto:
-a setpoint the broker refuses comes back not delivered, with its reason code.
-
-The hand-written 3.1.1 publisher (broker/fastpub.py) cannot see this: MQTT 3.1.1 has no
-reason codes, so Mosquitto acknowledges a refused publish like any other. The last test
-pins that difference down, so that nothing goes back to trusting a 3.1.1 PUBACK.
+a setpoint the broker refuses comes back not delivered, with its reason code, on the seam
+and on the aggregator's setpoint connection (which, as a hand-written MQTT 3.1.1 client,
+could not see a refusal: 3.1.1 has no reason codes).
 """
 
 from __future__ import annotations
@@ -86,9 +84,10 @@ async def test_bad_credentials_stop_the_link_instead_of_retrying(broker: Broker)
     assert link.stats.disconnects == 0
 
 
-async def test_mqtt_311_fast_publisher_cannot_see_the_refusal(broker: Broker) -> None:
-    """Why the MQTT 5 transport exists: over 3.1.1 the broker acknowledges the refused
-    setpoint like a delivered one."""
+async def test_the_aggregators_setpoint_connection_reports_the_refusal(broker: Broker) -> None:
+    """The setpoint connection the aggregator runs (broker/fastpub.py) was a hand-written
+    MQTT 3.1.1 client, to which the broker acknowledged a refused setpoint like a delivered
+    one (3.1.1 has no reason codes). It is now MQTT 5: refused, not delivered."""
     pub = FastPublisher(settings=settings_for(broker, "operator"), client_id="sec-fast-op")
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(pub.run(), name="fastpub-operator")
@@ -97,4 +96,5 @@ async def test_mqtt_311_fast_publisher_cannot_see_the_refusal(broker: Broker) ->
             [LinkOutgoing("v2g/vehicles/ev-0000/setpoint", SETPOINT, 1)]
         )
         task.cancel()
-    assert delivery.complete  # "delivered": the 3.1.1 PUBACK says nothing else
+    assert delivery.reason.tolist() == [NOT_AUTHORIZED]
+    assert not delivery.complete and delivery.count == 0
