@@ -198,7 +198,14 @@ class _Protocol(asyncio.Protocol):
                 except IndexError:  # not all of the packet is here yet
                     break
                 except ValueError as err:
-                    self._broken(f"malformed packet: {err}")
+                    if not self.connack.done():  # e.g. an MQTT 3.1.1 CONNACK: no properties
+                        self._broken(
+                            f"the broker's answer to CONNECT is not MQTT 5 ({err}); this"
+                            " connection needs a broker that speaks MQTT 5 (Mosquitto 2),"
+                            " not the embedded development broker"
+                        )
+                    else:
+                        self._broken(f"malformed packet: {err}")
                     return
                 pos += used
                 if isinstance(packet, publish):
@@ -253,7 +260,7 @@ class _Protocol(asyncio.Protocol):
     def _close(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(exc)
-        lost = TransportError(f"connection lost: {exc}")
+        lost = exc if isinstance(exc, TransportError) else TransportError(f"connection lost: {exc}")
         if not self.connack.done():
             self.connack.set_exception(lost)
         for fut in self.subacks.values():

@@ -345,3 +345,11 @@ async def test_the_supervisor_backs_off_while_down_and_starts_over_after_a_conne
         )
     assert drawn == [1, 2, 3, 1, 2, 3]  # down, down, down, up then down, down, down
     assert stats.disconnects == 6 and not connected.is_set()
+
+
+async def test_a_broker_answering_in_mqtt_311_is_told_apart_from_a_broken_stream() -> None:
+    proto, _, sink = receiver()
+    proto.data_received(b"\x20\x02\x00\x01")  # 3.1.1 CONNACK: unacceptable protocol version
+    with pytest.raises(TransportError, match="not MQTT 5"):
+        proto.connack.result()
+    assert sink.was_closed and proto.lost
