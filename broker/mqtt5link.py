@@ -200,9 +200,8 @@ class _Protocol(asyncio.Protocol):
                 except ValueError as err:
                     if not self.connack.done():  # e.g. an MQTT 3.1.1 CONNACK: no properties
                         self._broken(
-                            f"the broker's answer to CONNECT is not MQTT 5 ({err}); this"
-                            " connection needs a broker that speaks MQTT 5 (Mosquitto 2),"
-                            " not the embedded development broker"
+                            "the broker's CONNACK is not MQTT 5: this link needs an MQTT 5"
+                            f" broker (Mosquitto 2), not the embedded one ({err})"
                         )
                     else:
                         self._broken(f"malformed packet: {err}")
