@@ -1,8 +1,7 @@
 """MQTT client stacks side by side on loopback Mosquitto: which one carries the platform.
 
 Two jobs, each done by every candidate in the same run, alternated trial by trial (the
-machine is shared: read the ratios against the reference, today's hand-written 3.1.1
-fast paths):
+machine is shared: read the ratios against the reference, the platform's MQTT 5 link):
 
 - **publish**: a burst of N QoS 1 setpoints (~120 B each, one topic per vehicle), timed
   from the first write to the last PUBACK: msg/s; and the round trip of one QoS 1
@@ -11,11 +10,13 @@ fast paths):
   (prebuilt frames, as ``mosquitto_pub -l`` does), timed from the first to the last one
   received: msg/s.
 
-Candidates: ``fastpub``/``fastlink`` (broker/fastpub.py, broker/fastlink.py, MQTT 3.1.1,
-the reference), ``mqtt5link`` (broker/mqtt5link.py: the ``mqtt5`` codec under one asyncio
-protocol, MQTT 5), ``aiomqtt`` (broker/link.py's MqttLink, aiomqtt 2.5 on paho, MQTT 5),
-``gmqtt`` (0.8, MQTT 5), ``zmqtt`` (0.2, MQTT 5). A candidate whose package is missing is
-skipped (gmqtt and zmqtt are not dependencies: ``pip install gmqtt zmqtt``).
+Candidates: ``mqtt5link`` (broker/mqtt5link.py: the ``mqtt5`` codec under one asyncio
+protocol, MQTT 5; the reference of the ratios), ``aiomqtt`` (broker/link.py's MqttLink,
+aiomqtt 2.5 on paho, MQTT 5), ``gmqtt`` (0.8, MQTT 5), ``zmqtt`` (0.2, MQTT 5). A
+candidate whose package is missing is skipped (gmqtt and zmqtt are not dependencies:
+``pip install gmqtt zmqtt``). The choice was measured against the hand-written MQTT 3.1.1
+clients the platform had then (``fastpub``/``fastlink``, deleted since): run this module
+at commit c94ea00 for that table (docs/benchmarks.md "MQTT clients").
 
 The broker: the shared one on 127.0.0.1:1883 by default (Mosquitto's default
 ``max_inflight_messages`` 20: its CONNACK grants an MQTT 5 client a Receive Maximum of
@@ -23,7 +24,7 @@ The broker: the shared one on 127.0.0.1:1883 by default (Mosquitto's default
 ``max_inflight_messages N`` (broker/mosquitto/mosquitto.conf ships 100).
 
     .venv/bin/python -m bench.mqtt_clients [--n 10000] [--trials 5] [--pings 200]
-        [--own-broker 100] [--cases fastpub,mqtt5link,aiomqtt,gmqtt,zmqtt]
+        [--own-broker 100] [--cases mqtt5link,aiomqtt,gmqtt,zmqtt]
 
 Prints a table; writes bench/results/mqtt_clients.json.
 """
@@ -59,26 +60,6 @@ Publish = Callable[[list[tuple[str, bytes]]], Awaitable[int]]  # a burst -> how 
 
 
 # -- the candidates: publish ---------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def pub_fastpub(settings: Settings, cid: str) -> AsyncIterator[Publish]:
-    from broker.fastpub import FastPublisher
-    from broker.link import Outgoing
-
-    pub = FastPublisher(settings=settings, client_id=cid)
-    task = asyncio.create_task(pub.run(), name=cid)
-    await pub.wait_connected(10)
-
-    async def burst(msgs: list[tuple[str, bytes]]) -> int:
-        return (await pub.publish_many([Outgoing(t, p, 1) for t, p in msgs])).count
-
-    try:
-        yield burst
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 @contextlib.asynccontextmanager
 async def pub_mqtt5link(settings: Settings, cid: str) -> AsyncIterator[Publish]:
     from broker.mqtt5link import Mqtt5Link
@@ -155,8 +136,7 @@ async def pub_zmqtt(settings: Settings, cid: str) -> AsyncIterator[Publish]:
 
 
 PUBLISHERS = {
-    "fastpub": (pub_fastpub, None),
-    "mqtt5link": (pub_mqtt5link, "mqtt5"),
+    "mqtt5link": (pub_mqtt5link, None),
     "aiomqtt": (pub_aiomqtt, "aiomqtt"),
     "gmqtt": (pub_gmqtt, "gmqtt"),
     "zmqtt": (pub_zmqtt, "zmqtt"),
@@ -185,21 +165,6 @@ class Counter:
         self.last = now
         if self.got >= self.n:
             self.done.set()
-
-
-@contextlib.asynccontextmanager
-async def sub_fastlink(settings: Settings, cid: str, flt: str, c: Counter) -> AsyncIterator[None]:
-    from broker.fastlink import FastIngest
-
-    ing = FastIngest(settings=settings, client_id=cid, handler=lambda t, p: c.add(), filters=[flt])
-    task = asyncio.create_task(ing.run(), name=cid)
-    await ing.wait_connected(10)
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
@@ -280,8 +245,7 @@ async def sub_zmqtt(settings: Settings, cid: str, flt: str, c: Counter) -> Async
 
 
 SUBSCRIBERS = {
-    "fastlink": (sub_fastlink, None),
-    "mqtt5link": (sub_mqtt5link, "mqtt5"),
+    "mqtt5link": (sub_mqtt5link, None),
     "aiomqtt": (sub_aiomqtt, "aiomqtt"),
     "gmqtt": (sub_gmqtt, "gmqtt"),
     "zmqtt": (sub_zmqtt, "zmqtt"),
@@ -431,25 +395,24 @@ def summarize(
     pub: dict[str, dict[str, list[float]]], rx: dict[str, dict[str, list[float]]], n: int
 ) -> list[Row]:
     rows: list[Row] = []
-    ref = "fastpub"
+    ref = "mqtt5link"
     for k, v in pub.items():
         rate = statistics.median(v["rate"])
         rows.append(
             row(f"publish QoS 1 burst: {k}", n, rate, statistics.median(pub[ref]["rate"])
-                if ref in pub else None, "msg/s", ref, 1 / 1.5, on_ratio=True)
+                if ref in pub else None, "msg/s", ref)
         )  # fmt: skip
     for k, v in pub.items():
         ack = statistics.median(v["ack_us"])
         rows.append(
             row(f"publish QoS 1 ack round trip: {k}", 1, ack, statistics.median(pub[ref]["ack_us"])
-                if ref in pub else None, "µs (median)", ref, 1.5, lower_is_better=True,
-                on_ratio=True)
+                if ref in pub else None, "µs (median)", ref)
         )  # fmt: skip
-    ref = "fastlink"
+    ref = "mqtt5link"
     for k, v in rx.items():
         rate = statistics.median(v["rate"])
         r = row(f"receive QoS 0: {k}", n, rate, statistics.median(rx[ref]["rate"])
-                if ref in rx else None, "msg/s", ref, 1 / 1.5, on_ratio=True)  # fmt: skip
+                if ref in rx else None, "msg/s", ref)  # fmt: skip
         r["seen"] = round(min(v["seen"]), 4)
         rows.append(r)
     return rows
@@ -464,14 +427,14 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--pings", type=int, default=200)
     ap.add_argument("--own-broker", type=int, default=0, metavar="INFLIGHT")
-    ap.add_argument("--cases", default="fastpub,mqtt5link,aiomqtt,gmqtt,zmqtt")
+    ap.add_argument("--cases", default="mqtt5link,aiomqtt,gmqtt,zmqtt")
     ap.add_argument("--out", default=str(RESULTS / "mqtt_clients.json"))
     args = ap.parse_args()
     if not 1 <= args.n <= 200_000 or not 1 <= args.trials <= 50:
         ap.error("--n is 1..200000 and --trials 1..50: every load here is bounded")
     wanted = args.cases.split(",")
     pubs = available(PUBLISHERS, wanted)
-    subs = available(SUBSCRIBERS, ["fastlink" if w == "fastpub" else w for w in wanted])
+    subs = available(SUBSCRIBERS, wanted)
     prefix = f"bench-clients-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     started = start()
 
