@@ -27,7 +27,7 @@ from broker.columns import TelemetryArrays
 from broker.fastlink import FastIngest
 from broker.link import LinkStats, is_session_taken_over
 from broker.models import Telemetry, TelemetryBatch
-from broker.mqtt5link import BrokerDisconnected, Mqtt5Link, _Protocol
+from broker.mqtt5link import INBOX_BATCHES, BrokerDisconnected, Mqtt5Link, _Protocol
 from broker.settings import Settings
 from broker.transport import (
     NO_ANSWER,
@@ -353,3 +353,34 @@ async def test_a_broker_answering_in_mqtt_311_is_told_apart_from_a_broken_stream
     with pytest.raises(TransportError, match="not MQTT 5"):
         proto.connack.result()
     assert sink.was_closed and proto.lost
+
+
+class Pausable(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def test_a_full_inbox_pauses_reading_until_the_consumer_catches_up() -> None:
+    """Messages nobody takes are left with the broker (TCP backpressure), not piled up here."""
+    link = Mqtt5Link(Settings(), "unit")
+    proto = _Protocol(link._deliver, lambda p: None, link.stats)
+    wire = Pausable()
+    proto.connection_made(wire)
+    link._proto = proto
+    one = mqtt5.PublishPacket(topic="t/x", payload=b"m").write()
+    for _ in range(INBOX_BATCHES):
+        assert not wire.paused
+        proto.data_received(one)
+    assert wire.paused and link.stats.received == INBOX_BATCHES
+    stream = aiter(link.batches())
+    for _ in range(INBOX_BATCHES - 1):
+        batch = await anext(stream)
+        assert [m.payload for m in batch] == [b"m"]
+    assert not wire.paused  # drained: reading again
