@@ -7,6 +7,7 @@ with one follows from its branch::
     ├── TransportError           broker or state store unreachable: retry with backoff
     │   ├── AuthenticationError  bad credentials: do not retry, fix the settings
     │   │   └── StationAuthError agents/ocpp_stations.py: a CSMS refused a station (401/403)
+    │   ├── BrokerDisconnected   broker/mqtt5link.py: the broker's DISCONNECT and its reason
     │   └── LeaseUnavailable     aggregator/lease.py: Redis did not answer a lease operation
     ├── PublishRefused           the broker refused a publish (ACL): fix credentials or ACL
     ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
