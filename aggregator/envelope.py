@@ -32,14 +32,23 @@ counted whole toward the least P and not at all toward the most. Against a progr
   bench (it is too big for a control loop at 100k vehicles).
 - :func:`window`: the production computation. Under ``EXACT_BELOW`` vehicles it is the
   reference; above, vehicles are pooled into cohorts by the steps they arrive and leave
-  in and by :func:`kinds`, as aggregator/schedule.py pools them. Pooling alone would let
-  one car's room cover another's charger (a full car and an empty one pooled charge at
+  in. A car whose energy bounds cannot bind in the window (:func:`loose`: charging or
+  discharging as much as it may in every step keeps it within them) has a box of
+  feasible powers, step by step, and a sum of boxes is the box of the sums: loose cars
+  pool exactly, whatever else they are like, into cohorts without energy bounds. The
+  others (a car that fills up, runs out or must charge) never share a cohort with a
+  loose one, whose slack would cover their floors and ceilings (issue 14: up to 2% too
+  generous on the least import). While they are fewer than ``EXACT_BELOW`` each is its
+  own unit, so the envelope is the reference's; above, they are pooled by
+  :func:`kinds`, as aggregator/schedule.py pools them. Pooling alone would let one
+  car's room cover another's charger (a full car and an empty one pooled charge at
   both chargers' power), so each cohort's per-step charge and discharge limits are the
   sums of its vehicles' own per-step limits, each already cut by what that car's energy
   allows in that step (the least and most energy it can have at the step's start,
   against its capacity and its floor at the step's end); a car's forced charge is
-  booked at its own efficiency. The property test holds it to :func:`reference` within
-  1% on random fleets with departures and arrivals.
+  booked at its own efficiency. The property tests hold it to :func:`reference` within
+  1% on random fleets with departures and arrivals (exact on fleets with few bound
+  cars); bench/envelope.py measures it on simulated fleets up to 10k vehicles.
 - :func:`steer`: the first step of a plan that holds a committed power to the end of its
   window, for the dispatcher to follow each control step.
 
@@ -293,9 +302,49 @@ def cohort_of(
     return keys, idx.astype(np.intp)
 
 
-def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
+def loose(u: Units) -> NDArray[np.bool_]:
+    """The units whose energy bounds cannot bind in the window: charging as much as it
+    may in every step it is there for never takes it over its ceiling, discharging as
+    much never under its floor. A loose unit's feasible powers are a box, step by step
+    (its energy bounds are implied by its per-step limits), and the sum of boxes is the
+    box of the sums: pooled, loose units are exact (see :func:`pool`)."""
+    h = u.step_s / 3600.0
+    k_steps = u.steps
+    steps = np.arange(k_steps)
+    present = (steps[None, :] >= u.first[:, None]) & (steps[None, :] < u.last[:, None])
+    rows = np.arange(u.size)
+    before = np.maximum(u.first - 1, 0)
+    arrived = u.first > 0
+
+    def reach(step_kwh: Array) -> Array:
+        """The energy at each boundary after each step, storing ``step_kwh`` in every
+        step from the unit's first (what the steps before it hold does not count)."""
+        out = np.cumsum(step_kwh, axis=1)
+        out += (u.energy - np.where(arrived, out[rows, before], 0.0))[:, None]
+        return out
+
+    up = np.subtract(u.x_max, u.x_min)
+    up *= u.eta_ch * h
+    up += u.forced_kwh
+    over = reach(up) > u.ceiling[:, 1:] + ENERGY_EPS_KWH
+    down = np.divide(u.y_max, u.eta_dis)
+    down *= -h
+    down += u.forced_kwh
+    over |= reach(down) < u.floor[:, 1:] - ENERGY_EPS_KWH
+    over &= present
+    free: NDArray[np.bool_] = np.logical_not(over.any(axis=1))
+    return free
+
+
+def pool(
+    u: Units,
+    cohorts: tuple[NDArray[np.intp], NDArray[np.intp]],
+    free: NDArray[np.bool_] | None = None,
+) -> Units:
     """The units of each cohort (from :func:`cohort_of`), summed. Efficiencies are
-    weighted by charger power (harmonic for discharge), as in the schedule."""
+    weighted by charger power (harmonic for discharge), as in the schedule. A cohort of
+    units all ``free`` (from :func:`loose`) has no energy bounds: its units' never bind,
+    so it is its units' boxes summed, exactly."""
     k_steps = u.steps
     keys, idx = cohorts
     m = keys.shape[0]
@@ -313,19 +362,23 @@ def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
 
     # Forced charge is booked at each car's own efficiency; what is free to choose is
     # weighted by how much of it each car has, step by step.
-    free = u.x_max - u.x_min + 1e-12
+    room = u.x_max - u.x_min + 1e-12
     yw = u.y_max + 1e-12
+    floor, ceiling = total(u.floor), total(u.ceiling)
+    if free is not None:
+        boxed = np.bincount(idx, weights=~free, minlength=m) == 0
+        floor[boxed], ceiling[boxed] = -np.inf, np.inf
     return Units(
         step_s=u.step_s,
         first=((keys // (k_steps + 1)) % (k_steps + 1)).astype(np.intp),
         last=(keys % (k_steps + 1)).astype(np.intp),
         energy=total(u.energy),
         capacity=total(u.capacity),
-        eta_ch=total(free * u.eta_ch) / total(free),
+        eta_ch=total(room * u.eta_ch) / total(room),
         eta_dis=total(yw) / total(yw / u.eta_dis),
         forced_kwh=total(u.forced_kwh),
-        floor=total(u.floor),
-        ceiling=total(u.ceiling),
+        floor=floor,
+        ceiling=ceiling,
         x_max=total(u.x_max),
         x_min=total(u.x_min),
         y_max=total(u.y_max),
@@ -572,6 +625,7 @@ def prepare(
     arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
+    exact_bound_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
 ) -> Prepared:
     """The fleet's units for the window (each car counted for ``ratio`` of itself, on
@@ -584,8 +638,19 @@ def prepare(
     if n < exact_below:
         each = np.arange(n, dtype=np.intp)
         return Prepared(bat, energy, units, (each, each), units)
-    cohorts = cohort_of(units, kinds(units, window_s))
-    return Prepared(bat, energy, units, cohorts, pool(units, cohorts))
+    # Units whose energy cannot bind pool exactly whatever else they are like (one
+    # cohort per arrival and departure step). Pooling the others lets one car's slack
+    # cover another's floor, and a loose car has slack to spare, so they never share a
+    # cohort: the others are each on their own while they are few, else pooled by kind.
+    free = loose(units)
+    bound = np.flatnonzero(~free)
+    kind = np.zeros(n, dtype=np.intp)
+    if bound.size < exact_bound_below:
+        kind[bound] = 1 + np.arange(bound.size)
+    else:
+        kind[bound] = 1 + kinds(units, window_s)[bound]
+    cohorts = cohort_of(units, kind)
+    return Prepared(bat, energy, units, cohorts, pool(units, cohorts, free))
 
 
 def window(
@@ -599,6 +664,7 @@ def window(
     arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
+    exact_bound_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
     prepared: Prepared | None = None,
 ) -> Envelope:
@@ -619,6 +685,7 @@ def window(
             arrival=arrival,
             ratio=ratio,
             exact_below=exact_below,
+            exact_bound_below=exact_bound_below,
             min_step_s=min_step_s,
         )
     if prepared.units.size == 0:
