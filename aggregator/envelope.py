@@ -32,8 +32,8 @@ counted whole toward the least P and not at all toward the most. Against a progr
   bench (it is too big for a control loop at 100k vehicles).
 - :func:`window`: the production computation. Under ``EXACT_BELOW`` vehicles it is the
   reference; above, vehicles are pooled into cohorts by the steps they arrive and leave
-  in. A car whose energy bounds cannot bind in the window (:func:`loose`: charging or
-  discharging as much as it may in every step keeps it within them) has a box of
+  in. A car whose energy bounds cannot bind in the window (``Units.free``: charging or
+  discharging flat out all the time it is there keeps it within them) has a box of
   feasible powers, step by step, and a sum of boxes is the box of the sums: loose cars
   pool exactly, whatever else they are like, into cohorts without energy bounds. The
   others (a car that fills up, runs out or must charge) never share a cohort with a
@@ -125,6 +125,9 @@ class Units:
     # the fleet's power in it: all of their power (while there) and its step average.
     load_full: Array
     load_avg: Array
+    # (m,): its energy bounds cannot bind in the window (see vehicle_units): its feasible
+    # powers are a box, step by step, and a cohort of such units has no energy bounds.
+    free: NDArray[np.bool_]
 
     @property
     def size(self) -> int:
@@ -210,6 +213,13 @@ def vehicle_units(
     if leaves.size:
         gone_h = (departure[leaves] - now) / 3600.0 - (first[leaves] * step_s / 3600.0)
         high[leaves, lk] = energy[leaves] + rate[leaves, 0] * gone_h
+    # A car is free (loose) if charging flat out from its arrival to its departure (or
+    # the window's end) never fills it and discharging flat out never takes it under its
+    # floor: whatever it does within its per-step limits then keeps it within its
+    # energy bounds (every limit below is cut from these two extremes), so its feasible
+    # powers are a box, step by step, and a sum of boxes is the box of the sums.
+    rows = np.arange(n)
+    free = high[rows, last] <= bat.capacity_kwh + ENERGY_EPS_KWH
     np.minimum(high, cap, out=high)
     # Capped at what charging flat out reaches: a car under its floor charges flat out.
     np.minimum(floor, high, out=floor)
@@ -218,6 +228,16 @@ def vehicle_units(
     if leaves.size:
         low[leaves, lk] = (bat.max_discharge_kw / bat.discharge_efficiency)[leaves] * gone_h
     np.subtract(e0, low, out=low)
+    bounds = np.arange(k_steps + 1)
+    there = (bounds[None, :] > first[:, None]) & (bounds[None, :] <= last[:, None])
+    short = np.less(low, floor)
+    short &= there
+    free &= ~short.any(axis=1)
+    # So is one that must charge flat out all along (its floor is its ceiling): its
+    # box is a point.
+    slack = np.less(floor, high - ENERGY_EPS_KWH)
+    slack &= there
+    free |= ~slack.any(axis=1)
     np.maximum(low, floor, out=low)
     np.minimum(low, high, out=low)
     h = step_s / 3600.0
@@ -286,6 +306,7 @@ def vehicle_units(
         frac=frac,
         load_full=load_full,
         load_avg=load_avg,
+        free=free,
     )
 
 
@@ -302,80 +323,41 @@ def cohort_of(
     return keys, idx.astype(np.intp)
 
 
-def loose(u: Units) -> NDArray[np.bool_]:
-    """The units whose energy bounds cannot bind in the window: charging as much as it
-    may in every step it is there for never takes it over its ceiling, discharging as
-    much never under its floor. A loose unit's feasible powers are a box, step by step
-    (its energy bounds are implied by its per-step limits), and the sum of boxes is the
-    box of the sums: pooled, loose units are exact (see :func:`pool`)."""
-    h = u.step_s / 3600.0
-    k_steps = u.steps
-    steps = np.arange(k_steps)
-    present = (steps[None, :] >= u.first[:, None]) & (steps[None, :] < u.last[:, None])
-    rows = np.arange(u.size)
-    before = np.maximum(u.first - 1, 0)
-    arrived = u.first > 0
-
-    def reach(step_kwh: Array) -> Array:
-        """The energy at each boundary after each step, storing ``step_kwh`` in every
-        step from the unit's first (what the steps before it hold does not count)."""
-        out = np.cumsum(step_kwh, axis=1)
-        out += (u.energy - np.where(arrived, out[rows, before], 0.0))[:, None]
-        return out
-
-    up = np.subtract(u.x_max, u.x_min)
-    up *= u.eta_ch * h
-    up += u.forced_kwh
-    over = reach(up) > u.ceiling[:, 1:] + ENERGY_EPS_KWH
-    down = np.divide(u.y_max, u.eta_dis)
-    down *= -h
-    down += u.forced_kwh
-    over |= reach(down) < u.floor[:, 1:] - ENERGY_EPS_KWH
-    over &= present
-    free: NDArray[np.bool_] = np.logical_not(over.any(axis=1))
-    return free
-
-
-def pool(
-    u: Units,
-    cohorts: tuple[NDArray[np.intp], NDArray[np.intp]],
-    free: NDArray[np.bool_] | None = None,
-) -> Units:
+def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
     """The units of each cohort (from :func:`cohort_of`), summed. Efficiencies are
     weighted by charger power (harmonic for discharge), as in the schedule. A cohort of
-    units all ``free`` (from :func:`loose`) has no energy bounds: its units' never bind,
-    so it is its units' boxes summed, exactly."""
+    units all free (``Units.free``) has no energy bounds: its units' cannot bind, so it
+    is its units' boxes summed, exactly."""
     k_steps = u.steps
     keys, idx = cohorts
     m = keys.shape[0]
-    flat = (idx[:, None] * k_steps + np.arange(k_steps)).ravel()
-    flat_b = (idx[:, None] * (k_steps + 1) + np.arange(k_steps + 1)).ravel()
+    n = idx.shape[0]
+    # Cohort-by-unit ones: one sparse product sums a per-unit column or row (every step
+    # or boundary at once), in one pass over it.
+    member = sp.csr_matrix((np.ones(n), (idx, np.arange(n))), shape=(m, n))
 
     def total(x: Array) -> Array:
-        """Per cohort: sums of a per-vehicle column, or of a per-step or per-boundary row."""
-        if x.ndim == 1:
-            return np.bincount(idx, weights=x, minlength=m).astype(np.float64)
-        cols = x.shape[1]
-        at = flat if cols == k_steps else flat_b
-        out = np.bincount(at, weights=np.ravel(x), minlength=m * cols)
-        return out.astype(np.float64).reshape(m, cols)
+        """Per cohort: sums of a per-unit column, or of a per-step or per-boundary row."""
+        return np.asarray(member @ x, dtype=np.float64)
 
     # Forced charge is booked at each car's own efficiency; what is free to choose is
     # weighted by how much of it each car has, step by step.
-    room = u.x_max - u.x_min + 1e-12
+    room = np.subtract(u.x_max, u.x_min)
+    room += 1e-12
     yw = u.y_max + 1e-12
+    room_eta = room * u.eta_ch
+    yw_eta = yw / u.eta_dis
     floor, ceiling = total(u.floor), total(u.ceiling)
-    if free is not None:
-        boxed = np.bincount(idx, weights=~free, minlength=m) == 0
-        floor[boxed], ceiling[boxed] = -np.inf, np.inf
+    boxed = np.bincount(idx, weights=~u.free, minlength=m) == 0
+    floor[boxed], ceiling[boxed] = -np.inf, np.inf
     return Units(
         step_s=u.step_s,
         first=((keys // (k_steps + 1)) % (k_steps + 1)).astype(np.intp),
         last=(keys % (k_steps + 1)).astype(np.intp),
         energy=total(u.energy),
         capacity=total(u.capacity),
-        eta_ch=total(room * u.eta_ch) / total(room),
-        eta_dis=total(yw) / total(yw / u.eta_dis),
+        eta_ch=total(room_eta) / total(room),
+        eta_dis=total(yw) / total(yw_eta),
         forced_kwh=total(u.forced_kwh),
         floor=floor,
         ceiling=ceiling,
@@ -385,6 +367,7 @@ def pool(
         frac=np.ones(m),
         load_full=u.load_full,
         load_avg=u.load_avg,
+        free=boxed,
     )
 
 
@@ -642,15 +625,14 @@ def prepare(
     # cohort per arrival and departure step). Pooling the others lets one car's slack
     # cover another's floor, and a loose car has slack to spare, so they never share a
     # cohort: the others are each on their own while they are few, else pooled by kind.
-    free = loose(units)
-    bound = np.flatnonzero(~free)
+    bound = np.flatnonzero(~units.free)
     kind = np.zeros(n, dtype=np.intp)
     if bound.size < exact_bound_below:
         kind[bound] = 1 + np.arange(bound.size)
     else:
         kind[bound] = 1 + kinds(units, window_s)[bound]
     cohorts = cohort_of(units, kind)
-    return Prepared(bat, energy, units, cohorts, pool(units, cohorts, free))
+    return Prepared(bat, energy, units, cohorts, pool(units, cohorts))
 
 
 def window(
