@@ -335,34 +335,54 @@ def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
     # Cohort-by-unit ones: one sparse product sums a per-unit column or row (every step
     # or boundary at once), in one pass over it.
     member = sp.csr_matrix((np.ones(n), (idx, np.arange(n))), shape=(m, n))
+    # Only the bound units' energy matters: a cohort of free ones has no energy bounds.
+    # These sums read the bound units' rows alone.
+    bound = np.flatnonzero(~u.free)
+    of_bound = sp.csr_matrix(
+        (np.ones(bound.size), (idx[bound], np.arange(bound.size))), shape=(m, bound.size)
+    )
 
     def total(x: Array) -> Array:
         """Per cohort: sums of a per-unit column, or of a per-step or per-boundary row."""
         return np.asarray(member @ x, dtype=np.float64)
 
+    def bound_total(x: Array) -> Array:
+        """The same over the bound units, from their rows alone (``x[bound]``)."""
+        return np.asarray(of_bound @ x, dtype=np.float64)
+
+    boxed = np.bincount(idx, weights=~u.free, minlength=m) == 0
+    x_min = total(u.x_min)
     # Forced charge is booked at each car's own efficiency; what is free to choose is
     # weighted by how much of it each car has, step by step.
-    room = np.subtract(u.x_max, u.x_min)
-    room += 1e-12
-    yw = u.y_max + 1e-12
-    room_eta = room * u.eta_ch
-    yw_eta = yw / u.eta_dis
-    floor, ceiling = total(u.floor), total(u.ceiling)
-    boxed = np.bincount(idx, weights=~u.free, minlength=m) == 0
+    room = u.x_max[bound] - u.x_min[bound] + 1e-12
+    yw = u.y_max[bound] + 1e-12
+    some = np.broadcast_to(~boxed[:, None], (m, k_steps))
+
+    def ratio(a: Array, b: Array) -> Array:
+        """a / b per bound cohort, 1 for a free one (its energy is unbounded)."""
+        return np.divide(a, b, out=np.ones((m, k_steps)), where=some)
+
+    eta_ch = ratio(bound_total(room * u.eta_ch[bound]), bound_total(room))
+    eta_dis = ratio(bound_total(yw), bound_total(yw / u.eta_dis[bound]))
+    floor, ceiling = bound_total(u.floor[bound]), bound_total(u.ceiling[bound])
     floor[boxed], ceiling[boxed] = -np.inf, np.inf
+    # A free cohort's energy is unbounded: what its forced charge stores only has to
+    # match its efficiency (the programme books it so).
+    forced_kwh = np.where(boxed[:, None], (u.step_s / 3600.0) * x_min, 0.0)
+    forced_kwh += bound_total(u.forced_kwh[bound])
     return Units(
         step_s=u.step_s,
         first=((keys // (k_steps + 1)) % (k_steps + 1)).astype(np.intp),
         last=(keys % (k_steps + 1)).astype(np.intp),
         energy=total(u.energy),
         capacity=total(u.capacity),
-        eta_ch=total(room_eta) / total(room),
-        eta_dis=total(yw) / total(yw_eta),
-        forced_kwh=total(u.forced_kwh),
+        eta_ch=eta_ch,
+        eta_dis=eta_dis,
+        forced_kwh=forced_kwh,
         floor=floor,
         ceiling=ceiling,
         x_max=total(u.x_max),
-        x_min=total(u.x_min),
+        x_min=x_min,
         y_max=total(u.y_max),
         frac=np.ones(m),
         load_full=u.load_full,
@@ -560,20 +580,28 @@ def reference(
     return solve(vehicle_units(bat, energy, departure, now, window_s, steps, arrival), window_s)
 
 
-def kinds(u: Units, window_s: float, buckets: int = KIND_BUCKETS) -> NDArray[np.intp]:
+def kinds(
+    u: Units,
+    window_s: float,
+    buckets: int = KIND_BUCKETS,
+    rows: NDArray[np.intp] | None = None,
+) -> NDArray[np.intp]:
     """Which vehicles pool well together: pooling lets one car's room, slack or charger
     cover another's, which is harmless only between cars alike in how soon they fill up
     (room over what their charger adds in the window), how soon they run out of slack
     (energy above their departure floor over what their discharger takes), and when
-    their floor catches up with them (never, or in which part of the window)."""
+    their floor catches up with them (never, or in which part of the window). Of the
+    units ``rows`` only, if given."""
     k_steps = u.steps
     h = window_s / 3600.0
-    end = u.floor[np.arange(u.size), u.last]
-    mc = u.x_max.max(axis=1, initial=0.0) + 1e-9
-    md = u.y_max.max(axis=1, initial=0.0) + 1e-9
-    fill = (u.capacity - u.energy) / (mc * u.eta_ch[:, 0] * h)
-    empty = np.maximum(u.energy - end, 0.0) * u.eta_dis[:, 0] / (md * h)
-    above = u.floor > u.energy[:, None] + ENERGY_EPS_KWH
+    r = np.arange(u.size) if rows is None else rows
+    floor, energy, capacity = u.floor[r], u.energy[r], u.capacity[r]
+    end = floor[np.arange(r.size), u.last[r]]
+    mc = u.x_max[r].max(axis=1, initial=0.0) + 1e-9
+    md = u.y_max[r].max(axis=1, initial=0.0) + 1e-9
+    fill = (capacity - energy) / (mc * u.eta_ch[r, 0] * h)
+    empty = np.maximum(energy - end, 0.0) * u.eta_dis[r, 0] / (md * h)
+    above = floor > energy[:, None] + ENERGY_EPS_KWH
     caught = np.where(above.any(axis=1), above.argmax(axis=1), k_steps + 1)
 
     def bucket(x: Array) -> NDArray[np.intp]:
@@ -630,7 +658,7 @@ def prepare(
     if bound.size < exact_bound_below:
         kind[bound] = 1 + np.arange(bound.size)
     else:
-        kind[bound] = 1 + kinds(units, window_s)[bound]
+        kind[bound] = 1 + kinds(units, window_s, rows=bound)
     cohorts = cohort_of(units, kind)
     return Prepared(bat, energy, units, cohorts, pool(units, cohorts))
 
