@@ -193,7 +193,8 @@ def test_loose_cars_pool_exactly_and_bound_ones_are_told_apart() -> None:
     e, d = np.array([50.0, 99.0, 11.0, 50.0]), np.array([np.nan, np.nan, np.nan, NOW + HOUR / 2])
     u = ev.vehicle_units(bat, e, d, NOW, HOUR, 4)
     assert u.free.tolist() == [True, False, False, True]
-    # Pooled (one cohort of A and a copy of it, and B, C, D each on their own): exact.
+    # Pooled, A and its twin share a cohort, D (loose, leaving) has one, B and C are each
+    # their own unit: exact.
     many = cars(5, min_soc=[0.0, 0.0, 0.0, 0.1, 0.0])
     e5 = np.array([50.0, 30.0, 99.0, 11.0, 50.0])
     d5 = np.array([np.nan, np.nan, np.nan, np.nan, NOW + HOUR / 2])
