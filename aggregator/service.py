@@ -9,36 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import math
-import re
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from dataclasses import dataclass
+from typing import Literal
 
 import aiomqtt
 import numpy as np
 import structlog
 from paho.mqtt.properties import Properties
-from pydantic import ValidationError
 
 from aggregator.answers import (
-    Budget,
-    Kind,
     Refusal,
     Routed,
     messages,
     payload_head,
-    read_request_id,
     replies,
 )
 from aggregator.capability import Envelopes, vehicle_ranges
 from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fence import fence_writes
-from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
+from aggregator.fleet_state import FleetState, FleetView
 from aggregator.forecast import ForecastModel
+from aggregator.inbox import (  # the limits, re-exported: they were the service's
+    MAX_BATCH_BYTES,
+    MAX_PAYLOAD_BYTES,
+    REFUSALS_PER_S,
+    Inbox,
+    InboxRouter,
+    Refusals,
+)
 from aggregator.ledger import (
     Entry,
     Ledger,
@@ -54,8 +56,8 @@ from aggregator.status import fleet_status, log_fields
 from aggregator.store import MemoryStore, Snapshot, StateStore
 from broker.clientid import client_id as derive_client_id
 from broker.clientid import main_client_id
-from broker.codec import setpoint_batch_payload, setpoint_payloads, telemetry_row
-from broker.columns import TelemetryArrays, TelemetryRow
+from broker.codec import setpoint_batch_payload, setpoint_payloads
+from broker.columns import TelemetryArrays
 from broker.fastlink import FastIngest
 from broker.fastpub import Delivery, FastPublisher
 from broker.link import TAKEN_OVER_HINT, TAKEOVER_WINDOW_S, MqttLink, Outgoing
@@ -64,39 +66,24 @@ from broker.models import (
     AnswerTo,
     Capability,
     CapabilityWindow,
-    DispatchAmend,
-    DispatchCancel,
     DispatchRejection,
-    DispatchRequest,
     DispatchResult,
     DispatchSignal,
     FleetForecast,
     FleetStatus,
     ForecastPeriod,
-    Telemetry,
-    TelemetryBatch,
-    VehicleStatus,
     from_epoch,
     to_epoch,
 )
-from broker.replies import ReplyTo, reply_from_record, reply_of, reply_record
+from broker.replies import ReplyTo, reply_from_record, reply_record
 from broker.settings import Settings
-from broker.topics import ID_PATTERN
 from core.clock import Clock, raise_if_cancelled
-from core.errors import InvalidMessage, TransportError
+from core.errors import TransportError
 
-MAX_PAYLOAD_BYTES = 64 * 1024
-# A bridge's batch: MAX_BATCH_VEHICLES vehicles at ~100-200 bytes each.
-MAX_BATCH_BYTES = 4 * 1024 * 1024
-# A bridge may send this many times more messages per second than a vehicle: it splits
-# a big fleet into several batches, and reports changes between its regular batches.
-BRIDGE_RATE_FACTOR = 20
-TOPIC_CACHE = 250_000  # parsed topics remembered (a fleet's telemetry topics, and more)
-LOG_PAYLOAD_CHARS = 200
+__all__ = ["MAX_BATCH_BYTES", "MAX_PAYLOAD_BYTES", "AggregatorService", "Inbox", "StepReport"]
+
 FORECAST_PERIOD_S = 3600.0  # hourly market periods
 FORECAST_EVERY_S = 900.0  # simulated seconds between forecasts
-REFUSALS_PER_S = 20.0  # refused operator messages answered a second, on average
-_ID = re.compile(ID_PATTERN)
 CLOCK_WINDOW_STEPS = 12  # telemetry intervals over which the clock warnings count reports
 WARN_LOG_EVERY_S = 30.0  # wall seconds between log lines of a standing warning
 # A step at a request's end comes this much after it (simulated s): epoch seconds carry
@@ -115,22 +102,6 @@ class StepReport:
     setpoints_sent: int
     results: list[DispatchResult]
     step_ms: float
-
-
-@dataclass(slots=True)
-class Inbox:
-    # Vehicles' own reports, validated: decoded to rows as they arrive (a Telemetry model
-    # is taken too, for tests and tools that queue reports by hand).
-    telemetry: list[Telemetry | TelemetryRow] = field(default_factory=list)
-    status: list[VehicleStatus] = field(default_factory=list)
-    # Operator messages, each with where its sender wants answers (MQTT 5), if anywhere;
-    # and those refused before the dispatcher saw them, to be answered at the step.
-    requests: list[tuple[DispatchRequest, ReplyTo | None]] = field(default_factory=list)
-    cancels: list[tuple[str, ReplyTo | None]] = field(default_factory=list)
-    amends: list[tuple[str, DispatchAmend, ReplyTo | None]] = field(default_factory=list)
-    refusals: list[Refusal] = field(default_factory=list)
-    # Bridges' batches, decoded to columns: (bridge_id, reports).
-    batches: list[tuple[str, TelemetryArrays]] = field(default_factory=list)
 
 
 class AggregatorService:
@@ -179,9 +150,7 @@ class AggregatorService:
         self.settlement = Settlement()
         self._settling: dict[str, float] = {}
         self._vehicle_books: list[tuple[str, Entry]] = []
-        # Signal samples waiting to be followed (the latest per request wins), when each
-        # came in, and how long each took from arrival to setpoints on the wire (ms).
-        self._signals: dict[str, tuple[DispatchSignal, float]] = {}
+        # How long each signal sample took from arrival to setpoints on the wire (ms).
         self._signal_ready = asyncio.Event()
         self._dispatch_lock = asyncio.Lock()
         self.signal_latency_ms: deque[float] = deque(maxlen=10_000)
@@ -192,48 +161,40 @@ class AggregatorService:
         self.forecaster = ForecastModel()
         self.envelopes = Envelopes(step_s=settings.control_step_s)
         self._forecast_at = -math.inf
-        self.rejected: Counter[str] = Counter()
-        # Refusals answered at most this fast; where each running request's sender wants
-        # its answers (MQTT 5 response topic), kept with the snapshot.
-        self._refusals = Budget(refusals_per_s)
-        self.refusals_unanswered = 0
+        # Refusals answered at most this fast (the router's and the step's alike); where
+        # each running request's sender wants its answers (MQTT 5 response topic), kept
+        # with the snapshot.
+        self.refusals = Refusals(refusals_per_s)
         self._replies: dict[str, ReplyTo] = {}
         # Reports far behind or ahead of the platform clock, for the status's warnings.
         self.clock_watch = ClockWatch(window_s=CLOCK_WINDOW_STEPS * settings.telemetry_interval_s)
         self._ahead_seen = 0
         self._warned_at = -math.inf
+        # (topic, bytes) -> the typed inbox, with limits and counters (aggregator/inbox.py):
         # received == accepted + ignored + every rejection but "stale" (found at the fold).
-        self.received = 0
-        self.accepted = 0
-        self.ignored = 0
-        # Per vehicle, per wall second: five reports per telemetry interval of wall time.
-        per_interval = settings.telemetry_interval_s / settings.speed
-        self._rate_limit = max(10, int(5.0 / per_interval))
-        self._rate: dict[str, tuple[float, int]] = {}
-        # Vehicle updates that came in bridges' batches, and batch rows dropped on their own
-        # (counted apart: the message they came in was accepted).
-        self.batched_updates = 0
-        self.rejected_rows: Counter[str] = Counter()
+        self.router = InboxRouter(
+            topics=self.topics,
+            clock=clock,
+            telemetry_interval_s=settings.telemetry_interval_s,
+            speed=settings.speed,
+            refusals=self.refusals,
+            logger=self.log,
+            on_signal=self._signal_ready.set,
+        )
         # Which bridge carries each fleet row (-1: the vehicle talks for itself); rows
         # behind a bridge get their setpoints batched on the bridge's setpoints topic.
         self.bridges: list[str] = []
         self._bridge_index: dict[str, int] = {}
         self._bridge_of = np.full(0, -1, dtype=np.int32)
-        self._bridge_head = f"{self.topics.prefix}/bridges/"
-        # Parsed topics: a vehicle's topic is the same every report, and parsing it (split,
-        # id check) was a seventh of the per-message cost (py-spy, bench/ingest.py).
-        self._parsed: dict[str, tuple[str, str]] = {}
         self.degraded = False
         self._saving: asyncio.Task[None] | None = None
         self.saves_skipped = 0
-        self.inbox = Inbox()
         self._owed: deque[Outgoing] = deque(maxlen=100_000)
         self._owed_logged = False
         self.reports: asyncio.Queue[StepReport] | None = None
         self.last_report: StepReport | None = None
         self.last_output: StepOutput | None = None
         self._last_log_wall = 0.0
-        self._last_reject_log: dict[str, float] = {}
         # Scale-out (aggregator/scaleout.py, V2G_SHARE_GROUP): telemetry and status on a
         # shared subscription, one leader by a Redis lease, snapshots fenced by its token.
         self.scale: ScaleOut | None = None
@@ -248,7 +209,7 @@ class AggregatorService:
             self.ingest = FastIngest(
                 settings=settings,
                 client_id=derive_client_id(settings.topic_prefix, "ingest", per_process=True),
-                handler=self.on_payload,
+                handler=self.router.route,
                 filters=[f for f, _ in shared_subscriptions(settings, telemetry)],
                 logger=self.log,
             )
@@ -283,165 +244,53 @@ class AggregatorService:
         """Validate one message and queue it; bad input is counted and logged, never raised
         (and, from an operator, answered)."""
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-        self.on_payload(str(message.topic), bytes(payload), message.properties)
+        self.router.route(str(message.topic), bytes(payload), message.properties)
 
     def on_payload(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:
         """:meth:`on_message` for a topic and payload (the fast ingest client's form), and
         the MQTT 5 properties the message came with, if any."""
-        self.received += 1
-        try:
-            limit = MAX_BATCH_BYTES if topic.startswith(self._bridge_head) else MAX_PAYLOAD_BYTES
-            if len(payload) > limit:
-                raise InvalidMessage("size", f"{len(payload)} bytes, over the {limit}-byte limit")
-            parsed = self._parsed.get(topic)
-            if parsed is None:
-                parsed = self.topics.parse(topic)  # raises for a topic outside the contract
-                if len(self._parsed) >= TOPIC_CACHE:  # made-up topics must not grow memory
-                    self._parsed.clear()
-                self._parsed[topic] = parsed
-            kind, ident = parsed
-            if kind == "telemetry":
-                self._within_rate(ident)
-                row = telemetry_row(payload, ident)
-                if row is None:  # not the common form, or invalid: the model judges and says why
-                    t = _decode(Telemetry, payload)
-                    _same_vehicle(ident, t.vehicle_id)
-                    row = TelemetryRow.of(t)
-                check_not_ahead(row.ts, self.clock.now(), self.settings.telemetry_interval_s)
-                self.inbox.telemetry.append(row)
-            elif kind == "bridge_telemetry":
-                self._on_batch(ident, payload)
-            elif kind == "status":
-                if not payload:  # a cleared retained status
-                    self.ignored += 1
-                    return
-                s = _decode(VehicleStatus, payload)
-                _same_vehicle(ident, s.vehicle_id)
-                self.inbox.status.append(s)
-            elif kind == "requests":
-                reply = self._reply_of(properties)
-                self.inbox.requests.append((_decode(DispatchRequest, payload), reply))
-            elif kind == "cancel":
-                reply = self._reply_of(properties)
-                if payload:  # an empty cancel is the same as {}
-                    _decode(DispatchCancel, payload)
-                self.inbox.cancels.append((ident, reply))
-            elif kind == "amend":
-                reply = self._reply_of(properties)
-                self.inbox.amends.append((ident, _decode(DispatchAmend, payload), reply))
-            elif kind == "signal":
-                # Followed at once, out of the control step: a signal comes every 2-4 s.
-                self._signals[ident] = (_decode(DispatchSignal, payload), time.perf_counter())
-                self._signal_ready.set()
-            else:
-                self.ignored += 1  # our own results and progress, echoed by a wide subscription
-                return
-            self.accepted += 1
-        except InvalidMessage as err:
-            self._reject(err, topic, payload)
-            self._refused(err, topic, payload, properties)
+        self.router.route(topic, payload, properties)
 
-    def _may_refuse(self) -> bool:
-        """Spend one answer to a refused operator message: False past ``refusals_per_s``
-        (the refusal is then only counted, in ``refusals_unanswered``)."""
-        if self._refusals.take(time.monotonic()):
-            return True
-        self.refusals_unanswered += 1
-        return False
+    # The router's inbox and counters, read (and the inbox swapped) as the service's.
+    @property
+    def inbox(self) -> Inbox:
+        return self.router.inbox
 
-    def _reply_of(self, properties: Properties | None) -> ReplyTo | None:
-        """Where the sender wants its answers; a response topic we may not answer on
-        refuses the message (its sender would wait there for ever)."""
-        try:
-            return reply_of(properties, self.topics.prefix)
-        except ValueError as err:
-            raise InvalidMessage("reply", str(err)) from None
+    @inbox.setter
+    def inbox(self, inbox: Inbox) -> None:
+        self.router.inbox = inbox
 
-    def _refused(
-        self, err: InvalidMessage, topic: str, payload: bytes, properties: Properties | None
-    ) -> None:
-        """Queue the answer to a refused request, amendment or cancel (other messages are
-        only counted): on its request's result topic when its id can be read, else on
-        ``dispatch/rejected``; at most ``refusals_per_s``, the rest only counted."""
-        t = self.topics
-        rid: str | None
-        if topic == t.dispatch_requests:
-            kind: Kind = "requests"
-            rid = read_request_id(payload, parse=len(payload) <= MAX_PAYLOAD_BYTES)
-        else:
-            head, _, rest = topic.partition(f"{t.prefix}/dispatch/")
-            ident, _, what = rest.rpartition("/")
-            if head or "/" in ident or what not in ("cancel", "amend"):
-                return
-            kind = "cancel" if what == "cancel" else "amend"
-            rid = ident if _ID.fullmatch(ident) else None
-        if not self._may_refuse():
-            return
-        try:
-            reply = reply_of(properties, t.prefix) if err.reason != "reply" else None
-        except ValueError:
-            reply = None
-        what = {"requests": "request", "cancel": "cancel", "amend": "amendment"}[kind]
-        self.inbox.refusals.append(
-            Refusal(
-                kind=kind,
-                request_id=rid,
-                reason=f"invalid {what} ({err.reason}): {err.detail}",
-                topic=topic,
-                payload_head=payload_head(payload),
-                reply=reply,
-            )
-        )
+    @property
+    def received(self) -> int:
+        return self.router.received
 
-    def _on_batch(self, bridge_id: str, payload: bytes) -> None:
-        """A bridge's batch: validated whole (any bad column refuses it), decoded to
-        columns; reports stamped ahead of the clock are dropped on their own, counted
-        under ``rejected_rows["future"]``, so one vehicle's bad clock costs only its row."""
-        self._within_rate(f"bridges/{bridge_id}", self._rate_limit * BRIDGE_RATE_FACTOR)
-        batch = _decode(TelemetryBatch, payload)
-        if batch.bridge_id != bridge_id:
-            raise InvalidMessage(
-                "identity", f"topic names bridge {bridge_id!r} but payload says {batch.bridge_id!r}"
-            )
-        reports = TelemetryArrays.from_batch(batch)
-        now = self.clock.now()
-        tolerance = self.settings.telemetry_interval_s
-        ahead = reports.ts > now + tolerance
-        if ahead.any():
-            if ahead.all():
-                check_not_ahead(float(reports.ts.max()), now, tolerance)
-            reports = reports.take(np.flatnonzero(~ahead))
-            self.rejected_rows["future"] += int(ahead.sum())
-        self.batched_updates += len(reports)
-        self.inbox.batches.append((bridge_id, reports))
+    @property
+    def accepted(self) -> int:
+        return self.router.accepted
 
-    def _within_rate(self, key: str, limit: int | None = None) -> None:
-        """A vehicle may report a few times per telemetry interval, not flood the service."""
-        limit = limit or self._rate_limit
-        now = time.monotonic()
-        window = self._rate.get(key)
-        start, count = (now, 0) if window is None or now - window[0] >= 1.0 else window
-        if count >= limit:
-            raise InvalidMessage("rate", f"{key} sent over {limit} msg/s")
-        if len(self._rate) > 1_000_000:  # a flood of made-up ids must not grow memory for ever
-            self._rate.clear()
-        self._rate[key] = (start, count + 1)
+    @property
+    def ignored(self) -> int:
+        return self.router.ignored
 
-    def _reject(self, err: InvalidMessage, topic: str, payload: bytes) -> None:
-        self.rejected[err.reason] += 1
-        now = time.monotonic()
-        # One line per reason per second: a flood of garbage must not flood the log.
-        if now - self._last_reject_log.get(err.reason, 0.0) >= 1.0:
-            self._last_reject_log[err.reason] = now
-            self.log.warning(
-                "message_rejected",
-                reason=err.reason,
-                detail=err.detail[:300],
-                topic=topic[:120],
-                payload=payload[:LOG_PAYLOAD_CHARS].decode("utf-8", "replace"),
-                rejected_total=self.rejected[err.reason],
-                unanswered_total=self.refusals_unanswered,
-            )
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.router.rejected
+
+    @property
+    def rejected_rows(self) -> Counter[str]:
+        return self.router.rejected_rows
+
+    @property
+    def batched_updates(self) -> int:
+        return self.router.batched_updates
+
+    @property
+    def refusals_unanswered(self) -> int:
+        return self.refusals.unanswered
+
+    @property
+    def _signals(self) -> dict[str, tuple[DispatchSignal, float]]:
+        return self.router.signals
 
     # -- the loop --------------------------------------------------------------------
     async def run(self) -> None:
@@ -542,7 +391,7 @@ class AggregatorService:
             self.inbox.requests[:0] = held.requests
             self.inbox.cancels[:0] = held.cancels
         if not role.is_leader:
-            inbox, self.inbox = self.inbox, Inbox()
+            inbox = self.router.take()
             self.scale.hold(inbox.requests, inbox.cancels)
             await self.scale.forward(Rows.of(inbox.telemetry, inbox.status, inbox.batches))
         return role.is_leader
@@ -604,7 +453,7 @@ class AggregatorService:
             await self._signal_ready.wait()
             self._signal_ready.clear()
             raise_if_cancelled()
-            pending, self._signals = self._signals, {}
+            pending, self.router.signals = self.router.signals, {}
             if self.scale is not None and not self.scale.leading:
                 continue
             async with self._dispatch_lock:
@@ -633,7 +482,7 @@ class AggregatorService:
         """One control step; see the module docstring for the order."""
         wall0 = time.perf_counter()
         now = self.clock.now()
-        inbox, self.inbox = self.inbox, Inbox()
+        inbox = self.router.take()
         if self.scale is not None:  # scale-out: fold in what the other processes received
             await self._collect(inbox)
         # Telemetry first: a will that arrived after a vehicle's last report must win.
@@ -696,7 +545,7 @@ class AggregatorService:
             if self.dispatcher.reuses_id(req):
                 # Its id is a request already taken: the answer is this sender's alone,
                 # never on the result topic that request's followers read.
-                if not self._may_refuse():
+                if not self.refusals.may_answer():
                     continue
                 refused = self.dispatcher.submit(req, now, view)
                 routed.append(self._private(refused, reply, req.to_json(), now))
@@ -790,7 +639,7 @@ class AggregatorService:
         self, rid: str, kind: Literal["cancel", "amend"], reply: ReplyTo | None, now: float
     ) -> list[Routed]:
         """The refusal of a cancel or amendment that names no running request."""
-        if not self._may_refuse():
+        if not self.refusals.may_answer():
             return []
         answer = self.dispatcher.refuse(rid, self.dispatcher.not_running(rid), now, kind)
         self.log.info("dispatch_refused", request_id=rid, to=kind, reason=answer.reason)
@@ -1180,48 +1029,4 @@ class AggregatorService:
             setpoints=report.setpoints_sent,
             telemetry=applied,
             step_ms=round(report.step_ms, 1),
-        )
-
-
-M = TypeVar(
-    "M",
-    Telemetry,
-    VehicleStatus,
-    DispatchRequest,
-    TelemetryBatch,
-    DispatchAmend,
-    DispatchSignal,
-    DispatchCancel,
-)
-
-
-def _decode(model: type[M], payload: bytes) -> M:
-    try:
-        return model.model_validate_json(payload)
-    except ValidationError as err:
-        errors = err.errors()
-        unknown = [str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
-        if unknown:  # an operator's typo must not pass for a default (start: now)
-            raise InvalidMessage("unknown_field", _unknown_fields(model, unknown)) from None
-        first = errors[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
-        kind = "json" if first.get("type") == "json_invalid" else "schema"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise InvalidMessage(kind, f"{model.__name__}.{where}: {first.get('msg')}{more}") from None
-
-
-def _unknown_fields(model: type[M], names: list[str]) -> str:
-    """Name the unknown fields, with the known one each was probably meant to be."""
-    known = list(model.model_fields)
-    parts = []
-    for name in names:
-        close = difflib.get_close_matches(name, known, n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return f"{model.__name__} has no field {', '.join(parts)}; its fields are {', '.join(known)}"
-
-
-def _same_vehicle(topic_id: str, payload_id: str) -> None:
-    if topic_id != payload_id:
-        raise InvalidMessage(
-            "identity", f"topic names vehicle {topic_id!r} but payload says {payload_id!r}"
         )
