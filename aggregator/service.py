@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiomqtt
 import numpy as np
@@ -61,6 +63,9 @@ __all__ = ["MAX_BATCH_BYTES", "MAX_PAYLOAD_BYTES", "AggregatorService", "Inbox",
 # ~1e-7 s of rounding, and a step a hair early would leave the request for the next.
 END_MARGIN_S = 1e-3
 SAVE_GRACE_S = 5.0  # how long a cancelled aggregator lets an in-flight snapshot write finish
+
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -116,6 +121,7 @@ class AggregatorService:
         # Settlement records go to the ledger off the control path (see aggregator/ledger.py).
         self._ledger = None if ledger is None else LedgerWriter(ledger)
         self._ledger_task: asyncio.Task[bool] | None = None
+        self._writes: asyncio.TaskGroup | None = None  # while run() serves
         # How long each signal sample took from arrival to setpoints on the wire (ms).
         self._signal_ready = asyncio.Event()
         self._dispatch_lock = asyncio.Lock()
@@ -292,21 +298,38 @@ class AggregatorService:
         self.log.info("deployment", role="aggregator", **self.deployment())
         await self.restore()
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.link.run(), name="aggregator-mqtt")
-                if self.setpoints is not None:
-                    tg.create_task(self.setpoints.run(), name="aggregator-setpoints")
-                if self.ingest is not None:
-                    tg.create_task(self.ingest.run(), name="aggregator-ingest")
-                tg.create_task(self._control_loop(), name="aggregator-control")
-                tg.create_task(self._signal_loop(), name="aggregator-signals")
-                if self.scale is not None:
-                    tg.create_task(self.scale.run(), name="aggregator-lease")
+            # The writes the steps start (snapshots, ledger) are tasks of the group around
+            # the loops' group: a stop cancels the loops at once, then lets a write in
+            # flight finish (bounded) before the outer group closes; one torn by
+            # cancellation can leave a half-used Redis connection behind.
+            async with asyncio.TaskGroup() as writes:
+                self._writes = writes
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self.link.run(), name="aggregator-mqtt")
+                        if self.setpoints is not None:
+                            tg.create_task(self.setpoints.run(), name="aggregator-setpoints")
+                        if self.ingest is not None:
+                            tg.create_task(self.ingest.run(), name="aggregator-ingest")
+                        tg.create_task(self._control_loop(), name="aggregator-control")
+                        tg.create_task(self._signal_loop(), name="aggregator-signals")
+                        if self.scale is not None:
+                            tg.create_task(self.scale.run(), name="aggregator-lease")
+                finally:
+                    await self._finish_save()
+                    await self._finish_ledger()
         finally:
-            await self._finish_save()
-            await self._finish_ledger()
+            self._writes = None
             if self.scale is not None:  # a graceful stop hands the lease on at once
                 await self.scale.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """Start a write in the service's task group while it runs (:meth:`run`); a step
+        driven on its own (tests, benches) keeps the task itself and it ends with it."""
+        if self._writes is not None:
+            with contextlib.suppress(RuntimeError):  # the group is already shutting down
+                return self._writes.create_task(coro, name=name)
+        return asyncio.create_task(coro, name=name)
 
     def deployment(self) -> dict[str, object]:
         """Broker, Redis, both prefixes and every client id: the start line's fields."""
@@ -586,7 +609,7 @@ class AggregatorService:
         for rid, entry in plan.ledger:
             self.ledger.add(rid, entry)
         if self.ledger.owed and (self._ledger_task is None or self._ledger_task.done()):
-            self._ledger_task = asyncio.create_task(self.ledger.drain(), name="aggregator-ledger")
+            self._ledger_task = self._spawn(self.ledger.drain(), "aggregator-ledger")
 
     async def _finish_ledger(self) -> None:
         """Write what the ledger is owed before the service goes (bounded)."""
@@ -596,7 +619,7 @@ class AggregatorService:
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=SAVE_GRACE_S)
         if self.ledger.owed and (task is None or task.done()):
-            last = asyncio.create_task(self.ledger.drain())
+            last = self._spawn(self.ledger.drain(), "aggregator-ledger-last")
             await asyncio.wait({last}, timeout=SAVE_GRACE_S)
             if not last.done():
                 last.cancel()
@@ -612,7 +635,7 @@ class AggregatorService:
             return
         cursor = self.scale.saved_cursor if self.scale is not None else None
         snap = plan.snapshot(cursor)
-        self._saving = asyncio.create_task(self._save(snap), name="aggregator-save")
+        self._saving = self._spawn(self._save(snap), "aggregator-save")
 
     async def _save(self, snap: Snapshot) -> None:
         try:
