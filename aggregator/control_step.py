@@ -265,12 +265,15 @@ class ControlStep:
             snapshot=lambda cursor: self.snapshot(now, cursor),
         )
 
-    def decide(self, inbox: Inbox, now: float, view: FleetView) -> Decision:
+    def decide(
+        self, inbox: Inbox, now: float, view: FleetView, n_rows: int | None = None
+    ) -> Decision:
         """Take ``inbox``'s operator messages to the dispatcher, answer each, then let it
         step over ``view``: the part of :meth:`run` after the fold, for a caller that
-        brings its own view of the fleet (the headless simulation)."""
+        brings its own view of the fleet (the headless simulation; ``n_rows``: how many
+        rows its fleet has, else the fleet state's)."""
         answers, routed = self._answer(inbox, now, view)
-        out = self.dispatcher.step(now, view, len(self.state))
+        out = self.dispatcher.step(now, view, len(self.state) if n_rows is None else n_rows)
         return Decision(answers, routed, out)
 
     def follow(
