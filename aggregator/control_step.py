@@ -112,6 +112,7 @@ class ControlStep:
         rejected_rows: Counter[str] | None = None,
         refusals: Refusals | None = None,
         books: bool = False,
+        state: FleetState | None = None,
         dispatcher: Dispatcher | None = None,
         logger: structlog.typing.FilteringBoundLogger | None = None,
         wall: Callable[[], float] = time.monotonic,
@@ -119,8 +120,8 @@ class ControlStep:
         """``rejected``/``rejected_rows``: the counters the inbox router keeps (the step
         adds "stale" and shows them in the status). ``refusals``: the budget of answers
         to refused messages, shared with the router. ``books``: keep per-vehicle books
-        and make ledger entries (there is a ledger). ``dispatcher``: else one from
-        ``settings``. ``wall``: monotonic seconds, for the warnings' log throttle."""
+        and make ledger entries (there is a ledger). ``state``, ``dispatcher``: to step
+        (else an empty fleet, and a dispatcher from ``settings``). ``wall``: monotonic seconds, for the warnings' log throttle."""
         self.settings = settings
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
@@ -129,7 +130,7 @@ class ControlStep:
         self.refusals = refusals or Refusals(math.inf)
         self.books = books
         self._wall = wall
-        self.state = FleetState()
+        self.state = FleetState() if state is None else state
         self.dispatcher = dispatcher or self.new_dispatcher()
         self.forecaster = ForecastModel()
         self.envelopes = Envelopes(step_s=settings.control_step_s)
