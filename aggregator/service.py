@@ -1,8 +1,11 @@
-"""The aggregator process: the thin async edge around fleet state and the dispatcher.
+"""The aggregator process: the thin async edge around the control step.
 
-Messages are validated as they arrive and queued; everything else happens once per
-control step, in order: fold telemetry → admit requests → allocate → publish setpoints,
-results, progress, capability, status → persist.
+Messages are validated as they arrive and queued by the inbox router
+(aggregator/inbox.py); once per control step :class:`ControlStep` (aggregator/
+control_step.py, pure) turns the inbox into a plan (fold telemetry → admit requests →
+allocate → books, envelope, status), and this service publishes it (setpoints, results,
+progress, capability, status, forecast) and persists it (ledger, snapshot). It runs its
+loops as named tasks of one TaskGroup.
 """
 
 from __future__ import annotations
@@ -33,10 +36,7 @@ from aggregator.inbox import (  # the limits, re-exported: they were the service
     InboxRouter,
     Refusals,
 )
-from aggregator.ledger import (
-    Ledger,
-    LedgerWriter,
-)
+from aggregator.ledger import Ledger, LedgerWriter
 from aggregator.scaleout import Rows, ScaleOut, shared_subscriptions
 from aggregator.status import log_fields
 from aggregator.store import MemoryStore, Snapshot, StateStore
