@@ -122,9 +122,10 @@ class AggregatorService:
         self._ledger = None if ledger is None else LedgerWriter(ledger)
         self._ledger_task: asyncio.Task[bool] | None = None
         self._writes: asyncio.TaskGroup | None = None  # while run() serves
-        # How long each signal sample took from arrival to setpoints on the wire (ms).
+        # Set by the router when a signal sample comes in: the signal loop follows it.
         self._signal_ready = asyncio.Event()
         self._dispatch_lock = asyncio.Lock()
+        # How long each signal sample took from arrival to setpoints on the wire (ms).
         self.signal_latency_ms: deque[float] = deque(maxlen=10_000)
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
