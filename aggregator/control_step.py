@@ -93,7 +93,9 @@ class StepPlan:
     status: FleetStatus
     capability: Capability
     ledger: list[tuple[str, Entry]]  # (request id, entry), in the order they are written
-    forecast: Outgoing | None  # the availability forecast, when one is due
+    # The availability forecast when one is due, built when the edge can send it (the
+    # broker may be away: then it is due again next step): ``forecast()``.
+    forecast: Callable[[], Outgoing] | None
     applied: int  # telemetry rows folded
     # The snapshot to persist, built when the edge writes it (a write still in flight
     # skips this step's): ``snapshot(ingest_cursor)``.
@@ -599,14 +601,17 @@ class ControlStep:
     # -- status ----------------------------------------------------------------------
     def _forecast(
         self, now: float, view: FleetView, windows: list[CapabilityWindow]
-    ) -> Outgoing | None:
+    ) -> Callable[[], Outgoing] | None:
         """Learn from this step's one-hour capability; every FORECAST_EVERY_S the
-        availability forecast (retained) for the next 24 hourly periods."""
+        availability forecast (retained) for the next 24 hourly periods is due."""
         hour = next((w for w in windows if w.duration_s == FORECAST_PERIOD_S), None)
         if hour is not None and len(view):
             self.forecaster.observe(now, hour.min_power_kw, hour.max_power_kw)
         if now - self.forecast_at < FORECAST_EVERY_S or not len(view):
             return None
+        return lambda: self._forecast_message(now, view)
+
+    def _forecast_message(self, now: float, view: FleetView) -> Outgoing:
         lo, hi = vehicle_ranges(view, now, FORECAST_PERIOD_S)
         periods = self.forecaster.forecast(now, lo, hi, view.departure)
         msg = FleetForecast(

@@ -502,7 +502,7 @@ class AggregatorService:
         if plan.forecast is None or not self.link.connected:
             return
         with contextlib.suppress(TransportError):
-            if await self.link.publish_many([plan.forecast]):
+            if await self.link.publish_many([plan.forecast()]):
                 self.control.forecast_published(plan.now)
 
     # Kept for tests and tools that call them on the service.

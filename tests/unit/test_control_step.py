@@ -26,6 +26,8 @@ def test_a_request_becomes_setpoints_answers_status_and_books_in_one_plan() -> N
     assert first.applied == 40 and not first.setpoints and not first.answers
     assert first.status.vehicles_online == 40
     assert first.forecast is not None  # the first step with vehicles forecasts
+    forecast = first.forecast()
+    assert forecast.topic == settings.topics.fleet_forecast and forecast.retain
     step.forecast_published(T0)  # the edge sent it
     topics = [m.topic for m in first.updates]
     assert topics[-2:] == [settings.topics.fleet_capability, settings.topics.fleet_status]
