@@ -164,7 +164,7 @@ def instrument(service: AggregatorService, registry: CollectorRegistry) -> Aggre
     log = LatencyLog(metrics.latency_seconds, service.signal_latency_ms.maxlen)
     log.extend(service.signal_latency_ms)
     service.signal_latency_ms = log
-    service.settlement = CountingSettlement(metrics.drivers_short, metrics.short_kwh)
+    service.control.settlement = CountingSettlement(metrics.drivers_short, metrics.short_kwh)
     collector = AggregatorCollector(service, metrics)
     registry.register(collector)
     add_connections(registry, collector.connections)

@@ -212,7 +212,7 @@ def test_a_driver_who_leaves_short_is_counted_with_the_energy_they_lacked() -> N
     on_time, early = (int(r) for r in state.view(t, 3 * MSTEP).rows[:2])
     state.cols["departure"][on_time] = t + MSTEP
     state.cols["departure"][early] = t + 3600.0
-    settle = svc.settlement  # what the service books with, step after step
+    settle = svc.control.settlement  # what the service books with, step after step
     settle.observe(t, state.view(t, 3 * MSTEP), state.col("meter_kwh"), state.col("plugged"),
                    state.ids, MSTEP)  # fmt: skip
     t += MSTEP
