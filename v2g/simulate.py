@@ -115,6 +115,8 @@ def run(
 
     ``powerflow_every``: run a power flow every N steps (overrides the scenario's
     ``powerflow.every``; needs a grid)."""
+    if powerflow_every is not None and scenario.grid is None:
+        raise ScenarioError("--powerflow-every needs a scenario with a grid:")
     wall0 = time.perf_counter()
     sim = build(scenario)
     setup_s = time.perf_counter() - wall0
@@ -126,8 +128,7 @@ def run(
     hook = sim.on_power
     if isinstance(hook, simgrid.GridStep):
         files += grid_outputs(scenario, sim, hook, result, summary, out_dir, plot, powerflow_every)
-    elif powerflow_every is not None:
-        raise ScenarioError("--powerflow-every needs a scenario with a grid:")
+
     summary["wall_s"] = round(time.perf_counter() - wall0, 3)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Outcome(result, summary, files)
