@@ -74,6 +74,7 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             ["--sizes", "10000:100" if quick else "10000:100,100000:1000", "--lp", "10000:100"],
             120.0,
         ),
+        ("powerflow", ["--flows", "10" if quick else "30"], 120.0),
     ]
 
 

@@ -5,7 +5,7 @@ its own beyond its children's) becomes one load on a bus of a standard low-volta
 network (``pandapower.networks``: ``cigre_lv`` by default, ``kerber_landnetz_kabel_1``,
 ... or a pandapower JSON file); a negative load is generation. The network's own loads
 stay as they are (its other customers) unless ``keep_loads: false``. Every ``every`` steps an AC power flow
-(Newton-Raphson) gives the lowest and highest bus voltage (pu) and the highest line and
+(Newton-Raphson, started from the last step's solution) gives the lowest and highest bus voltage (pu) and the highest line and
 transformer loading (%); the steps in between are NaN. The cost of each flow is timed.
 """
 
@@ -105,6 +105,7 @@ class Feeder:
         if not keep_loads:
             network.load["p_mw"] = 0.0
             network.load["q_mvar"] = 0.0
+        self.warm = False  # a flow has converged: the next starts from its results
         self.nodes: list[int] = []
         self.load_idx: list[int] = []
         self.buses: dict[str, str] = {}
@@ -137,9 +138,12 @@ class Feeder:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pandas/numba chatter inside pandapower
-                pp.runpp(net, numba=False)
+                # From the last solution: 2-3x fewer Newton steps between close steps.
+                pp.runpp(net, numba=False, init="results" if self.warm else "auto")
         except pp.LoadflowNotConverged:
+            self.warm = False
             return (np.nan,) * 4
+        self.warm = True
         vm = net.res_bus["vm_pu"].to_numpy()
         line = net.res_line["loading_percent"].to_numpy() if len(net.line) else np.zeros(1)
         trafo = net.res_trafo["loading_percent"].to_numpy() if len(net.trafo) else np.zeros(1)
