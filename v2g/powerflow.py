@@ -64,12 +64,14 @@ class FlowSeries:
 
     def summary(self) -> dict[str, Any]:
         ran = ~np.isnan(self.v_min_pu)
+        tried = ~np.isnan(self.ms)
 
         def ext(a: Floats, f: Any) -> float | None:
             return None if not ran.any() else round(float(f(a[ran])), 4)
 
         return {
-            "flows": int(ran.sum()),
+            "flows": int(tried.sum()),
+            "not_converged": int((tried & ~ran).sum()),
             "v_min_pu": ext(self.v_min_pu, np.min),
             "v_max_pu": ext(self.v_max_pu, np.max),
             "line_max_loading_pct": ext(self.line_max_pct, np.max),

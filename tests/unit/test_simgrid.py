@@ -4,6 +4,7 @@ them, and a power flow on a tiny network."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,54 @@ def test_powerflow_every_needs_a_grid(tmp_path: Path) -> None:
     )
     with pytest.raises(ScenarioError, match="needs a scenario with a grid"):
         run(scen, tmp_path, plot=False, powerflow_every=2)
+
+
+def test_a_dynamic_limit_holds_while_it_lasts(tmp_path: Path) -> None:
+    # 10 kW of import at the transformer for the first hour, then the file's 60 kW.
+    lim = [{"node": "tx", "start": "+0h", "duration": "1h", "import_kw": 10}]
+    scen = parse_scenario(firming(pv=[], start="2026-06-10T08:30:00Z", duration="2h", limits=lim))
+    run(scen, tmp_path, plot=False)
+    with (tmp_path / "nodes.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    tx = [r for r in rows if r["node"] == "tx"]
+    first = [float(r["net_kw"]) for r in tx[:6]]
+    assert [float(r["import_limit_kw"]) for r in tx[:6]] == [10.0] * 6
+    assert max(first) <= 10.0 + 1.0
+    assert float(tx[6]["import_limit_kw"]) == 60.0
+    assert max(float(r["net_kw"]) for r in tx[6:]) > 10.0 + 1.0  # the cars catch up after
+
+
+def test_simulate_command_runs_power_flows_every_n_steps(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from v2g.cli import app
+
+    data = firming(
+        duration="1h",
+        powerflow={"network": "tiny.json", "buses": {"carpark": "lv", "solar": "far"}},
+    )
+    tiny_network(tmp_path / "tiny.json")
+    (tmp_path / "s.yaml").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(tmp_path / "s.yaml"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plot",
+            "--powerflow-every",
+            "2",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    pf = summary["grid"]["powerflow"]
+    assert pf["buses"] == {"carpark": "lv", "solar": "far"}
+    assert pf["platform"]["flows"] == 3 and pf["plain"]["flows"] == 3  # steps 0, 2, 4 of 6
+    assert pf["platform"]["not_converged"] == 0
+    assert 0.9 < pf["platform"]["v_min_pu"] <= pf["platform"]["v_max_pu"] < 1.1
+    assert pf["platform"]["ms_per_flow_mean"] > 0.0
