@@ -174,6 +174,27 @@ class LimitSpec(_Strict):
     export_kw: Annotated[float, Field(ge=0.0)] | None = None
 
 
+class FirmingSpec(_Strict):
+    """A firming service on a node: keep its net power (meter + vehicles) inside [min_kw,
+    max_kw] and its change under ``ramp_kw_per_min`` (each may be absent: open), inside
+    the limits and the drivers' floors (aggregator/grid_alloc.py, ``firming_band``)."""
+
+    node: str
+    start: StartOrOffset
+    duration: Seconds
+    min_kw: float | None = None
+    max_kw: float | None = None
+    ramp_kw_per_min: Annotated[float, Field(gt=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.min_kw is None and self.max_kw is None and self.ramp_kw_per_min is None:
+            raise ValueError("give min_kw, max_kw or ramp_kw_per_min")
+        if self.min_kw is not None and self.max_kw is not None and self.min_kw > self.max_kw:
+            raise ValueError(f"min_kw {self.min_kw:g} is above max_kw {self.max_kw:g}")
+        return self
+
+
 class PowerflowSpec(_Strict):
     """A pandapower network beside the run: node powers on its buses, a power flow every
     ``every`` steps (v2g/powerflow.py)."""
@@ -205,14 +226,20 @@ class Scenario(_Strict):
     """A CSV of node meters, ``time_s,node,power_kw`` (s from the start; held to the next row)."""
     pv: list[PVSpec] = Field(default_factory=list)
     limits: list[LimitSpec] = Field(default_factory=list)
+    firming: list[FirmingSpec] = Field(default_factory=list)
     powerflow: PowerflowSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.grid is None and (
-            self.meters or self.pv or self.limits or self.powerflow or self.fleet.nodes
+            self.meters
+            or self.pv
+            or self.limits
+            or self.firming
+            or self.powerflow
+            or self.fleet.nodes
         ):
-            raise ValueError("meters, pv, limits, powerflow and fleet.nodes need a grid:")
+            raise ValueError("meters, pv, limits, firming, powerflow and fleet.nodes need a grid:")
         if self.duration < self.step_s:
             raise ValueError(
                 f"duration {self.duration:g} s is shorter than step_s {self.step_s:g} s"

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from agents.fleet import SimFleet
 from aggregator.grid import GridError, GridTopology, load_grid, parse_grid
-from aggregator.grid_alloc import allocate_nested, subtree_sums
+from aggregator.grid_alloc import allocate_nested, firming_band, subtree_sums
 from aggregator.grid_limits import DynamicLimits, limits_in_force, meters_in_force
 from core.physics import Array
 from v2g.powerflow import Feeder, FlowSeries, load_network, run_flows
@@ -50,6 +50,7 @@ def resolve_grid(scenario: Scenario) -> GridTopology:
     named = [("fleet.nodes", n) for n in scenario.fleet.nodes]
     named += [(f"pv.{k}.node", p.node) for k, p in enumerate(scenario.pv)]
     named += [(f"limits.{k}.node", x.node) for k, x in enumerate(scenario.limits)]
+    named += [(f"firming.{k}.node", x.node) for k, x in enumerate(scenario.firming)]
     if scenario.powerflow is not None:
         named += [("powerflow.buses", n) for n in scenario.powerflow.buses]
     for where, node in named:
@@ -176,8 +177,12 @@ class GridStep:
         dynamic: DynamicLimits,
         *,
         enforce: bool = True,
+        firming: list[Firming] | None = None,
+        step_s: float = 900.0,
     ) -> None:
         steps, n = own_meter.shape
+        self.firming = firming or []
+        self.step_s = step_s
         self.grid = grid
         self.vehicle_node = vehicle_node
         self.dynamic = dynamic
@@ -213,7 +218,19 @@ class GridStep:
         meter = s.meter_kw[i]
         power = fleet.power[rows]
         if self.enforce and rows.shape[0]:
-            alloc = allocate_nested(grid, vn, p_lo, p_hi, power, meter, imp, exp)
+            band_lo, band_hi = self._bands(i, now)
+            alloc = allocate_nested(
+                grid,
+                vn,
+                p_lo,
+                p_hi,
+                power,
+                meter,
+                imp,
+                exp,
+                band_low_kw=band_lo,
+                band_high_kw=band_hi,
+            )
             power = alloc.power_kw
             fleet.power[rows] = power
             if alloc.conflicts.any():
@@ -225,6 +242,69 @@ class GridStep:
         s.import_kw[i], s.export_kw[i] = imp, exp
         net = np.nan_to_num(meter, nan=0.0) + s.node_kw[i]
         s.over_kw[i] = np.maximum(0.0, np.maximum(net - imp, -exp - net))
+
+    def _bands(self, i: int, now: float) -> tuple[Floats | None, Floats | None]:
+        """The firming bands on each node's net power for step ``i`` (None: no service)."""
+        live = [f for f in self.firming if f.start <= now + 1e-9 and now < f.end - 1e-9]
+        if not live:
+            return None, None
+        n = len(self.grid)
+        lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
+        s = self.series
+        for f in live:  # services, a handful: not vehicles
+            j = f.node
+            last = (
+                float(np.nan_to_num(s.meter_kw[i - 1, j], nan=0.0) + s.node_kw[i - 1, j])
+                if i and f.start < now - 1e-9
+                else np.nan
+            )
+            b_lo, b_hi = firming_band(f.min_kw, f.max_kw, f.ramp_kw_per_min, last, self.step_s)
+            lo[f.node], hi[f.node] = max(lo[f.node], b_lo), min(hi[f.node], b_hi)
+        return lo, hi
+
+
+@dataclass(frozen=True, slots=True)
+class Firming:
+    """A firming service compiled for the run: node index, epoch window, band, ramp."""
+
+    node: int
+    start: float
+    end: float
+    min_kw: float | None
+    max_kw: float | None
+    ramp_kw_per_min: float | None
+
+
+def firming_of(scenario: Scenario, grid: GridTopology) -> list[Firming]:
+    """The scenario's ``firming:`` services, compiled."""
+    out = []
+    for f in scenario.firming:
+        start = scenario.at(f.start)
+        out.append(
+            Firming(
+                grid.index[f.node], start, start + f.duration, f.min_kw, f.max_kw, f.ramp_kw_per_min
+            )
+        )
+    return out
+
+
+def firming_scores(f: Firming, net_kw: Floats, t: Array, step_s: float) -> dict[str, Any]:
+    """One service scored on a node's net power series: the energy outside [min_kw,
+    max_kw] (kWh), and the steps whose change from the last one is over the ramp limit
+    (by more than 1% of it or 0.1 kW/min), inside its window."""
+    inside = (t >= f.start - 1e-9) & (t < f.end - 1e-9)
+    net = net_kw[:, f.node]
+    lo = -np.inf if f.min_kw is None else f.min_kw
+    hi = np.inf if f.max_kw is None else f.max_kw
+    outside = np.maximum(0.0, np.maximum(net - hi, lo - net))[inside]
+    out: dict[str, Any] = {"outside_band_kwh": round(float(outside.sum() * step_s / 3600.0), 3)}
+    if f.ramp_kw_per_min is not None:
+        rate = np.abs(np.diff(net)) / (step_s / 60.0)  # into step k+1, from step k
+        judged = inside[1:] & inside[:-1]
+        tol = max(0.01 * f.ramp_kw_per_min, 0.1)
+        out["ramp_violations"] = int((rate[judged] > f.ramp_kw_per_min + tol).sum())
+        out["max_ramp_kw_per_min"] = round(float(rate[judged].max()), 3) if judged.any() else 0.0
+    return out
 
 
 def tolerance_kw(limit_kw: Floats) -> Floats:
@@ -258,6 +338,8 @@ class GridRun:
     platform: NodeSeries
     plain: NodeSeries
     flows: dict[str, FlowSeries] = field(default_factory=dict)  # "platform", "plain"
+    firming: list[Firming] = field(default_factory=list)
+    t: Array = field(default_factory=lambda: np.zeros(0))
 
 
 def make_step(scenario: Scenario, n_vehicles: int, *, enforce: bool) -> GridStep:
@@ -270,6 +352,8 @@ def make_step(scenario: Scenario, n_vehicles: int, *, enforce: bool) -> GridStep
         own_meters(scenario, grid, times),
         dynamic_limits(scenario, grid),
         enforce=enforce,
+        firming=firming_of(scenario, grid),
+        step_s=scenario.step_s,
     )
 
 
@@ -385,6 +469,18 @@ def grid_summary(run: GridRun) -> dict[str, Any]:
             "vehicles": len(plat.conflict_rows),
         },
     }
+    if run.firming:
+        out["firming"] = [
+            {
+                "node": grid.ids[f.node],
+                "min_kw": f.min_kw,
+                "max_kw": f.max_kw,
+                "ramp_kw_per_min": f.ramp_kw_per_min,
+                "platform": firming_scores(f, plat.net_kw, run.t, run.step_s),
+                "plain_charging": firming_scores(f, plain.net_kw, run.t, run.step_s),
+            }
+            for f in run.firming
+        ]
     if run.flows:
         first = next(iter(run.flows.values()))
         out["powerflow"] = {

@@ -148,7 +148,12 @@ def grid_outputs(
     the power flows, ``nodes.csv``, the summary's ``grid`` section and ``grid.png``."""
     t = time.perf_counter()
     run_ = simgrid.GridRun(
-        hook.grid, result.step_s, hook.series, simgrid.plain_run(sim, scenario).series
+        hook.grid,
+        result.step_s,
+        hook.series,
+        simgrid.plain_run(sim, scenario).series,
+        firming=hook.firming,
+        t=result.t,
     )
     every = powerflow_every or (scenario.powerflow.every if scenario.powerflow else None)
     if every is not None:
@@ -347,6 +352,15 @@ def summary_line(summary: dict[str, Any], out_dir: Path) -> str:
                 f" {c['node']} curtailment {c['without_cars_kwh']:,.1f} kWh without cars,"
                 f" {c['platform_kwh']:,.1f} with the platform;"
             )
+        for f in g.get("firming", []):
+            pl, pc = f["platform"], f["plain_charging"]
+            line += (
+                f" firming {f['node']} outside its band {pl['outside_band_kwh']:,.1f} kWh"
+                f" ({pc['outside_band_kwh']:,.1f} on plain charging)"
+            )
+            if "ramp_violations" in pl:
+                line += f", ramp violations {pl['ramp_violations']} ({pc['ramp_violations']})"
+            line += ";"
         for key, pf in g.get("powerflow", {}).items():
             if key != "buses" and pf["flows"]:
                 line += (

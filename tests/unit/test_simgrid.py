@@ -236,3 +236,22 @@ def test_simulate_command_runs_power_flows_every_n_steps(tmp_path: Path) -> None
     assert pf["platform"]["not_converged"] == 0
     assert 0.9 < pf["platform"]["v_min_pu"] <= pf["platform"]["v_max_pu"] < 1.1
     assert pf["platform"]["ms_per_flow_mean"] > 0.0
+
+
+def test_a_firming_band_and_ramp_are_held_where_the_cars_can(tmp_path: Path) -> None:
+    # Commit the site to at most 25 kW of export (tighter than the DSO's 40) and to ramps
+    # under 2 kW/min while the cars are there; plain charging does neither.
+    band = [{"node": "tx", "start": "+0h", "duration": "5h", "min_kw": -25, "ramp_kw_per_min": 2}]
+    scen = parse_scenario(firming(firming=band))
+    g = run(scen, tmp_path, plot=False).summary["grid"]
+    (f,) = g["firming"]
+    assert f["node"] == "tx" and f["min_kw"] == -25.0
+    plat, plain = f["platform"], f["plain_charging"]
+    assert plain["outside_band_kwh"] > 10.0 and plain["ramp_violations"] > 0
+    assert plat["outside_band_kwh"] < 0.2 * plain["outside_band_kwh"]
+    assert plat["ramp_violations"] < plain["ramp_violations"]
+    assert g["platform"]["violations"] == 0  # the band never loosens a limit
+    with pytest.raises(ScenarioError, match="give min_kw, max_kw or ramp_kw_per_min"):
+        parse_scenario(firming(firming=[{"node": "tx", "start": "+0h", "duration": "1h"}]))
+    with pytest.raises(ScenarioError, match=r"firming\.0\.node: node 'roof'"):
+        resolve_grid(parse_scenario(firming(firming=[{**band[0], "node": "roof"}])))
