@@ -556,6 +556,11 @@ def draw_grid(run: GridRun, t: Array, title: str, path: Path) -> None:
         )
         ax.stairs(imp, edges, color="tab:red", lw=1.0, label="import limit")
         ax.stairs(exp, edges, color="tab:purple", lw=1.0, label="export limit")
+        for fs in (x for x in run.firming if x.node == j):
+            x0, x1 = (fs.start - t[0]) / 3600.0, (fs.end - t[0]) / 3600.0
+            for y in (fs.min_kw, fs.max_kw):
+                if y is not None:
+                    ax.hlines(y, x0, x1, color="tab:green", ls=":", lw=1.2, label="firming band")
         ax.axhline(0.0, color="black", lw=0.5)
         ax.set_ylabel(f"{grid.ids[j]}, kW")
         ax.grid(alpha=0.3)
