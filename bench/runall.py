@@ -89,6 +89,7 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             ["--sizes", "1000,10000" if quick else "1000,10000,100000"],
             120.0 if quick else 240.0,
         ),
+        ("powerflow", ["--flows", "10" if quick else "30"], 120.0),
     ]
 
 

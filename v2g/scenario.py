@@ -2,7 +2,10 @@
 
 A scenario says which fleet (size, seed, mix of driver patterns), when and for how long
 to simulate, at which step, and what the grid asks of the fleet: fixed power requests
-and, optionally, a regulation-like signal to follow. ``load_scenario`` reads one;
+and, optionally, a regulation-like signal to follow. It may also put the fleet under a
+grid (``grid:`` a topology file or inline ``nodes:``, the fleet spread over its nodes by
+``fleet.nodes``), with node meters (``meters:`` a CSV, ``pv:`` a built-in solar
+profile per node), dynamic ``limits:`` and a pandapower ``powerflow:`` (v2g/simgrid.py). ``load_scenario`` reads one;
 ``ScenarioError`` says what is wrong, one line per field.
 """
 
@@ -88,6 +91,8 @@ class FleetSpec(_Strict):
     seed: int = 1
     mix: dict[PatternName, Annotated[float, Field(ge=0.0)]] = Field(default_factory=_default_mix)
     id_prefix: str = "ev"
+    nodes: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
+    """With a grid: the share of the fleet under each node (seeded; empty: the root)."""
 
     def weights(self) -> dict[str, float]:
         """The mix as generate_fleet takes it."""
@@ -148,6 +153,62 @@ class RegulationSpec(_Strict):
         return value
 
 
+class PVSpec(_Strict):
+    """A solar plant's AC output as a node's meter (v2g/solar.py: pvlib, TMY3 Greensboro)."""
+
+    node: str
+    ac_kw: Annotated[float, Field(gt=0.0, le=1e6)]
+    tilt_deg: Annotated[float, Field(ge=0.0, le=90.0)] = 25.0
+    azimuth_deg: Annotated[float, Field(ge=0.0, lt=360.0)] = 180.0
+    load_kw: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
+    """A constant load behind the same meter (the site's own consumption)."""
+
+
+class LimitSpec(_Strict):
+    """A dynamic limit on a node for a while (the tighter of it and the static one holds)."""
+
+    node: str
+    start: StartOrOffset
+    duration: Seconds
+    import_kw: Annotated[float, Field(ge=0.0)] | None = None
+    export_kw: Annotated[float, Field(ge=0.0)] | None = None
+
+
+class FirmingSpec(_Strict):
+    """A firming service on a node: keep its net power (meter + vehicles) inside [min_kw,
+    max_kw] and its change under ``ramp_kw_per_min`` (each may be absent: open), inside
+    the limits and the drivers' floors (aggregator/grid_alloc.py, ``firming_band``)."""
+
+    node: str
+    start: StartOrOffset
+    duration: Seconds
+    min_kw: float | None = None
+    max_kw: float | None = None
+    ramp_kw_per_min: Annotated[float, Field(gt=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.min_kw is None and self.max_kw is None and self.ramp_kw_per_min is None:
+            raise ValueError("give min_kw, max_kw or ramp_kw_per_min")
+        if self.min_kw is not None and self.max_kw is not None and self.min_kw > self.max_kw:
+            raise ValueError(f"min_kw {self.min_kw:g} is above max_kw {self.max_kw:g}")
+        return self
+
+
+class PowerflowSpec(_Strict):
+    """A pandapower network beside the run: node powers on its buses, a power flow every
+    ``every`` steps (v2g/powerflow.py)."""
+
+    network: Annotated[str, Field(min_length=1)] = "cigre_lv"
+    every: Annotated[int, Field(ge=1)] = 1
+    buses: dict[str, str | int] = Field(default_factory=dict)
+    """Grid node -> bus name or index (unmapped nodes with power go on the network's load
+    buses in turn)."""
+    keep_loads: bool = True
+    """Keep the network's own loads (its other customers, at their nominal power); false:
+    only the scenario's nodes load it."""
+
+
 class Scenario(_Strict):
     """A whole simulation: the fleet, the clock, and what the grid asks."""
 
@@ -159,9 +220,26 @@ class Scenario(_Strict):
     step_s: Seconds = 900.0
     requests: list[RequestSpec] = Field(default_factory=list)
     regulation: RegulationSpec | None = None
+    grid: str | dict[str, Any] | None = None
+    """A grid topology: a YAML path (relative to the scenario file) or inline ``nodes:``."""
+    meters: str | None = None
+    """A CSV of node meters, ``time_s,node,power_kw`` (s from the start; held to the next row)."""
+    pv: list[PVSpec] = Field(default_factory=list)
+    limits: list[LimitSpec] = Field(default_factory=list)
+    firming: list[FirmingSpec] = Field(default_factory=list)
+    powerflow: PowerflowSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.grid is None and (
+            self.meters
+            or self.pv
+            or self.limits
+            or self.firming
+            or self.powerflow
+            or self.fleet.nodes
+        ):
+            raise ValueError("meters, pv, limits, firming, powerflow and fleet.nodes need a grid:")
         if self.duration < self.step_s:
             raise ValueError(
                 f"duration {self.duration:g} s is shorter than step_s {self.step_s:g} s"
@@ -243,6 +321,16 @@ def load_scenario(path: Path) -> Scenario:
     except yaml.YAMLError as err:
         raise ScenarioError(f"{path} is not valid YAML: {err}") from None
     scenario = parse_scenario(data, str(path))
+    rel: dict[str, Any] = {}
+    for key in ("grid", "meters"):
+        value = getattr(scenario, key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            rel[key] = str(path.parent / value)
+    pf = scenario.powerflow
+    if pf is not None and pf.network.endswith(".json") and not Path(pf.network).is_absolute():
+        rel["powerflow"] = pf.model_copy(update={"network": str(path.parent / pf.network)})
+    if rel:
+        scenario = scenario.model_copy(update=rel)
     reg = scenario.regulation
     if reg is not None and reg.signal != "regd" and not Path(reg.signal).is_absolute():
         reg = reg.model_copy(update={"signal": str(path.parent / reg.signal)})

@@ -41,6 +41,11 @@ from broker.models import DispatchRequest, DispatchResult, Service, from_epoch
 from broker.settings import Settings
 from core.physics import Array, Batteries
 
+PowerHook = Callable[[int, float, SimFleet, NDArray[np.intp], Array, Array], None]
+"""Called once a step after the vehicles took their setpoints: (step, now, fleet, rows,
+p_lo, p_hi) of the plugged-in vehicles; it may rewrite ``fleet.power[rows]`` within
+[min(p_lo, 0), p_hi] (the grid's nested limits: v2g/simgrid.py)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Regulation:
@@ -160,6 +165,7 @@ class Simulation:
         steps: int,
         requests: list[DispatchRequest] | None = None,
         regulation: Regulation | None = None,
+        on_power: PowerHook | None = None,
     ) -> None:
         if steps < 1 or step_s <= 0:
             raise ValueError(f"need steps >= 1 and step_s > 0, got {steps} and {step_s}")
@@ -168,6 +174,7 @@ class Simulation:
         self.step_s = step_s
         self.steps = steps
         self.regulation = regulation
+        self.on_power = on_power
         self.records = [
             RequestRecord(r, start if r.start is None else r.start.timestamp())
             for r in sorted(
@@ -260,7 +267,10 @@ class Simulation:
             fleet.setpoint_until[out.release_rows] = now
             # The vehicles take their setpoints at once, within their limits: the ranges the
             # dispatcher computed from the same columns (one pass of the physics, not two).
-            fleet.decide((view.rows, *disp.ranges(view, now, step_s)))
+            rng = disp.ranges(view, now, step_s)
+            fleet.decide((view.rows, *rng))
+            if self.on_power is not None:
+                self.on_power(i, now, fleet, view.rows, *rng)
             active = next((d for d in disp.dispatches.values() if d.state == "active"), None)
             if active is not None:
                 req_kw[i], alloc_kw[i], req_id[i] = (

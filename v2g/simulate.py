@@ -12,7 +12,10 @@ The loop itself is :mod:`v2g.simcore` (pure numpy); this module builds it from a
 - ``summary.json``: everything else, including drivers left short and Jain's fairness
   index of the energy cycled;
 - ``*.parquet`` of the tables above when pyarrow is importable (optional);
-- ``plot.png`` (matplotlib) unless ``plot=False``.
+- ``plot.png`` (matplotlib) unless ``plot=False``;
+- with a ``grid:`` (v2g/simgrid.py): ``nodes.csv`` (per step and node: vehicles, meter,
+  net power with the platform and on plain charging, limits, over-limit kW, conflicts),
+  a ``grid`` section in the summary, ``grid.png``, and power flows when asked for.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from agents.profiles import generate_fleet
 from aggregator.allocation import jain_index
 from broker.models import DispatchRequest, from_epoch
+from v2g import simgrid
 from v2g.scenario import Scenario, ScenarioError, csv_signal, regd_signal
 from v2g.simcore import Regulation, RequestRecord, SimResult, Simulation
 
@@ -85,8 +89,17 @@ def build(scenario: Scenario) -> Simulation:
             values=values,
             id_prefix=reg.id_prefix,
         )
+    on_power = None
+    if scenario.grid is not None:
+        on_power = simgrid.make_step(scenario, len(profile.ids), enforce=True)
     return Simulation(
-        profile, start=t0, step_s=step, steps=steps, requests=requests, regulation=regulation
+        profile,
+        start=t0,
+        step_s=step,
+        steps=steps,
+        requests=requests,
+        regulation=regulation,
+        on_power=on_power,
     )
 
 
@@ -96,8 +109,14 @@ def run(
     *,
     plot: bool = True,
     on_step: Callable[[int], None] | None = None,
+    powerflow_every: int | None = None,
 ) -> Outcome:
-    """Build, run, and write every output file of ``scenario`` into ``out_dir``."""
+    """Build, run, and write every output file of ``scenario`` into ``out_dir``.
+
+    ``powerflow_every``: run a power flow every N steps (overrides the scenario's
+    ``powerflow.every``; needs a grid)."""
+    if powerflow_every is not None and scenario.grid is None:
+        raise ScenarioError("--powerflow-every needs a scenario with a grid:")
     wall0 = time.perf_counter()
     sim = build(scenario)
     setup_s = time.perf_counter() - wall0
@@ -106,9 +125,48 @@ def run(
     loop_s = time.perf_counter() - t
     summary = summarize(scenario, result, setup_s=setup_s, loop_s=loop_s)
     files = write_outputs(scenario, result, summary, out_dir, plot=plot)
+    hook = sim.on_power
+    if isinstance(hook, simgrid.GridStep):
+        files += grid_outputs(scenario, sim, hook, result, summary, out_dir, plot, powerflow_every)
+
     summary["wall_s"] = round(time.perf_counter() - wall0, 3)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Outcome(result, summary, files)
+
+
+def grid_outputs(
+    scenario: Scenario,
+    sim: Simulation,
+    hook: simgrid.GridStep,
+    result: SimResult,
+    summary: dict[str, Any],
+    out_dir: Path,
+    plot: bool,
+    powerflow_every: int | None,
+) -> list[Path]:
+    """The grid's share of a run: the same fleet again on plain charging without limits,
+    the power flows, ``nodes.csv``, the summary's ``grid`` section and ``grid.png``."""
+    t = time.perf_counter()
+    run_ = simgrid.GridRun(
+        hook.grid,
+        result.step_s,
+        hook.series,
+        simgrid.plain_run(sim, scenario).series,
+        firming=hook.firming,
+        t=result.t,
+    )
+    every = powerflow_every or (scenario.powerflow.every if scenario.powerflow else None)
+    if every is not None:
+        simgrid.attach_flows(run_, scenario, every)
+    summary["grid"] = simgrid.grid_summary(run_)
+    summary["grid"]["wall_s"] = round(time.perf_counter() - t, 3)
+    write_csv(out_dir / "nodes.csv", simgrid.node_columns(run_, result.t))
+    files = [out_dir / "nodes.csv"]
+    if plot:
+        simgrid.draw_grid(run_, result.t, f"{scenario.name}: the grid", out_dir / "grid.png")
+        files.append(out_dir / "grid.png")
+    summary["files"] += [p.name for p in files]
+    return files
 
 
 # -- summary -----------------------------------------------------------------------------
@@ -281,6 +339,34 @@ def summary_line(summary: dict[str, Any], out_dir: Path) -> str:
             f" regulation over {reg['steps']} steps {reg['requests_by_admission']},"
             f" rms error {100 * reg['rms_error_of_capacity']:.1f}% of capacity;"
         )
+    if "grid" in summary:
+        g = summary["grid"]
+        line += (
+            f" grid limits broken {g['platform']['violations']} times"
+            f" ({g['platform']['violation_kwh']:,.1f} kWh) with the platform,"
+            f" {g['plain_charging']['violations']} ({g['plain_charging']['violation_kwh']:,.1f}"
+            " kWh) on plain charging;"
+        )
+        for c in g["curtailment"]:
+            line += (
+                f" {c['node']} curtailment {c['without_cars_kwh']:,.1f} kWh without cars,"
+                f" {c['platform_kwh']:,.1f} with the platform;"
+            )
+        for f in g.get("firming", []):
+            pl, pc = f["platform"], f["plain_charging"]
+            line += (
+                f" firming {f['node']} outside its band {pl['outside_band_kwh']:,.1f} kWh"
+                f" ({pc['outside_band_kwh']:,.1f} on plain charging)"
+            )
+            if "ramp_violations" in pl:
+                line += f", ramp violations {pl['ramp_violations']} ({pc['ramp_violations']})"
+            line += ";"
+        for key, pf in g.get("powerflow", {}).items():
+            if key != "buses" and pf["flows"]:
+                line += (
+                    f" power flow ({key}) V {pf['v_min_pu']:.3f}-{pf['v_max_pu']:.3f} pu,"
+                    f" trafo {pf['trafo_max_loading_pct']:.0f}%, {pf['ms_per_flow_mean']:.1f} ms/flow;"
+                )
     line += (
         f" drivers short {drv['short']} of {drv['departures']} departures;"
         f" Jain index of energy cycled {cyc['jain_index']:.3f}; results in {out_dir}"

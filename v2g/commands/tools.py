@@ -131,6 +131,17 @@ def simulate(
     as_json: Annotated[
         bool, typer.Option("--json", help="end with the summary as one JSON object")
     ] = False,
+    powerflow_every: Annotated[
+        int | None,
+        typer.Option(
+            "--powerflow-every",
+            min=1,
+            metavar="N",
+            help="with a grid: run a pandapower power flow every N steps (overrides the"
+            " scenario's powerflow.every; the network is the scenario's, else cigre_lv)",
+            show_default="the scenario's",
+        ),
+    ] = None,
 ) -> None:
     """Run a scenario headless: the same vehicle physics, driver profiles and dispatcher as
     the live platform, on a discrete simulated clock, as fast as the CPU allows (no MQTT,
@@ -146,10 +157,15 @@ def simulate(
     with zone), duration and step_s (e.g. 900, 15m, 4h), requests (id, service, power_kw:
     fleet net kW, + charges, - discharges; start: ISO time or +offset; duration) and
     optionally regulation (capacity_kw, start, duration, signal: regd or a CSV path),
-    followed as one request per step at baseline + value * capacity_kw. A bad scenario is
-    reported field by field.
+    followed as one request per step at baseline + value * capacity_kw. With grid (a
+    topology file or inline nodes), fleet.nodes, meters (CSV time_s,node,power_kw), pv
+    (a solar plant per node from pvlib's typical-year data), limits and powerflow, every
+    step holds the grid's nested limits and the run is compared with plain charging
+    (nodes.csv, grid.png, the summary's grid section). A bad scenario is reported field
+    by field.
 
     Example: v2g simulate scenarios/residential-evening-peak.yaml --vehicles 100000
+    Example: v2g simulate scenarios/solar-site-firming.yaml --powerflow-every 1
     """
     from v2g import simulate as sim
     from v2g.scenario import ScenarioError, load_scenario
@@ -174,10 +190,14 @@ def simulate(
                     f"{scen.name} ({scen.fleet.vehicles:,} vehicles)", total=scen.n_steps
                 )
                 done = sim.run(
-                    scen, out_dir, plot=plot, on_step=lambda i: bar.update(task, completed=i + 1)
+                    scen,
+                    out_dir,
+                    plot=plot,
+                    on_step=lambda i: bar.update(task, completed=i + 1),
+                    powerflow_every=powerflow_every,
                 )
         else:
-            done = sim.run(scen, out_dir, plot=plot)
+            done = sim.run(scen, out_dir, plot=plot, powerflow_every=powerflow_every)
     except ScenarioError as err:
         fail(str(err), 1)
     if as_json:
