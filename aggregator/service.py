@@ -91,6 +91,9 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 # A bridge may send this many times more messages per second than a vehicle: it splits
 # a big fleet into several batches, and reports changes between its regular batches.
 BRIDGE_RATE_FACTOR = 20
+# The hold's payloads (an extension): Home Assistant's switch sends ON and OFF; an empty
+# retained message (the hold cleared from the broker) releases it too.
+NO_V2G_PAYLOADS = frozenset({b"ON", b"OFF", b""})
 TOPIC_CACHE = 250_000  # parsed topics remembered (a fleet's telemetry topics, and more)
 LOG_PAYLOAD_CHARS = 200
 FORECAST_PERIOD_S = 3600.0  # hourly market periods
@@ -273,6 +276,7 @@ class AggregatorService:
                     (self.topics.all_cancels, 1),
                     (self.topics.all_amends, 1),
                     (self.topics.all_signals, 1),
+                    (self.topics.all_no_v2g, 1),
                 ],
             ),
             logger=self.log,
@@ -329,6 +333,11 @@ class AggregatorService:
             elif kind == "amend":
                 reply = self._reply_of(properties)
                 self.inbox.amends.append((ident, _decode(DispatchAmend, payload), reply))
+            elif kind == "no_v2g":
+                # The owner's hold (retained ON/OFF): folded at once, the next view sees it.
+                if payload not in NO_V2G_PAYLOADS:
+                    raise InvalidMessage("schema", "a no_v2g hold is ON or OFF")
+                self.state.set_no_v2g(ident, payload == b"ON", self.clock.now())
             elif kind == "signal":
                 # Followed at once, out of the control step: a signal comes every 2-4 s.
                 self._signals[ident] = (_decode(DispatchSignal, payload), time.perf_counter())
