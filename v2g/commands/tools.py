@@ -45,6 +45,14 @@ def provision(
     aggregator: Annotated[
         str, typer.Option(help="aggregator username ('' for none); the ACL grants 'aggregator'")
     ] = "aggregator",
+    homeassistant: Annotated[
+        str,
+        typer.Option(
+            help="a login for Home Assistant and `v2g homeassistant` ('' for none); the ACL"
+            " grants 'homeassistant'",
+            show_default="none",
+        ),
+    ] = "",
     certs: Annotated[
         bool, typer.Option("--certs", help="also a throwaway CA, server and client certificates")
     ] = False,
@@ -73,6 +81,7 @@ def provision(
             ids,
             aggregator=aggregator or None,
             operator=operator or None,
+            homeassistant=homeassistant or None,
             certs=certs,
             rotate=rotate,
         )
