@@ -4,8 +4,10 @@ range shrinks by what it could give, and the hold clears by itself at its depart
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aggregator.capability import envelope
+from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher
 from broker.topics import Topics
 from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
@@ -72,3 +74,24 @@ def test_the_hold_topic_is_a_vehicle_topic_of_the_contract() -> None:
     t = Topics("p1")
     assert t.no_v2g("car-1") == "p1/vehicles/car-1/no_v2g"
     assert t.parse(t.no_v2g("car-1")) == ("no_v2g", "car-1")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    held=st.lists(st.booleans(), min_size=30, max_size=30),
+    window_s=st.sampled_from([300.0, 900.0, 3600.0]),
+)
+def test_no_held_car_has_a_discharging_range_and_the_others_keep_theirs(
+    seed: int, held: list[bool], window_s: float
+) -> None:
+    _, state = fleet_and_state(30, seed)
+    free_before = vehicle_ranges(state.view(T0, 3 * STEP), T0, window_s)
+    for vid, h in zip(state.ids, held, strict=True):
+        state.set_no_v2g(vid, h, T0)
+    view = state.view(T0, 3 * STEP)
+    lo, hi = vehicle_ranges(view, T0, window_s)
+    mask = state.held(T0)[view.rows]
+    assert (lo[mask] >= -1e-9).all()
+    np.testing.assert_allclose(lo[~mask], free_before[0][~mask])
+    np.testing.assert_allclose(hi, free_before[1])  # charging is untouched
