@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from aggregator.capability import envelope, vehicle_ranges
 from aggregator.dispatch import Dispatcher
+from aggregator.fleet_state import FleetState
 from broker.topics import Topics
 from tests.support.memory_loop import STEP, T0, fleet_and_state, req, run_loop
 
@@ -95,3 +96,14 @@ def test_no_held_car_has_a_discharging_range_and_the_others_keep_theirs(
     assert (lo[mask] >= -1e-9).all()
     np.testing.assert_allclose(lo[~mask], free_before[0][~mask])
     np.testing.assert_allclose(hi, free_before[1])  # charging is untouched
+
+
+def test_holds_survive_a_snapshot_and_an_older_snapshot_restores_without_any() -> None:
+    _, state = fleet_and_state(8)
+    state.set_no_v2g(state.ids[2], True, T0)
+    ids, cols = state.snapshot()
+    restored = FleetState.restore(ids, cols)
+    np.testing.assert_array_equal(restored.held(T0), state.held(T0))
+    assert restored.held(T0)[2]
+    older = {k: v for k, v in cols.items() if k != "no_v2g_until"}
+    assert not FleetState.restore(ids, older).held(T0).any()
