@@ -4,16 +4,12 @@ a pipe prints no bar, run with stderr on a pseudo-terminal (python's ``pty``) dr
 from __future__ import annotations
 
 import io
-import os
-import pty
-import select
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.terminal import run_on_pipe, run_on_pty
 from v2g import progress
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,57 +32,17 @@ def _simulate(out: Path) -> list[str]:
     ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("V2G_")}
-    env |= {"TERM": "xterm-256color", "COLUMNS": "100"}
-    env.pop("NO_COLOR", None)
-    return env
-
-
 def test_simulate_prints_no_bar_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        _simulate(tmp_path), capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert BAR not in proc.stderr and "vehicles)" not in proc.stderr, proc.stderr
-    assert BAR not in proc.stdout
+    code, err, out = run_on_pipe(_simulate(tmp_path), cwd=ROOT)
+    assert code == 0, err
+    assert BAR not in err and "vehicles)" not in err, err
+    assert BAR not in out
     assert (tmp_path / "summary.json").exists()
 
 
 def test_simulate_draws_a_bar_when_stderr_is_a_terminal(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            _simulate(tmp_path),
-            stdout=subprocess.PIPE,
-            stderr=slave,
-            stdin=subprocess.DEVNULL,
-            env=_env(),
-            cwd=ROOT,
-        )
-        os.close(slave)
-        slave = -1
-        seen = b""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the child closed its end
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-            elif proc.poll() is not None:
-                break
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    text = seen.decode(errors="replace")
-    assert proc.returncode == 0, text
+    code, text, out = run_on_pty(_simulate(tmp_path), cwd=ROOT)
+    assert code == 0, text
     assert BAR in text and "residential-evening-peak (40 vehicles)" in text, text[:2000]
     assert BAR.encode() not in out, "the bar went to stdout"
     assert out.startswith(b"residential-evening-peak: 40 vehicles"), "the summary stays on stdout"
