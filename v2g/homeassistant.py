@@ -66,6 +66,7 @@ class Sensor:
     device_class: str | None = None
     state_class: str | None = "measurement"
     icon: str | None = None
+    attributes: str | None = None  # a template of the entity's attributes, from its topic
 
 
 # The fleet, from {prefix}/fleet/status (FleetStatus) ...
@@ -98,6 +99,9 @@ FLEET_STATUS_SENSORS = (
         "Active requests",
         "{{ value_json.dispatches | length }}",
         icon="mdi:transmission-tower",
+        # Each active request (id, service, requested, allocated and delivered kW) as an
+        # attribute: an automation can read which request runs.
+        attributes="{{ {'dispatches': value_json.dispatches} | tojson }}",
     ),
     Sensor(
         "requested",
@@ -205,6 +209,9 @@ class Discovery:
         ):
             if value is not None:
                 cfg[key] = value
+        if s.attributes is not None:
+            cfg["json_attributes_topic"] = state_topic
+            cfg["json_attributes_template"] = s.attributes
         return cfg
 
     def fleet_configs(self) -> list[tuple[str, dict[str, Any]]]:

@@ -119,6 +119,10 @@ def test_the_fleet_templates_read_the_fleets_retained_payloads() -> None:
     assert float(got[f"{node}_fleet_energy"]) == 321.5
     assert got[f"{node}_fleet_online"] == "12" and got[f"{node}_fleet_plugged"] == "9"
     assert got[f"{node}_fleet_requests"] == "2"
+    requests_cfg = next(c for _, c in D.fleet_configs() if c["unique_id"].endswith("_requests"))
+    assert requests_cfg["json_attributes_topic"] == t.fleet_status
+    attrs = json.loads(_render(str(requests_cfg["json_attributes_template"]), status))
+    assert [d["request_id"] for d in attrs["dispatches"]] == ["r1", "r2"]
     assert float(got[f"{node}_fleet_requested"]) == -45.0
     assert float(got[f"{node}_fleet_delivered"]) == -43.5
     assert float(got[f"{node}_fleet_capability_min"]) == -80.0
