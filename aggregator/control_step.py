@@ -205,6 +205,8 @@ class ControlStep:
         applied, stale = self.fold(inbox, now)
         for s in inbox.status:
             self.state.apply_status(s.vehicle_id, s.online, to_epoch(s.ts))
+        for vehicle_id, on, at in inbox.holds:
+            self.state.set_no_v2g(vehicle_id, on, at)
         if stale:
             self.rejected["stale"] += stale
         step_s, stale_s = self.settings.control_step_s, self.settings.stale_s

@@ -32,7 +32,10 @@ _TELEMETRY_COLUMNS = (
 )
 # meter_kwh: each vehicle's energy through its charger (signed, + in), integrated from
 # its reports, each power held from its ts to the next report's.
-FLOAT_COLUMNS = (*_TELEMETRY_COLUMNS, "last_ts", "status_ts", "meter_kwh")
+# no_v2g_until: the owner's "no V2G until departure" hold (an extension), as the time it
+# ends: the departure known when it was set (inf: none known, until switched off). A
+# deadline rather than a flag, so the hold clears by itself at departure, vectorised.
+FLOAT_COLUMNS = (*_TELEMETRY_COLUMNS, "last_ts", "status_ts", "meter_kwh", "no_v2g_until")
 BOOL_COLUMNS = ("plugged", "online")
 INT_COLUMNS = ("last_seq",)
 
@@ -43,6 +46,7 @@ _DEFAULTS: dict[str, float] = {
     "departure": np.nan,
     "last_ts": -np.inf,
     "status_ts": -np.inf,
+    "no_v2g_until": -np.inf,
 }
 
 
@@ -215,6 +219,24 @@ class FleetState:
         self.cols["status_ts"][row] = max(ts, self.cols["status_ts"][row])
         self.cols["online"][row] = online
 
+    def set_no_v2g(self, vehicle_id: str, on: bool, now: float) -> None:
+        """Hold a vehicle out of discharge until its departure (``on``), or release it.
+
+        A hold already running is kept as it is (a retained ON heard again after a
+        reconnect must not move its end); a new one ends at the departure known now."""
+        row = self.row_of(vehicle_id)
+        until = self.cols["no_v2g_until"]
+        if not on:
+            until[row] = -np.inf
+        elif until[row] <= now:
+            departure = float(self.cols["departure"][row])
+            until[row] = departure if np.isfinite(departure) and departure > now else np.inf
+
+    def held(self, now: float) -> NDArray[np.bool_]:
+        """Which vehicles are held out of V2G at ``now`` (one per row)."""
+        mask: NDArray[np.bool_] = self.col("no_v2g_until") > now
+        return mask
+
     def active_mask(self, now: float, stale_after_s: float) -> NDArray[np.bool_]:
         """Plugged in, online and heard from within ``stale_after_s``: stale counts as unknown."""
         fresh = (now - self.col("last_ts")) <= stale_after_s
@@ -226,10 +248,12 @@ class FleetState:
         rows = np.flatnonzero(self.active_mask(now, stale_after_s))
         c = self.cols
         cap = c["capacity_kwh"][rows]
+        # A held vehicle cannot discharge: every range, envelope and split sees it so.
+        held = c["no_v2g_until"][rows] > now
         bat = Batteries(
             capacity_kwh=cap,
             max_charge_kw=c["max_charge_kw"][rows],
-            max_discharge_kw=c["max_discharge_kw"][rows],
+            max_discharge_kw=np.where(held, 0.0, c["max_discharge_kw"][rows]),
             charge_efficiency=c["charge_efficiency"][rows],
             discharge_efficiency=c["discharge_efficiency"][rows],
             min_soc=c["min_soc"][rows],

@@ -52,6 +52,9 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 # A bridge may send this many times more messages per second than a vehicle: it splits
 # a big fleet into several batches, and reports changes between its regular batches.
 BRIDGE_RATE_FACTOR = 20
+# The hold's payloads (an extension): Home Assistant's switch sends ON and OFF; an empty
+# retained message (the hold cleared from the broker) releases it too.
+NO_V2G_PAYLOADS = frozenset({b"ON", b"OFF", b""})
 TOPIC_CACHE = 250_000  # parsed topics remembered (a fleet's telemetry topics, and more)
 LOG_PAYLOAD_CHARS = 200
 REFUSALS_PER_S = 20.0  # refused operator messages answered a second, on average
@@ -74,6 +77,8 @@ class Inbox:
     refusals: list[Refusal] = field(default_factory=list)
     # Bridges' batches, decoded to columns: (bridge_id, reports).
     batches: list[tuple[str, TelemetryArrays]] = field(default_factory=list)
+    # Owners' holds out of V2G (Home Assistant's switch): (vehicle_id, on, platform time).
+    holds: list[tuple[str, bool, float]] = field(default_factory=list)
 
 
 class Refusals:
@@ -191,6 +196,11 @@ class InboxRouter:
             elif kind == "amend":
                 reply = self._reply_of(properties)
                 self.inbox.amends.append((ident, decode(DispatchAmend, payload), reply))
+            elif kind == "no_v2g":
+                # The owner's hold (retained ON/OFF), folded at the next step.
+                if payload not in NO_V2G_PAYLOADS:
+                    raise InvalidMessage("schema", "a no_v2g hold is ON or OFF")
+                self.inbox.holds.append((ident, payload == b"ON", self.clock.now()))
             elif kind == "signal":
                 # Followed at once, out of the control step: a signal comes every 2-4 s.
                 self.signals[ident] = (decode(DispatchSignal, payload), time.perf_counter())

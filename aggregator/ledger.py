@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -203,21 +203,47 @@ class RedisLedger:
                 f"setting the ledger's expiry in Redis at {self.url} failed: {err}"
             ) from err
 
-    async def read(self, request_id: str) -> list[Entry]:
+    async def read(
+        self,
+        request_id: str,
+        *,
+        page: int | None = None,
+        on_page: Callable[[int, int], None] | None = None,
+    ) -> list[Entry]:
+        """Every entry of a request's books, in order; with ``page``, read that many at a
+        time, calling ``on_page(read so far, total)`` after each (a progress bar)."""
+        key = self.key(request_id)
+        out: list[Entry] = []
         try:
-            raw = await self._redis.xrange(self.key(request_id))
+            if page is None:
+                raw = await self._redis.xrange(key)
+                out.extend(_entry(fields) for _, fields in raw or [])
+                return out
+            total = int(await self._redis.xlen(key))
+            start: str = "-"
+            while True:
+                raw = await self._redis.xrange(key, min=start, max="+", count=page)
+                if not raw:
+                    break
+                out.extend(_entry(fields) for _, fields in raw)
+                if on_page is not None:
+                    on_page(len(out), max(total, len(out)))
+                if len(raw) < page:
+                    break
+                start = "(" + _text(raw[-1][0])  # exclusive: after the last one read
         except (RedisError, OSError) as err:
             raise TransportError(
                 f"reading the ledger from Redis at {self.url} failed: {err};"
                 " is Redis running? (check --redis / V2G_REDIS_URL)"
             ) from err
-        out: list[Entry] = []
-        for _, fields in raw or []:
-            out.append({_text(k): _text(v) for k, v in (fields or {}).items()})
         return out
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _entry(fields: Mapping[Any, Any] | None) -> Entry:
+    return {_text(k): _text(v) for k, v in (fields or {}).items()}
 
 
 def _text(x: bytes | str | None) -> str:

@@ -199,6 +199,7 @@ class AggregatorService:
                     (self.topics.all_cancels, 1),
                     (self.topics.all_amends, 1),
                     (self.topics.all_signals, 1),
+                    (self.topics.all_no_v2g, 1),
                 ],
             ),
             logger=self.log,

@@ -31,6 +31,7 @@ from bench.common import (
     start,
     write_results,
 )
+from v2g.progress import bar
 
 BENCH = ROOT / "bench"
 
@@ -216,9 +217,12 @@ def main() -> None:
     t = time.monotonic()
     rows: list[Row] = []
     stamps: dict[str, Any] = {}
-    for name, bench_args, limit in plan(args.quick):
-        if not only or name in only:
+    todo = [p for p in plan(args.quick) if not only or p[0] in only]
+    # A bar over the benchmarks on a terminal (v2g/progress.py); nothing in a log or pipe.
+    with bar("benchmarks", len(todo)) as at:
+        for k, (name, bench_args, limit) in enumerate(todo):
             rows += run_one(name, bench_args, limit, stamps)
+            at(k + 1)
     stamp = provenance(started)
     print_table(rows, stamp)
     checked = [r for r in rows if r["pass"] is not None]

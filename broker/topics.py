@@ -37,6 +37,11 @@ class Topics:
     def setpoint(self, vehicle_id: str) -> str:
         return f"{self.prefix}/vehicles/{vehicle_id}/setpoint"
 
+    def no_v2g(self, vehicle_id: str) -> str:
+        """The owner's "no V2G until departure" hold (an extension): ``ON``/``OFF``, retained;
+        the Home Assistant switch commands and shows it."""
+        return f"{self.prefix}/vehicles/{vehicle_id}/no_v2g"
+
     @property
     def dispatch_requests(self) -> str:
         return f"{self.prefix}/dispatch/requests"
@@ -118,6 +123,10 @@ class Topics:
         return f"{self.prefix}/vehicles/+/status"
 
     @property
+    def all_no_v2g(self) -> str:
+        return f"{self.prefix}/vehicles/+/no_v2g"
+
+    @property
     def all_setpoints(self) -> str:
         return f"{self.prefix}/vehicles/+/setpoint"
 
@@ -152,7 +161,7 @@ class Topics:
     def parse(self, topic: str) -> tuple[str, str]:
         """Split a contract topic into (kind, id).
 
-        kind is one of ``telemetry``, ``status``, ``setpoint`` (id: vehicle),
+        kind is one of ``telemetry``, ``status``, ``setpoint``, ``no_v2g`` (id: vehicle),
         ``requests``, ``rejected`` (id: ""), ``result``, ``progress``, ``cancel``, ``amend``, ``signal`` (id: request),
         ``bridge_telemetry``, ``bridge_setpoints`` (id: bridge),
         ``grid_meter``, ``grid_limits``, ``grid_capability`` (id: node).
@@ -203,7 +212,7 @@ def check_reply_topic(topic: str, prefix: str) -> str:
     return topic
 
 
-_VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint"})
+_VEHICLE_KINDS = frozenset({"telemetry", "status", "setpoint", "no_v2g"})
 _DISPATCH_KINDS = frozenset({"result", "progress", "cancel", "amend", "signal"})
 _BRIDGE_KINDS = frozenset({"telemetry", "setpoints"})
 _GRID_KINDS = frozenset({"meter", "limits", "capability"})

@@ -18,6 +18,8 @@ with one follows from its branch::
     ├── ActionRefused            v2g/web/app.py: a web action that is not valid: answer 4xx
     ├── ListenError              v2g/web/serve.py: the web view cannot listen: fix --listen
     ├── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    ├── HomeAssistantError       v2g/homeassistant.py: a discovery prefix or vehicle list
+    │                            that cannot be used: fix the flag
     └── CallErrorReceived        chargers/csms.py: a station answered our CALL with a
                                  CALLERROR: log and count; the same CALL would fail again
 

@@ -29,13 +29,14 @@ from typing import Literal
 from broker.topics import check_id
 from core.errors import V2GError
 
-Role = Literal["vehicle", "aggregator", "operator"]
+Role = Literal["vehicle", "aggregator", "operator", "homeassistant"]
 
-# The ACL (broker/mosquitto/acl) grants rights to these two usernames by name, and its
-# pattern lines apply to every user: no vehicle may take either name.
+# The ACL (broker/mosquitto/acl) grants rights to these usernames by name, and its
+# pattern lines apply to every user: no vehicle may take one of these names.
 ACL_AGGREGATOR = "aggregator"
 ACL_OPERATOR = "operator"
-RESERVED_NAMES = frozenset({ACL_AGGREGATOR, ACL_OPERATOR})
+ACL_HOMEASSISTANT = "homeassistant"  # the Home Assistant bridge, and Home Assistant itself
+RESERVED_NAMES = frozenset({ACL_AGGREGATOR, ACL_OPERATOR, ACL_HOMEASSISTANT})
 
 PASSWORD_BYTES = 24  # 192 bits, 32 URL-safe characters
 CERT_DAYS = 30
@@ -197,12 +198,17 @@ def provision(
     *,
     aggregator: str | None = ACL_AGGREGATOR,
     operator: str | None = ACL_OPERATOR,
+    homeassistant: str | None = None,
     certs: bool = False,
     rotate: bool = False,
 ) -> Provisioned:
     """Create or extend ``out_dir``'s passwd and credentials.json (and certs with ``certs``)."""
     wanted: list[tuple[str, Role]] = [(v, "vehicle") for v in check_vehicle_ids(vehicles)]
-    services: list[tuple[str | None, Role]] = [(aggregator, "aggregator"), (operator, "operator")]
+    services: list[tuple[str | None, Role]] = [
+        (aggregator, "aggregator"),
+        (operator, "operator"),
+        (homeassistant, "homeassistant"),
+    ]
     for name, role in services:
         if name:
             check_id(name, f"{role} username")

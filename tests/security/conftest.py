@@ -105,7 +105,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log_file: Path) -> 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     tmp = tmp_path_factory.mktemp("mosquitto")
-    creds = prov.provision(tmp, VEHICLES, certs=True)
+    creds = prov.provision(tmp, VEHICLES, homeassistant=prov.ACL_HOMEASSISTANT, certs=True)
     assert creds.certs is not None
     shutil.copyfile(ACL, tmp / "acl")
     (tmp / "data").mkdir()

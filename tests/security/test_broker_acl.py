@@ -208,6 +208,39 @@ async def test_the_operator_gets_its_answers_on_a_response_topic_and_a_vehicle_d
         assert await expect_none(ev, 0.3) == []
 
 
+async def test_home_assistant_reads_the_fleet_and_sets_holds_but_cannot_dispatch(
+    broker: Broker,
+) -> None:
+    async with client(broker, "aggregator") as agg, client(broker, "homeassistant") as ha:
+        await agg.subscribe("v2g/#", qos=1)
+        await ha.subscribe("v2g/vehicles/+/telemetry", qos=1)
+        await ha.subscribe("v2g/fleet/#", qos=1)
+        ha_acks, agg_acks = Acks(ha), Acks(agg)
+        # Its discovery configs and an owner's hold; the aggregator hears the hold.
+        assert await ha_acks.publish("homeassistant/sensor/v2g_v2g/fleet_power/config") in OK_CODES
+        hold = "v2g/vehicles/ev-0000/no_v2g"
+        assert await ha_acks.publish(hold, b"ON") == 0
+        assert (await collect_until(agg, hold))[-1] == hold
+        # It reads the fleet's topics ...
+        status = "v2g/fleet/status"
+        assert await agg_acks.publish(status) == 0
+        assert (await collect_until(ha, status))[-1] == status
+        # ... and may not act as the aggregator, an operator or a vehicle.
+        for topic in (
+            "v2g/vehicles/ev-0000/setpoint",
+            "v2g/dispatch/requests",
+            "v2g/vehicles/ev-0000/telemetry",
+            status,
+        ):
+            assert await ha_acks.publish(topic) == NOT_AUTHORIZED, topic
+
+
+async def test_a_vehicle_cannot_hold_itself_out_of_v2g(broker: Broker) -> None:
+    async with client(broker, "ev-0000") as car:
+        # The hold is the owner's word through Home Assistant, not the car's.
+        assert await Acks(car).publish("v2g/vehicles/ev-0000/no_v2g", b"ON") == NOT_AUTHORIZED
+
+
 async def test_a_vehicle_cannot_amend_a_request_or_speak_as_a_bridge(broker: Broker) -> None:
     async with client(broker, "ev-0000") as ev:
         acks = Acks(ev)

@@ -97,3 +97,13 @@ def test_a_signal_is_kept_latest_per_request_and_wakes_the_follower() -> None:
         )
     assert list(r.signals) == ["reg-1"] and r.signals["reg-1"][0].value == 0.5
     assert len(woken) == 2 and r.accepted == 2
+
+
+def test_an_owners_hold_is_queued_for_the_step_and_a_bad_one_refused() -> None:
+    r = router()
+    r.route(r.topics.no_v2g("ev-0001"), b"ON")
+    r.route(r.topics.no_v2g("ev-0002"), b"")  # the retained hold cleared: a release
+    r.route(r.topics.no_v2g("ev-0003"), b"yes please")
+    inbox = r.take()
+    assert inbox.holds == [("ev-0001", True, T0), ("ev-0002", False, T0)]
+    assert (r.received, r.accepted, r.rejected["schema"]) == (3, 2, 1)

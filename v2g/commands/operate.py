@@ -342,6 +342,9 @@ def capability(
         typer.echo(line)
 
 
+LEDGER_PAGE = 10_000  # entries per read of a request's books: bounded memory per reply
+
+
 def report(
     request_id: Annotated[str, typer.Argument(help="the request's id")],
     out: Annotated[
@@ -371,13 +374,17 @@ def report(
     baseline kWh over the request."""
     from v2g import compose
     from v2g import report as rep
+    from v2g.progress import bar
 
     settings = settings_from(redis_url=redis, topic_prefix=topic_prefix, redis_prefix=redis_prefix)
 
     async def read() -> list[dict[str, str]]:
         ledger = compose.redis_ledger(settings)
         try:
-            return await ledger.read(request_id)
+            # A large ledger (a day of steps at 100k vehicles) is read in pages under a
+            # bar on a terminal; the bar is sized once the first page says how many.
+            with bar(f"reading the books of {request_id}", None) as at:
+                return await ledger.read(request_id, page=LEDGER_PAGE, on_page=at)
         finally:
             await ledger.close()
 

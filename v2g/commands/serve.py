@@ -1,5 +1,5 @@
 """Commands that run the platform's processes: ``v2g demo``, ``broker``, ``aggregator``,
-``agents`` and ``web``. Long-running; each stops cleanly on Ctrl-C or SIGTERM."""
+``agents``, ``web`` and ``homeassistant``. Long-running; each stops cleanly on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def register(app: typer.Typer) -> None:
             "v2g web", "V2G_WEB_TOKEN=$(cat ~/.v2g-token) v2g web --listen 127.0.0.1:8080"
         )
     )(web)
+    app.command(
+        "homeassistant",
+        epilog=examples(
+            "v2g homeassistant",
+            "v2g homeassistant --vehicles car-001,car-002 --discovery-prefix homeassistant",
+        ),
+    )(homeassistant_cmd)
 
 
 def demo(
@@ -445,3 +452,36 @@ def web(
 
     settings = settings_from(broker_url=broker, topic_prefix=topic_prefix, log_format=log_format)
     run(run_web(settings, listen=listen, token=token or None), process="web")
+
+
+def homeassistant_cmd(
+    vehicles: Annotated[
+        str | None,
+        typer.Option(
+            "--vehicles",
+            "--homeassistant-vehicles",
+            metavar="all|ID,ID",
+            help="also announce vehicles: all of them, or these ids (default: the fleet only)",
+        ),
+    ] = None,
+    discovery_prefix: Annotated[
+        str,
+        typer.Option(metavar="PREFIX", help="Home Assistant's MQTT discovery prefix"),
+    ] = "homeassistant",
+    broker: Broker = None,
+    topic_prefix: Prefix = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Show the fleet in Home Assistant (MQTT discovery): fleet sensors and, on request,
+    each vehicle's sensors and its "no V2G until departure" switch."""
+    from v2g.homeassistant import HomeAssistantError, parse_vehicles, run_homeassistant
+
+    settings = settings_from(broker_url=broker, topic_prefix=topic_prefix, log_format=log_format)
+    try:
+        ids = parse_vehicles(vehicles)
+    except HomeAssistantError as err:
+        raise fail(str(err)) from None
+    run(
+        run_homeassistant(settings, discovery_prefix=discovery_prefix, vehicles=ids),
+        process="homeassistant",
+    )

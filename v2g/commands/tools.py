@@ -45,6 +45,14 @@ def provision(
     aggregator: Annotated[
         str, typer.Option(help="aggregator username ('' for none); the ACL grants 'aggregator'")
     ] = "aggregator",
+    homeassistant: Annotated[
+        str,
+        typer.Option(
+            help="a login for Home Assistant and `v2g homeassistant` ('' for none); the ACL"
+            " grants 'homeassistant'",
+            show_default="none",
+        ),
+    ] = "",
     certs: Annotated[
         bool, typer.Option("--certs", help="also a throwaway CA, server and client certificates")
     ] = False,
@@ -73,6 +81,7 @@ def provision(
             ids,
             aggregator=aggregator or None,
             operator=operator or None,
+            homeassistant=homeassistant or None,
             certs=certs,
             rotate=rotate,
         )
@@ -126,8 +135,13 @@ def simulate(
         bool, typer.Option("--plot/--no-plot", help="draw plot.png (matplotlib)")
     ] = True,
     progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="show a progress bar on stderr")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="a progress bar on stderr",
+            show_default="when stderr is a terminal",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="end with the summary as one JSON object")
     ] = False,
@@ -168,36 +182,23 @@ def simulate(
     Example: v2g simulate scenarios/solar-site-firming.yaml --powerflow-every 1
     """
     from v2g import simulate as sim
+    from v2g.progress import bar
     from v2g.scenario import ScenarioError, load_scenario
 
     logs.configure(level="warning")
     try:
         scen = load_scenario(scenario).with_overrides(vehicles=vehicles, seed=seed)
         out_dir = out or Path("sim-out") / scen.name
-        if progress:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-            with Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            ) as bar:
-                task = bar.add_task(
-                    f"{scen.name} ({scen.fleet.vehicles:,} vehicles)", total=scen.n_steps
-                )
-                done = sim.run(
-                    scen,
-                    out_dir,
-                    plot=plot,
-                    on_step=lambda i: bar.update(task, completed=i + 1),
-                    powerflow_every=powerflow_every,
-                )
-        else:
-            done = sim.run(scen, out_dir, plot=plot, powerflow_every=powerflow_every)
+        with bar(
+            f"{scen.name} ({scen.fleet.vehicles:,} vehicles)", scen.n_steps, show=progress
+        ) as at:
+            done = sim.run(
+                scen,
+                out_dir,
+                plot=plot,
+                on_step=lambda i: at(i + 1),
+                powerflow_every=powerflow_every,
+            )
     except ScenarioError as err:
         fail(str(err), 1)
     if as_json:
