@@ -15,6 +15,7 @@ import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import aiomqtt
@@ -39,12 +40,16 @@ from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fence import fence_writes
 from aggregator.fleet_state import FleetState, FleetView, check_not_ahead
 from aggregator.forecast import ForecastModel
+from aggregator.grid import load_grid
+from aggregator.grid_state import GridState
 from aggregator.ledger import (
+    GRID_STREAM,
     Entry,
     Ledger,
     LedgerWriter,
     answer_entry,
     departure_entry,
+    grid_entry,
     step_entry,
     vehicles_entry,
 )
@@ -73,6 +78,8 @@ from broker.models import (
     FleetForecast,
     FleetStatus,
     ForecastPeriod,
+    GridLimits,
+    GridMeter,
     Telemetry,
     TelemetryBatch,
     VehicleStatus,
@@ -188,6 +195,14 @@ class AggregatorService:
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
         self.state = FleetState()
+        # The grid (issue 11, --grid): the last meter and limits per node, fed as they
+        # arrive; kept across a takeover's new dispatcher (the retained limits come once).
+        self.grid: GridState | None = None
+        if settings.grid_file:
+            self.grid = GridState(
+                load_grid(Path(settings.grid_file)),
+                telemetry_interval_s=settings.telemetry_interval_s,
+            )
         self.dispatcher = self._new_dispatcher()
         self.forecaster = ForecastModel()
         self.envelopes = Envelopes(step_s=settings.control_step_s)
@@ -273,6 +288,11 @@ class AggregatorService:
                     (self.topics.all_cancels, 1),
                     (self.topics.all_amends, 1),
                     (self.topics.all_signals, 1),
+                    *(
+                        [(self.topics.all_grid_meters, 0), (self.topics.all_grid_limits, 1)]
+                        if self.grid is not None
+                        else []
+                    ),
                 ],
             ),
             logger=self.log,
@@ -333,6 +353,15 @@ class AggregatorService:
                 # Followed at once, out of the control step: a signal comes every 2-4 s.
                 self._signals[ident] = (_decode(DispatchSignal, payload), time.perf_counter())
                 self._signal_ready.set()
+            elif kind == "grid_meter" and self.grid is not None:
+                if not self.grid.meter(ident, _decode(GridMeter, payload)):
+                    raise InvalidMessage("node", f"{ident!r} is not a node of the grid file")
+            elif kind == "grid_limits" and self.grid is not None:
+                if not payload:  # a cleared retained message
+                    self.ignored += 1
+                    return
+                if not self.grid.limits(ident, _decode(GridLimits, payload)):
+                    raise InvalidMessage("node", f"{ident!r} is not a node of the grid file")
             else:
                 self.ignored += 1  # our own results and progress, echoed by a wide subscription
                 return
@@ -512,6 +541,7 @@ class AggregatorService:
             max_request_kw=s.max_request_kw,
             max_duration_s=s.max_request_duration_s,
             allocation=s.allocation,
+            grid=self.grid,
         )
 
     async def reset_for_takeover(self, term: int) -> None:
@@ -655,6 +685,7 @@ class AggregatorService:
         # The dispatcher's, for the same view: the step's learning or plan may have them.
         lo, hi = self.dispatcher.ranges(view, now, self.settings.control_step_s)
         online, plugged = self.state.counts(now, self.settings.stale_s)
+        nodes, unknown_node = self.dispatcher.node_statuses(self.state.ids)
         status = fleet_status(
             now=now,
             online=online,
@@ -668,11 +699,13 @@ class AggregatorService:
             # Rows dropped from accepted batches show apart: "future_rows" next to "future".
             rejected=self.rejected
             + Counter({f"{k}_rows": n for k, n in self.rejected_rows.items()}),
-            warnings=self._warnings(),
+            warnings=self._warnings(now),
+            nodes=nodes,
+            unknown_node=unknown_node,
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         sent = await self._publish(now, out, answers, routed, capability, status)
-        self._record(answers, out)
+        self._record(answers, out, status)
         await self._forecast(now, view, windows)
         self._persist(now)
         report = StepReport(
@@ -825,9 +858,11 @@ class AggregatorService:
             if await self.link.publish_many([out]):
                 self._forecast_at = now
 
-    def _warnings(self) -> list[str]:
+    def _warnings(self, now: float | None = None) -> list[str]:
         """The fleet status's warnings; each new one is logged too (at most every 30 s)."""
         warnings = self.clock_watch.warnings()
+        if self.grid is not None and now is not None:
+            warnings += self.grid.stale_warnings(self.grid.in_force(now))
         wall = time.monotonic()
         if warnings and wall - self._warned_at >= WARN_LOG_EVERY_S:
             self._warned_at = wall
@@ -1099,7 +1134,9 @@ class AggregatorService:
                 entries.append(vehicles_entry(last))
         return [(rid, e) for rid in owners for e in entries]
 
-    def _record(self, answers: list[DispatchResult], out: StepOutput) -> None:
+    def _record(
+        self, answers: list[DispatchResult], out: StepOutput, status: FleetStatus | None = None
+    ) -> None:
         """Queue this step's ledger entries and start writing them; never waits on Redis.
         While it is away they are kept (bounded) and written, in order, on its return."""
         if self.ledger is None:
@@ -1111,6 +1148,8 @@ class AggregatorService:
             self.ledger.add(a.request_id, answer_entry(a))
         for p in out.progress:
             self.ledger.add(p.request_id, step_entry(p, int(out.rows.shape[0])))
+        if status is not None and (grid := grid_entry(status.ts.timestamp(), status.nodes)):
+            self.ledger.add(GRID_STREAM, grid)
         if self.ledger.owed and (self._ledger_task is None or self._ledger_task.done()):
             self._ledger_task = asyncio.create_task(self.ledger.drain(), name="aggregator-ledger")
 
@@ -1192,6 +1231,8 @@ M = TypeVar(
     DispatchAmend,
     DispatchSignal,
     DispatchCancel,
+    GridMeter,
+    GridLimits,
 )
 
 

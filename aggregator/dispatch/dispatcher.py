@@ -21,6 +21,7 @@ from aggregator.dispatch import tracking
 from aggregator.dispatch.admission import Admission
 from aggregator.dispatch.ahead import SCHEDULE_STEP_S
 from aggregator.dispatch.books import Books, accrue
+from aggregator.dispatch.gridcap import GridCap
 from aggregator.dispatch.learning import Learned
 from aggregator.dispatch.ranges import FleetRanges
 from aggregator.dispatch.records import Dispatch, StepOutput
@@ -28,6 +29,7 @@ from aggregator.dispatch.setpoints import REPLAN_EVERY_STEP_BELOW, Setpoints
 from aggregator.dispatch.stack import Stack
 from aggregator.dispatch.tracking import Tracking
 from aggregator.fleet_state import FleetView
+from aggregator.grid_state import GridState
 from broker.models import (
     ActiveDispatch,
     AnswerTo,
@@ -35,6 +37,7 @@ from broker.models import (
     DispatchRequest,
     DispatchResult,
     DispatchSignal,
+    NodeStatus,
     ResultStatus,
 )
 from core.physics import Array
@@ -55,6 +58,7 @@ class Dispatcher:
         settle_s: float | None = None,
         allocation: Literal["proportional", "cost"] = "proportional",
         replan_every_step_below: int = REPLAN_EVERY_STEP_BELOW,
+        grid: GridState | None = None,
     ) -> None:
         self.control_step_s = control_step_s
         # proportional: the fast split in proportion to headroom, sticky from step to step.
@@ -86,6 +90,17 @@ class Dispatcher:
         self.books = Books(self.fleet)
         self.tracking = Tracking(control_step_s=control_step_s)
         self.admission = Admission(self.stack, self.fleet, self.setpoints, self.said, self.limits)
+        # The grid under the fleet (issue 11): with a topology, every step's setpoints
+        # (plain charging included) are clipped under the limits in force.
+        self.grid: GridCap | None = None
+        if grid is not None:
+            self.grid = GridCap(
+                grid,
+                self.setpoints,
+                self.fleet,
+                control_step_s=control_step_s,
+                setpoint_ttl_s=setpoint_ttl_s,
+            )
 
     # -- what it holds and knows -------------------------------------------------------
     @property
@@ -282,7 +297,12 @@ class Dispatcher:
         self.said.notices = []
         stack = self.stack.running()
         if not stack:
-            out.release_rows = self.setpoints.release(now)
+            if self.grid is None:
+                out.release_rows = self.setpoints.release(now)
+            else:
+                live = np.flatnonzero(self.setpoints.sent_until > now).astype(np.intp)
+                rows, out.release_rows = self.grid.clip_baseline(now, view, live)
+                self._out_rows(out, rows)
             return out
         self._drive(stack, now, view, out)
         # Before its delivery window opens a request's progress shows nothing delivered
@@ -306,7 +326,26 @@ class Dispatcher:
         out.rows, out.power_kw, out.valid_until = sent.rows, sent.power_kw, sent.valid_until
         out.request_id = head.request_id
         miss = 0.0 if steering is not None else sent.total_kw - target
+        if self.grid is not None:
+            rows, cut = self.grid.clip_planned(now, view, sent.rows)
+            self._out_rows(out, rows)
+            miss -= cut
         self.stack.account(stack, len(view), miss)
+
+    def _out_rows(self, out: StepOutput, rows: NDArray[np.intp]) -> None:
+        """The setpoints of these rows, as they stand now, go out."""
+        out.rows = rows
+        out.power_kw = self.setpoints.sent_kw[rows].copy()
+        out.valid_until = self.setpoints.sent_until[rows].copy()
+
+    def node_statuses(self, ids: list[str]) -> tuple[list[NodeStatus], int]:
+        """Each grid node's entry of the fleet status at the last step, and how many
+        vehicles named no node of the grid; ([], 0) without a grid."""
+        return ([], 0) if self.grid is None else self.grid.statuses(ids)
+
+    def grid_conflicts(self, ids: list[str]) -> list[str]:
+        """The vehicles a grid limit held below their floor at the last step."""
+        return [] if self.grid is None else self.grid.conflicts(ids)
 
     def _close(
         self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None
