@@ -23,6 +23,7 @@ from aggregator.dispatch.ahead import SCHEDULE_STEP_S
 from aggregator.dispatch.books import Books, accrue
 from aggregator.dispatch.gridcap import GridCap
 from aggregator.dispatch.learning import Learned
+from aggregator.dispatch.noderequests import NodeRequests
 from aggregator.dispatch.ranges import FleetRanges
 from aggregator.dispatch.records import Dispatch, StepOutput
 from aggregator.dispatch.setpoints import REPLAN_EVERY_STEP_BELOW, Setpoints
@@ -93,7 +94,11 @@ class Dispatcher:
         # The grid under the fleet (issue 11): with a topology, every step's setpoints
         # (plain charging included) are clipped under the limits in force.
         self.grid: GridCap | None = None
+        self.nodes: NodeRequests | None = None
         if grid is not None:
+            self.nodes = NodeRequests(
+                grid, self.fleet, self.said, self.limits, control_step_s=control_step_s
+            )
             self.grid = GridCap(
                 grid,
                 self.setpoints,
@@ -170,8 +175,11 @@ class Dispatcher:
         return wire.wire_score(tracking.fcr_share(d))
 
     def active(self) -> list[ActiveDispatch]:
-        """The running requests, for fleet status."""
-        return [wire.active(d) for d in self.dispatches.values() if d.state == "active"]
+        """The running requests, for fleet status (those on a node too)."""
+        node_run = [] if self.nodes is None else self.nodes.running()
+        return [
+            wire.active(d) for d in [*self.dispatches.values(), *node_run] if d.state == "active"
+        ]
 
     def _progress(self, d: Dispatch, now: float) -> DispatchProgress:
         return wire.progress(d, now, tracking.score(d), tracking.fcr_share(d))
@@ -202,7 +210,10 @@ class Dispatcher:
         """Answer a request: accepted, partial (with the shortfall) or rejected (with why).
 
         A request_id seen before gets its latest answer again, with no second dispatch.
+        A request that names a node is served by the vehicles under it (with a grid).
         """
+        if req.node is not None and self.nodes is not None:
+            return self.nodes.submit(req, now, view)
         return self.admission.submit(req, now, view)
 
     def amend(
@@ -222,6 +233,15 @@ class Dispatcher:
         """
         d = self.dispatches.get(request_id)
         if d is None:
+            if self.nodes is not None and request_id in self.nodes.dispatches:
+                return self.said.refuse(
+                    request_id,
+                    wire.amendment_refused(
+                        "a request on a node cannot be amended yet: cancel it and send a new one"
+                    ),
+                    now,
+                    "amend",
+                )
             return None
         return self.admission.amend(d, now, view, power_kw, duration_s)
 
@@ -230,7 +250,7 @@ class Dispatcher:
         None if it is not running (unknown, or already over)."""
         d = self.dispatches.pop(request_id, None)
         if d is None:
-            return None
+            return None if self.nodes is None else self.nodes.cancel(request_id, now, view)
         if d.state == "active":
             self.books.book(d, view, now)
         return self._close(d, now, "cancelled", reason=wire.CANCELLED)
@@ -293,6 +313,12 @@ class Dispatcher:
                 if answer.status != "accepted":  # cut at its start: say so too
                     out.results.append(answer)
         self.books.see(view)
+        if self.nodes is not None and self.grid is not None:
+            node_results, node_progress, self.grid.bands = self.nodes.step(
+                now, view, self.grid.grid.in_force(now)
+            )
+            out.results += node_results
+            out.progress += node_progress
         out.results += self.said.notices
         self.said.notices = []
         stack = self.stack.running()

@@ -54,6 +54,8 @@ class GridCap:
         self.setpoint_ttl_s = setpoint_ttl_s
         self.held: NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)  # per fleet row
         self.last: GridStep | None = None
+        # Bands on nodes' net power this step (node-targeted requests), or None.
+        self.bands: tuple[Array, Array] | None = None
 
     def _fit(self, n_rows: int) -> None:
         if n_rows > self.held.shape[0]:
@@ -64,8 +66,18 @@ class GridCap:
         g = self.grid.in_force(now)
         vnode = self.grid.vehicle_nodes(view)
         lo, hi = self.ranges.ranges(view, now, self.control_step_s)
+        band_lo, band_hi = (None, None) if self.bands is None else self.bands
         alloc = allocate_nested(
-            self.grid.grid, vnode, lo, hi, desired, g.meter_kw, g.import_kw, g.export_kw
+            self.grid.grid,
+            vnode,
+            lo,
+            hi,
+            desired,
+            g.meter_kw,
+            g.import_kw,
+            g.export_kw,
+            band_low_kw=band_lo,
+            band_high_kw=band_hi,
         )
         self.last = GridStep(
             view.rows, vnode, alloc, g, float(np.clip(desired, lo, hi).sum() - alloc.power_kw.sum())

@@ -160,3 +160,34 @@ def test_a_report_without_a_node_keeps_the_last_one() -> None:
     state.apply_telemetry([Telemetry(**base, seq=3, ts=from_epoch(T0 + 10), node="b")])  # type: ignore[arg-type]
     state.apply_telemetry([Telemetry(**base, seq=1, ts=from_epoch(T0 - 5), node="c")])  # type: ignore[arg-type]
     assert state.node_names[state.col("node")[0]] == "b"  # a replay moves nothing
+
+
+def test_node_targeted_requests_on_two_sites_at_once_track_their_subtrees() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    a = d.submit(req(25.0, 300.0, rid="on-a", node="site-a"), T0, view)
+    b = d.submit(req(40.0, 300.0, rid="on-b", node="site-b"), T0, view)
+    assert (a.status, b.status) == ("accepted", "accepted"), (a.reason, b.reason)
+    t, outs = run_loop(fleet, state, d, T0, 20)
+    errors = {"on-a": [], "on-b": []}
+    for out in outs[2:]:  # two steps for the setpoints to take hold
+        for p in out.progress:
+            errors[p.request_id].append(abs(p.delivered_kw - p.allocated_kw))
+    for rid, errs in errors.items():
+        assert errs, rid
+        assert max(errs) <= 0.5, (rid, max(errs))  # kW: each site holds its own target
+    assert drawn(fleet, "site-a") == pytest.approx(25.0, abs=0.5)
+    assert drawn(fleet, "site-b") == pytest.approx(40.0, abs=0.5)
+
+
+def test_a_node_request_beyond_a_limit_is_partial_and_names_the_node() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    a = d.submit(req(100.0, 300.0, rid="big", node="site-a"), T0, view)
+    assert a.status == "partial"
+    assert "site-a's import limit" in (a.reason or "")
+    assert a.allocated_kw == pytest.approx(60.0, abs=0.01)
+    gone = d.submit(req(10.0, 300.0, rid="nowhere", node="nowhere"), T0, view)
+    assert gone.status == "rejected" and "not in the grid" in (gone.reason or "")
+    cancelled = d.cancel("big", T0 + STEP, state.view(T0 + STEP, 3 * STEP))
+    assert cancelled is not None and cancelled.status == "cancelled"
