@@ -168,7 +168,7 @@ def test_node_targeted_requests_on_two_sites_at_once_track_their_subtrees() -> N
     a = d.submit(req(25.0, 300.0, rid="on-a", node="site-a"), T0, view)
     b = d.submit(req(40.0, 300.0, rid="on-b", node="site-b"), T0, view)
     assert (a.status, b.status) == ("accepted", "accepted"), (a.reason, b.reason)
-    t, outs = run_loop(fleet, state, d, T0, 20)
+    _t, outs = run_loop(fleet, state, d, T0, 20)
     errors = {"on-a": [], "on-b": []}
     for out in outs[2:]:  # two steps for the setpoints to take hold
         for p in out.progress:
@@ -181,7 +181,7 @@ def test_node_targeted_requests_on_two_sites_at_once_track_their_subtrees() -> N
 
 
 def test_a_node_request_beyond_a_limit_is_partial_and_names_the_node() -> None:
-    fleet, state, d, _ = setup()
+    _fleet, state, d, _ = setup()
     view = state.view(T0, 3 * STEP)
     a = d.submit(req(100.0, 300.0, rid="big", node="site-a"), T0, view)
     assert a.status == "partial"
