@@ -741,7 +741,7 @@ class AggregatorService:
                 )
                 continue
             answer = self.dispatcher.submit(req, now, view)
-            if reply is not None and req.request_id in self.dispatcher.dispatches:
+            if reply is not None and self.dispatcher.holds(req.request_id):
                 self._replies[req.request_id] = reply
             answers.append(answer)
             routed.append(self._route(answer, reply))
@@ -780,7 +780,7 @@ class AggregatorService:
         refused = answer.status == "rejected" and answer.answer_to != "request"
         ours = None if refused else self._replies.get(rid)
         routed = Routed(answer, public=True, replies=replies(reply, ours))
-        if rid not in self.dispatcher.dispatches:
+        if not self.dispatcher.holds(rid):
             self._replies.pop(rid, None)
         return routed
 
@@ -1102,7 +1102,12 @@ class AggregatorService:
         """Per-vehicle settlement entries for the requests running this step (and those
         that ran until it): intervals that closed and drivers who unplugged."""
         dispatches = self.dispatcher.dispatches
-        running = {p.request_id: dispatches[p.request_id].end for p in out.progress}
+        # Requests on a grid node are not settled per vehicle (yet): only the fleet's.
+        running = {
+            p.request_id: dispatches[p.request_id].end
+            for p in out.progress
+            if p.request_id in dispatches
+        }
         owners = list(dict.fromkeys([*self._settling, *running]))
         before, self._settling = self._settling, running
         if self.ledger is None or not owners:

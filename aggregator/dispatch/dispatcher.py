@@ -43,7 +43,10 @@ from broker.models import (
 )
 from core.physics import Array
 
-__all__ = ["SCHEDULE_STEP_S", "Dispatcher", "StepOutput"]
+__all__ = ["GRID_SETPOINTS", "SCHEDULE_STEP_S", "Dispatcher", "StepOutput"]
+
+GRID_SETPOINTS = "grid-limits"
+"""The request_id of setpoints sent with no request running, only to hold a grid limit."""
 
 
 class Dispatcher:
@@ -112,6 +115,12 @@ class Dispatcher:
     def dispatches(self) -> dict[str, Dispatch]:
         """The admitted requests (scheduled and running), by request id."""
         return self.stack.dispatches
+
+    def holds(self, request_id: str) -> bool:
+        """Is this request admitted (scheduled or running), on the fleet or on a node?"""
+        return request_id in self.dispatches or (
+            self.nodes is not None and request_id in self.nodes.dispatches
+        )
 
     @property
     def answers(self) -> OrderedDict[str, DispatchResult]:
@@ -329,6 +338,9 @@ class Dispatcher:
                 live = np.flatnonzero(self.setpoints.sent_until > now).astype(np.intp)
                 rows, out.release_rows = self.grid.clip_baseline(now, view, live)
                 self._out_rows(out, rows)
+                # Setpoints name what they serve: a request on a node, or the limits alone.
+                node_run = [] if self.nodes is None else self.nodes.running()
+                out.request_id = node_run[0].request_id if node_run else GRID_SETPOINTS
             return out
         self._drive(stack, now, view, out)
         # Before its delivery window opens a request's progress shows nothing delivered
