@@ -3,6 +3,8 @@ node meters and limits; every check is on what the simulated cars actually draw.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetState
 from aggregator.grid import parse_grid
 from aggregator.grid_state import GridState
+from aggregator.ledger import grid_entry
 from broker.models import GridLimits, GridMeter, LimitInterval, Telemetry, from_epoch
 from tests.support.memory_loop import STEP, T0, close_loop, fleet_and_state, req, run_loop
 
@@ -191,3 +194,44 @@ def test_a_node_request_beyond_a_limit_is_partial_and_names_the_node() -> None:
     assert gone.status == "rejected" and "not in the grid" in (gone.reason or "")
     cancelled = d.cancel("big", T0 + STEP, state.view(T0 + STEP, 3 * STEP))
     assert cancelled is not None and cancelled.status == "cancelled"
+
+
+def test_a_limit_beyond_reach_wins_over_the_floors_and_reports_conflicts_and_excess() -> None:
+    fleet, state, d, grid = setup(n=80, split=40)
+    t, _ = run_loop(fleet, state, d, T0, 1)
+    # Other load alone breaks site-a's 60 kW: every car under it does the most it can
+    # (discharge where it may; a car that must charge is held at 0, below its floor).
+    grid.meter("site-a", GridMeter(ts=from_epoch(t), power_kw=2000.0))
+    view = state.view(t, 3 * STEP)
+    lo, _ = d.ranges(view, t, STEP)
+    assert view.node is not None
+    at_a = np.array([view.node_names[k] == "site-a" for k in view.node.tolist()])
+    floors = {state.ids[r] for r in view.rows[at_a & (lo > 1e-6)].tolist()}
+    assert floors, "the test needs cars under site-a that must charge now"
+    d.step(t, view, len(state))
+    # The feeder (no meter of its own: its children's) is over too: site-b's cars that
+    # must charge are held as well.
+    everywhere = {state.ids[r] for r in view.rows[lo > 1e-6].tolist()}
+    assert set(d.grid_conflicts(state.ids)) == everywhere
+    by = {s.node: s for s in d.node_statuses(state.ids)[0]}
+    assert set(by["site-a"].conflicts) == floors
+    assert set(by["site-b"].conflicts) == everywhere - floors
+    most = float(np.minimum(lo[at_a], 0.0).sum())  # every car at its lowest
+    assert by["site-a"].power_kw == pytest.approx(most, abs=1e-3)
+    assert by["site-a"].over_limit_kw == pytest.approx(2000.0 + most - 60.0, abs=1e-3)
+
+
+def test_the_ledger_books_a_step_with_a_conflict_or_an_excess_only() -> None:
+    fleet, state, d, grid = setup()
+    run_loop(fleet, state, d, T0, 1)
+    nodes, _ = d.node_statuses(state.ids)
+    assert grid_entry(T0, nodes) is None  # all held, nobody below a floor
+    grid.meter("site-a", GridMeter(ts=from_epoch(T0 + STEP), power_kw=2000.0))  # beyond reach
+    run_loop(fleet, state, d, T0 + STEP, 1)
+    nodes, _ = d.node_statuses(state.ids)
+    entry = grid_entry(T0, nodes)
+    assert entry is not None and entry["kind"] == "grid"
+    by = {n.node: n for n in nodes}
+    over = json.loads(entry["over_limit_kw"])
+    assert over["site-a"] == by["site-a"].over_limit_kw > 0.0
+    assert json.loads(entry["conflicts"]) == {n.node: n.conflicts for n in nodes if n.conflicts}
