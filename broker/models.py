@@ -289,6 +289,9 @@ class DispatchResult(WireModel):
     # When its delivery window opened: its first setpoints in force (null before). The
     # books (requested, delivered, baseline) run from here to start + duration_s.
     delivery_start: UtcTime | None = None
+    # Extension (the grid, firming): the energy the node's net power spent outside the
+    # band over the request (kWh); None for other services.
+    outside_band_kwh: float | None = None
     ts: UtcTime
 
 
@@ -327,6 +330,9 @@ class DispatchProgress(WireModel):
     delivery_start: UtcTime | None = None  # its first setpoints in force: the books start
     # Why allocated_kw is not what the first answer said (amended, or the fleet changed).
     reason: str | None = None
+    # Extension (the grid, firming): the energy the node's net power spent outside the
+    # band so far (kWh, both sides counted positive); None for other services.
+    outside_band_kwh: float | None = None
 
 
 class CapabilityWindow(WireModel):

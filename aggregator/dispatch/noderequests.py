@@ -8,8 +8,15 @@ the subtree's range for the window inside the headroom of the node and of every
 ancestor, given what the rest of the fleet under them draws now; a partial answer names
 the node (or the vehicles) that binds.
 
-Owns the node requests (scheduled and running) and their books: requested energy, and
-delivered energy from the subtree's measured power held between steps.
+Service ``firming`` is served the same way: its band on the node's net power each step
+is :func:`aggregator.grid_alloc.firming_band` ([min_kw, max_kw] within the ramp from the
+last step's measured net power); admission accepts it if the cars under the node can
+bring the net power into [min_kw, max_kw] now (within the limits), partial with the
+shortfall otherwise; its progress and result carry ``outside_band_kwh``.
+
+Owns the node requests (scheduled and running) and their books: requested energy,
+delivered energy from the subtree's measured power held between steps, and for firming
+the energy outside the band.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from aggregator.dispatch import answers as wire
 from aggregator.dispatch.ranges import FleetRanges
 from aggregator.dispatch.records import Dispatch
 from aggregator.fleet_state import FleetView
-from aggregator.grid_alloc import subtree_sums
+from aggregator.grid_alloc import firming_band, subtree_sums
 from aggregator.grid_state import GridNow, GridState
 from broker.models import DispatchProgress, DispatchRequest, DispatchResult, Service, to_epoch
 
@@ -51,6 +58,10 @@ class NodeRequests:
         self.control_step_s = control_step_s
         self.dispatches: dict[str, Dispatch] = {}
         self._seq = 0
+        # Firming: each request's energy outside its band so far, and its node's net
+        # power (meter + measured vehicles) at the last step, for the ramp.
+        self.outside_kwh: dict[str, float] = {}
+        self.last_net_kw: dict[str, float] = {}
 
     def _under(self, j: int, vnode: NDArray[np.intp]) -> NDArray[np.bool_]:
         under: NDArray[np.bool_] = (vnode >= j) & (vnode < self.grid.grid.end[j])
@@ -58,9 +69,7 @@ class NodeRequests:
 
     def problem(self, req: DispatchRequest) -> str | None:
         """Why a node-targeted request cannot be served (before the general checks)."""
-        if req.service == Service.FIRMING:
-            return "service firming is not served yet: ask for power_kw on the node"
-        if req.power_kw is None:
+        if req.power_kw is None and req.service != Service.FIRMING:
             return (
                 f"service {req.service.value} on a node is not served yet: node-targeted"
                 " requests take power_kw"
@@ -138,6 +147,8 @@ class NodeRequests:
                 bound_hi, why_hi = up, f"node {grid.ids[a]}'s import limit"
             if down > bound_lo:
                 bound_lo, why_lo = down, f"node {grid.ids[a]}'s export limit"
+        if d.request.service == Service.FIRMING:
+            return self._firming_answer(d, now, n, meter0[j], bound_lo, bound_hi, why_lo, why_hi)
         held = min(max(asked, bound_lo), bound_hi) if bound_lo <= bound_hi else bound_hi
         d.state = "active"
         d.last_t = d.acc_t = now
@@ -168,6 +179,46 @@ class NodeRequests:
             vehicles=n,
         )
 
+    def _firming_answer(
+        self,
+        d: Dispatch,
+        now: float,
+        n: int,
+        meter_kw: float,
+        bound_lo: float,
+        bound_hi: float,
+        why_lo: str,
+        why_hi: str,
+    ) -> DispatchResult:
+        """Firming holds the node's net power in [min_kw, max_kw]: accepted if its cars
+        can (within the limits) now, partial with the shortfall otherwise."""
+        req = d.request
+        node = str(req.node)
+        lo = -np.inf if req.min_kw is None else req.min_kw
+        hi = np.inf if req.max_kw is None else req.max_kw
+        reach_lo, reach_hi = meter_kw + bound_lo, meter_kw + bound_hi  # its net power range
+        short = max(0.0, lo - reach_hi, reach_lo - hi)
+        d.state = "active"
+        d.last_t = d.acc_t = now
+        d.vehicles = n
+        d.committed = True
+        d.shortfall_kw = short
+        self.outside_kwh[d.request_id] = 0.0
+        self.last_net_kw.setdefault(d.request_id, np.nan)
+        if short <= 1e-6:
+            return self.said.result(d.request_id, "accepted", now, vehicles=n)
+        binding = why_hi if lo > reach_hi else why_lo
+        return self.said.result(
+            d.request_id,
+            "partial",
+            now,
+            reason=f"{binding} lets node {node}'s net power reach"
+            f" {_kw(reach_lo)}..{_kw(reach_hi)} now (its meter {_kw(meter_kw)}): the band"
+            f" misses by {_kw(short)}",
+            shortfall_kw=short,
+            vehicles=n,
+        )
+
     def running(self) -> list[Dispatch]:
         return [d for d in self.dispatches.values() if d.state == "active"]
 
@@ -177,6 +228,8 @@ class NodeRequests:
             return None
         if d.state == "active":
             self._book(d, now, view, self.grid.vehicle_nodes(view))
+        self.outside_kwh.pop(request_id, None)
+        self.last_net_kw.pop(request_id, None)
         return self.said.closed(d, now, "cancelled", None, None, reason=wire.CANCELLED)
 
     def _book(self, d: Dispatch, now: float, view: FleetView, vnode: NDArray[np.intp]) -> None:
@@ -199,12 +252,16 @@ class NodeRequests:
         vehicle totals (with the meters: on their net power) for this step, or None."""
         results: list[DispatchResult] = []
         vnode = self.grid.vehicle_nodes(view)
+        meter0 = np.nan_to_num(g.meter_kw, nan=0.0)
         for d in list(self.dispatches.values()):
             if d.state == "active":
+                was_t = d.last_t
                 self._book(d, now, view, vnode)
+                if d.request.service == Service.FIRMING:
+                    self._firming_books(d, now, was_t, meter0)
                 if d.over(now):
                     del self.dispatches[d.request_id]
-                    results.append(self.said.closed(d, now, "completed", None, None))
+                    results.append(self._final(d, now))
             elif now >= d.start:
                 answer = self.admit(d, now, view)
                 if answer.status != "rejected":
@@ -217,13 +274,58 @@ class NodeRequests:
         n = len(self.grid.grid)
         want = np.zeros(n)
         has = np.zeros(n, dtype=np.bool_)
+        lo = np.full(n, -np.inf)
+        hi = np.full(n, np.inf)
         for d in run:
             j = self.grid.grid.index[str(d.request.node)]
-            want[j] += d.allocated_kw
-            has[j] = True
-        meter0 = np.nan_to_num(g.meter_kw, nan=0.0)
-        band = meter0 + want
-        lo = np.where(has, band, -np.inf)
-        hi = np.where(has, band, np.inf)
-        progress = [wire.progress(d, now, None, None) for d in run]
+            if d.request.service == Service.FIRMING:
+                req = d.request
+                b_lo, b_hi = firming_band(
+                    req.min_kw,
+                    req.max_kw,
+                    req.ramp_kw_per_min,
+                    self.last_net_kw.get(d.request_id, np.nan),
+                    self.control_step_s,
+                )
+                lo[j], hi[j] = max(lo[j], b_lo), min(hi[j], b_hi)
+            else:
+                want[j] += d.allocated_kw
+                has[j] = True
+        # A power request on a node is a point on its vehicles' total; a firming band on
+        # the same node yields to it.
+        lo = np.where(has, meter0 + want, lo)
+        hi = np.where(has, meter0 + want, hi)
+        progress = [self._progress(d, now) for d in run]
         return results, progress, (lo, hi)
+
+    def _firming_books(self, d: Dispatch, now: float, was_t: float | None, meter0: Floats) -> None:
+        """The energy outside the band since the last step (the net power then held),
+        and the net power now, for the next step's ramp and books."""
+        req = d.request
+        j = self.grid.grid.index[str(req.node)]
+        net_then = self.last_net_kw.get(d.request_id, np.nan)
+        if was_t is not None and np.isfinite(net_then):
+            lo = -np.inf if req.min_kw is None else req.min_kw
+            hi = np.inf if req.max_kw is None else req.max_kw
+            miss = max(0.0, net_then - hi, lo - net_then)
+            dt_h = max(0.0, min(now, d.end) - was_t) / 3600.0
+            self.outside_kwh[d.request_id] = self.outside_kwh.get(d.request_id, 0.0) + miss * dt_h
+        self.last_net_kw[d.request_id] = float(meter0[j]) + d.measured_kw
+
+    def _progress(self, d: Dispatch, now: float) -> DispatchProgress:
+        p = wire.progress(d, now, None, None)
+        if d.request.service != Service.FIRMING:
+            return p
+        out = round(self.outside_kwh.get(d.request_id, 0.0), 4)
+        return p.model_copy(update={"outside_band_kwh": out})
+
+    def _final(self, d: Dispatch, now: float) -> DispatchResult:
+        """The completed result; a firming one carries its energy outside the band."""
+        result = self.said.closed(d, now, "completed", None, None)
+        if d.request.service != Service.FIRMING:
+            return result
+        out = round(self.outside_kwh.pop(d.request_id, 0.0), 4)
+        self.last_net_kw.pop(d.request_id, None)
+        result = result.model_copy(update={"outside_band_kwh": out})
+        self.said.answers[d.request_id] = result
+        return result

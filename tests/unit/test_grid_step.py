@@ -14,7 +14,14 @@ from aggregator.fleet_state import FleetState
 from aggregator.grid import parse_grid
 from aggregator.grid_state import GridState
 from aggregator.ledger import grid_entry
-from broker.models import GridLimits, GridMeter, LimitInterval, Telemetry, from_epoch
+from broker.models import (
+    DispatchRequest,
+    GridLimits,
+    GridMeter,
+    LimitInterval,
+    Telemetry,
+    from_epoch,
+)
 from tests.support.memory_loop import STEP, T0, close_loop, fleet_and_state, req, run_loop
 
 pytestmark = pytest.mark.timeout(60)
@@ -235,3 +242,46 @@ def test_the_ledger_books_a_step_with_a_conflict_or_an_excess_only() -> None:
     over = json.loads(entry["over_limit_kw"])
     assert over["site-a"] == by["site-a"].over_limit_kw > 0.0
     assert json.loads(entry["conflicts"]) == {n.node: n.conflicts for n in nodes if n.conflicts}
+
+
+def firming(rid: str, node: str, **band: float) -> DispatchRequest:
+    return DispatchRequest.model_validate(
+        {"request_id": rid, "service": "firming", "node": node, "duration_s": 300.0, **band}
+    )
+
+
+def test_firming_holds_a_solar_sites_net_power_in_its_band_and_books_the_misses() -> None:
+    fleet, state, d, grid = setup()
+    grid.meter("site-b", GridMeter(ts=from_epoch(T0), power_kw=-150.0))  # PV exports 150
+    view = state.view(T0, 3 * STEP)
+    plain = drawn(fleet, "site-b")
+    assert plain > 90.0 + 5.0, "the test needs cars that would leave the band by themselves"
+    answer = d.submit(firming("firm", "site-b", min_kw=-100.0, max_kw=-60.0), T0, view)
+    assert answer.status == "accepted", answer.reason
+    t = T0
+    nets = []
+    for _ in range(10):
+        grid.meter("site-b", GridMeter(ts=from_epoch(t), power_kw=-150.0))  # kept fresh
+        t, outs = run_loop(fleet, state, d, t, 1)
+        nets.append(drawn(fleet, "site-b") - 150.0)
+    assert all(-100.0 - tol(100.0) <= n <= -60.0 + tol(100.0) for n in nets[1:]), nets
+    (p,) = [p for p in outs[0].progress if p.request_id == "firm"]
+    assert p.outside_band_kwh is not None and p.outside_band_kwh >= 0.0
+    while True:  # to its end: the final result books the energy outside the band
+        grid.meter("site-b", GridMeter(ts=from_epoch(t), power_kw=-150.0))
+        t, outs = run_loop(fleet, state, d, t, 1)
+        done = [r for r in outs[0].results if r.request_id == "firm"]
+        if done:
+            break
+    assert done[0].status == "completed" and done[0].outside_band_kwh is not None
+    # Only the first step (plain charging, before the setpoints) was outside the band.
+    assert done[0].outside_band_kwh <= (plain - 90.0) * STEP / 3600.0 + 1e-3
+
+
+def test_firming_the_cars_cannot_hold_is_partial_with_the_shortfall() -> None:
+    _, state, d, grid = setup()
+    grid.meter("site-b", GridMeter(ts=from_epoch(T0), power_kw=-1000.0))
+    answer = d.submit(firming("big", "site-b", min_kw=-10.0), T0, state.view(T0, 3 * STEP))
+    assert answer.status == "partial"
+    assert "vehicles under site-b" in (answer.reason or "")
+    assert answer.shortfall_kw > 500.0
