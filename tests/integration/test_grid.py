@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from aggregator.store import RedisStore
-from broker.models import DispatchRequest, GridMeter, from_epoch
+from broker.models import DispatchRequest, GridLimits, GridMeter, LimitInterval, from_epoch
 from broker.settings import Settings
 from core.clock import SimClock
-from tests.support.harness import HOST, MQTT_PORT, Loop, running_loop
+from tests.support.harness import HOST, MQTT_PORT, Loop, eventually, running_loop
 from tests.support.loop import request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -93,7 +93,25 @@ async def test_two_sites_under_a_feeder_limits_a_node_request_and_a_meter_jump(
                 qos=0,
             )
             report = await loop.next_report()
-        by = {n.node: n for n in report.status.nodes}
-        assert by["site-a"].meter_kw == 30.0
-        assert by["feeder"].meter_kw == 30.0  # no meter of its own: its children's
-        assert drawn(loop, "site-b") == pytest.approx(15.0, abs=tol(15.0))
+            by = {n.node: n for n in report.status.nodes}
+            assert by["site-a"].meter_kw == 30.0
+            assert by["feeder"].meter_kw == 30.0  # no meter of its own: its children's
+            assert drawn(loop, "site-b") == pytest.approx(15.0, abs=tol(15.0))
+
+            # A DSO's dynamic limit mid-dispatch: site-b down to 10 kW for ten minutes.
+            # The limit wins over the request on it.
+            limits = GridLimits(
+                ts=from_epoch(clock.now()),
+                intervals=[
+                    LimitInterval(start=from_epoch(clock.now()), duration_s=600.0, import_kw=10.0)
+                ],
+            )
+            await c.publish(s.topics.grid_limits("site-b"), limits.to_json(), qos=1, retain=True)
+            loop.drain()
+            await loop.next_report()
+            report = await loop.next_report()
+            assert drawn(loop, "site-b") <= 10.0 + tol(10.0)
+            assert {n.node: n for n in report.status.nodes}["site-b"].import_limit_kw == 10.0
+            # A meter for a node the grid does not have: refused and counted, no crash.
+            await c.publish(s.topics.grid_meter("nowhere"), meter.to_json(), qos=0)
+            await eventually(lambda: loop.aggregator.rejected["node"] == 1, "the refusal", 10)
