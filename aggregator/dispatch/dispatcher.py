@@ -395,12 +395,21 @@ class Dispatcher:
 
     # -- persistence ---------------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:
-        return [d.to_record() for d in self.dispatches.values()]
+        """The admitted requests as records (those on a grid node too: their request
+        names the node)."""
+        node_ones = [] if self.nodes is None else list(self.nodes.dispatches.values())
+        return [d.to_record() for d in [*self.dispatches.values(), *node_ones]]
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             d = Dispatch.from_record(record)
-            self.dispatches[d.request_id] = d
+            if d.request.node is not None:
+                # Served on its node, never fleet-wide; without a grid now, dropped.
+                if self.nodes is None:
+                    continue
+                self.nodes.dispatches[d.request_id] = d
+            else:
+                self.dispatches[d.request_id] = d
             self.said.restored(d)
 
     def learned(self, n_rows: int) -> dict[str, Array]:

@@ -285,3 +285,19 @@ def test_firming_the_cars_cannot_hold_is_partial_with_the_shortfall() -> None:
     assert answer.status == "partial"
     assert "vehicles under site-b" in (answer.reason or "")
     assert answer.shortfall_kw > 500.0
+
+
+def test_a_node_request_survives_a_restart_on_its_node_only() -> None:
+    fleet, state, d, grid = setup()
+    view = state.view(T0, 3 * STEP)
+    assert d.submit(req(25.0, 300.0, rid="on-a", node="site-a"), T0, view).status == "accepted"
+    t, _ = run_loop(fleet, state, d, T0, 3)
+    records = d.to_records()
+    again = Dispatcher(control_step_s=STEP, grid=grid)
+    again.restore(records)
+    assert again.holds("on-a") and "on-a" not in again.dispatches  # not fleet-wide
+    t, _ = run_loop(fleet, state, again, t, 3)
+    assert drawn(fleet, "site-a") == pytest.approx(25.0, abs=0.5)
+    without = Dispatcher(control_step_s=STEP)
+    without.restore(records)
+    assert not without.holds("on-a")
