@@ -354,7 +354,12 @@ class AggregatorService:
                 self._signals[ident] = (_decode(DispatchSignal, payload), time.perf_counter())
                 self._signal_ready.set()
             elif kind == "grid_meter" and self.grid is not None:
-                if not self.grid.meter(ident, _decode(GridMeter, payload)):
+                meter = _decode(GridMeter, payload)
+                # Stamped ahead, it would look fresh for ever: refused as telemetry is.
+                check_not_ahead(
+                    meter.ts.timestamp(), self.clock.now(), self.settings.telemetry_interval_s
+                )
+                if not self.grid.meter(ident, meter):
                     raise InvalidMessage("node", f"{ident!r} is not a node of the grid file")
             elif kind == "grid_limits" and self.grid is not None:
                 if not payload:  # a cleared retained message

@@ -212,9 +212,9 @@ class NodeRequests:
             d.request_id,
             "partial",
             now,
-            reason=f"{binding} lets node {node}'s net power reach"
+            reason=f"bound by {binding}, node {node}'s net power can reach"
             f" {_kw(reach_lo)}..{_kw(reach_hi)} now (its meter {_kw(meter_kw)}): the band"
-            f" misses by {_kw(short)}",
+            f" is missed by {_kw(short)}",
             shortfall_kw=short,
             vehicles=n,
         )

@@ -115,3 +115,7 @@ async def test_two_sites_under_a_feeder_limits_a_node_request_and_a_meter_jump(
             # A meter for a node the grid does not have: refused and counted, no crash.
             await c.publish(s.topics.grid_meter("nowhere"), meter.to_json(), qos=0)
             await eventually(lambda: loop.aggregator.rejected["node"] == 1, "the refusal", 10)
+            # A meter stamped an hour ahead would look fresh for ever: refused.
+            ahead = GridMeter(ts=from_epoch(clock.now() + 3600.0), power_kw=5.0)
+            await c.publish(s.topics.grid_meter("site-a"), ahead.to_json(), qos=0)
+            await eventually(lambda: loop.aggregator.rejected["future"] == 1, "the refusal", 10)
