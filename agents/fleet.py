@@ -74,6 +74,10 @@ class SimFleet:
         self.power: Array = np.zeros(n)
         self.setpoint_kw: Array = np.zeros(n)
         self.setpoint_until: Array = np.full(n, -np.inf)
+        # A charge-only cap (an OCPP ChargingOnly limit): the car charges at most this much,
+        # and never more than its baseline; +inf and already over when there is none.
+        self.cap_kw: Array = np.full(n, np.inf)
+        self.cap_until: Array = np.full(n, -np.inf)
         self.reachable: Array = self._reachable(start)
         # Where each session started, for judging a driver who leaves early: with its
         # arrival energy, at the start (a warm car's: at its arrival).
@@ -138,6 +142,12 @@ class SimFleet:
         self.setpoint_kw[index] = power_kw
         self.setpoint_until[index] = valid_until
 
+    def set_cap(self, index: int, cap_kw: float, valid_until: float) -> None:
+        """Cap one vehicle's charging (a limit, not a setpoint: it charges at
+        min(baseline, cap)); it takes effect at the next tick."""
+        self.cap_kw[index] = max(cap_kw, 0.0)
+        self.cap_until[index] = valid_until
+
     def tick(self, now: float) -> Departures:
         """Advance to ``now``: apply the power held since the last tick, then events, then
         choose the power to hold until the next tick."""
@@ -180,6 +190,7 @@ class SimFleet:
             self.arrival = np.where(leaving, self.arrival + DAY_S, self.arrival)
             self.departure = np.where(leaving, self.departure + DAY_S, self.departure)
             self.setpoint_until = np.where(leaving, -np.inf, self.setpoint_until)
+            self.cap_until = np.where(leaving, -np.inf, self.cap_until)
         arriving = ~self.plugged & (self.arrival <= now) & (now < self.departure)
         if arriving.any():
             self.plugged = self.plugged | arriving
@@ -205,9 +216,11 @@ class SimFleet:
         step_s = self.step_s
         f = self.faults
         following = now < self.setpoint_until
-        wanted = np.where(
-            following, self.setpoint_kw * f.follow_ratio, baseline_power(bat, self.energy, step_s)
-        )
+        base = baseline_power(bat, self.energy, step_s)
+        capped = now < self.cap_until
+        if capped.any():
+            base = np.where(capped, np.minimum(base, self.cap_kw), base)
+        wanted = np.where(following, self.setpoint_kw * f.follow_ratio, base)
         slow = f.lag_s > 0.0
         if slow.any() and np.isfinite(dt):  # a fleet just made starts where it wants
             # A slow charger crosses its whole range (full charge to full discharge) in

@@ -32,14 +32,23 @@ counted whole toward the least P and not at all toward the most. Against a progr
   bench (it is too big for a control loop at 100k vehicles).
 - :func:`window`: the production computation. Under ``EXACT_BELOW`` vehicles it is the
   reference; above, vehicles are pooled into cohorts by the steps they arrive and leave
-  in and by :func:`kinds`, as aggregator/schedule.py pools them. Pooling alone would let
-  one car's room cover another's charger (a full car and an empty one pooled charge at
+  in. A car whose energy bounds cannot bind in the window (``Units.free``: charging or
+  discharging flat out all the time it is there keeps it within them) has a box of
+  feasible powers, step by step, and a sum of boxes is the box of the sums: loose cars
+  pool exactly, whatever else they are like, into cohorts without energy bounds. The
+  others (a car that fills up, runs out or must charge) never share a cohort with a
+  loose one, whose slack would cover their floors and ceilings (issue 14: up to 2% too
+  generous on the least import). While they are fewer than ``EXACT_BELOW`` each is its
+  own unit, so the envelope is the reference's; above, they are pooled by
+  :func:`kinds`, as aggregator/schedule.py pools them. Pooling alone would let one
+  car's room cover another's charger (a full car and an empty one pooled charge at
   both chargers' power), so each cohort's per-step charge and discharge limits are the
   sums of its vehicles' own per-step limits, each already cut by what that car's energy
   allows in that step (the least and most energy it can have at the step's start,
   against its capacity and its floor at the step's end); a car's forced charge is
-  booked at its own efficiency. The property test holds it to :func:`reference` within
-  1% on random fleets with departures and arrivals.
+  booked at its own efficiency. The property tests hold it to :func:`reference` within
+  1% on random fleets with departures and arrivals (exact on fleets with few bound
+  cars), and bench/envelope.py on simulated fleets of 300 and 2,000 vehicles.
 - :func:`steer`: the first step of a plan that holds a committed power to the end of its
   window, for the dispatcher to follow each control step.
 
@@ -116,6 +125,9 @@ class Units:
     # the fleet's power in it: all of their power (while there) and its step average.
     load_full: Array
     load_avg: Array
+    # (m,): its energy bounds cannot bind in the window (see vehicle_units): its feasible
+    # powers are a box, step by step, and a cohort of such units has no energy bounds.
+    free: NDArray[np.bool_]
 
     @property
     def size(self) -> int:
@@ -201,6 +213,13 @@ def vehicle_units(
     if leaves.size:
         gone_h = (departure[leaves] - now) / 3600.0 - (first[leaves] * step_s / 3600.0)
         high[leaves, lk] = energy[leaves] + rate[leaves, 0] * gone_h
+    # A car is free (loose) if charging flat out from its arrival to its departure (or
+    # the window's end) never fills it and discharging flat out never takes it under its
+    # floor: whatever it does within its per-step limits then keeps it within its
+    # energy bounds (every limit below is cut from these two extremes), so its feasible
+    # powers are a box, step by step, and a sum of boxes is the box of the sums.
+    rows = np.arange(n)
+    free = high[rows, last] <= bat.capacity_kwh + ENERGY_EPS_KWH
     np.minimum(high, cap, out=high)
     # Capped at what charging flat out reaches: a car under its floor charges flat out.
     np.minimum(floor, high, out=floor)
@@ -209,6 +228,16 @@ def vehicle_units(
     if leaves.size:
         low[leaves, lk] = (bat.max_discharge_kw / bat.discharge_efficiency)[leaves] * gone_h
     np.subtract(e0, low, out=low)
+    bounds = np.arange(k_steps + 1)
+    there = (bounds[None, :] > first[:, None]) & (bounds[None, :] <= last[:, None])
+    short = np.less(low, floor)
+    short &= there
+    free &= ~short.any(axis=1)
+    # So is one that must charge flat out all along (its floor is its ceiling): its
+    # box is a point.
+    slack = np.less(floor, high - ENERGY_EPS_KWH)
+    slack &= there
+    free |= ~slack.any(axis=1)
     np.maximum(low, floor, out=low)
     np.minimum(low, high, out=low)
     h = step_s / 3600.0
@@ -277,6 +306,7 @@ def vehicle_units(
         frac=frac,
         load_full=load_full,
         load_avg=load_avg,
+        free=free,
     )
 
 
@@ -295,43 +325,69 @@ def cohort_of(
 
 def pool(u: Units, cohorts: tuple[NDArray[np.intp], NDArray[np.intp]]) -> Units:
     """The units of each cohort (from :func:`cohort_of`), summed. Efficiencies are
-    weighted by charger power (harmonic for discharge), as in the schedule."""
+    weighted by charger power (harmonic for discharge), as in the schedule. A cohort of
+    units all free (``Units.free``) has no energy bounds: its units' cannot bind, so it
+    is its units' boxes summed, exactly."""
     k_steps = u.steps
     keys, idx = cohorts
     m = keys.shape[0]
-    flat = (idx[:, None] * k_steps + np.arange(k_steps)).ravel()
-    flat_b = (idx[:, None] * (k_steps + 1) + np.arange(k_steps + 1)).ravel()
+    n = idx.shape[0]
+    # Cohort-by-unit ones: one sparse product sums a per-unit column or row (every step
+    # or boundary at once), in one pass over it.
+    member = sp.csr_matrix((np.ones(n), (idx, np.arange(n))), shape=(m, n))
+    # Only the bound units' energy matters: a cohort of free ones has no energy bounds.
+    # These sums read the bound units' rows alone.
+    bound = np.flatnonzero(~u.free)
+    of_bound = sp.csr_matrix(
+        (np.ones(bound.size), (idx[bound], np.arange(bound.size))), shape=(m, bound.size)
+    )
 
     def total(x: Array) -> Array:
-        """Per cohort: sums of a per-vehicle column, or of a per-step or per-boundary row."""
-        if x.ndim == 1:
-            return np.bincount(idx, weights=x, minlength=m).astype(np.float64)
-        cols = x.shape[1]
-        at = flat if cols == k_steps else flat_b
-        out = np.bincount(at, weights=np.ravel(x), minlength=m * cols)
-        return out.astype(np.float64).reshape(m, cols)
+        """Per cohort: sums of a per-unit column, or of a per-step or per-boundary row."""
+        return np.asarray(member @ x, dtype=np.float64)
 
+    def bound_total(x: Array) -> Array:
+        """The same over the bound units, from their rows alone (``x[bound]``)."""
+        return np.asarray(of_bound @ x, dtype=np.float64)
+
+    boxed = np.bincount(idx, weights=~u.free, minlength=m) == 0
+    x_min = total(u.x_min)
     # Forced charge is booked at each car's own efficiency; what is free to choose is
     # weighted by how much of it each car has, step by step.
-    free = u.x_max - u.x_min + 1e-12
-    yw = u.y_max + 1e-12
+    room = u.x_max[bound] - u.x_min[bound] + 1e-12
+    yw = u.y_max[bound] + 1e-12
+    some = np.broadcast_to(~boxed[:, None], (m, k_steps))
+
+    def ratio(a: Array, b: Array) -> Array:
+        """a / b per bound cohort, 1 for a free one (its energy is unbounded)."""
+        return np.divide(a, b, out=np.ones((m, k_steps)), where=some)
+
+    eta_ch = ratio(bound_total(room * u.eta_ch[bound]), bound_total(room))
+    eta_dis = ratio(bound_total(yw), bound_total(yw / u.eta_dis[bound]))
+    floor, ceiling = bound_total(u.floor[bound]), bound_total(u.ceiling[bound])
+    floor[boxed], ceiling[boxed] = -np.inf, np.inf
+    # A free cohort's energy is unbounded: what its forced charge stores only has to
+    # match its efficiency (the programme books it so).
+    forced_kwh = np.where(boxed[:, None], (u.step_s / 3600.0) * x_min, 0.0)
+    forced_kwh += bound_total(u.forced_kwh[bound])
     return Units(
         step_s=u.step_s,
         first=((keys // (k_steps + 1)) % (k_steps + 1)).astype(np.intp),
         last=(keys % (k_steps + 1)).astype(np.intp),
         energy=total(u.energy),
         capacity=total(u.capacity),
-        eta_ch=total(free * u.eta_ch) / total(free),
-        eta_dis=total(yw) / total(yw / u.eta_dis),
-        forced_kwh=total(u.forced_kwh),
-        floor=total(u.floor),
-        ceiling=total(u.ceiling),
+        eta_ch=eta_ch,
+        eta_dis=eta_dis,
+        forced_kwh=forced_kwh,
+        floor=floor,
+        ceiling=ceiling,
         x_max=total(u.x_max),
-        x_min=total(u.x_min),
+        x_min=x_min,
         y_max=total(u.y_max),
         frac=np.ones(m),
         load_full=u.load_full,
         load_avg=u.load_avg,
+        free=boxed,
     )
 
 
@@ -524,20 +580,28 @@ def reference(
     return solve(vehicle_units(bat, energy, departure, now, window_s, steps, arrival), window_s)
 
 
-def kinds(u: Units, window_s: float, buckets: int = KIND_BUCKETS) -> NDArray[np.intp]:
+def kinds(
+    u: Units,
+    window_s: float,
+    buckets: int = KIND_BUCKETS,
+    rows: NDArray[np.intp] | None = None,
+) -> NDArray[np.intp]:
     """Which vehicles pool well together: pooling lets one car's room, slack or charger
     cover another's, which is harmless only between cars alike in how soon they fill up
     (room over what their charger adds in the window), how soon they run out of slack
     (energy above their departure floor over what their discharger takes), and when
-    their floor catches up with them (never, or in which part of the window)."""
+    their floor catches up with them (never, or in which part of the window). Of the
+    units ``rows`` only, if given."""
     k_steps = u.steps
     h = window_s / 3600.0
-    end = u.floor[np.arange(u.size), u.last]
-    mc = u.x_max.max(axis=1, initial=0.0) + 1e-9
-    md = u.y_max.max(axis=1, initial=0.0) + 1e-9
-    fill = (u.capacity - u.energy) / (mc * u.eta_ch[:, 0] * h)
-    empty = np.maximum(u.energy - end, 0.0) * u.eta_dis[:, 0] / (md * h)
-    above = u.floor > u.energy[:, None] + ENERGY_EPS_KWH
+    r = np.arange(u.size) if rows is None else rows
+    floor, energy, capacity = u.floor[r], u.energy[r], u.capacity[r]
+    end = floor[np.arange(r.size), u.last[r]]
+    mc = u.x_max[r].max(axis=1, initial=0.0) + 1e-9
+    md = u.y_max[r].max(axis=1, initial=0.0) + 1e-9
+    fill = (capacity - energy) / (mc * u.eta_ch[r, 0] * h)
+    empty = np.maximum(energy - end, 0.0) * u.eta_dis[r, 0] / (md * h)
+    above = floor > energy[:, None] + ENERGY_EPS_KWH
     caught = np.where(above.any(axis=1), above.argmax(axis=1), k_steps + 1)
 
     def bucket(x: Array) -> NDArray[np.intp]:
@@ -572,6 +636,7 @@ def prepare(
     arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
+    exact_bound_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
 ) -> Prepared:
     """The fleet's units for the window (each car counted for ``ratio`` of itself, on
@@ -584,7 +649,17 @@ def prepare(
     if n < exact_below:
         each = np.arange(n, dtype=np.intp)
         return Prepared(bat, energy, units, (each, each), units)
-    cohorts = cohort_of(units, kinds(units, window_s))
+    # Units whose energy cannot bind pool exactly whatever else they are like (one
+    # cohort per arrival and departure step). Pooling the others lets one car's slack
+    # cover another's floor, and a loose car has slack to spare, so they never share a
+    # cohort: the others are each on their own while they are few, else pooled by kind.
+    bound = np.flatnonzero(~units.free)
+    kind = np.zeros(n, dtype=np.intp)
+    if bound.size < exact_bound_below:
+        kind[bound] = 1 + np.arange(bound.size)
+    else:
+        kind[bound] = 1 + kinds(units, window_s, rows=bound)
+    cohorts = cohort_of(units, kind)
     return Prepared(bat, energy, units, cohorts, pool(units, cohorts))
 
 
@@ -599,6 +674,7 @@ def window(
     arrival: Array | None = None,
     ratio: Array | None = None,
     exact_below: int = EXACT_BELOW,
+    exact_bound_below: int = EXACT_BELOW,
     min_step_s: float = MIN_STEP_S,
     prepared: Prepared | None = None,
 ) -> Envelope:
@@ -606,7 +682,8 @@ def window(
     for a fleet under ``exact_below`` vehicles, over cohorts of alike vehicles above.
 
     ``ratio`` (per vehicle) is the share of its setpoints each car is measured to
-    deliver; a car counts for that share of itself. ``prepared`` (from :func:`prepare`,
+    deliver; a car counts for that share of itself. Cars whose energy bounds can bind
+    are each their own unit while fewer than ``exact_bound_below`` (see :func:`prepare`). ``prepared`` (from :func:`prepare`,
     with the same arguments) saves doing that again."""
     if prepared is None:
         prepared = prepare(
@@ -619,6 +696,7 @@ def window(
             arrival=arrival,
             ratio=ratio,
             exact_below=exact_below,
+            exact_bound_below=exact_bound_below,
             min_step_s=min_step_s,
         )
     if prepared.units.size == 0:

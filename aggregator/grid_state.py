@@ -1,7 +1,8 @@
 """The last word from the grid, per node: its meter reading and its dynamic limits (pure).
 
-The service feeds it what arrives on ``v2g/grid/{node}/meter`` and
-``v2g/grid/{node}/limits``; the control step asks it what is in force at ``t``
+The control step feeds it what arrived on ``v2g/grid/{node}/meter`` and
+``v2g/grid/{node}/limits`` (checked and queued by the inbox router,
+``ControlStep.apply_grid``), then asks it what is in force at ``t``
 (:meth:`GridState.in_force`) and which node each vehicle of a view is under
 (:meth:`GridState.vehicle_nodes`). No I/O, no clock of its own.
 """

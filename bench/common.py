@@ -34,14 +34,29 @@ from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-HOST, PORT = "127.0.0.1", 1883
+# The broker under test: the shared one, or another on loopback (V2G_BENCH_BROKER_PORT; the
+# service's own connections then follow V2G_BROKER_URL, which Settings reads).
+HOST, PORT = "127.0.0.1", int(os.environ.get("V2G_BENCH_BROKER_PORT", "1883"))
 T0 = 1_795_651_200.0 + 21 * 3600  # 2026-11-26 21:00 UTC, most home cars plugged in
 
 Row = dict[str, Any]
 
 # Whose versions a result depends on: the measured paths' libraries (pydantic decodes,
-# aiomqtt/paho and redis carry, numpy computes, scipy's HiGHS schedules).
-PACKAGES = ("numpy", "pydantic", "aiomqtt", "paho-mqtt", "redis", "scipy", "highspy", "orjson")
+# aiomqtt/paho, mqtt5 and redis carry, numpy computes, scipy's HiGHS schedules, ocpp and
+# websockets carry OCPP).
+PACKAGES = (
+    "numpy",
+    "pydantic",
+    "aiomqtt",
+    "paho-mqtt",
+    "mqtt5",
+    "redis",
+    "scipy",
+    "highspy",
+    "orjson",
+    "ocpp",
+    "websockets",
+)
 PROVENANCE_KEYS = frozenset(
     {
         "git_sha",

@@ -4,6 +4,8 @@ Measures, side by side in one run (this machine is shared and noisy, so read rat
 
 * the control step's computation (fold telemetry, envelope, allocation, status) at
   N vehicles, against the 1 s budget;
+* the pure control step alone (``ControlStep.run`` -> ``StepPlan``: the same computation
+  and the setpoint messages formatted, no MQTT, no asyncio): "plan" rows;
 * telemetry decoding through the pydantic contract models, against bare ``json.loads``;
 * setpoint publishing (QoS 1) through our MQTT link and through the lean publish-only
   connection (broker/fastpub.py), against Mosquitto's own C client ``mosquitto_pub``
@@ -35,6 +37,8 @@ import numpy as np
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
+from aggregator.control_step import ControlStep
+from aggregator.inbox import Inbox
 from aggregator.service import AggregatorService
 from aggregator.store import MemoryStore
 from bench.common import (
@@ -164,6 +168,49 @@ async def bench_step(n: int, fast: bool = False) -> list[Row]:
     ]
 
 
+def bench_plan(n: int) -> list[Row]:
+    """``ControlStep.run`` alone: the step the service publishes, without the edges."""
+    step = ControlStep(settings=Settings(control_step_s=5.0, log_level="warning"))
+    fleet = SimFleet(generate_fleet(n, 1), T0)
+
+    def inbox() -> Inbox:
+        reports = [Telemetry.model_validate_json(p) for p in telemetry_payloads(fleet, T0)]
+        return Inbox(telemetry=list(reports))
+
+    first = step.run(inbox(), T0)  # warm: the fleet is known
+    cap = first.capability.windows[0]
+    box = inbox()
+    t = time.perf_counter()
+    step.run(box, T0)
+    compute_ms = (time.perf_counter() - t) * 1e3
+    box = inbox()
+    box.requests = [
+        (
+            DispatchRequest(request_id="bench", power_kw=0.5 * cap.min_power_kw, duration_s=3600),
+            None,
+        )
+    ]
+    t = time.perf_counter()
+    plan = step.run(box, T0)
+    full_ms = (time.perf_counter() - t) * 1e3
+    budget: dict[str, Any] = {
+        "unit": "ms",
+        "ref": BUDGET_MS,
+        "ref_name": "1 s budget",
+        "target": None,
+        "lower_is_better": True,
+    }
+    return [
+        row("control step plan, computation (pure)", n, compute_ms, **budget),
+        row(
+            f"control step plan, all {len(plan.setpoints)} setpoints new (pure)",
+            n,
+            full_ms,
+            **budget,
+        ),
+    ]
+
+
 async def bench_publish(n: int) -> list[Row]:
     """Our link's and the fast publisher's QoS 1 publish rates against mosquitto_pub's,
     same count, same broker."""
@@ -244,6 +291,8 @@ async def main() -> None:
             print(f"... N={n} setpoints {path}", file=sys.stderr, flush=True)
             rows.extend(await bench_step(n, fast=path == "fast"))
         rows.extend(await bench_publish(min(n, 20_000)))
+        # Last, so the rows above run in the order they always did.
+        rows.extend(bench_plan(n))
     stamp = provenance(started)
     print_table(rows, stamp)
     for path in paths:

@@ -15,8 +15,8 @@ Each case runs twice, side by side: setpoints through the general client (``Mqtt
 paho under aiomqtt: "general") and through the lean publish-only connection
 (``broker/fastpub.py``, ``AggregatorService(fast_setpoints=True)``: "fast").
 
-The subscriber: one process (this module's ``_subscribe`` mode) with one raw MQTT
-connection per 500 vehicles, each subscribed at QoS 1 to its vehicles' setpoint topics, as
+The subscriber: one process (this module's ``_subscribe`` mode) with one MQTT 5
+connection (broker/mqtt5link.py) per 500 vehicles, each subscribed at QoS 1 to its vehicles' setpoint topics, as
 vehicles subscribe. One paho connection for the whole fleet (``--subscriber paho``,
 ``bench.loadgen subscribe``) cannot keep up with a fast burst: Mosquitto holds 20 messages in flight
 and queues 1000 per client, and drops the rest (shown as "% seen").
@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aiomqtt
@@ -145,14 +147,13 @@ SUB_PER_CONNECTION = 500  # under Mosquitto's 1000 queued + 20 in flight per cli
 
 
 async def subscribe_raw(prefix: str, seconds: float, vehicle_ids: list[str]) -> None:
-    """The subscriber process: one raw MQTT 3.1.1 connection (fastlink's parser, which
-    acknowledges each QoS 1 message at once) per SUB_PER_CONNECTION vehicles, subscribed
-    at QoS 1 to their setpoint topics, plus one for every bridge's batches. Prints
-    ``ready``, then lines of (arrival time, request id, vehicles): a run of messages of
-    one request within 0.2 ms shares one line, stamped with its last arrival."""
-    from broker.fastlink import _Protocol
-    from broker.framing import connect_packet, frame, utf8
-    from broker.link import LinkStats
+    """The subscriber process: one MQTT 5 connection (broker/mqtt5link.py, which
+    acknowledges each QoS 1 message as it parses it) per SUB_PER_CONNECTION vehicles,
+    subscribed at QoS 1 to their setpoint topics, plus one for every bridge's batches.
+    Prints ``ready``, then lines of (arrival time, request id, vehicles): a run of
+    messages of one request within 0.2 ms shares one line, stamped with its last arrival."""
+    from broker.mqtt5link import Mqtt5Link
+    from broker.transport import Received
 
     lines: list[str] = []
     run: list[Any] = [0.0, 0.0, "", 0]  # first and last arrival, request id, messages
@@ -181,26 +182,23 @@ async def subscribe_raw(prefix: str, seconds: float, vehicle_ids: list[str]) -> 
         close_run()
         run[:] = [now, now, rid, 1]
 
+    def on_batch(batch: Sequence[Received]) -> None:
+        for m in batch:
+            on_message(m.topic, m.payload)
+
     groups = [
         [f"{prefix}/vehicles/{v}/setpoint" for v in vehicle_ids[k : k + SUB_PER_CONNECTION]]
         for k in range(0, len(vehicle_ids), SUB_PER_CONNECTION)
     ]
     groups.append([f"{prefix}/bridges/+/setpoints"])
-    loop = asyncio.get_running_loop()
-    transports = []
-    try:
-        for k, filters in enumerate(groups):
-            transport, proto = await loop.create_connection(
-                lambda: _Protocol(on_message, LinkStats()), HOST, PORT
-            )
-            transports.append(transport)
-            transport.write(connect_packet(f"bench-sub-{prefix}-{k}", 60, None, None))
-            body = (1).to_bytes(2, "big") + b"".join(utf8(f) + b"\x01" for f in filters)
-            transport.write(frame(0x82, body))
-            async with asyncio.timeout(10):
-                if await proto.connack != 0:
-                    raise SystemExit("the broker refused the bench subscriber")
-                await proto.suback
+    settings = Settings(broker_url=f"mqtt://{HOST}:{PORT}", log_level="warning")
+    links = [
+        Mqtt5Link(settings, f"bench-sub-{prefix}-{k}", [(f, 1) for f in filters], on_batch)
+        for k, filters in enumerate(groups)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for k, link in enumerate(links):
+            await stack.enter_async_context(link.running(10, name=f"bench-sub-{k}"))
         print("ready", flush=True)
         end = time.monotonic() + seconds
         while time.monotonic() < end:  # lines go out every 20 ms, not one write per message
@@ -211,9 +209,6 @@ async def subscribe_raw(prefix: str, seconds: float, vehicle_ids: list[str]) -> 
                 sys.stdout.write("\n".join(lines) + "\n")
                 sys.stdout.flush()
                 lines.clear()
-    finally:
-        for transport in transports:
-            transport.close()
 
 
 def load_fleet(svc: AggregatorService, n: int, batched: bool) -> SimFleet:

@@ -1,5 +1,5 @@
 """A QoS 0 telemetry publisher that costs next to no CPU, for the ingest benchmark: the
-messages of ``bench.loadgen``, framed as MQTT PUBLISH packets once, then written to
+messages of ``bench.loadgen``, framed as MQTT 5 PUBLISH packets once (the ``mqtt5`` codec), then written to
 the socket many at a time. Loopback only, bounded in count and time.
 
 Why: bench/ingest.py sets the aggregator's ingest against the broker's limit measured
@@ -25,11 +25,12 @@ import socket
 import sys
 import time
 
+import mqtt5
+
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from bench.common import HOST, PORT, publish_parser
 from bench.loadgen import round_messages
-from broker.framing import connect_packet, frame, utf8
 
 PER_WRITE = 256 * 1024  # bytes of frames handed to the socket at once
 
@@ -44,7 +45,7 @@ def publish(args: argparse.Namespace) -> None:
     frames: list[bytes] = []
     size = updates = 0
     for topic, body, n in msgs:
-        frames.append(frame(0x30, utf8(topic) + body))
+        frames.append(mqtt5.PublishPacket(topic=topic, payload=body).write())
         size, updates = size + len(frames[-1]), updates + n
         if size >= PER_WRITE or args.msg_rate > 0:  # paced: one message per write
             runs.append((b"".join(frames), len(frames), updates))
@@ -53,9 +54,9 @@ def publish(args: argparse.Namespace) -> None:
         runs.append((b"".join(frames), len(frames), updates))
     sock = socket.create_connection((HOST, PORT), timeout=10)
     client_id = f"bench-rawpub-{args.prefix.replace('/', '-')}-{args.seed}"
-    sock.sendall(connect_packet(client_id, 120, None, None))
-    connack = sock.recv(4)
-    if connack[:1] != b"\x20" or connack[3:4] != b"\x00":
+    sock.sendall(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=120).write())
+    connack, _ = mqtt5.read(memoryview(sock.recv(256)))
+    if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != 0:
         raise SystemExit(f"the broker refused the publisher: {connack!r}")
     sock.settimeout(None)
     print("ready", flush=True)
@@ -72,7 +73,7 @@ def publish(args: argparse.Namespace) -> None:
         sock.sendall(data)
         sent, updated, i = sent + count, updated + n, (i + 1) % len(runs)
     elapsed = time.perf_counter() - t0
-    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.sendall(mqtt5.DisconnectPacket().write())
     sock.close()
     print(json.dumps({"sent": sent, "updates": updated, "seconds": elapsed}), flush=True)
 

@@ -74,6 +74,21 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             ["--sizes", "10000:100" if quick else "10000:100,100000:1000", "--lp", "10000:100"],
             120.0,
         ),
+        (
+            "ocpp_stations",
+            [
+                "--sizes",
+                "250,1000" if quick else "250,1000,2000",
+                "--steps",
+                "5" if quick else "10",
+            ],
+            300.0 if quick else 600.0,
+        ),
+        (
+            "metrics_scrape",
+            ["--sizes", "1000,10000" if quick else "1000,10000,100000"],
+            120.0 if quick else 240.0,
+        ),
     ]
 
 

@@ -10,7 +10,7 @@ never accepts what the model refuses and yields the model's values; an encoder's
 parses back through the model to the values it was given, and a setpoint encoder raises
 exactly where the model would refuse.
 
-The MQTT packet framing of the lean clients is broker/framing.py; the decoded forms
+The MQTT packets are framed by the ``mqtt5`` codec (broker/mqtt5link.py); the decoded forms
 (rows, numpy columns) are broker/columns.py.
 """
 

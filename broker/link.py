@@ -134,12 +134,15 @@ def _is_auth_refusal(err: aiomqtt.MqttError) -> bool:
 def is_session_taken_over(err: BaseException) -> bool:
     """Whether ``err`` (or what caused it) is the broker's DISCONNECT 0x8E, "session taken
     over": aiomqtt raises "Disconnected during message iteration" from a MqttCodeError
-    carrying the DISCONNECT's reason code (MQTT 5 only; 3.1.1 just closes the socket)."""
+    carrying the DISCONNECT's reason code, broker/mqtt5link.py a BrokerDisconnected with
+    its ``reason_code`` (MQTT 5 only; 3.1.1 just closes the socket)."""
     seen: BaseException | None = err
     for _ in range(4):
         if seen is None:
             return False
         if isinstance(seen, aiomqtt.MqttError) and _rc_value(seen) == SESSION_TAKEN_OVER:
+            return True
+        if getattr(seen, "reason_code", None) == SESSION_TAKEN_OVER:  # broker/mqtt5link.py
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -19,6 +19,7 @@ from core.settings import (
     ControlLoopSettings,
     DispatchPolicySettings,
     LogSettings,
+    MetricsSettings,
     ScaleOutSettings,
 )
 
@@ -131,12 +132,13 @@ class Settings(
     DispatchPolicySettings,
     ScaleOutSettings,
     LogSettings,
+    MetricsSettings,
     BaseSettings,
 ):
     """One settings object per process; every timing value is here so tests can shrink it.
 
     The fields are grouped by concern (the connection above; the clock, the control loop,
-    the dispatch policy, scale-out and logs in core/settings.py); this class alone reads
+    the dispatch policy, scale-out, logs and metrics in core/settings.py); this class alone reads
     them from flags and ``V2G_*`` variables.
     """
 

@@ -6,15 +6,20 @@ with one follows from its branch::
     V2GError                     core/errors.py
     ├── TransportError           broker or state store unreachable: retry with backoff
     │   ├── AuthenticationError  bad credentials: do not retry, fix the settings
+    │   │   └── StationAuthError agents/ocpp_stations.py: a CSMS refused a station (401/403)
+    │   ├── BrokerDisconnected   broker/mqtt5link.py: the broker's DISCONNECT and its reason
     │   └── LeaseUnavailable     aggregator/lease.py: Redis did not answer a lease operation
     ├── PublishRefused           the broker refused a publish (ACL): fix credentials or ACL
     ├── InvalidMessage           a payload or topic broke the wire contract: drop, count, log
+    │   └── ProfileRefused       agents/ocpp_model.py: a charging profile a station refuses
     ├── FencedOut                aggregator/lease.py: a newer leader exists; stop writing
     ├── ScenarioError            v2g/scenario.py: a scenario file that does not validate
     ├── GridError                aggregator/grid.py: a grid topology file that does not validate
     ├── ActionRefused            v2g/web/app.py: a web action that is not valid: answer 4xx
     ├── ListenError              v2g/web/serve.py: the web view cannot listen: fix --listen
-    └── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    ├── ProvisionError           v2g/provision.py: credentials could not be provisioned
+    └── CallErrorReceived        chargers/csms.py: a station answered our CALL with a
+                                 CALLERROR: log and count; the same CALL would fail again
 
 The roots live here, below every layer; an error that belongs to one layer's job is
 defined beside that job (the file named above) and hangs from one of them. A new

@@ -143,3 +143,38 @@ class LogSettings(BaseModel):
 
     log_format: Literal["kv", "json"] = "kv"
     log_level: str = "info"
+
+
+class MetricsSettings(BaseModel):
+    """Where a process serves its Prometheus metrics (README "Metrics"); off by default."""
+
+    metrics: str | None = Field(
+        None,
+        description="serve Prometheus metrics on HOST:PORT (a bare PORT listens on"
+        " 127.0.0.1); unset: no metrics endpoint",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _is_listen_address(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        host, port = listen_address(v)
+        return f"{host}:{port}"
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``PORT`` (host 127.0.0.1) -> (host, port); ValueError saying how to
+    write one. An IPv6 host is written in brackets: ``[::1]:9464``."""
+    raw = text.strip()
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", raw
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not host or not 0 <= port <= 65535:
+        raise ValueError(f"{text!r} is not an address to listen on; use HOST:PORT or PORT")
+    return host, port

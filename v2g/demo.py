@@ -12,7 +12,7 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
@@ -23,6 +23,9 @@ from broker.models import DispatchRequest, DispatchResult, from_epoch
 from broker.settings import Settings, without_password
 from core.clock import SimClock, day_anchor
 from v2g import compose, operator
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 DEMO_START_TOD_S = 19.5 * 3600  # 19:30 UTC: most cars are home and plugged in
 
@@ -46,10 +49,12 @@ async def run_demo(
     mode: Mode,
     out: TextIO = sys.stdout,
     warm_start: bool = True,
+    registry: CollectorRegistry | None = None,
 ) -> list[Outcome]:
     """Run the demo to its end and return what each request delivered. ``warm_start``: the
     cars plugged in at the start hold what their baseline charging put in them since they
-    arrived (see SimFleet)."""
+    arrived (see SimFleet). ``registry``: register the aggregator's and the fleet's
+    metrics on it (``--metrics``)."""
     wall0 = time.monotonic()
     broker = None if use_broker else EmbeddedBroker()
     if broker is not None:
@@ -70,6 +75,12 @@ async def run_demo(
     settings = settings.model_copy(update={"client_id": None})
     agents = AgentRuntime(settings=settings, clock=clock, fleet=fleet, mode=mode)
     aggregator = compose.aggregator_service(settings, clock, persisted)
+    if registry is not None:  # --metrics: both halves of the loop on one endpoint
+        from agents.metrics import register_agents
+        from aggregator.metrics import instrument
+
+        instrument(aggregator, registry)
+        register_agents(agents, registry)
     print(
         f"v2g demo: {count} vehicles (seed {seed}), clock x{settings.speed:g} from"
         f" {from_epoch(clock.sim_anchor):%Y-%m-%d %H:%M}Z simulated, broker"

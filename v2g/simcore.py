@@ -11,11 +11,13 @@ One step at time t, of length step_s:
    step, departures and arrivals;
 2. the plugged-in vehicles form a ``FleetView`` (their power is what the meter saw over
    the last step, the meter the energy through every charger up to t);
-3. requests due at t are submitted (a regulation signal becomes one request per step,
-   power = baseline + value * capacity);
-4. ``Dispatcher.step`` books the requests and decides setpoints, which the vehicles take
-   at once (their choice of power at t waits for them: :class:`SteeredFleet`) and hold,
-   within their own limits, until t + step_s.
+3. requests due at t go into the step's inbox (a regulation signal becomes one request
+   per step, power = baseline + value * capacity);
+4. the aggregator's own control step (``ControlStep.decide``, aggregator/control_step.py:
+   the same code that answers operator messages and steps the dispatcher in the live
+   service) admits the requests and decides setpoints, which the vehicles take at once
+   (their choice of power at t waits for them: :class:`SteeredFleet`) and hold, within
+   their own limits, until t + step_s.
 
 The dispatcher runs with control_step_s = step_s and setpoints that live three steps,
 so a setpoint never lapses between two steps of a long request.
@@ -31,9 +33,12 @@ from numpy.typing import NDArray
 
 from agents.fleet import Ranges, SimFleet
 from agents.profiles import FleetProfile
+from aggregator.control_step import ControlStep
 from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetView
+from aggregator.inbox import Inbox
 from broker.models import DispatchRequest, DispatchResult, Service, from_epoch
+from broker.settings import Settings
 from core.physics import Array, Batteries
 
 
@@ -177,6 +182,10 @@ class Simulation:
         n, steps, step_s, h = len(self.profile.ids), self.steps, self.step_s, self.step_s / 3600.0
         fleet = SteeredFleet(self.profile, self.start, step_s=step_s)
         disp = make_dispatcher(step_s, self.profile.batteries)
+        control = ControlStep(
+            settings=Settings(control_step_s=step_s, telemetry_interval_s=step_s),
+            dispatcher=disp,
+        )
         reg = self.regulation
         # Fresh records every run: a Simulation can be run again and gives the same result.
         records = [RequestRecord(r.request, r.start) for r in self.records]
@@ -209,11 +218,13 @@ class Simulation:
                 ever |= fleet.plugged
             view = fleet_view(fleet, now, held, meter)
             base = disp.baseline(view)
+            inbox = Inbox()
+            submitted: list[RequestRecord] = []
             # Requests due by now, in start order (a request is submitted at the first step
             # at or after its start, so the dispatcher takes it as starting now).
             while pending and pending[0].start <= now + 1e-9:
                 rec = pending.pop(0)
-                self._submit(disp, rec, now, view)
+                self._queue(disp, rec, now, view, inbox, submitted)
             if reg is not None and reg.start <= now + 1e-9 and now < reg.end - 1e-9:
                 value = float(reg.values[i])
                 signal[i] = value
@@ -229,8 +240,14 @@ class Simulation:
                 )
                 records.append(rec)
                 by_id[rid] = rec
-                self._submit(disp, rec, now, view)
-            out = disp.step(now, view, n)
+                self._queue(disp, rec, now, view, inbox, submitted)
+            decision = control.decide(inbox, now, view, n)
+            admissions = {a.request_id: a for a in decision.answers}
+            for rec in submitted:
+                rec.admission = admissions.get(rec.request.request_id)
+                if rec.admission is not None and rec.admission.status == "rejected":
+                    rec.final = rec.admission
+            out = decision.output
             for res in out.results:
                 rec_ = by_id.get(res.request_id)
                 if rec_ is not None:
@@ -271,7 +288,7 @@ class Simulation:
             departures[-1] += dep.count
             short[-1] += dep.short
         view = fleet_view(fleet, end, held, meter)
-        for res in disp.step(end, view, n).results:
+        for res in control.decide(Inbox(), end, view, n).output.results:
             if res.request_id in by_id and res.status in ("completed", "cancelled"):
                 by_id[res.request_id].final = res
         for rid in list(disp.dispatches):
@@ -307,7 +324,15 @@ class Simulation:
         )
 
     @staticmethod
-    def _submit(disp: Dispatcher, rec: RequestRecord, now: float, view: FleetView) -> None:
+    def _queue(
+        disp: Dispatcher,
+        rec: RequestRecord,
+        now: float,
+        view: FleetView,
+        inbox: Inbox,
+        submitted: list[RequestRecord],
+    ) -> None:
+        """Put a due request in the step's inbox (answered by the control step)."""
         req = rec.request
         if req.start is not None and req.start.timestamp() < now:
             # Due between two steps: it starts at this step (the dispatcher refuses a start
@@ -315,6 +340,10 @@ class Simulation:
             req = req.model_copy(update={"start": from_epoch(now)})
             rec.request = req
         rec.submitted_at = now
-        rec.admission = disp.submit(req, now, view)
-        if rec.admission.status == "rejected":
-            rec.final = rec.admission
+        if disp.reuses_id(req):
+            # The control step answers this one to its sender alone (a request id already
+            # taken); the simulation records the refusal as the dispatcher gives it.
+            rec.admission = rec.final = disp.submit(req, now, view)
+            return
+        inbox.requests.append((req, None))
+        submitted.append(rec)

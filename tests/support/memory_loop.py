@@ -1,14 +1,20 @@
-"""The control loop closed in memory, without I/O: dispatcher -> setpoints -> SimFleet ->
-telemetry -> FleetState, for unit tests of the dispatcher and its parts."""
+"""The control loop closed in memory, without I/O: control step (dispatcher) -> setpoints
+-> SimFleet -> telemetry -> FleetState, for unit tests of the dispatcher and its parts.
+
+The step is the aggregator's own (``ControlStep.decide``, aggregator/control_step.py)
+over the test's fleet state and dispatcher."""
 
 from __future__ import annotations
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
+from aggregator.control_step import ControlStep
 from aggregator.dispatch import Dispatcher
 from aggregator.fleet_state import FleetState
+from aggregator.inbox import Inbox
 from broker.models import DispatchRequest, Telemetry
+from broker.settings import Settings
 
 T0 = 1_795_651_200.0 + 21 * 3600  # 21:00 UTC: most home cars are plugged in
 STEP = 5.0
@@ -25,11 +31,13 @@ def fleet_and_state(n: int = 80, seed: int = 4) -> tuple[SimFleet, FleetState]:
 def run_loop(
     fleet: SimFleet, state: FleetState, d: Dispatcher, t: float, steps: int
 ) -> tuple[float, list]:
-    """Close the loop in memory: dispatcher -> setpoints -> fleet -> telemetry -> state."""
+    """Close the loop in memory: control step -> setpoints -> fleet -> telemetry -> state
+    (requests are the test's to submit to ``d``)."""
+    control = ControlStep(settings=Settings(control_step_s=STEP), state=state, dispatcher=d)
     outs = []
     for _ in range(steps):
         view = state.view(t, 3 * STEP)
-        out = d.step(t, view, len(state))
+        out = control.decide(Inbox(), t, view).output
         for row, p, until in zip(out.rows, out.power_kw, out.valid_until, strict=True):
             fleet.set_setpoint(fleet.index[state.ids[row]], float(p), float(until))
         for row in out.release_rows:

@@ -1,5 +1,5 @@
 """Each hand-written decoder and encoder of broker/codec.py is its model, only faster, and
-the one MQTT remaining-length codec (broker/framing.py) is the spec's.
+the MQTT 5 codec's remaining length is the spec's.
 
 - ``telemetry_row``: on random valid reports it yields the model's row, bit for bit; on
   random invalid ones it refuses (None: the model decides) or agrees with the model; at
@@ -12,9 +12,8 @@ the one MQTT remaining-length codec (broker/framing.py) is the spec's.
 - ``setpoint_payloads`` and ``setpoint_batch_payload``: what they write parses back
   through ``Setpoint`` / ``SetpointBatch`` to the values they were given (power rounded
   to 3 decimals); they raise exactly when the model would refuse the same values.
-- ``encode_length`` / ``decode_length``: round trips over the whole range, the examples
-  of MQTT 3.1.1 section 2.2.3, and the ingest parser's inlined decode agrees at each
-  length boundary.
+- the remaining length the ``mqtt5`` codec frames: the spec's examples at each byte-count
+  boundary, and broker/mqtt5link.py parses such packets back whole.
 
 (tests/unit/test_telemetry_decode.py fuzzes telemetry_row further: odd times, escapes,
 repeated keys, garbled bytes, and the aggregator's handler with and without it.)
@@ -29,6 +28,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import mqtt5
 import numpy as np
 import pytest
 from annotated_types import Ge, Gt, Le, Lt
@@ -45,16 +45,6 @@ from broker.codec import (
     utc_stamp,
 )
 from broker.columns import TelemetryArrays, TelemetryRow
-from broker.fastlink import _Protocol as IngestProtocol
-from broker.framing import (
-    BAD_LENGTH,
-    MAX_REMAINING_LENGTH,
-    decode_length,
-    encode_length,
-    frame,
-    utf8,
-)
-from broker.link import LinkStats
 from broker.models import (
     EPOCH_MAX_S,
     EPOCH_MIN_S,
@@ -67,7 +57,9 @@ from broker.models import (
     TelemetryBatch,
     from_epoch,
 )
+from broker.mqtt5link import _Protocol
 from broker.topics import ID_PATTERN
+from broker.transport import Received
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
 FLOAT_FIELDS = [k for k in TELEMETRY_FLOAT_COLUMNS if k != "departure"]
@@ -523,57 +515,31 @@ def test_the_aggregators_setpoint_batch_holds_to_the_model() -> None:
 
 
 # -- the MQTT remaining length --------------------------------------------------------------
-# MQTT 3.1.1, section 2.2.3, table 2.4: the first and last value of each byte count.
+# The mqtt5 codec frames every packet (broker/mqtt5link.py); held to the spec here. MQTT 5,
+# section 1.5.5 (as 3.1.1's table 2.4): the first and last value of each byte count.
 SPEC = [
-    (0, b"\x00"),
     (127, b"\x7f"),
     (128, b"\x80\x01"),
     (16_383, b"\xff\x7f"),
     (16_384, b"\x80\x80\x01"),
     (2_097_151, b"\xff\xff\x7f"),
     (2_097_152, b"\x80\x80\x80\x01"),
-    (268_435_455, b"\xff\xff\xff\x7f"),
 ]
+TOPIC = "t/x"
+OVERHEAD = 2 + len(TOPIC) + 1  # topic length, topic, properties length (none) of a QoS 0 PUBLISH
 
 
 @pytest.mark.parametrize(("n", "wire"), SPEC)
-def test_the_remaining_length_is_the_specs(n: int, wire: bytes) -> None:
-    assert encode_length(n) == wire
-    assert decode_length(b"\x30" + wire + b"rest", 1, 1 + len(wire) + 4) == (n, 1 + len(wire))
-
-
-@given(st.integers(0, MAX_REMAINING_LENGTH))
-def test_the_remaining_length_round_trips(n: int) -> None:
-    wire = encode_length(n)
-    assert len(wire) == 1 + (n >= 128) + (n >= 16_384) + (n >= 2_097_152)
-    assert decode_length(wire, 0, len(wire)) == (n, len(wire))
-    # any shorter read is "not all here yet", never a wrong length
-    for cut in range(len(wire)):
-        assert decode_length(wire, 0, cut)[0] == -1
-
-
-def test_a_remaining_length_past_the_specs_is_refused_both_ways() -> None:
-    for n in (-1, MAX_REMAINING_LENGTH + 1):
-        with pytest.raises(ValueError, match="remaining length"):
-            encode_length(n)
-    assert decode_length(b"\xff\xff\xff\xff\x01", 0, 5)[0] == BAD_LENGTH
-
-
-@pytest.mark.parametrize("size", [5, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])
-async def test_the_ingest_parsers_inlined_decode_agrees_at_every_length_boundary(
-    size: int,
+async def test_the_codecs_remaining_length_is_the_specs_and_parses_back_at_each_boundary(
+    n: int, wire: bytes
 ) -> None:
-    """fastlink decodes one- and two-byte lengths inline; framed by encode_length, every
-    size on either side of a byte boundary comes out whole."""
-    got: list[tuple[str, bytes]] = []
-    proto = IngestProtocol(lambda t, p: got.append((t, p)), LinkStats())
-    topic = "t/x"
-    body_len = size - len(utf8(topic))
-    payload = bytes(range(256)) * (body_len // 256) + bytes(body_len % 256)
-    packet = frame(0x30, utf8(topic) + payload)
-    assert len(packet) == 1 + len(encode_length(size)) + size
+    payload = bytes(range(256)) * ((n - OVERHEAD) // 256) + bytes((n - OVERHEAD) % 256)
+    packet = mqtt5.PublishPacket(topic=TOPIC, payload=payload).write()
+    assert packet[1 : 1 + len(wire)] == wire and len(packet) == 1 + len(wire) + n
+    got: list[Received] = []
+    proto = _Protocol(got.extend, lambda p: None)
     proto.data_received(packet + packet)
-    assert got == [(topic, payload), (topic, payload)]
+    assert [(m.topic, m.payload) for m in got] == [(TOPIC, payload), (TOPIC, payload)]
 
 
 # -- the split ----------------------------------------------------------------------------
@@ -582,7 +548,7 @@ def test_the_wire_models_stand_alone_without_the_codec_columns_or_numpy() -> Non
     the other way round (a fresh interpreter, so other tests' imports do not count)."""
     code = (
         "import sys, broker.models\n"
-        "bad = [m for m in ('broker.codec', 'broker.columns', 'broker.framing', 'numpy',"
+        "bad = [m for m in ('broker.codec', 'broker.columns', 'mqtt5', 'numpy',"
         " 'orjson') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -6,6 +6,7 @@ No Docker engine or broker is needed; the files are parsed and checked against
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,87 @@ def test_every_v2g_variable_in_compose_is_a_settings_field(services: dict[str, A
         # The values must also pass the settings' own validation (e.g. log_format).
         Settings(**{k[4:].lower(): v for k, v in env.items()})
     assert seen > 0
+
+
+# --- the observability profile (README "Metrics") ---------------------------------
+
+OPS = ROOT / "ops"
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """A service's bind mounts from the repo: {container path: repo path}."""
+    out = {}
+    for v in service.get("volumes", []):
+        source, target = str(v).split(":")[:2]
+        if source.startswith("./"):
+            out[target] = ROOT / source
+    return out
+
+
+def test_prometheus_and_grafana_run_only_in_the_observability_profile(
+    services: dict[str, Any],
+) -> None:
+    for name, image in (("prometheus", "prom/prometheus:"), ("grafana", "grafana/grafana:")):
+        assert str(services[name]["image"]).startswith(image)
+        assert services[name].get("profiles") == ["observability"], "the base stack stays small"
+    for name in ("mosquitto", "redis", "aggregator", "agents"):
+        assert not services[name].get("profiles"), f"{name} belongs to the base stack"
+
+
+def test_observability_ports_are_loopback_and_movable(services: dict[str, Any]) -> None:
+    wanted = {
+        "prometheus": ("V2G_PROMETHEUS_HOST_PORT", "9090"),
+        "grafana": ("V2G_GRAFANA_HOST_PORT", "3000"),
+    }
+    for name, (var, container_port) in wanted.items():
+        ports = [str(p) for p in services[name].get("ports", [])]
+        assert ports == [f"127.0.0.1:${{{var}:-{container_port}}}:{container_port}"], ports
+
+
+def test_observability_mounts_exist_in_the_repo(services: dict[str, Any]) -> None:
+    for name in ("prometheus", "grafana"):
+        mounts = _mounts(services[name])
+        assert mounts, f"{name} mounts nothing from ops/"
+        for target, source in mounts.items():
+            assert source.exists(), f"{name} mounts {source} at {target}: not in the repo"
+
+
+def test_prometheus_scrapes_the_metrics_port_of_aggregator_and_agents(
+    services: dict[str, Any],
+) -> None:
+    config = yaml.safe_load(
+        _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"].read_text()
+    )
+    targets = {
+        t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
+    for name in ("aggregator", "agents"):
+        listen = Settings(metrics=env_of(services[name])["V2G_METRICS"]).metrics
+        assert listen is not None and listen.startswith("0.0.0.0:"), "reachable from Prometheus"
+        assert f"{name}:{listen.rpartition(':')[2]}" in targets, (name, targets)
+    assert all(t.split(":")[0] in services for t in targets), targets
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_dashboards(
+    services: dict[str, Any],
+) -> None:
+    mounts = _mounts(services["grafana"])
+    provisioning = mounts["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    assert urlsplit(source["url"]).hostname == "prometheus"
+    assert urlsplit(source["url"]).port == 9090
+    providers = yaml.safe_load((provisioning / "dashboards" / "v2g.yml").read_text())
+    path = providers["providers"][0]["options"]["path"]
+    dashboards = mounts[path]
+    found = sorted(dashboards.glob("*.json"))
+    assert found, f"no dashboard JSON in {dashboards}"
+    for f in found:
+        doc = json.loads(f.read_text())
+        uids = {
+            t["datasource"]["uid"] for panel in doc["panels"] for t in [panel, *panel["targets"]]
+        }
+        assert uids == {source["uid"]}, f"{f.name} names datasources {uids}"
 
 
 # --- broker/mosquitto ------------------------------------------------------------

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agents.fleet import SimFleet
@@ -108,40 +108,102 @@ def test_follow_ratio_scales_each_car() -> None:
     assert (env.min_power_kw, env.max_power_kw) == pytest.approx((-15.0, 15.0), abs=1e-6)
 
 
-@st.composite
-def random_fleets(draw: st.DrawFn) -> tuple[Batteries, np.ndarray, np.ndarray, np.ndarray]:
-    """Fleets like the simulated ones, departures and arrivals on the 12-step grid of a
+def fleet_of(n: int, seed: int) -> tuple[Batteries, np.ndarray, np.ndarray, np.ndarray]:
+    """A fleet like the simulated ones, departures and arrivals on the 12-step grid of a
     900-s window: some leave inside it, some arrive, some stay with no departure."""
-    n = draw(st.integers(20, 40))
-    seed = draw(st.integers(0, 2**32 - 1))
     return random_fleet(np.random.default_rng(seed), n, NOW, 900.0, 12)
 
 
-# Derandomized so that CI sees the same 30 fleets every run. The bound is 1.5%, not the
-# 1% issue 14 asks for: a randomized run found a 38-car fleet (pooled into 18 units)
-# whose export bound the cohorts put 1.24% of its range too generous; production solves
-# fleets under 64 cars per vehicle (exact), and the pooling is still to be tightened.
-POOLING_TOLERANCE = 0.015
+def pooling_error(got: ev.Envelope, ref: ev.Envelope) -> float:
+    """The larger bound's difference, over the larger |bound| of the reference."""
+    scale = max(abs(ref.min_power_kw), abs(ref.max_power_kw), 1.0)
+    return (
+        max(abs(got.min_power_kw - ref.min_power_kw), abs(got.max_power_kw - ref.max_power_kw))
+        / scale
+    )
 
 
+# Issue 14 asks for 1%. Cars whose energy bounds cannot bind in the window (loose) pool
+# exactly; the others are solved one by one while fewer than EXACT_BELOW, so on these
+# fleets the cohort envelope is the reference's to the LP's tolerance.
+POOLING_TOLERANCE = 0.01
+
+
+# Derandomized so that CI sees the same fleets every run. The examples are fleets the
+# cohorts of kinds (before loose cars were kept apart) put 1.2-2.0% off the reference,
+# too generous on the least import: a loose car's slack covered another's floor.
 @settings(
     max_examples=30,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(random_fleets())
-def test_cohort_envelope_is_within_pooling_tolerance_of_the_per_vehicle_lp(
-    fleet: tuple[Batteries, np.ndarray, np.ndarray, np.ndarray],
-) -> None:
-    bat, energy, departure, arrival = fleet
+@given(st.integers(20, 40), st.integers(0, 2**32 - 1))
+@example(37, 4067360522)
+@example(32, 3105024420)
+@example(31, 2767167619)
+@example(29, 3702768549)
+@example(29, 3901015456)
+@example(27, 1655011002)
+def test_cohort_envelope_is_within_one_percent_of_the_per_vehicle_lp(n: int, seed: int) -> None:
+    bat, energy, departure, arrival = fleet_of(n, seed)
     ref = ev.reference(bat, energy, departure, NOW, 900.0, 12, arrival)
     got = ev.window(bat, energy, departure, NOW, 900.0, steps=12, arrival=arrival, exact_below=0)
     assert got.units < ref.units  # it did pool
-    scale = max(abs(ref.min_power_kw), abs(ref.max_power_kw), 1.0)
     assert got.feasible == ref.feasible
-    assert abs(got.min_power_kw - ref.min_power_kw) <= POOLING_TOLERANCE * scale
-    assert abs(got.max_power_kw - ref.max_power_kw) <= POOLING_TOLERANCE * scale
+    assert pooling_error(got, ref) <= POOLING_TOLERANCE
+    assert pooling_error(got, ref) <= 1e-6  # in fact exact
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.integers(100, 300), st.integers(0, 2**32 - 1))
+def test_cohorts_of_cars_whose_bounds_bind_stay_within_one_percent_of_the_lp(
+    n: int, seed: int
+) -> None:
+    # Many cars whose energy bounds bind (as at 10k vehicles and more) are pooled by
+    # kind: not exact, but held to the LP within 1% (bench/envelope.py measures it).
+    bat, energy, departure, arrival = fleet_of(n, seed)
+    ref = ev.reference(bat, energy, departure, NOW, 900.0, 12, arrival)
+    got = ev.window(
+        bat,
+        energy,
+        departure,
+        NOW,
+        900.0,
+        steps=12,
+        arrival=arrival,
+        exact_below=0,
+        exact_bound_below=0,
+    )
+    assert got.units < n // 2
+    assert got.feasible == ref.feasible
+    assert pooling_error(got, ref) <= POOLING_TOLERANCE
+
+
+def test_loose_cars_pool_exactly_and_bound_ones_are_told_apart() -> None:
+    # Over an hour of 4 steps: A (50 kWh of 100, 10 kW) can do anything it is allowed in
+    # every step; B (99 kWh) fills in the first step; C (1 kWh above its reserve) runs
+    # out; D leaves after two steps, loose until then.
+    bat = cars(4, min_soc=[0.0, 0.0, 0.1, 0.0])
+    e, d = np.array([50.0, 99.0, 11.0, 50.0]), np.array([np.nan, np.nan, np.nan, NOW + HOUR / 2])
+    u = ev.vehicle_units(bat, e, d, NOW, HOUR, 4)
+    assert u.free.tolist() == [True, False, False, True]
+    # Pooled, A and its twin share a cohort, D (loose, leaving) has one, B and C are each
+    # their own unit: exact.
+    many = cars(5, min_soc=[0.0, 0.0, 0.0, 0.1, 0.0])
+    e5 = np.array([50.0, 30.0, 99.0, 11.0, 50.0])
+    d5 = np.array([np.nan, np.nan, np.nan, np.nan, NOW + HOUR / 2])
+    ref = ev.reference(many, e5, d5, NOW, HOUR, 4)
+    got = ev.window(many, e5, d5, NOW, HOUR, steps=4, exact_below=0)
+    assert got.units == 4
+    assert (got.min_power_kw, got.max_power_kw) == pytest.approx(
+        (ref.min_power_kw, ref.max_power_kw), abs=1e-6
+    )
 
 
 # -- commitments: what the dispatcher answers is what the fleet then holds ---------------

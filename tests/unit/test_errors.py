@@ -10,7 +10,7 @@ import pkgutil
 import core.errors
 from core.errors import V2GError
 
-PACKAGES = ("aggregator", "agents", "broker", "core", "v2g")
+PACKAGES = ("aggregator", "agents", "broker", "chargers", "core", "v2g")
 
 
 def platform_exceptions() -> list[type[BaseException]]:

@@ -12,6 +12,7 @@ from core.settings import (
     ControlLoopSettings,
     DispatchPolicySettings,
     LogSettings,
+    MetricsSettings,
     ScaleOutSettings,
 )
 
@@ -50,6 +51,7 @@ def test_each_setting_is_defined_once_in_one_concern() -> None:
         DispatchPolicySettings,
         ScaleOutSettings,
         LogSettings,
+        MetricsSettings,
     ]
     owners: dict[str, list[str]] = {}
     for concern in concerns:

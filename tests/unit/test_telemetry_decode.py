@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import aggregator.service
+import aggregator.inbox
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
 from agents.telemetry import telemetry_payloads
@@ -411,7 +411,7 @@ def test_the_handler_accepts_rejects_and_folds_the_same_with_and_without_the_fas
     fast, slow = service(), service()
     for topic, payload in batch:
         fast.on_message(aiomqtt.Message(topic, payload, 0, False, 0, None))
-    with mock.patch.object(aggregator.service, "telemetry_row", return_value=None):
+    with mock.patch.object(aggregator.inbox, "telemetry_row", return_value=None):
         for topic, payload in batch:
             slow.on_message(aiomqtt.Message(topic, payload, 0, False, 0, None))
     assert (fast.received, fast.accepted, fast.ignored) == (

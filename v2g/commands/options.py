@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from broker.models import from_epoch
 from broker.settings import Settings, check_broker_url, check_redis_url
+from core.settings import listen_address
 from v2g import logs, units
 from v2g.commands.running import fail
 
@@ -85,6 +86,12 @@ def setting_option(
         metavar=metavar,
         parser=parser,
     )
+
+
+def listen_address_text(text: str) -> str:
+    """``HOST:PORT`` or ``PORT`` -> ``HOST:PORT`` (host 127.0.0.1); ValueError otherwise."""
+    host, port = listen_address(text)
+    return f"{host}:{port}"
 
 
 def url_option(flag: str, check: Callable[[str], str], help: str, shown_default: str) -> Any:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
@@ -24,13 +26,45 @@ from v2g.commands.options import (
     RedisPrefix,
     SimStart,
     Speed,
+    checked,
     examples,
+    listen_address_text,
     setting_option,
     settings_from,
     url_option,
 )
 from v2g.commands.running import fail, run
 from v2g.web.options import DEFAULT_LISTEN, Listen, Token
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+Metrics = Annotated[
+    str | None,
+    setting_option(
+        "--metrics",
+        "metrics",
+        "serve Prometheus metrics on HOST:PORT (a bare PORT: 127.0.0.1:PORT)",
+        metavar="HOST:PORT",
+        parser=checked(listen_address_text),
+        default="off",
+    ),
+]
+
+
+@contextlib.contextmanager
+def metrics_endpoint(address: str | None, process: str) -> Iterator[CollectorRegistry]:
+    """The process's metrics registry, served on ``address`` while the block runs (not
+    served when None); a port that cannot be bound fails the command before it starts."""
+    from broker.metrics import new_registry, serving
+
+    registry = new_registry()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(serving(address, registry, process=process))
+        except OSError as err:
+            fail(f"--metrics {address}: cannot listen there ({err}); give a free HOST:PORT")
+        yield registry
 
 
 def register(app: typer.Typer) -> None:
@@ -83,6 +117,7 @@ def demo(
         ),
     ] = None,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Run the whole loop on embedded defaults (no servers needed) and print a summary."""
     from v2g.demo import run_demo
@@ -100,25 +135,29 @@ def demo(
         # The embedded broker moves ~2k msg/s: report and steer every 15 simulated s.
         telemetry_interval_s=interval,
         control_step_s=interval,
+        metrics=metrics,
     )
-    run(
-        run_demo(
-            settings,
-            count=count,
-            seed=seed,
-            request_minutes=minutes,
-            use_broker=broker is not None,
-            use_redis=redis is not None,
-            mode=mode,  # type: ignore[arg-type]
-            warm_start=not cold_start,
-        ),
-        process="demo",
-    )
+    with metrics_endpoint(settings.metrics, "demo") as registry:
+        run(
+            run_demo(
+                settings,
+                count=count,
+                seed=seed,
+                request_minutes=minutes,
+                use_broker=broker is not None,
+                use_redis=redis is not None,
+                mode=mode,  # type: ignore[arg-type]
+                warm_start=not cold_start,
+                registry=registry if settings.metrics else None,
+            ),
+            process="demo",
+        )
 
 
 def broker_cmd(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    metrics: Metrics = None,
 ) -> None:
     """Run the embedded development broker (amqtt). Use Mosquitto in production."""
     from broker.embedded import EmbeddedBroker
@@ -131,7 +170,10 @@ def broker_cmd(
             log.info("broker_listening", url=b.url, note="development broker; Ctrl-C stops it")
             await asyncio.Event().wait()
 
-    run(serve(), process="broker")
+    # The embedded broker's own counters are amqtt's ($SYS topics); the endpoint serves
+    # the process's (CPU, memory, file descriptors, GC).
+    with metrics_endpoint(metrics, "broker"):
+        run(serve(), process="broker")
 
 
 def aggregator(
@@ -188,6 +230,7 @@ def aggregator(
         ),
     ] = True,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Run the aggregator: fleet state, capability, dispatch and fleet status."""
     from v2g import compose
@@ -204,6 +247,7 @@ def aggregator(
         share_group=share_group,
         lease_ttl_s=lease_ttl,
         grid_file=grid,
+        metrics=metrics,
     )
     if memory and settings.share_group:
         fail("--share-group shares fleet state through Redis: drop --memory")
@@ -218,7 +262,7 @@ def aggregator(
     # The client id comes from the settings (broker/clientid.py): {prefix}-aggregator,
     # per process in a share group, or --client-id / V2G_CLIENT_ID.
 
-    async def main() -> None:
+    async def main(registry: CollectorRegistry) -> None:
         async with shared_clock(settings) as shared:
             service = compose.aggregator_service(
                 shared.settings,
@@ -227,6 +271,10 @@ def aggregator(
                 fast_ingest=fast_ingest,
                 fast_setpoints=fast_setpoints,
             )
+            if settings.metrics:
+                from aggregator.metrics import instrument
+
+                instrument(service, registry)
             structlog.get_logger("aggregator").info(
                 "aggregator_starting",
                 broker=without_password(settings.broker_url),
@@ -236,7 +284,8 @@ def aggregator(
             )
             await service.run()
 
-    run(main(), process="aggregator")
+    with metrics_endpoint(settings.metrics, "aggregator") as registry:
+        run(main(registry), process="aggregator")
 
 
 def agents(
@@ -286,12 +335,34 @@ def agents(
             show_default="none",
         ),
     ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="mqtt: vehicles on the platform's contract; ocpp: charging stations, each"
+            " with its car, that connect to a CSMS (--url) over OCPP 2.1 / 2.0.1"
+        ),
+    ] = "mqtt",
+    url: Annotated[
+        str, typer.Option(help="with --protocol ocpp: the CSMS; stations connect to URL/ID")
+    ] = "ws://127.0.0.1:9000",
+    # One option, read by the protocol: both uses shipped as --mix (issue 11's driver
+    # patterns, the OCPP stations' versions).
     mix: Annotated[
         str | None,
         typer.Option(
-            help="driver patterns by share, e.g. workplace=1 (a workplace car park) or"
-            " home=0.6,workplace=0.3,depot=0.1 (the default)",
-            show_default="home=0.6,workplace=0.3,depot=0.1",
+            help="shares by kind. --protocol mqtt: driver patterns, e.g. workplace=1 (a"
+            " workplace car park; default home=0.6,workplace=0.3,depot=0.1). --protocol"
+            " ocpp: 2.1 with BPT, 2.1 without, and 2.0.1 stations, e.g."
+            " v21bpt=0.6,v21=0.2,v201=0.2 (default v21bpt=1)",
+            show_default="by protocol",
+        ),
+    ] = None,
+    password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="V2G_OCPP_PASSWORD",
+            help="with --protocol ocpp: HTTP Basic password of every station (user: its id)",
+            show_default="none",
         ),
     ] = None,
     broker: Broker = None,
@@ -299,10 +370,25 @@ def agents(
     speed: Speed = None,
     sim_start: SimStart = None,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Run N simulated vehicles that report telemetry and follow setpoints. A car plugged in
     at the start holds what plain charging since its arrival put in it (--cold-start: its
-    arrival energy, as if it had just plugged in)."""
+    arrival energy, as if it had just plugged in). With --protocol ocpp: N charging
+    stations with their cars, every car plugged in at the start (--cold-start: on their
+    daily patterns instead), against the CSMS at --url."""
+    if protocol not in ("mqtt", "ocpp"):
+        raise typer.BadParameter("protocol must be mqtt or ocpp", param_hint="--protocol")
+    if protocol == "ocpp":
+        if node is not None or nodes is not None:
+            raise typer.BadParameter(
+                "--node/--nodes place simulated MQTT vehicles under grid nodes: drop them"
+                " with --protocol ocpp",
+                param_hint="--node" if node is not None else "--nodes",
+            )
+        stations = "v21bpt=1" if mix is None else mix
+        _ocpp_agents(count, seed, id_prefix, cold_start, url, stations, password, log_format)
+        return
     from agents.faults import Misbehaviour, parse_fractions
     from agents.fleet import SimFleet
     from agents.profiles import PATTERNS, generate_fleet, parse_shares, spread_nodes
@@ -341,7 +427,9 @@ def agents(
             raise typer.BadParameter(str(err), param_hint="--mix") from None
         if unknown := sorted(set(patterns) - set(PATTERNS)):
             raise typer.BadParameter(
-                f"unknown patterns {unknown}; choose from {sorted(PATTERNS)}", param_hint="--mix"
+                f"unknown patterns {unknown}; choose from {sorted(PATTERNS)} (station"
+                " versions such as v21bpt are for --protocol ocpp)",
+                param_hint="--mix",
             )
     settings = settings_from(
         broker_url=broker,
@@ -349,9 +437,10 @@ def agents(
         speed=speed,
         sim_start=sim_start,
         log_format=log_format,
+        metrics=metrics,
     )
 
-    async def main() -> None:
+    async def main(registry: CollectorRegistry) -> None:
         async with shared_clock(settings) as shared:
             fleet = SimFleet(
                 generate_fleet(count, seed, mix=patterns, id_prefix=id_prefix),
@@ -370,9 +459,53 @@ def agents(
                 connections=connections,
                 batch=batch,
             )
+            if settings.metrics:
+                from agents.metrics import register_agents
+
+                register_agents(runtime, registry)
             await runtime.run()
 
-    run(main(), process="agents")
+    with metrics_endpoint(settings.metrics, "agents") as registry:
+        run(main(registry), process="agents")
+
+
+def _ocpp_agents(
+    count: int,
+    seed: int,
+    id_prefix: str,
+    daily: bool,
+    url: str,
+    mix: str,
+    password: str | None,
+    log_format: str | None,
+) -> None:
+    """``v2g agents --protocol ocpp`` (its work is in v2g/ocpp_agents.py)."""
+    from agents.ocpp_model import parse_mix
+    from v2g.ocpp_agents import check_url, run_stations
+
+    try:
+        parse_mix(mix)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--mix") from None
+    try:
+        check_url(url)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--url") from None
+    settings = settings_from(log_format=log_format)
+    run(
+        run_stations(
+            url=url,
+            count=count,
+            seed=seed,
+            mix=mix,
+            password=password,
+            id_prefix=id_prefix,
+            daily=daily,
+            telemetry_interval_s=settings.telemetry_interval_s,
+            summary_every_wall_s=settings.summary_every_wall_s,
+        ),
+        process="agents",
+    )
 
 
 def web(
