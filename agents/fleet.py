@@ -91,6 +91,9 @@ class SimFleet:
         self.short = 0
         self.short_ids: list[str] = []
         self.faults = Misbehaviour.none(n)
+        # The grid node each vehicle is under (issue 11), as it reports it; None: the
+        # fleet names no nodes. A car that moves reports its new node (move_to).
+        self.node: list[str | None] | None = None
         self.clock_stopped_at: Array = np.full(n, np.nan)
         if faults is not None:
             self.misbehave(faults)
@@ -121,6 +124,18 @@ class SimFleet:
     def departure_or_nan(self) -> Array:
         """Announced departure of plugged-in vehicles; NaN for those on the road."""
         return np.where(self.plugged, self.departure, np.nan)
+
+    def place(self, nodes: list[str | None]) -> None:
+        """Put each vehicle under a grid node (one entry per vehicle, None: none)."""
+        if len(nodes) != len(self.ids):
+            raise ValueError(f"nodes for {len(nodes)} vehicles, the fleet has {len(self.ids)}")
+        self.node = list(nodes)
+
+    def move_to(self, index: int, node: str | None) -> None:
+        """One vehicle is now under ``node``: its next report says so."""
+        if self.node is None:
+            self.node = [None] * len(self.ids)
+        self.node[index] = node
 
     def set_setpoint(self, index: int, power_kw: float, valid_until: float) -> None:
         """Record a setpoint for one vehicle; it takes effect at the next tick."""

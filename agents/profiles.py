@@ -97,3 +97,38 @@ def sessions_at(profile: FleetProfile, now: float) -> tuple[Array, Array]:
     arrival = np.where(ended, arrival + DAY_S, arrival)
     departure = np.where(ended, departure + DAY_S, departure)
     return arrival, departure
+
+
+def parse_shares(spec: str, what: str) -> dict[str, float]:
+    """``"a=0.6,b=0.4"`` as {name: share}: shares > 0 that sum to 1 (within 1e-6).
+    ``what`` names the flag's subject in the error (a node, a pattern)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"expected {what.upper()}=SHARE, got {part!r}")
+        try:
+            share = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: {value.strip()!r} is not a number") from None
+        if not 0.0 < share <= 1.0 or name in out:
+            raise ValueError(f"{name}: give each {what} once, with a share in (0, 1]")
+        out[name] = share
+    if not out:
+        raise ValueError(f"no {what} given: expected {what.upper()}=SHARE,...")
+    if abs(sum(out.values()) - 1.0) > 1e-6:
+        raise ValueError(f"the shares sum to {sum(out.values()):g}, not 1")
+    return out
+
+
+def spread_nodes(count: int, shares: dict[str, float]) -> list[str]:
+    """``count`` vehicles under grid nodes by share, in contiguous blocks of ids (the
+    first ``round(share * count)`` under the first node, and so on; largest remainders
+    take the vehicles rounding leaves over)."""
+    names = list(shares)
+    exact = np.array([shares[n] for n in names]) * count
+    whole = np.floor(exact).astype(int)
+    short = count - int(whole.sum())
+    whole[np.argsort(-(exact - whole), kind="stable")[:short]] += 1
+    return [n for n, k in zip(names, whole.tolist(), strict=True) for _ in range(k)]

@@ -31,14 +31,23 @@ def _reports(fleet: SimFleet, now: float, rows: NDArray[np.intp] | None) -> Tele
         "target_soc": bat.target_soc,
         "departure": np.where(plugged, fleet.departure, np.nan),  # unknown while unplugged
     }
+    node = fleet.node
     if rows is None:
-        return TelemetryArrays(list(fleet.ids), fleet.seq.copy(), own, plugged.copy(), columns)
+        return TelemetryArrays(
+            list(fleet.ids),
+            fleet.seq.copy(),
+            own,
+            plugged.copy(),
+            columns,
+            None if node is None else list(node),
+        )
     return TelemetryArrays(
         list(map(fleet.ids.__getitem__, rows.tolist())),
         fleet.seq[rows],
         own[rows],
         plugged[rows],
         {k: v[rows] for k, v in columns.items()},
+        None if node is None else list(map(node.__getitem__, rows.tolist())),
     )
 
 

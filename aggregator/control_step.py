@@ -2,6 +2,7 @@
 
 :meth:`ControlStep.run` is the one orchestration of the flow, in order:
 
+0. apply the grid's meters and limits that came since the last step (with a grid);
 1. fold the step's telemetry (vehicles' own reports and bridges' batches) into the fleet
    state, then the statuses (a will that came after a vehicle's last report wins);
 2. take the operator messages to the dispatcher and route every answer;
@@ -36,8 +37,17 @@ from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView
 from aggregator.forecast import ForecastModel
+from aggregator.grid_state import GridState
 from aggregator.inbox import Inbox, Refusals
-from aggregator.ledger import Entry, answer_entry, departure_entry, step_entry, vehicles_entry
+from aggregator.ledger import (
+    GRID_STREAM,
+    Entry,
+    answer_entry,
+    departure_entry,
+    grid_entry,
+    step_entry,
+    vehicles_entry,
+)
 from aggregator.settlement import Settlement
 from aggregator.status import fleet_status
 from aggregator.store import Snapshot
@@ -116,6 +126,7 @@ class ControlStep:
         books: bool = False,
         state: FleetState | None = None,
         dispatcher: Dispatcher | None = None,
+        grid: GridState | None = None,
         logger: structlog.typing.FilteringBoundLogger | None = None,
         wall: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -123,7 +134,10 @@ class ControlStep:
         adds "stale" and shows them in the status). ``refusals``: the budget of answers
         to refused messages, shared with the router. ``books``: keep per-vehicle books
         and make ledger entries (there is a ledger). ``state``, ``dispatcher``: to step
-        (else an empty fleet, and a dispatcher from ``settings``). ``wall``: monotonic seconds, for the warnings' log throttle."""
+        (else an empty fleet, and a dispatcher from ``settings``). ``grid``: the grid under
+        the fleet (issue 11, ``--grid``), given to every dispatcher made here and kept
+        across a takeover's reset (the retained limits come only once). ``wall``:
+        monotonic seconds, for the warnings' log throttle."""
         self.settings = settings
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
@@ -133,6 +147,8 @@ class ControlStep:
         self.books = books
         self._wall = wall
         self.state = FleetState() if state is None else state
+        # The last meter and limits per grid node; before the dispatcher, which steers by it.
+        self.grid = grid
         self.dispatcher = dispatcher or self.new_dispatcher()
         self.forecaster = ForecastModel()
         self.envelopes = Envelopes(step_s=settings.control_step_s)
@@ -165,12 +181,14 @@ class ControlStep:
             max_request_kw=s.max_request_kw,
             max_duration_s=s.max_request_duration_s,
             allocation=s.allocation,
+            grid=self.grid,
         )
 
     # -- state -----------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the fleet and the requests (scale-out: a new leader starts again from
-        its own config, then restores the last leader's snapshot)."""
+        its own config, then restores the last leader's snapshot). The grid's state is
+        kept: its retained limits came once, at subscription."""
         self.state = FleetState()
         self.dispatcher = self.new_dispatcher()
 
@@ -201,6 +219,7 @@ class ControlStep:
     # -- the step --------------------------------------------------------------------
     def run(self, inbox: Inbox, now: float) -> StepPlan:
         """One control step over ``inbox`` at ``now``; see the module docstring."""
+        self.apply_grid(inbox)
         # Telemetry first: a will that arrived after a vehicle's last report must win.
         applied, stale = self.fold(inbox, now)
         for s in inbox.status:
@@ -221,6 +240,7 @@ class ControlStep:
         # The dispatcher's, for the same view: the step's learning or plan may have them.
         lo, hi = self.dispatcher.ranges(view, now, step_s)
         online, plugged = self.state.counts(now, stale_s)
+        nodes, unknown_node = self.dispatcher.node_statuses(self.state.ids)
         status = fleet_status(
             now=now,
             online=online,
@@ -234,7 +254,9 @@ class ControlStep:
             # Rows dropped from accepted batches show apart: "future_rows" next to "future".
             rejected=self.rejected
             + Counter({f"{k}_rows": n for k, n in self.rejected_rows.items()}),
-            warnings=self._warnings(),
+            warnings=self._warnings(now),
+            nodes=nodes,
+            unknown_node=unknown_node,
         )
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         t = self.topics
@@ -264,11 +286,23 @@ class ControlStep:
             updates=updates,
             status=status,
             capability=capability,
-            ledger=self._ledger(vehicle_books, answers, out),
+            ledger=self._ledger(vehicle_books, answers, out, status),
             forecast=self._forecast(now, view, windows),
             applied=applied,
             snapshot=lambda cursor: self.snapshot(now, cursor),
         )
+
+    def apply_grid(self, inbox: Inbox) -> None:
+        """Take the grid's meters and limits queued in ``inbox`` (the router checked their
+        nodes), in arrival order, and clear them: a follower in a share group applies
+        them too, so its grid is current when it takes over."""
+        if self.grid is not None:
+            for node, meter in inbox.grid_meters:
+                self.grid.meter(node, meter)
+            for node, limits in inbox.grid_limits:
+                self.grid.limits(node, limits)
+        inbox.grid_meters.clear()
+        inbox.grid_limits.clear()
 
     def decide(
         self, inbox: Inbox, now: float, view: FleetView, n_rows: int | None = None
@@ -440,7 +474,12 @@ class ControlStep:
         """Per-vehicle settlement entries for the requests running this step (and those
         that ran until it): intervals that closed and drivers who unplugged."""
         dispatches = self.dispatcher.dispatches
-        running = {p.request_id: dispatches[p.request_id].end for p in out.progress}
+        # Requests on a grid node are not settled per vehicle (yet): only the fleet's.
+        running = {
+            p.request_id: dispatches[p.request_id].end
+            for p in out.progress
+            if p.request_id in dispatches
+        }
         owners = list(dict.fromkeys([*self._settling, *running]))
         before, self._settling = self._settling, running
         if not self.books or not owners:
@@ -473,16 +512,22 @@ class ControlStep:
         return [(rid, e) for rid in owners for e in entries]
 
     def _ledger(
-        self, vehicle_books: list[tuple[str, Entry]], answers: list[DispatchResult], out: StepOutput
+        self,
+        vehicle_books: list[tuple[str, Entry]],
+        answers: list[DispatchResult],
+        out: StepOutput,
+        status: FleetStatus | None = None,
     ) -> list[tuple[str, Entry]]:
         """This step's ledger entries, in order: the books of the interval a request
-        ended in come before its final answer."""
+        ended in come before its final answer; the grid's nodes (``status``'s) last."""
         if not self.books:
             return []
         entries = list(vehicle_books)
         entries += [(a.request_id, answer_entry(a)) for a in answers]
         n = int(out.rows.shape[0])
         entries += [(p.request_id, step_entry(p, n)) for p in out.progress]
+        if status is not None and (grid := grid_entry(status.ts.timestamp(), status.nodes)):
+            entries.append((GRID_STREAM, grid))
         return entries
 
     # -- answers ---------------------------------------------------------------------
@@ -512,7 +557,7 @@ class ControlStep:
                 )
                 continue
             answer = self.dispatcher.submit(req, now, view)
-            if reply is not None and req.request_id in self.dispatcher.dispatches:
+            if reply is not None and self.dispatcher.holds(req.request_id):
                 self.replies[req.request_id] = reply
             answers.append(answer)
             routed.append(self._route(answer, reply))
@@ -551,7 +596,7 @@ class ControlStep:
         refused = answer.status == "rejected" and answer.answer_to != "request"
         ours = None if refused else self.replies.get(rid)
         routed = Routed(answer, public=True, replies=replies(reply, ours))
-        if rid not in self.dispatcher.dispatches:
+        if not self.dispatcher.holds(rid):
             self.replies.pop(rid, None)
         return routed
 
@@ -632,9 +677,11 @@ class ControlStep:
         )
         return Outgoing(self.topics.fleet_forecast, msg.to_json(), qos=1, retain=True)
 
-    def _warnings(self) -> list[str]:
+    def _warnings(self, now: float | None = None) -> list[str]:
         """The fleet status's warnings; each new one is logged too (at most every 30 s)."""
         warnings = self.clock_watch.warnings()
+        if self.grid is not None and now is not None:
+            warnings += self.grid.stale_warnings(self.grid.in_force(now))
         wall = self._wall()
         if warnings and wall - self._warned_at >= WARN_LOG_EVERY_S:
             self._warned_at = wall

@@ -37,7 +37,10 @@ _TELEMETRY_COLUMNS = (
 # deadline rather than a flag, so the hold clears by itself at departure, vectorised.
 FLOAT_COLUMNS = (*_TELEMETRY_COLUMNS, "last_ts", "status_ts", "meter_kwh", "no_v2g_until")
 BOOL_COLUMNS = ("plugged", "online")
-INT_COLUMNS = ("last_seq",)
+# node: each vehicle's grid node as an index into FleetState.node_names (-1: none said).
+INT_COLUMNS = ("last_seq", "node")
+NODE_NAMES = "node_names"
+"""The snapshot column that carries the node names (one entry per name, not per row)."""
 
 _DEFAULTS: dict[str, float] = {
     "charge_efficiency": 1.0,
@@ -75,6 +78,10 @@ class FleetView:
     ts: Array  # when each vehicle last reported
     meter_kwh: float = 0.0  # the fleet meter: energy through every charger so far
     meters: Array | None = None  # each of these vehicles' own meter, when known
+    # Each vehicle's node, an index into FleetState.node_names (-1: none said); None
+    # when no vehicle ever named one.
+    node: NDArray[np.int64] | None = None
+    node_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -86,6 +93,10 @@ class FleetState:
     def __init__(self, initial_capacity: int = 1024) -> None:
         self.ids: list[str] = []
         self.index: dict[str, int] = {}
+        # The grid nodes named so far, in the order first named; the "node" column holds
+        # indices into it, so the state never needs the grid file to count a car.
+        self.node_names: list[str] = []
+        self.node_code: dict[str, int] = {}
         self._cap = max(1, initial_capacity)
         self.cols: dict[str, np.ndarray] = {}
         for name in FLOAT_COLUMNS:
@@ -167,12 +178,28 @@ class FleetState:
             for name in _TELEMETRY_COLUMNS:
                 self.cols[name][r] = reports.values[name][pick]
             self.cols["plugged"][r] = plugged
+            if reports.node is not None:
+                # The latest report that names a node wins (a new one: the car moved); a
+                # report that names none leaves the node it had.
+                code = self._node_codes([reports.node[k] for k in pick.tolist()])
+                named = code >= 0
+                self.cols["node"][r[named]] = code[named]
             self.cols["last_ts"][r] = t
             self.cols["last_seq"][r] = seq[keep]
             # Telemetry newer than the last status (a birth) says the vehicle is alive.
             alive = t > self.cols["status_ts"][r]
             self.cols["online"][r[alive]] = True
         return int(keep.size), int(n - keep.size)
+
+    def _node_codes(self, names: list[str | None]) -> NDArray[np.int64]:
+        """Each name's index in ``node_names`` (added the first time), -1 for None."""
+        codes = self.node_code
+        for name in dict.fromkeys(names).keys() - codes.keys():
+            if name is not None:
+                codes[name] = len(self.node_names)
+                self.node_names.append(name)
+        get = codes.get
+        return np.fromiter((-1 if n is None else get(n, -1) for n in names), np.int64, len(names))
 
     def _meter(
         self, rows: NDArray[np.intp], ts: Array, power: Array, plugged: NDArray[np.bool_]
@@ -269,6 +296,8 @@ class FleetState:
             c["last_ts"][rows],
             float(meters.sum()),
             meters[rows],
+            c["node"][rows] if self.node_names else None,
+            tuple(self.node_names),
         )
 
     def counts(self, now: float, stale_after_s: float) -> tuple[int, int]:
@@ -279,7 +308,11 @@ class FleetState:
 
     # Persistence: plain arrays in, plain arrays out.
     def snapshot(self) -> tuple[list[str], dict[str, np.ndarray]]:
-        return list(self.ids), {name: self.col(name).copy() for name in self.cols}
+        """The ids and every column; the node names ride along as one more column,
+        ``node_names`` (one entry per name, not per row)."""
+        columns = {name: self.col(name).copy() for name in self.cols}
+        columns[NODE_NAMES] = np.array(self.node_names, dtype=np.str_)
+        return list(self.ids), columns
 
     @classmethod
     def restore(cls, ids: list[str], columns: dict[str, np.ndarray]) -> FleetState:
@@ -287,6 +320,10 @@ class FleetState:
         for vid in ids:
             state.row_of(vid)
         n = len(ids)
+        names = columns.get(NODE_NAMES)
+        if names is not None:
+            state.node_names = [str(x) for x in names.tolist()]
+            state.node_code = {x: k for k, x in enumerate(state.node_names)}
         for name, arr in columns.items():
             if name in state.cols and arr.shape[0] == n:
                 state.cols[name][:n] = arr

@@ -20,7 +20,7 @@ Floats = NDArray[np.float64]
 
 def _kw(values: Floats) -> list[float | None]:
     """Rounded to the watt; NaN and infinity (none) as None."""
-    out: list[float | None] = np.round(values, 3).tolist()
+    out: list[float | None] = (np.round(values, 3) + 0.0).tolist()  # + 0.0: no "-0.0"
     for i in np.flatnonzero(~np.isfinite(values)).tolist():
         out[i] = None
     return out

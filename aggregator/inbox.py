@@ -7,6 +7,12 @@ against the topic. What passes is queued in the :class:`Inbox` the next control 
 takes; what fails is counted by reason, logged (at most once a second per reason) and,
 for an operator's message, queued as a :class:`Refusal` to be answered at the step.
 
+With a grid (issue 11, ``--grid``), meters and limits from the grid's nodes are checked
+here too (a node the grid file does not have is refused, a meter stamped ahead of the
+clock too) and queued as typed events; the control step applies them to its
+``GridState`` at the start of the step (``ControlStep.apply_grid``), so the router
+keeps no grid state of its own.
+
 Pure and synchronous: no MQTT client, no asyncio. The clock and the wall clock are
 injected, so tests drive it with bytes and a manual clock.
 """
@@ -17,7 +23,7 @@ import difflib
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,6 +40,8 @@ from broker.models import (
     DispatchCancel,
     DispatchRequest,
     DispatchSignal,
+    GridLimits,
+    GridMeter,
     Telemetry,
     TelemetryBatch,
     VehicleStatus,
@@ -79,6 +87,9 @@ class Inbox:
     batches: list[tuple[str, TelemetryArrays]] = field(default_factory=list)
     # Owners' holds out of V2G (Home Assistant's switch): (vehicle_id, on, platform time).
     holds: list[tuple[str, bool, float]] = field(default_factory=list)
+    # The grid's word, per node of the grid file, in arrival order: (node, message).
+    grid_meters: list[tuple[str, GridMeter]] = field(default_factory=list)
+    grid_limits: list[tuple[str, GridLimits]] = field(default_factory=list)
 
 
 class Refusals:
@@ -116,10 +127,12 @@ class InboxRouter:
         logger: structlog.typing.FilteringBoundLogger,
         on_signal: Callable[[], None] | None = None,
         wall: Callable[[], float] = time.monotonic,
+        grid_nodes: Collection[str] | None = None,
     ) -> None:
         """``on_signal``: called when a signal sample is queued in :attr:`signals` (the
         service wakes its signal loop with it). ``wall``: monotonic seconds, for the rate
-        limits and the log throttle."""
+        limits and the log throttle. ``grid_nodes``: the grid file's node ids (None: no
+        grid; its messages are then ignored)."""
         self.topics = topics
         self.clock = clock
         self.tolerance_s = telemetry_interval_s
@@ -127,6 +140,7 @@ class InboxRouter:
         self.log = logger
         self.on_signal = on_signal
         self._wall = wall
+        self.grid_nodes = None if grid_nodes is None else frozenset(grid_nodes)
         self.inbox = Inbox()
         # Signal samples waiting to be followed (the latest per request wins), with when
         # each came in (perf_counter, for the arrival-to-wire latency).
@@ -206,6 +220,19 @@ class InboxRouter:
                 self.signals[ident] = (decode(DispatchSignal, payload), time.perf_counter())
                 if self.on_signal is not None:
                     self.on_signal()
+            elif kind == "grid_meter" and self.grid_nodes is not None:
+                meter = decode(GridMeter, payload)
+                # Stamped ahead, it would look fresh for ever: refused as telemetry is.
+                check_not_ahead(meter.ts.timestamp(), self.clock.now(), self.tolerance_s)
+                self._grid_node(ident)
+                self.inbox.grid_meters.append((ident, meter))
+            elif kind == "grid_limits" and self.grid_nodes is not None:
+                if not payload:  # a cleared retained message
+                    self.ignored += 1
+                    return
+                limits = decode(GridLimits, payload)
+                self._grid_node(ident)
+                self.inbox.grid_limits.append((ident, limits))
             else:
                 self.ignored += 1  # our own results and progress, echoed by a wide subscription
                 return
@@ -213,6 +240,11 @@ class InboxRouter:
         except InvalidMessage as err:
             self._reject(err, topic, payload)
             self._refused(err, topic, payload, properties)
+
+    def _grid_node(self, node: str) -> None:
+        """Refuse a grid message about a node the grid file does not have."""
+        if self.grid_nodes is None or node not in self.grid_nodes:
+            raise InvalidMessage("node", f"{node!r} is not a node of the grid file")
 
     def _reply_of(self, properties: Properties | None) -> ReplyTo | None:
         """Where the sender wants its answers; a response topic we may not answer on
@@ -318,6 +350,8 @@ M = TypeVar(
     DispatchAmend,
     DispatchSignal,
     DispatchCancel,
+    GridMeter,
+    GridLimits,
 )
 
 

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from aggregator.settlement import Departure, VehicleInterval
-from broker.models import DispatchProgress, DispatchResult
+from broker.models import DispatchProgress, DispatchResult, NodeStatus
 from core.errors import TransportError
 
 Entry = dict[str, str]
@@ -66,6 +66,26 @@ def step_entry(p: DispatchProgress, setpoints: int) -> Entry:
         **({"delivery_start": f"{p.delivery_start.timestamp():.3f}"} if p.delivery_start else {}),
         **({"score": repr(p.score)} if p.score is not None else {}),
         **({"fcr_share": repr(p.fcr_share)} if p.fcr_share is not None else {}),
+    }
+
+
+GRID_STREAM = "_grid"
+"""The ledger stream of the grid's conflicts and excesses (not a request id: those never
+start with '_')."""
+
+
+def grid_entry(ts: float, nodes: Sequence[NodeStatus]) -> Entry | None:
+    """A ledger entry for a step where a limit held vehicles below their floor or a node
+    was over a limit it could not hold; None when neither happened."""
+    held = {n.node: n.conflicts for n in nodes if n.conflicts}
+    over = {n.node: n.over_limit_kw for n in nodes if n.over_limit_kw > 0.0}
+    if not held and not over:
+        return None
+    return {
+        "kind": "grid",
+        "ts": f"{ts:.3f}",
+        "conflicts": json.dumps(held),
+        "over_limit_kw": json.dumps(over),
     }
 
 

@@ -138,6 +138,8 @@ def encode_rows(process: str, rows: Rows) -> dict[str, bytes]:
             "plug": a.plugged_in.astype("u1").tobytes(),
         }
         out |= {f"v:{k}": v.astype("<f8").tobytes() for k, v in a.values.items()}
+        if a.node is not None:  # extension (the grid): "" where a report names none
+            out["node"] = "\n".join("" if n is None else n for n in a.node).encode()
     return out
 
 
@@ -161,9 +163,14 @@ def decode_rows(entry: dict[bytes, bytes]) -> Rows:
         for k, v in entry.items()
         if k.startswith(b"v:")
     }
+    node_text = entry.get(b"node")
+    nodes: list[str | None] | None = None
+    if node_text is not None:
+        nodes = [n or None for n in node_text.decode().split("\n")]
     start = 0
     for bridge, n in segments:
         end = start + int(n)
+        part_nodes = None if nodes is None else nodes[start:end]
         rows.parts.append(
             (
                 str(bridge),
@@ -173,6 +180,7 @@ def decode_rows(entry: dict[bytes, bytes]) -> Rows:
                     ts=ts[start:end],
                     plugged_in=plug[start:end],
                     values={k: v[start:end] for k, v in values.items()},
+                    node=part_nodes if part_nodes and any(part_nodes) else None,
                 ),
             )
         )

@@ -16,6 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -28,6 +29,8 @@ from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fence import fence_writes
 from aggregator.fleet_state import FleetState
 from aggregator.forecast import ForecastModel
+from aggregator.grid import load_grid
+from aggregator.grid_state import GridState
 from aggregator.inbox import (  # the limits, re-exported: they were the service's
     MAX_BATCH_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -129,6 +132,15 @@ class AggregatorService:
         self.signal_latency_ms: deque[float] = deque(maxlen=10_000)
         self.topics = settings.topics
         self.log = logger or structlog.get_logger("aggregator")
+        # The grid (issue 11, --grid): the last meter and limits per node. The router
+        # checks its messages against the grid's nodes and queues them; the control step
+        # applies them and steers by it, keeping it across a takeover's new dispatcher.
+        self.grid: GridState | None = None
+        if settings.grid_file:
+            self.grid = GridState(
+                load_grid(Path(settings.grid_file)),
+                telemetry_interval_s=settings.telemetry_interval_s,
+            )
         # Refusals answered at most this fast (the router's and the step's alike).
         self.refusals = Refusals(refusals_per_s)
         # (topic, bytes) -> the typed inbox, with limits and counters (aggregator/inbox.py):
@@ -141,6 +153,7 @@ class AggregatorService:
             refusals=self.refusals,
             logger=self.log,
             on_signal=self._signal_ready.set,
+            grid_nodes=None if self.grid is None else self.grid.grid.ids,
         )
         # The state and the one orchestration of a step (aggregator/control_step.py):
         # this service only runs the loops and publishes and persists each StepPlan.
@@ -150,6 +163,7 @@ class AggregatorService:
             rejected_rows=self.router.rejected_rows,
             refusals=self.refusals,
             books=self._ledger is not None,
+            grid=self.grid,
             logger=self.log,
         )
         self._saving: asyncio.Task[None] | None = None
@@ -200,6 +214,13 @@ class AggregatorService:
                     (self.topics.all_amends, 1),
                     (self.topics.all_signals, 1),
                     (self.topics.all_no_v2g, 1),
+                    # Not shared: every process takes the whole grid's word, so a
+                    # follower's grid is current when it takes over.
+                    *(
+                        [(self.topics.all_grid_meters, 0), (self.topics.all_grid_limits, 1)]
+                        if self.grid is not None
+                        else []
+                    ),
                 ],
             ),
             logger=self.log,
@@ -393,6 +414,7 @@ class AggregatorService:
             self.inbox.cancels[:0] = held.cancels
         if not role.is_leader:
             inbox = self.router.take()
+            self.control.apply_grid(inbox)  # kept current for when this process leads
             self.scale.hold(inbox.requests, inbox.cancels)
             await self.scale.forward(Rows.of(inbox.telemetry, inbox.status, inbox.batches))
         return role.is_leader

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aggregator.fleet_state import FleetView
-from broker.models import ActiveDispatch, CapabilityWindow, FleetStatus, from_epoch
+from broker.models import ActiveDispatch, CapabilityWindow, FleetStatus, NodeStatus, from_epoch
 
 
 def fleet_status(
@@ -21,6 +21,8 @@ def fleet_status(
     degraded: bool,
     rejected: dict[str, int],
     warnings: list[str] | None = None,
+    nodes: list[NodeStatus] | None = None,
+    unknown_node: int = 0,
 ) -> FleetStatus:
     """Build the FleetStatus message from the step's view and envelope."""
     return FleetStatus(
@@ -36,6 +38,8 @@ def fleet_status(
         degraded=degraded,
         rejected=dict(rejected),
         warnings=list(warnings or []),
+        nodes=list(nodes or []),
+        unknown_node=unknown_node,
     )
 
 
@@ -60,4 +64,12 @@ def log_fields(status: FleetStatus) -> dict[str, Any]:
         fields["rejected"] = sum(status.rejected.values())
     if status.warnings:
         fields["warnings"] = len(status.warnings)
+    over = [n for n in status.nodes if n.over_limit_kw > 0.0]
+    if over:
+        fields["over_limit"] = ",".join(f"{n.node}:{n.over_limit_kw:.1f}kW" for n in over)
+    held = sum(len(n.conflicts) for n in status.nodes)
+    if held:
+        fields["grid_conflicts"] = held
+    if status.unknown_node:
+        fields["unknown_node"] = status.unknown_node
     return fields

@@ -261,6 +261,78 @@ def bench(n: int, nodes: int, with_lp: bool) -> list[Row]:
     return out
 
 
+def control_step(n: int, nodes: int) -> list[Row]:
+    """The dispatcher's whole control step (aggregator/dispatch) with the grid under the
+    fleet, against the same step without a grid: plain charging (no request; the limits
+    alone send setpoints) and one fleet-wide request. Median of the steps after the first
+    (the first pays for the fleet's first ranges)."""
+    from agents.fleet import SimFleet
+    from agents.profiles import generate_fleet
+    from agents.telemetry import _reports
+    from aggregator.dispatch import Dispatcher
+    from aggregator.fleet_state import FleetState
+    from aggregator.grid_state import GridState
+    from broker.models import DispatchRequest
+
+    case = build(n, nodes)
+    grid: GridTopology = case["grid"]
+    step_s = 5.0
+    fleet = SimFleet(generate_fleet(n, 3), T_NOW, step_s=step_s)
+    fleet.place([grid.ids[j] for j in case["node"].tolist()])
+    limited = parse_grid(
+        {
+            "nodes": [
+                {
+                    "id": grid.ids[j],
+                    "kind": grid.kinds[j],
+                    **({"parent": grid.ids[int(grid.parent[j])]} if grid.parent[j] >= 0 else {}),
+                    **({"import_kw": float(case["imp"][j])} if np.isfinite(case["imp"][j]) else {}),
+                    **({"export_kw": float(case["exp"][j])} if np.isfinite(case["exp"][j]) else {}),
+                }
+                for j in range(len(grid))
+            ]
+        }
+    )
+
+    def run(with_grid: bool, request: bool) -> float:
+        state = FleetState()
+        state.apply_arrays(_reports(fleet, T_NOW, None))
+        held = GridState(limited, telemetry_interval_s=step_s) if with_grid else None
+        d = Dispatcher(control_step_s=step_s, grid=held)
+        t = T_NOW
+        if request:
+            ask = DispatchRequest(request_id="bench", power_kw=-2000.0, duration_s=3600.0)
+            d.submit(ask, t, state.view(t, 3 * step_s))
+        took = []
+        for _ in range(5):
+            view = state.view(t, 3 * step_s)
+            w = time.perf_counter()
+            d.step(t, view, len(state))
+            took.append(time.perf_counter() - w)
+            t += step_s
+        return float(np.median(took[1:])) * 1e3
+
+    out: list[Row] = []
+    for label, request in (("plain charging", False), ("one fleet-wide request", True)):
+        with_grid, without = run(True, request), run(False, request)
+        print(
+            f"N={n} nodes={len(grid)} dispatcher step ({label}): {with_grid:.1f} ms with the"
+            f" grid, {without:.1f} ms without",
+            file=sys.stderr,
+        )
+        out.append(
+            row(
+                f"dispatcher control step with the grid, {len(grid)} nodes ({label})",
+                n,
+                with_grid,
+                without,
+                "ms",
+                "the same step without a grid",
+            )
+        )
+    return out
+
+
 def _pairs(text: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in (p.split(":") for p in text.split(",") if p)]
 
@@ -270,6 +342,7 @@ def rows(quick: bool = False) -> list[Row]:
     out: list[Row] = []
     for n, nodes in ((10_000, 100),) if quick else ((10_000, 100), (100_000, 1000)):
         out.extend(bench(n, nodes, with_lp=n <= 10_000))
+        out.extend(control_step(n, nodes))
     return out
 
 
@@ -286,6 +359,7 @@ def main() -> None:
     result: list[Row] = []
     for n, nodes in _pairs(args.sizes):
         result.extend(bench(n, nodes, with_lp=(n, nodes) in lp))
+        result.extend(control_step(n, nodes))
     stamp = provenance(started)
     print_table(result, stamp)
     write_results(result, args.out, stamp)

@@ -289,6 +289,9 @@ class DispatchResult(WireModel):
     # When its delivery window opened: its first setpoints in force (null before). The
     # books (requested, delivered, baseline) run from here to start + duration_s.
     delivery_start: UtcTime | None = None
+    # Extension (the grid, firming): the energy the node's net power spent outside the
+    # band over the request (kWh); None for other services.
+    outside_band_kwh: float | None = None
     ts: UtcTime
 
 
@@ -327,6 +330,9 @@ class DispatchProgress(WireModel):
     delivery_start: UtcTime | None = None  # its first setpoints in force: the books start
     # Why allocated_kw is not what the first answer said (amended, or the fleet changed).
     reason: str | None = None
+    # Extension (the grid, firming): the energy the node's net power spent outside the
+    # band so far (kWh, both sides counted positive); None for other services.
+    outside_band_kwh: float | None = None
 
 
 class CapabilityWindow(WireModel):
@@ -423,8 +429,7 @@ class NodeCapability(WireModel):
 
 
 class NodeStatus(WireModel):
-    """One grid node in the fleet status (an extension, issue 11; FleetStatus does not
-    carry it yet): its vehicles' net power, its meter and limits in force (null = none),
+    """One grid node in the fleet status (an extension, issue 11; ``FleetStatus.nodes``): its vehicles' net power, its meter and limits in force (null = none),
     the headroom left, how far it is over a limit it cannot hold (0 when held), and the
     vehicles a limit holds below their floor."""
 
@@ -465,6 +470,11 @@ class FleetStatus(WireModel):
     rejected: dict[str, int] = Field(default_factory=dict)
     # Extension: what an operator should know, in words (e.g. a clock mismatch).
     warnings: list[str] = Field(default_factory=list)
+    # Extension (the grid, issue 11): one entry per grid node when the aggregator runs
+    # with --grid (empty without), and how many vehicles named no node of the grid
+    # (counted under the root).
+    nodes: list[NodeStatus] = Field(default_factory=list)
+    unknown_node: int = 0
 
 
 class ClockAnchor(WireModel):

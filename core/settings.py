@@ -102,6 +102,11 @@ class DispatchPolicySettings(BaseModel):
     )
     max_request_kw: float = Field(1_000_000.0, gt=0.0)
     max_request_duration_s: float = Field(7 * 86_400.0, gt=0.0)
+    grid_file: str | None = Field(
+        None,
+        description="grid topology (YAML, issue 11): every step's setpoints, plain"
+        " charging included, are held under its nodes' limits; unset: no grid",
+    )
 
 
 class ScaleOutSettings(BaseModel):

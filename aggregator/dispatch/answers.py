@@ -240,9 +240,12 @@ class Limits:
 def problem(req: DispatchRequest, now: float, limits: Limits) -> str | None:
     """Why a request is malformed or absurd, or None if it is fine."""
     if req.node is not None:  # every firming request names one (the model checks)
-        # The wire takes them (issue 11); until the dispatcher serves the grid they are
-        # refused, never served fleet-wide (power_kw would mean another thing).
-        return "node-targeted requests and service firming are not served yet: omit node"
+        # Served only with a grid (dispatch/noderequests.py); never fleet-wide (power_kw
+        # would mean another thing).
+        return (
+            "node-targeted requests need a grid: start the aggregator with --grid FILE,"
+            " or omit node"
+        )
     if req.service in SIGNAL_SERVICES and req.power_kw is not None:
         return (
             f"service {req.service.value} follows a signal around the baseline: give"

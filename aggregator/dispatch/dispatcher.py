@@ -21,13 +21,16 @@ from aggregator.dispatch import tracking
 from aggregator.dispatch.admission import Admission
 from aggregator.dispatch.ahead import SCHEDULE_STEP_S
 from aggregator.dispatch.books import Books, accrue
+from aggregator.dispatch.gridcap import GridCap
 from aggregator.dispatch.learning import Learned
+from aggregator.dispatch.noderequests import NodeRequests
 from aggregator.dispatch.ranges import FleetRanges
 from aggregator.dispatch.records import Dispatch, StepOutput
 from aggregator.dispatch.setpoints import REPLAN_EVERY_STEP_BELOW, Setpoints
 from aggregator.dispatch.stack import Stack
 from aggregator.dispatch.tracking import Tracking
 from aggregator.fleet_state import FleetView
+from aggregator.grid_state import GridState
 from broker.models import (
     ActiveDispatch,
     AnswerTo,
@@ -35,11 +38,15 @@ from broker.models import (
     DispatchRequest,
     DispatchResult,
     DispatchSignal,
+    NodeStatus,
     ResultStatus,
 )
 from core.physics import Array
 
-__all__ = ["SCHEDULE_STEP_S", "Dispatcher", "StepOutput"]
+__all__ = ["GRID_SETPOINTS", "SCHEDULE_STEP_S", "Dispatcher", "StepOutput"]
+
+GRID_SETPOINTS = "grid-limits"
+"""The request_id of setpoints sent with no request running, only to hold a grid limit."""
 
 
 class Dispatcher:
@@ -55,6 +62,7 @@ class Dispatcher:
         settle_s: float | None = None,
         allocation: Literal["proportional", "cost"] = "proportional",
         replan_every_step_below: int = REPLAN_EVERY_STEP_BELOW,
+        grid: GridState | None = None,
     ) -> None:
         self.control_step_s = control_step_s
         # proportional: the fast split in proportion to headroom, sticky from step to step.
@@ -86,12 +94,33 @@ class Dispatcher:
         self.books = Books(self.fleet)
         self.tracking = Tracking(control_step_s=control_step_s)
         self.admission = Admission(self.stack, self.fleet, self.setpoints, self.said, self.limits)
+        # The grid under the fleet (issue 11): with a topology, every step's setpoints
+        # (plain charging included) are clipped under the limits in force.
+        self.grid: GridCap | None = None
+        self.nodes: NodeRequests | None = None
+        if grid is not None:
+            self.nodes = NodeRequests(
+                grid, self.fleet, self.said, self.limits, control_step_s=control_step_s
+            )
+            self.grid = GridCap(
+                grid,
+                self.setpoints,
+                self.fleet,
+                control_step_s=control_step_s,
+                setpoint_ttl_s=setpoint_ttl_s,
+            )
 
     # -- what it holds and knows -------------------------------------------------------
     @property
     def dispatches(self) -> dict[str, Dispatch]:
         """The admitted requests (scheduled and running), by request id."""
         return self.stack.dispatches
+
+    def holds(self, request_id: str) -> bool:
+        """Is this request admitted (scheduled or running), on the fleet or on a node?"""
+        return request_id in self.dispatches or (
+            self.nodes is not None and request_id in self.nodes.dispatches
+        )
 
     @property
     def answers(self) -> OrderedDict[str, DispatchResult]:
@@ -155,8 +184,11 @@ class Dispatcher:
         return wire.wire_score(tracking.fcr_share(d))
 
     def active(self) -> list[ActiveDispatch]:
-        """The running requests, for fleet status."""
-        return [wire.active(d) for d in self.dispatches.values() if d.state == "active"]
+        """The running requests, for fleet status (those on a node too)."""
+        node_run = [] if self.nodes is None else self.nodes.running()
+        return [
+            wire.active(d) for d in [*self.dispatches.values(), *node_run] if d.state == "active"
+        ]
 
     def _progress(self, d: Dispatch, now: float) -> DispatchProgress:
         return wire.progress(d, now, tracking.score(d), tracking.fcr_share(d))
@@ -187,7 +219,10 @@ class Dispatcher:
         """Answer a request: accepted, partial (with the shortfall) or rejected (with why).
 
         A request_id seen before gets its latest answer again, with no second dispatch.
+        A request that names a node is served by the vehicles under it (with a grid).
         """
+        if req.node is not None and self.nodes is not None:
+            return self.nodes.submit(req, now, view)
         return self.admission.submit(req, now, view)
 
     def amend(
@@ -207,6 +242,15 @@ class Dispatcher:
         """
         d = self.dispatches.get(request_id)
         if d is None:
+            if self.nodes is not None and request_id in self.nodes.dispatches:
+                return self.said.refuse(
+                    request_id,
+                    wire.amendment_refused(
+                        "a request on a node cannot be amended yet: cancel it and send a new one"
+                    ),
+                    now,
+                    "amend",
+                )
             return None
         return self.admission.amend(d, now, view, power_kw, duration_s)
 
@@ -215,7 +259,7 @@ class Dispatcher:
         None if it is not running (unknown, or already over)."""
         d = self.dispatches.pop(request_id, None)
         if d is None:
-            return None
+            return None if self.nodes is None else self.nodes.cancel(request_id, now, view)
         if d.state == "active":
             self.books.book(d, view, now)
         return self._close(d, now, "cancelled", reason=wire.CANCELLED)
@@ -278,11 +322,25 @@ class Dispatcher:
                 if answer.status != "accepted":  # cut at its start: say so too
                     out.results.append(answer)
         self.books.see(view)
+        if self.nodes is not None and self.grid is not None:
+            node_results, node_progress, self.grid.bands = self.nodes.step(
+                now, view, self.grid.grid.in_force(now)
+            )
+            out.results += node_results
+            out.progress += node_progress
         out.results += self.said.notices
         self.said.notices = []
         stack = self.stack.running()
         if not stack:
-            out.release_rows = self.setpoints.release(now)
+            if self.grid is None:
+                out.release_rows = self.setpoints.release(now)
+            else:
+                live = np.flatnonzero(self.setpoints.sent_until > now).astype(np.intp)
+                rows, out.release_rows = self.grid.clip_baseline(now, view, live)
+                self._out_rows(out, rows)
+                # Setpoints name what they serve: a request on a node, or the limits alone.
+                node_run = [] if self.nodes is None else self.nodes.running()
+                out.request_id = node_run[0].request_id if node_run else GRID_SETPOINTS
             return out
         self._drive(stack, now, view, out)
         # Before its delivery window opens a request's progress shows nothing delivered
@@ -306,7 +364,26 @@ class Dispatcher:
         out.rows, out.power_kw, out.valid_until = sent.rows, sent.power_kw, sent.valid_until
         out.request_id = head.request_id
         miss = 0.0 if steering is not None else sent.total_kw - target
+        if self.grid is not None:
+            rows, cut = self.grid.clip_planned(now, view, sent.rows)
+            self._out_rows(out, rows)
+            miss -= cut
         self.stack.account(stack, len(view), miss)
+
+    def _out_rows(self, out: StepOutput, rows: NDArray[np.intp]) -> None:
+        """The setpoints of these rows, as they stand now, go out."""
+        out.rows = rows
+        out.power_kw = self.setpoints.sent_kw[rows].copy()
+        out.valid_until = self.setpoints.sent_until[rows].copy()
+
+    def node_statuses(self, ids: list[str]) -> tuple[list[NodeStatus], int]:
+        """Each grid node's entry of the fleet status at the last step, and how many
+        vehicles named no node of the grid; ([], 0) without a grid."""
+        return ([], 0) if self.grid is None else self.grid.statuses(ids)
+
+    def grid_conflicts(self, ids: list[str]) -> list[str]:
+        """The vehicles a grid limit held below their floor at the last step."""
+        return [] if self.grid is None else self.grid.conflicts(ids)
 
     def _close(
         self, d: Dispatch, now: float, status: ResultStatus, reason: str | None = None
@@ -318,12 +395,21 @@ class Dispatcher:
 
     # -- persistence ---------------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:
-        return [d.to_record() for d in self.dispatches.values()]
+        """The admitted requests as records (those on a grid node too: their request
+        names the node)."""
+        node_ones = [] if self.nodes is None else list(self.nodes.dispatches.values())
+        return [d.to_record() for d in [*self.dispatches.values(), *node_ones]]
 
     def restore(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             d = Dispatch.from_record(record)
-            self.dispatches[d.request_id] = d
+            if d.request.node is not None:
+                # Served on its node, never fleet-wide; without a grid now, dropped.
+                if self.nodes is None:
+                    continue
+                self.nodes.dispatches[d.request_id] = d
+            else:
+                self.dispatches[d.request_id] = d
             self.said.restored(d)
 
     def learned(self, n_rows: int) -> dict[str, Array]:

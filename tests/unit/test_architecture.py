@@ -152,11 +152,13 @@ def test_every_path_docs_architecture_names_exists() -> None:
 DISPATCH_PARTS = (
     "dispatcher",
     "admission",
+    "noderequests",
     "answers",
     "ahead",
     "books",
     "stack",
     "tracking",
+    "gridcap",
     "setpoints",
     "ranges",
     "learning",

@@ -18,6 +18,10 @@ runner = CliRunner()
         (["--protocol", "ocpp", "--mix", "v21bpt=1,v16=1"], "KIND one of v21bpt, v21, v201"),
         (["--protocol", "ocpp", "--url", "http://127.0.0.1:9000"], "not a websocket URL"),
         (["--protocol", "ocpp", "--url", "ws://cs:pw@127.0.0.1:9000"], "use --password"),
+        # --mix is read by the protocol: station versions for ocpp, driver patterns else.
+        (["--mix", "v21bpt=1"], "station versions such as v21bpt are for --protocol ocpp"),
+        (["--protocol", "ocpp", "--mix", "workplace=1"], "KIND one of v21bpt, v21, v201"),
+        (["--protocol", "ocpp", "--node", "site-a"], "drop them with --protocol ocpp"),
     ],
 )
 def test_bad_ocpp_options_are_refused_with_the_reason(args: list[str], says: str) -> None:

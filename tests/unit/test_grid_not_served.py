@@ -1,5 +1,5 @@
-"""Until the dispatcher serves the grid (issue 11), a request that names a node, firming
-included, is refused with a reason: never served fleet-wide, never a crash."""
+"""Without a grid (no --grid), a request that names a node, firming included, is refused
+with a reason: never served fleet-wide, never a crash (issue 11)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.support.memory_loop import STEP, T0, fleet_and_state
         },
     ],
 )
-def test_a_node_targeted_or_firming_request_is_refused_until_the_grid_is_served(
+def test_a_node_targeted_or_firming_request_is_refused_without_a_grid(
     doc: dict[str, object],
 ) -> None:
     _, state = fleet_and_state(10)
@@ -34,5 +34,5 @@ def test_a_node_targeted_or_firming_request_is_refused_until_the_grid_is_served(
         DispatchRequest.model_validate_json(json.dumps(doc)), T0, state.view(T0, 15.0)
     )
     assert answer.status == "rejected"
-    assert "not served yet" in (answer.reason or "")
+    assert "--grid" in (answer.reason or "")
     assert d.active() == []  # nothing runs

@@ -3,6 +3,8 @@ snapshot's one encoding round-trips; a promoted leader resets itself from its ow
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -152,3 +154,12 @@ async def test_fenced_writes_need_the_store_and_the_ledger_in_redis() -> None:
     finally:
         await store.close()
         await redis.aclose()
+
+
+def test_forwarded_rows_keep_each_reports_node() -> None:
+    own, bridged = arrays(["ev-1", "ev-2"], 1), arrays(["b-1", "b-2"], 2)
+    own = dataclasses.replace(own, node=["site-a", None])
+    rows = Rows(parts=[("", own), ("bridge-7", bridged)])  # the bridge's name no node
+    back = decode_rows({k.encode(): v for k, v in encode_rows("p", rows).items()})
+    assert back.parts[0][1].node == ["site-a", None]
+    assert back.parts[1][1].node is None

@@ -126,6 +126,39 @@ def dispatch_cmd(
             show_default="0",
         ),
     ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            help="a grid node: served by the vehicles under it, --power their net power"
+            " (needs an aggregator with --grid)",
+            show_default="none: the whole fleet",
+        ),
+    ] = None,
+    min_kw: Annotated[
+        float | None,
+        typer.Option(
+            "--min-kw",
+            help="--service firming: the node's net power at least this",
+            show_default="none: open",
+        ),
+    ] = None,
+    max_kw: Annotated[
+        float | None,
+        typer.Option(
+            "--max-kw",
+            help="--service firming: the node's net power at most this",
+            show_default="none: open",
+        ),
+    ] = None,
+    ramp: Annotated[
+        float | None,
+        typer.Option(
+            "--ramp",
+            help="--service firming: its change at most this many kW/min",
+            show_default="none: open",
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="follow progress until the request ends")
     ] = False,
@@ -170,6 +203,10 @@ def dispatch_cmd(
             start=parse_start(start, now=now) if start else None,
             duration_s=seconds,
             priority=priority,
+            node=node,
+            min_kw=min_kw,
+            max_kw=max_kw,
+            ramp_kw_per_min=ramp,
         )
     except ValidationError as err:
         fail(f"invalid request: {err.errors()[0]['msg']}")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
@@ -208,6 +209,17 @@ def aggregator(
         float | None,
         setting_option("--lease-ttl", "lease_ttl_s", "leader lease, wall seconds", metavar="S"),
     ] = None,
+    grid: Annotated[
+        str | None,
+        setting_option(
+            "--grid",
+            "grid_file",
+            "grid topology (YAML; 'v2g grid show FILE' prints it): every step's setpoints,"
+            " plain charging included, are held under its nodes' limits and meters"
+            " (v2g/grid/NODE/meter, v2g/grid/NODE/limits)",
+            metavar="FILE",
+        ),
+    ] = None,
     fast_ingest: Annotated[
         bool,
         typer.Option(
@@ -241,10 +253,18 @@ def aggregator(
         log_format=log_format,
         share_group=share_group,
         lease_ttl_s=lease_ttl,
+        grid_file=grid,
         metrics=metrics,
     )
     if memory and settings.share_group:
         fail("--share-group shares fleet state through Redis: drop --memory")
+    if settings.grid_file:
+        from aggregator.grid import GridError, load_grid
+
+        try:
+            load_grid(Path(settings.grid_file))  # a bad file fails here, before any I/O
+        except GridError as err:
+            fail(f"--grid (or V2G_GRID_FILE): {err}")
     persisted = compose.persistence(settings, memory=memory)
     # The client id comes from the settings (broker/clientid.py): {prefix}-aggregator,
     # per process in a share group, or --client-id / V2G_CLIENT_ID.
@@ -306,6 +326,22 @@ def agents(
         ),
     ] = False,
     cold_start: ColdStart = False,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            help="the grid node every vehicle reports (Telemetry.node; see --grid of the"
+            " aggregator)",
+            show_default="none",
+        ),
+    ] = None,
+    nodes: Annotated[
+        str | None,
+        typer.Option(
+            help="spread the fleet over grid nodes by share, e.g. site-a=0.6,site-b=0.4"
+            " (contiguous blocks of ids)",
+            show_default="none",
+        ),
+    ] = None,
     protocol: Annotated[
         str,
         typer.Option(
@@ -316,13 +352,18 @@ def agents(
     url: Annotated[
         str, typer.Option(help="with --protocol ocpp: the CSMS; stations connect to URL/ID")
     ] = "ws://127.0.0.1:9000",
+    # One option, read by the protocol: both uses shipped as --mix (issue 11's driver
+    # patterns, the OCPP stations' versions).
     mix: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="with --protocol ocpp: shares of 2.1 with BPT, 2.1 without, and 2.0.1"
-            " stations, e.g. v21bpt=0.6,v21=0.2,v201=0.2"
+            help="shares by kind. --protocol mqtt: driver patterns, e.g. workplace=1 (a"
+            " workplace car park; default home=0.6,workplace=0.3,depot=0.1). --protocol"
+            " ocpp: 2.1 with BPT, 2.1 without, and 2.0.1 stations, e.g."
+            " v21bpt=0.6,v21=0.2,v201=0.2 (default v21bpt=1)",
+            show_default="by protocol",
         ),
-    ] = "v21bpt=1",
+    ] = None,
     password: Annotated[
         str | None,
         typer.Option(
@@ -346,12 +387,20 @@ def agents(
     if protocol not in ("mqtt", "ocpp"):
         raise typer.BadParameter("protocol must be mqtt or ocpp", param_hint="--protocol")
     if protocol == "ocpp":
-        _ocpp_agents(count, seed, id_prefix, cold_start, url, mix, password, log_format)
+        if node is not None or nodes is not None:
+            raise typer.BadParameter(
+                "--node/--nodes place simulated MQTT vehicles under grid nodes: drop them"
+                " with --protocol ocpp",
+                param_hint="--node" if node is not None else "--nodes",
+            )
+        stations = "v21bpt=1" if mix is None else mix
+        _ocpp_agents(count, seed, id_prefix, cold_start, url, stations, password, log_format)
         return
     from agents.faults import Misbehaviour, parse_fractions
     from agents.fleet import SimFleet
-    from agents.profiles import generate_fleet
+    from agents.profiles import PATTERNS, generate_fleet, parse_shares, spread_nodes
     from agents.runtime import AgentRuntime
+    from broker.topics import check_id
 
     if mode not in ("per-vehicle", "multiplexed"):
         raise typer.BadParameter("mode must be per-vehicle or multiplexed", param_hint="--mode")
@@ -364,6 +413,31 @@ def agents(
         faults = Misbehaviour.random(count, seed, **parse_fractions(misbehave))
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--misbehave") from None
+    if node is not None and nodes is not None:
+        raise typer.BadParameter("give --node or --nodes, not both", param_hint="--nodes")
+    placed: list[str | None] | None = None
+    try:
+        if node is not None:
+            placed = [check_id(node, "node")] * count
+        elif nodes is not None:
+            shares = parse_shares(nodes, "node")
+            for name in shares:
+                check_id(name, "node")
+            placed = list(spread_nodes(count, shares))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--nodes" if nodes else "--node") from None
+    patterns: dict[str, float] | None = None
+    if mix is not None:
+        try:
+            patterns = parse_shares(mix, "pattern")
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--mix") from None
+        if unknown := sorted(set(patterns) - set(PATTERNS)):
+            raise typer.BadParameter(
+                f"unknown patterns {unknown}; choose from {sorted(PATTERNS)} (station"
+                " versions such as v21bpt are for --protocol ocpp)",
+                param_hint="--mix",
+            )
     settings = settings_from(
         broker_url=broker,
         topic_prefix=topic_prefix,
@@ -376,12 +450,14 @@ def agents(
     async def main(registry: CollectorRegistry) -> None:
         async with shared_clock(settings) as shared:
             fleet = SimFleet(
-                generate_fleet(count, seed, id_prefix=id_prefix),
+                generate_fleet(count, seed, mix=patterns, id_prefix=id_prefix),
                 shared.clock.now(),
                 step_s=settings.telemetry_interval_s,
                 faults=faults,
                 warm_start=not cold_start,
             )
+            if placed is not None:
+                fleet.place(placed)
             runtime = AgentRuntime(
                 settings=shared.settings,
                 clock=shared.clock,
