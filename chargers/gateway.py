@@ -11,6 +11,9 @@ into a ``SetChargingProfile`` (chargers/profiles.py). Allocation stays in the ag
 - A station's websocket drops: its vehicles are no longer reported, so the aggregator
   counts them out within its stale bound; they come back with the same ids when the
   station reconnects, and the gateway asks for the rest with TriggerMessage.
+- Frequency containment (the FCR extension of SetpointBatch): a session that can discharge
+  gets a LocalFrequency curve around its operating point (droop at the charger); the
+  others the central setpoint.
 - A rejected SetChargingProfile is logged and counted; the EVSE keeps drawing what it
   draws, and the aggregator's follow-ratio learning treats it as a non-follower.
 """
@@ -36,7 +39,7 @@ from broker.settings import Settings
 from chargers.auth import StationStore
 from chargers.csms import Csms, Json, Station, listening_port
 from chargers.ownership import Ownership
-from chargers.profiles import Target, negative_values, set_charging_profile
+from chargers.profiles import Fcr, Target, negative_values, set_charging_profile
 from chargers.sessions import (
     Assumptions,
     EvseSession,
@@ -61,6 +64,10 @@ class Want:
     until: float
     issued: float
     heard_at: float  # time.monotonic() when the gateway received it
+    # Frequency containment (SetpointBatch's FCR extension): the session's share, and
+    # its operating point (power_kw without the activation it was computed at).
+    fcr: Fcr | None = None
+    base_kw: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +77,7 @@ class Sent:
     power_kw: float | None
     until: float | None
     can_discharge: bool
+    fcr: Fcr | None = None  # LocalFrequency around power_kw (None: a setpoint or a limit)
 
 
 class Gateway:
@@ -390,11 +398,27 @@ class Gateway:
                     del self.sent[key]  # it ran out at the station: back on its baseline
                     continue
                 goal = Sent(None, None, s.can_discharge)  # released early: say so
+            elif w.fcr is not None and self._droops_locally(station, s):
+                goal = Sent(round(w.base_kw, 2), w.until, s.can_discharge, w.fcr)
+                if (
+                    last is not None
+                    and (last.power_kw, last.fcr) == (goal.power_kw, goal.fcr)
+                    and last.until is not None
+                    and last.until - now > (w.until - now) / 2.0
+                ):
+                    # The curve at the station already answers this frequency: no call.
+                    self.counts["fcr_held_locally"] += 1
+                    continue
             else:
                 goal = Sent(round(w.power_kw, 2), w.until, s.can_discharge)
             if goal == last:
                 continue
             await self._send_profile(station, key, s, goal, w)
+
+    def _droops_locally(self, station: Station, s: EvseSession) -> bool:
+        """Whether ``s`` gets FCR as a LocalFrequency curve (an OCPP 2.1 session that may
+        discharge, at a station that takes W); the others follow central setpoints."""
+        return s.version == "2.1" and s.can_discharge and self.units.get(station.id, "W") == "W"
 
     async def _send_profile(
         self, station: Station, key: Key, s: EvseSession, goal: Sent, w: Want | None
@@ -443,8 +467,10 @@ class Gateway:
         self, station: Station, key: Key, s: EvseSession, target: Target, goal: Sent, unit: str
     ) -> Json:
         payload = set_charging_profile(
-            target, goal.power_kw, now=self.clock.now(), until=goal.until, unit=unit
+            target, goal.power_kw, now=self.clock.now(), until=goal.until, unit=unit, fcr=goal.fcr
         )
+        if goal.fcr is not None and unit == "W":
+            self.counts["profiles_local_frequency"] += 1
         if not s.can_discharge and negative_values(payload):  # never, but never ever send it
             self.counts["profile_withheld"] += 1
             self.log.error("ocpp_negative_profile_withheld", station=station.id, evse=key[1])
@@ -469,8 +495,11 @@ class Gateway:
             return
         issued = to_epoch(batch.issued_at)
         touched: set[str] = set()
-        for vid, power, until in zip(
-            batch.vehicle_id, batch.power_kw, batch.valid_until, strict=True
+        droop = batch.fcr
+        activation = 0.0 if droop is None else droop.activation(droop.frequency_hz)
+        shares = batch.fcr_capacity_kw or [0.0] * len(batch)
+        for vid, power, until, share in zip(
+            batch.vehicle_id, batch.power_kw, batch.valid_until, shares, strict=True
         ):
             key = self.by_vehicle.get(vid)
             if key is None:
@@ -480,7 +509,14 @@ class Gateway:
             if old is not None and issued <= old.issued:
                 self.counts["setpoints_superseded"] += 1
                 continue
-            self.want[key] = Want(power, until, issued, heard)
+            fcr = (
+                None
+                if droop is None or share <= 0
+                else Fcr(
+                    round(share, 2), droop.nominal_hz, droop.deadband_hz, droop.full_activation_hz
+                )
+            )
+            self.want[key] = Want(power, until, issued, heard, fcr, power - activation * share)
             touched.add(key[0])
         self.counts["setpoints"] += len(batch)
         for sid in touched:

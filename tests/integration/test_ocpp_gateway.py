@@ -692,3 +692,90 @@ async def test_twenty_stations_track_a_discharge_within_5_percent_in_three_steps
         for n, k in zip(names, kinds, strict=True):
             if k != "bpt":
                 assert all(negative_values(p) == [] for p in cps[n].calls("SetChargingProfile"))
+
+
+async def test_fcr_reaches_bpt_stations_as_a_local_frequency_curve_they_follow_with_no_round_trip(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    """Simulated stations (real OCPP 2.1 / 2.0.1 over real websockets): a SetpointBatch
+    with the FCR extension gives the BPT sessions a LocalFrequency curve, which they
+    follow at their local frequency without another message; the 2.0.1 sessions get the
+    central setpoint as a limit, never a negative value."""
+    import aiomqtt
+    import numpy as np
+
+    from agents.ocpp_stations import build_stations
+    from broker.models import SetpointBatch, from_epoch
+
+    async with running_gateway(rt_settings, open_mode=True, provision=()) as (gw, url):
+        stations = build_stations(url=url, count=4, clock=SimClock(speed=1.0),
+                                  mix="v21bpt=1,v201=1", seed=3, telemetry_interval_s=1.0,
+                                  station_prefix="fcr")  # fmt: skip
+        n_bpt = int(stations.plan.bpt.sum())
+        assert 0 < n_bpt < 4
+        task = asyncio.create_task(stations.run(), name="fcr-stations")
+        try:
+            await until(
+                lambda: (
+                    len(gw.sessions) == 4
+                    and sum(s.can_discharge for s in gw.sessions.values()) == n_bpt
+                ),
+                20,
+                "four sessions, the BPT ones allowed to discharge",
+            )
+            rows = {s.vehicle_id: stations.by_id[k[0]].index for k, s in gw.sessions.items()}
+            vids = sorted(rows)
+            top = stations.fleet.bat.max_charge_kw[[rows[v] for v in vids]]
+            base, share = 0.5 * top, 0.25 * top  # charging whatever the frequency
+
+            async def publish(hz: float) -> None:
+                now = time.time()
+                act = {50.0: 0.0, 49.9: -(0.09 / 0.19)}[hz]
+                batch = SetpointBatch.model_validate_json(
+                    json.dumps({
+                        "bridge_id": gw.bridge_id, "request_id": "r-fcr",
+                        "issued_at": from_epoch(now).isoformat().replace("+00:00", "Z"),
+                        "vehicle_id": vids, "power_kw": list(base + act * share),
+                        "valid_until": [now + 60.0] * 4, "fcr": {"frequency_hz": hz},
+                        "fcr_capacity_kw": list(share),
+                    })
+                )  # fmt: skip
+                async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"sp-{gw.bridge_id}") as c:
+                    topic = rt_settings.topics.bridge_setpoints(gw.bridge_id)
+                    await c.publish(topic, batch.to_json(), qos=1)
+
+            await publish(50.0)
+            await until(lambda: stations.counts["profiles_applied"] == 4, 10, "profiles")
+            assert gw.counts["profiles_local_frequency"] == n_bpt
+            assert stations.counts["frequency_profiles"] == n_bpt
+            bpt = np.array([bool(stations.plan.bpt[rows[v]]) for v in vids])
+            idx = np.array([rows[v] for v in vids])
+            f = stations.fleet
+
+            async def holds(hz: float, act: float) -> None:
+                stations.set_frequency(hz)
+                want = base + act * share
+
+                def ok() -> bool:
+                    got = f.power[idx]
+                    return bool(np.allclose(got[bpt], want[bpt], atol=0.01))
+
+                await until(ok, 3, f"the BPT cars at {hz} Hz")
+
+            before = stations.counts["profiles_received"]
+            for hz, act in ((49.8, -1.0), (50.2, 1.0), (50.005, 0.0), (49.895, -0.5)):
+                await holds(hz, act)
+            assert stations.counts["profiles_received"] == before  # droop at the charger
+            # The 2.0.1 stations hold the central limit and ignore the frequency.
+            assert np.all(f.power[idx[~bpt]] <= base[~bpt] + 0.01)
+            # A new signal with the same operating point: no call, the curve answers it.
+            received = stations.counts["profiles_received"]
+            await publish(49.9)
+            await until(lambda: gw.counts["fcr_held_locally"] >= n_bpt, 5, "held locally")
+            await asyncio.sleep(0.3)
+            assert stations.counts["profiles_received"] == received + (4 - n_bpt)
+            assert sum(stations.violations.values()) == 0
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
