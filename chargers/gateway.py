@@ -21,11 +21,12 @@ into a ``SetChargingProfile`` (chargers/profiles.py). Allocation stays in the ag
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ssl
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -52,6 +53,8 @@ from core.clock import Clock
 from core.errors import TransportError
 
 Key = tuple[str, int]  # (station id, evse id)
+# Setpoint received -> SetChargingProfile answered, s: the metrics histogram's buckets.
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FLUSH_WALL_S = 0.05  # changed sessions go out this soon after the message that changed them
 TRIGGER_TIMEOUT_S = 5.0
 
@@ -132,6 +135,7 @@ class Gateway:
         # SetChargingProfile: the CALL's round trip, and setpoint received -> answered.
         self.call_rtt_s: deque[float] = deque(maxlen=100_000)
         self.setpoint_latency_s: deque[float] = deque(maxlen=100_000)
+        self.latency = Histogram(LATENCY_BUCKETS_S)  # the same, since the start
         self._dirty: set[Key] = set()
         self._wake = asyncio.Event()
         self._sync_posted: set[str] = set()
@@ -450,6 +454,7 @@ class Gateway:
         self.call_rtt_s.append(done - started)
         if w is not None:
             self.setpoint_latency_s.append(done - w.heard_at)
+            self.latency.observe(done - w.heard_at)
         if answer.get("status") != "Accepted":
             self.counts["profile_rejected"] += 1
             self.log.warning(
@@ -599,6 +604,31 @@ class Gateway:
             "can_discharge": sum(s.can_discharge for s in self.sessions.values()),
             **dict(self.counts),
         }
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Counts of observations per upper bound (the last: above every bound) and their
+    sum, since the start: what a Prometheus histogram reports."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count of observations <= le) for each bound and "+Inf"."""
+        out, running = [], 0
+        for le, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += n
+            out.append((le, running))
+        return out
 
 
 def _unplugged_copy(s: EvseSession) -> EvseSession:

@@ -195,6 +195,67 @@ async def test_malformed_calls_get_the_callerror_ocpp_j_names_and_the_station_ca
         # The other station was never disturbed.
         assert (await other.boot()).status == "Accepted"
         assert "cs-2" in gw.stations
+        # Counted by code for the process, with no station id as a label.
+        m = await scrape_gateway(gw)
+        for code in ("OccurrenceConstraintViolation", "NotImplemented", "NotSupported",
+                     "RpcFrameworkError", "FormatViolation"):  # fmt: skip
+            assert metric(m, "v2g_ocpp_call_errors_sent_total", code=code) == 1, code
+        assert not any("cs-" in str(labels) for rows in m.values() for labels, _ in rows)
+
+
+async def scrape_gateway(gw: Gateway) -> Any:
+    """``gw``'s metrics, as ``v2g ocpp --metrics`` serves them, scraped over HTTP once."""
+    import urllib.request
+
+    from broker.metrics import new_registry, serving
+    from chargers.metrics import register_gateway
+    from tests.support.metrics import parse
+    from tests.support.servers import free_port
+
+    registry = new_registry()
+    register_gateway(gw, registry)
+    port = free_port()
+    with serving(f"127.0.0.1:{port}", registry, process="ocpp"):
+
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5.0) as r:
+                return str(r.read().decode())
+
+        return parse(await asyncio.to_thread(get))
+
+
+def metric(samples: Any, name: str, **labels: str) -> float | None:
+    from tests.support.metrics import value
+
+    return value(samples, name, **labels)
+
+
+async def test_the_metrics_count_stations_sessions_profiles_and_the_setpoint_latency(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings) as (gw, url), station(url, "cs-1", PASSWORD) as cp:
+        await cp.boot()
+        await start_session(cp, evse=1, tx="tx-1", soc=0.5, power_w=11000.0)
+        await until(lambda: gw.sessions and gw.summary()["can_discharge"] == 1, what="BPT")
+        await publish_setpoints(rt_settings, gw, "cs-1.1", -3.0, 60.0)
+        await until(lambda: gw.counts["profile_accepted"] == 1, what="accepted")
+        m = await scrape_gateway(gw)
+        assert metric(m, "v2g_ocpp_stations_connected") == 1
+        assert metric(m, "v2g_ocpp_sessions") == 1
+        assert metric(m, "v2g_ocpp_sessions_bpt") == 1
+        assert metric(m, "v2g_ocpp_profiles_accepted_total") == 1
+        assert metric(m, "v2g_ocpp_profiles_rejected_total") == 0
+        assert metric(m, "v2g_ocpp_setpoints_received_total") == 1
+        assert metric(m, "v2g_ocpp_setpoint_to_profile_seconds_count") == 1
+        assert metric(m, "v2g_ocpp_setpoint_to_profile_seconds_bucket", le="+Inf") == 1
+        assert 0 < (metric(m, "v2g_ocpp_setpoint_to_profile_seconds_sum") or 0) < 10
+        assert metric(m, "v2g_mqtt_connections_up", connection="main") == 1
+        cp.accept_profiles = False
+        await publish_setpoints(rt_settings, gw, "cs-1.1", -2.0, 60.0)
+        await until(lambda: gw.counts["profile_rejected"] == 1, what="rejected")
+        m = await scrape_gateway(gw)
+        assert metric(m, "v2g_ocpp_profiles_rejected_total") == 1
+        assert metric(m, "v2g_ocpp_setpoint_to_profile_seconds_count") == 2
 
 
 async def test_a_session_becomes_a_vehicle_reported_over_the_bridge(
@@ -576,10 +637,13 @@ async def test_a_station_that_reconnects_to_another_gateway_process_is_dropped_b
 async def test_the_commands_as_a_user_runs_them_provision_then_serve_a_station(
     settings: Settings, redis_keys: None, retained_cleanup: None, tmp_path: Any
 ) -> None:
-    """`v2g provision station` then `v2g ocpp`, as processes of this venv's `v2g`."""
+    """`v2g provision station` then `v2g ocpp --metrics`, as processes of this venv's
+    `v2g`."""
     import os
     import signal
+    import urllib.request
 
+    from tests.support.metrics import parse
     from tests.support.processes import VENV_BIN
     from tests.support.servers import free_port
 
@@ -605,16 +669,24 @@ async def test_the_commands_as_a_user_runs_them_provision_then_serve_a_station(
     assert prov.returncode == 0, err
     password = out.decode().strip()
     assert len(password) >= 16 and b"provisioned" in err
-    port = free_port()
+    port, mport = free_port(), free_port()
     log = tmp_path / "ocpp.log"
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
-            v2g, "ocpp", "--listen", f"127.0.0.1:{port}", env=env, stdout=sink, stderr=sink
-        )
+            v2g, "ocpp", "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}",
+            env=env, stdout=sink, stderr=sink,
+        )  # fmt: skip
+
+    def scrape() -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5.0) as r:
+            return parse(r.read().decode())
+
     try:
         await until(lambda: b"ocpp_gateway_listening" in log.read_bytes(), 20, "listening")
         async with station(f"ws://127.0.0.1:{port}", "cs-cli", password, "2.0.1") as cp:
             assert (await cp.boot()).status == "Accepted"
+            samples = await asyncio.to_thread(scrape)
+            assert samples["v2g_ocpp_stations_connected"] == [({}, 1.0)]
         wrong = {"Authorization": basic("cs-cli", "not-the-password")}
         assert (
             await handshake_status(
