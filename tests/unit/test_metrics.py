@@ -197,6 +197,25 @@ def test_a_metrics_port_in_use_fails_the_command_before_it_starts() -> None:
     assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ocpp", "--listen", "127.0.0.1:9", "--broker", "mqtt://127.0.0.1:9"],
+        ["web", "--listen", "127.0.0.1:9", "--broker", "mqtt://127.0.0.1:9"],
+    ],
+)
+def test_the_gateway_and_the_web_view_take_metrics_and_fail_on_a_busy_port(
+    command: list[str],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, [*command, "--metrics", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output
+
+
 def test_a_driver_who_leaves_short_is_counted_with_the_energy_they_lacked() -> None:
     """As tests/unit/test_settlement.py drives the settlement: one driver leaves on time
     under target (counted), one leaves early (not the platform's doing: not counted)."""
