@@ -426,6 +426,8 @@ class OcppStations:
         st.pending = []
         self.next_period_at[st.index] = np.inf
         self.max_offline_s[st.index] = np.inf
+        if self.droop is not None:  # the curve was the session's, not the next car's
+            self.droop.until[st.index] = -np.inf
 
     # -- what the CSMS asks -----------------------------------------------------------
     def may_discharge(self, st: Station) -> bool:

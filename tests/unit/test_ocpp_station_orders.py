@@ -200,6 +200,10 @@ def test_a_local_frequency_curve_is_followed_at_the_station_with_no_message() ->
     # a curve is not moved by UpdateDynamicSchedule; ClearChargingProfile ends it
     assert stations.update_dynamic(st, 3, {"setpoint": 100.0})[0] == "Rejected"
     assert stations.clear_profile(st)
+    assert stations.droop is not None and stations.droop.until[i] == -np.inf
+    assert stations.apply_profile(st, _profile(period, duration=600))[0] == "Accepted"
+    stations._session_ended(st, clock.now())  # the next car at this station is not held
+    assert stations.droop.until[i] == -np.inf
     stations.set_frequency(49.8)
     clock.advance(1)
     stations.advance(clock.now())
