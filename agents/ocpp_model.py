@@ -41,7 +41,8 @@ SINGLE_PHASE_UNDER_KW = 10.0  # a 7.4 kW wallbox is 32 A on one phase
 _AC_MODE = {1: "AC_single_phase", 2: "AC_two_phase", 3: "AC_three_phase"}
 BPT_MODES = frozenset({"AC_BPT", "AC_BPT_DER", "DC_BPT", "DC_ACDP_BPT"})
 # Operation modes this station carries out; the others are refused (Rejected).
-SETPOINT_MODES = frozenset({"CentralSetpoint", "ChargingOnly", "Idle"})
+SETPOINT_MODES = frozenset({"CentralSetpoint", "ChargingOnly", "Idle", "LocalFrequency"})
+MAX_CURVE_POINTS = 20  # v2xFreqWattCurve's maxItems in the OCPP 2.1 schema
 PURPOSES = frozenset({"TxProfile", "TxDefaultProfile"})
 
 
@@ -268,10 +269,17 @@ class Order:
     """One period of a profile, as the physics takes it: a signed setpoint (kW) or a
     charge-only cap (kW >= 0), in force over [start, until)."""
 
-    mode: Literal["setpoint", "cap"]
+    mode: Literal["setpoint", "cap", "frequency"]
     power_kw: float
     start: float
     until: float
+    # "frequency" (LocalFrequency): power_kw is the v2xBaseline, and the station holds it
+    # plus the v2xFreqWattCurve at its local frequency (Hz -> kW, in frequency order),
+    # inside [low_kw, high_kw] (dischargeLimit, limit).
+    curve_hz: tuple[float, ...] = ()
+    curve_kw: tuple[float, ...] = ()
+    low_kw: float = -math.inf
+    high_kw: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +294,7 @@ class ReadProfile:
     invalid_after_offline: bool
 
 
-_NEGATIVE_KEYS = ("setpoint", "limit", "discharge_limit")
+_NEGATIVE_KEYS = ("setpoint", "limit", "discharge_limit", "v2x_baseline")
 _PHASE = re.compile(r"_l[23]$")  # limit_L2 arrives as limit_l2
 
 
@@ -303,10 +311,14 @@ def asks_discharge(values: Mapping[str, Any]) -> bool:
         isinstance(v, int | float) and v < 0
         for k, v in values.items()
         if _PHASE.sub("", k) in _NEGATIVE_KEYS
+    ) or any(
+        isinstance(p, Mapping) and isinstance(p.get("power"), int | float) and p["power"] < 0
+        for p in values.get("v2x_freq_watt_curve") or ()
     )
 
 
-_POWER_KEY = re.compile(r"^(setpoint|limit|dischargeLimit)(_L[23])?$")
+# ``power``: a point of a v2xFreqWattCurve (negative: discharge at that frequency).
+_POWER_KEY = re.compile(r"^(setpoint|limit|dischargeLimit|v2xBaseline|power)(_L[23])?$")
 
 
 def has_negative(payload: Any) -> bool:
@@ -335,6 +347,8 @@ def period_order(
     limit = period.get("limit")
     if mode == "Idle":
         return Order("setpoint", 0.0, start, until)
+    if mode == "LocalFrequency":
+        return _frequency_order(period, kw, start, until)
     if mode == "CentralSetpoint":
         if period.get("setpoint") is None:
             raise ProfileRefused("operationMode CentralSetpoint without a setpoint")
@@ -350,13 +364,58 @@ def period_order(
     return Order("cap", max(float(limit) * kw, 0.0), start, until)
 
 
+def _frequency_order(period: Mapping[str, Any], kw: float, start: float, until: float) -> Order:
+    """LocalFrequency: v2xBaseline (absent: 0) plus the v2xFreqWattCurve at the local
+    frequency, inside [dischargeLimit, limit] (OCPP 2.1: the curve's values are added on
+    top of the baseline)."""
+    points = period.get("v2x_freq_watt_curve") or []
+    if not points:
+        raise ProfileRefused("operationMode LocalFrequency without a v2xFreqWattCurve")
+    if len(points) > MAX_CURVE_POINTS:
+        raise ProfileRefused(f"a v2xFreqWattCurve of {len(points)} points (at most 20)")
+    try:
+        pairs = sorted((float(p["frequency"]), float(p["power"]) * kw) for p in points)
+    except (KeyError, TypeError, ValueError):
+        raise ProfileRefused("a v2xFreqWattCurve point without frequency and power") from None
+    limit, low = period.get("limit"), period.get("discharge_limit")
+    return Order(
+        "frequency",
+        float(period.get("v2x_baseline") or 0.0) * kw,
+        start,
+        until,
+        curve_hz=tuple(f for f, _ in pairs),
+        curve_kw=tuple(p for _, p in pairs),
+        low_kw=-math.inf if low is None else float(low) * kw,
+        high_kw=math.inf if limit is None else float(limit) * kw,
+    )
+
+
+def droop_power(
+    base_kw: Array, curve_hz: Array, curve_kw: Array, low_kw: Array, high_kw: Array, hz: float
+) -> Array:
+    """Each row's LocalFrequency power at the local frequency ``hz``: its baseline plus
+    its curve (rows of ``curve_hz``/``curve_kw``, in frequency order, padded by repeating
+    the last point) interpolated at ``hz``, flat beyond the ends, clipped to its limits.
+    Vectorised over the rows (one pass per curve segment, at most 19)."""
+    hz_ = np.asarray(curve_hz, dtype=np.float64)
+    kw_ = np.asarray(curve_kw, dtype=np.float64)
+    add = np.where(hz <= hz_[:, 0], kw_[:, 0], kw_[:, -1])
+    for j in range(hz_.shape[1] - 1):
+        x0, x1 = hz_[:, j], hz_[:, j + 1]
+        inside = (x0 < hz) & (hz <= x1) & (x1 > x0)
+        if inside.any():
+            share = (hz - x0[inside]) / (x1[inside] - x0[inside])
+            add[inside] = kw_[inside, j] + share * (kw_[inside, j + 1] - kw_[inside, j])
+    return np.clip(np.asarray(base_kw) + add, low_kw, high_kw)
+
+
 def read_profile(profile: Mapping[str, Any], *, now: float, volts_per_amp: float) -> ReadProfile:
     """A ``chargingProfile`` (snake_case keys, as the ``ocpp`` library hands it over) as
     orders from ``now`` on. Absolute and Dynamic schedules start at startSchedule (or
     now), Relative ones now; a period lasts until the next one, the schedule's duration
     or validTo, whichever comes first (for ever without any). Raises ProfileRefused for
     what this station does not do (another purpose, Recurring, several schedules, an
-    operation mode other than CentralSetpoint, ChargingOnly and Idle)."""
+    operation mode other than CentralSetpoint, ChargingOnly, Idle and LocalFrequency)."""
     purpose = profile.get("charging_profile_purpose")
     if purpose not in PURPOSES:
         raise ProfileRefused(f"chargingProfilePurpose {purpose} is not supported here")

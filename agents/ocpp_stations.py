@@ -15,7 +15,9 @@ What a station does, per connection:
   MeterValues; at departure: TransactionEvent Ended; Heartbeat when idle for the
   interval the CSMS gave;
 * answers SetChargingProfile (TxProfile/TxDefaultProfile; CentralSetpoint, ChargingOnly,
-  Idle; Absolute, Relative or Dynamic), UpdateDynamicSchedule (2.1),
+  Idle, and LocalFrequency: a v2xFreqWattCurve on a v2xBaseline, followed at the local
+  frequency (:meth:`OcppStations.set_frequency`) with no message to the CSMS; Absolute,
+  Relative or Dynamic), UpdateDynamicSchedule (2.1),
   ClearChargingProfile, NotifyAllowedEnergyTransfer (2.1), TriggerMessage and
   Get/SetVariables, and applies the power to the physics within ``react_wall_s``.
 
@@ -39,6 +41,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 import structlog
+from numpy.typing import NDArray
 from ocpp.exceptions import OCPPError
 from ocpp.routing import on as _on
 from ocpp.v21 import ChargePoint as ChargePoint21
@@ -50,6 +53,7 @@ from websockets.typing import Subprotocol
 from agents.fleet import SimFleet
 from agents.ocpp_model import (
     BPT_MODES,
+    MAX_CURVE_POINTS,
     SUBPROTOCOL,
     CarState,
     Order,
@@ -59,6 +63,7 @@ from agents.ocpp_model import (
     asks_discharge,
     assign_kinds,
     charging_needs,
+    droop_power,
     has_negative,
     iso,
     parse_mix,
@@ -77,6 +82,7 @@ from core.errors import AuthenticationError
 VENDOR = "v2g-sim"
 MODEL = "bpt-sim"
 OUTBOX_MAX = 64  # a station offline for long keeps its transaction events, not more
+NOMINAL_HZ = 50.0  # the grid frequency a station measures until told otherwise
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -204,6 +210,30 @@ _READABLE: dict[tuple[str, str], Callable[[Station], str]] = {
 }
 
 
+@dataclass(slots=True)
+class Droop:
+    """The LocalFrequency curves of the stations, one row each (in force until ``until``;
+    -inf: none), curves padded to MAX_CURVE_POINTS by repeating their last point."""
+
+    base_kw: NDArray[np.float64]
+    hz: NDArray[np.float64]
+    kw: NDArray[np.float64]
+    low_kw: NDArray[np.float64]
+    high_kw: NDArray[np.float64]
+    until: NDArray[np.float64]
+
+    @classmethod
+    def empty(cls, n: int) -> Droop:
+        return cls(
+            base_kw=np.zeros(n),
+            hz=np.full((n, MAX_CURVE_POINTS), NOMINAL_HZ),
+            kw=np.zeros((n, MAX_CURVE_POINTS)),
+            low_kw=np.zeros(n),
+            high_kw=np.zeros(n),
+            until=np.full(n, -np.inf),
+        )
+
+
 class OcppStations:
     """N simulated stations with their cars, run against a CSMS until cancelled."""
 
@@ -263,6 +293,10 @@ class OcppStations:
         self.max_offline_s = np.full(n, np.inf)
         self.next_period_at = np.full(n, np.inf)  # when a station's next period starts
         self._was_plugged = np.zeros(n, dtype=bool)
+        # LocalFrequency: the grid frequency every station measures (one grid), and the
+        # curve each station in that mode holds (made at the first such profile).
+        self.frequency_hz = NOMINAL_HZ
+        self.droop: Droop | None = None
         self.violations: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self._heard = asyncio.Event()
@@ -284,9 +318,12 @@ class OcppStations:
             f.setpoint_until[rows] = -np.inf
             f.cap_until[rows] = -np.inf
             self.max_offline_s[rows] = np.inf
+            if self.droop is not None:
+                self.droop.until[rows] = -np.inf
             self.counts["profiles_lapsed_offline"] += int(rows.size)
             self.log.warning("profiles_lapsed_offline", stations=int(rows.size))
         self._next_periods(now)
+        self._follow_frequency(now)
         f.tick(now)
         plugged = f.plugged
         for i in np.flatnonzero(plugged & ~self._was_plugged).tolist():
@@ -294,6 +331,28 @@ class OcppStations:
         for i in np.flatnonzero(~plugged & self._was_plugged).tolist():
             self._session_ended(self.stations[i], now)
         self._was_plugged = plugged.copy()
+
+    def set_frequency(self, hz: float) -> None:
+        """The grid frequency the stations measure from now on: a station in LocalFrequency
+        follows it within ``react_wall_s``, with no message to or from the CSMS."""
+        self.frequency_hz = float(hz)
+        self._heard.set()
+
+    def _follow_frequency(self, now: float) -> None:
+        """Stations in LocalFrequency: hold their curve at the local frequency (one
+        vectorised pass over those stations)."""
+        d = self.droop
+        if d is None:
+            return
+        rows = np.flatnonzero(d.until > now)
+        if rows.size == 0:
+            return
+        power = droop_power(
+            d.base_kw[rows], d.hz[rows], d.kw[rows], d.low_kw[rows], d.high_kw[rows],
+            self.frequency_hz,
+        )  # fmt: skip
+        self.fleet.setpoint_kw[rows] = power
+        self.fleet.setpoint_until[rows] = d.until[rows]
 
     def _next_periods(self, now: float) -> None:
         """Move the (few) stations whose next profile period is due to it."""
@@ -367,6 +426,8 @@ class OcppStations:
         st.pending = []
         self.next_period_at[st.index] = np.inf
         self.max_offline_s[st.index] = np.inf
+        if self.droop is not None:  # the curve was the session's, not the next car's
+            self.droop.until[st.index] = -np.inf
 
     # -- what the CSMS asks -----------------------------------------------------------
     def may_discharge(self, st: Station) -> bool:
@@ -421,7 +482,22 @@ class OcppStations:
 
     def _hold(self, st: Station, order: Order) -> None:
         f = self.fleet
-        if order.mode == "setpoint":
+        if self.droop is not None:
+            self.droop.until[st.index] = -np.inf
+        if order.mode == "frequency":
+            d = self.droop = self.droop or Droop.empty(len(self.stations))
+            i, k = st.index, len(order.curve_hz)
+            d.hz[i, :k], d.kw[i, :k] = order.curve_hz, order.curve_kw
+            d.hz[i, k:], d.kw[i, k:] = order.curve_hz[-1], order.curve_kw[-1]
+            d.base_kw[i] = order.power_kw
+            # a station that may not discharge never does, whatever the curve says
+            d.low_kw[i] = order.low_kw if self.may_discharge(st) else max(order.low_kw, 0.0)
+            d.high_kw[i] = order.high_kw
+            d.until[i] = order.until
+            f.cap_until[i] = -np.inf
+            self._follow_frequency(self.clock.now())
+            self.counts["frequency_profiles"] += 1
+        elif order.mode == "setpoint":
             f.cap_until[st.index] = -np.inf
             f.set_setpoint(st.index, order.power_kw, order.until)
         else:
@@ -439,6 +515,8 @@ class OcppStations:
         if asks_discharge(update) and not self.may_discharge(st):  # counted by screen()
             return "Rejected", "NoDischarge"
         first = prof.orders[0]
+        if first.mode == "frequency":  # a curve is not updated by a setpoint or a limit
+            return "Rejected", "UnsupportedRequest"
         mode = "CentralSetpoint" if first.mode == "setpoint" else "ChargingOnly"
         try:
             order = period_order(
@@ -462,6 +540,8 @@ class OcppStations:
         self.fleet.setpoint_until[st.index] = -np.inf
         self.fleet.cap_until[st.index] = -np.inf
         self.max_offline_s[st.index] = np.inf
+        if self.droop is not None:
+            self.droop.until[st.index] = -np.inf
         self._heard.set()
         return had
 

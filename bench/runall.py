@@ -86,6 +86,11 @@ def plan(quick: bool) -> list[tuple[str, list[str], float]]:
             300.0 if quick else 600.0,
         ),
         (
+            "ocpp_gateway",
+            ["--sizes", "250,1000", "--steps", "5" if quick else "10"],
+            300.0 if quick else 480.0,
+        ),
+        (
             "metrics_scrape",
             ["--sizes", "1000,10000" if quick else "1000,10000,100000"],
             120.0 if quick else 240.0,

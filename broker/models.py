@@ -612,6 +612,34 @@ class TelemetryBatch(WireModel):
 TELEMETRY_BATCH_COLUMNS = ("vehicle_id", "seq", "ts", "plugged_in", *TELEMETRY_FLOAT_COLUMNS)
 
 
+class FcrDroop(WireModel):
+    """Extension (issue 13): the frequency containment droop a ``SetpointBatch``'s
+    ``fcr_capacity_kw`` follow: activation 0 inside ``deadband_hz`` of ``nominal_hz``,
+    linear to ±1 at ±``full_activation_hz`` (positive above nominal: absorb), and
+    ``frequency_hz``, the frequency the batch's ``power_kw`` were computed at."""
+
+    frequency_hz: Annotated[float, Field(ge=45.0, le=65.0)]
+    nominal_hz: Annotated[float, Field(ge=45.0, le=65.0)] = 50.0
+    deadband_hz: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    full_activation_hz: Annotated[float, Field(gt=0.0, le=5.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _deadband_inside(self) -> Self:
+        if self.deadband_hz >= self.full_activation_hz:
+            raise ValueError(
+                f"deadband_hz ({self.deadband_hz}) must be below full_activation_hz"
+                f" ({self.full_activation_hz})"
+            )
+        return self
+
+    def activation(self, hz: float) -> float:
+        """The required activation in -1..1 at ``hz`` (aggregator/scoring.fcr_activation)."""
+        dev = hz - self.nominal_hz
+        beyond = max(abs(dev) - self.deadband_hz, 0.0)
+        share = beyond / (self.full_activation_hz - self.deadband_hz)
+        return max(-1.0, min(1.0, share if dev >= 0 else -share))
+
+
 class SetpointBatch(WireModel):
     """Setpoints of many vehicles behind one bridge, on ``v2g/bridges/{bridge_id}/setpoints``.
 
@@ -626,6 +654,12 @@ class SetpointBatch(WireModel):
     vehicle_id: _IdColumn
     power_kw: _PowerColumn
     valid_until: _EpochColumn
+    # Extension (issue 13), both or neither: of each vehicle's power_kw, the part
+    # fcr_capacity_kw x activation(fcr.frequency_hz) is frequency containment. A bridge that
+    # can droop at the charger holds power_kw - that part plus the droop at its local
+    # frequency; any other keeps following power_kw (the central path).
+    fcr: FcrDroop | None = None
+    fcr_capacity_kw: _RatingColumn | None = None
 
     @model_validator(mode="after")
     def _columns_line_up(self) -> Self:
@@ -635,9 +669,20 @@ class SetpointBatch(WireModel):
                 f"power_kw has {len(self.power_kw)} entries and valid_until"
                 f" {len(self.valid_until)}, vehicle_id {n}: they must be equal"
             )
+        if (self.fcr is None) != (self.fcr_capacity_kw is None):
+            raise ValueError("fcr and fcr_capacity_kw go together: give both or neither")
+        if self.fcr_capacity_kw is not None and len(self.fcr_capacity_kw) != n:
+            raise ValueError(
+                f"fcr_capacity_kw has {len(self.fcr_capacity_kw)} entries, vehicle_id {n}:"
+                " they must be equal"
+            )
         if min(self.valid_until) <= self.issued_at.timestamp():
             raise ValueError("every valid_until must be after issued_at")
         return self
+
+    def to_json(self) -> bytes:
+        """Compact JSON; without the FCR extension when it is not used (as before it)."""
+        return self.model_dump_json(exclude_none=True).encode()
 
     def __len__(self) -> int:
         return len(self.vehicle_id)

@@ -203,8 +203,11 @@ class Station(ChargePoint):  # type: ignore[misc]
         heartbeat_s: int,
         response_timeout: float,
         logger: structlog.typing.FilteringBoundLogger,
+        call_errors: Counter[str] | None = None,
     ) -> None:
         super().__init__(station_id, connection, response_timeout=response_timeout)
+        # CALLERRORs sent, by code, for the whole process (the station's own go with it)
+        self.call_errors: Counter[str] = Counter() if call_errors is None else call_errors
         self._ocpp_version = version
         self.version = version
         self.handlers = handlers
@@ -355,6 +358,7 @@ class Station(ChargePoint):  # type: ignore[misc]
 
     async def _error(self, uid: str, code: str, description: str) -> None:
         self.counts[f"error:{code}"] += 1
+        self.call_errors[code] += 1
         self.log.warning("ocpp_call_error_sent", code=code, message_id=uid, reason=description)
         await self._send(json.dumps([CALLERROR, uid, code, description, {}]))
 
@@ -386,6 +390,7 @@ class Csms:
         self.ping_s = ping_s
         self.log = logger or structlog.get_logger("ocpp")
         self.refused: Counter[str] = Counter()
+        self.call_errors: Counter[str] = Counter()  # CALLERRORs sent to stations, by code
         self.connected: dict[str, Station] = {}
         self._auth_slots = asyncio.Semaphore(AUTH_CONCURRENCY)
 
@@ -454,6 +459,7 @@ class Csms:
             heartbeat_s=self.heartbeat_s,
             response_timeout=self.response_timeout_s,
             logger=self.log,
+            call_errors=self.call_errors,
         )
         self.connected[station_id] = station
         started = time.monotonic()

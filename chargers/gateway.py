@@ -11,6 +11,9 @@ into a ``SetChargingProfile`` (chargers/profiles.py). Allocation stays in the ag
 - A station's websocket drops: its vehicles are no longer reported, so the aggregator
   counts them out within its stale bound; they come back with the same ids when the
   station reconnects, and the gateway asks for the rest with TriggerMessage.
+- Frequency containment (the FCR extension of SetpointBatch): a session that can discharge
+  gets a LocalFrequency curve around its operating point (droop at the charger); the
+  others the central setpoint.
 - A rejected SetChargingProfile is logged and counted; the EVSE keeps drawing what it
   draws, and the aggregator's follow-ratio learning treats it as a non-follower.
 """
@@ -18,11 +21,12 @@ into a ``SetChargingProfile`` (chargers/profiles.py). Allocation stays in the ag
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ssl
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -36,7 +40,7 @@ from broker.settings import Settings
 from chargers.auth import StationStore
 from chargers.csms import Csms, Json, Station, listening_port
 from chargers.ownership import Ownership
-from chargers.profiles import Target, negative_values, set_charging_profile
+from chargers.profiles import Fcr, Target, negative_values, set_charging_profile
 from chargers.sessions import (
     Assumptions,
     EvseSession,
@@ -49,6 +53,8 @@ from core.clock import Clock
 from core.errors import TransportError
 
 Key = tuple[str, int]  # (station id, evse id)
+# Setpoint received -> SetChargingProfile answered, s: the metrics histogram's buckets.
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FLUSH_WALL_S = 0.05  # changed sessions go out this soon after the message that changed them
 TRIGGER_TIMEOUT_S = 5.0
 
@@ -61,6 +67,10 @@ class Want:
     until: float
     issued: float
     heard_at: float  # time.monotonic() when the gateway received it
+    # Frequency containment (SetpointBatch's FCR extension): the session's share, and
+    # its operating point (power_kw without the activation it was computed at).
+    fcr: Fcr | None = None
+    base_kw: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +80,7 @@ class Sent:
     power_kw: float | None
     until: float | None
     can_discharge: bool
+    fcr: Fcr | None = None  # LocalFrequency around power_kw (None: a setpoint or a limit)
 
 
 class Gateway:
@@ -124,6 +135,7 @@ class Gateway:
         # SetChargingProfile: the CALL's round trip, and setpoint received -> answered.
         self.call_rtt_s: deque[float] = deque(maxlen=100_000)
         self.setpoint_latency_s: deque[float] = deque(maxlen=100_000)
+        self.latency = Histogram(LATENCY_BUCKETS_S)  # the same, since the start
         self._dirty: set[Key] = set()
         self._wake = asyncio.Event()
         self._sync_posted: set[str] = set()
@@ -390,11 +402,27 @@ class Gateway:
                     del self.sent[key]  # it ran out at the station: back on its baseline
                     continue
                 goal = Sent(None, None, s.can_discharge)  # released early: say so
+            elif w.fcr is not None and self._droops_locally(station, s):
+                goal = Sent(round(w.base_kw, 2), w.until, s.can_discharge, w.fcr)
+                if (
+                    last is not None
+                    and (last.power_kw, last.fcr) == (goal.power_kw, goal.fcr)
+                    and last.until is not None
+                    and last.until - now > (w.until - now) / 2.0
+                ):
+                    # The curve at the station already answers this frequency: no call.
+                    self.counts["fcr_held_locally"] += 1
+                    continue
             else:
                 goal = Sent(round(w.power_kw, 2), w.until, s.can_discharge)
             if goal == last:
                 continue
             await self._send_profile(station, key, s, goal, w)
+
+    def _droops_locally(self, station: Station, s: EvseSession) -> bool:
+        """Whether ``s`` gets FCR as a LocalFrequency curve (an OCPP 2.1 session that may
+        discharge, at a station that takes W); the others follow central setpoints."""
+        return s.version == "2.1" and s.can_discharge and self.units.get(station.id, "W") == "W"
 
     async def _send_profile(
         self, station: Station, key: Key, s: EvseSession, goal: Sent, w: Want | None
@@ -426,6 +454,7 @@ class Gateway:
         self.call_rtt_s.append(done - started)
         if w is not None:
             self.setpoint_latency_s.append(done - w.heard_at)
+            self.latency.observe(done - w.heard_at)
         if answer.get("status") != "Accepted":
             self.counts["profile_rejected"] += 1
             self.log.warning(
@@ -443,8 +472,10 @@ class Gateway:
         self, station: Station, key: Key, s: EvseSession, target: Target, goal: Sent, unit: str
     ) -> Json:
         payload = set_charging_profile(
-            target, goal.power_kw, now=self.clock.now(), until=goal.until, unit=unit
+            target, goal.power_kw, now=self.clock.now(), until=goal.until, unit=unit, fcr=goal.fcr
         )
+        if goal.fcr is not None and unit == "W":
+            self.counts["profiles_local_frequency"] += 1
         if not s.can_discharge and negative_values(payload):  # never, but never ever send it
             self.counts["profile_withheld"] += 1
             self.log.error("ocpp_negative_profile_withheld", station=station.id, evse=key[1])
@@ -469,8 +500,11 @@ class Gateway:
             return
         issued = to_epoch(batch.issued_at)
         touched: set[str] = set()
-        for vid, power, until in zip(
-            batch.vehicle_id, batch.power_kw, batch.valid_until, strict=True
+        droop = batch.fcr
+        activation = 0.0 if droop is None else droop.activation(droop.frequency_hz)
+        shares = batch.fcr_capacity_kw or [0.0] * len(batch)
+        for vid, power, until, share in zip(
+            batch.vehicle_id, batch.power_kw, batch.valid_until, shares, strict=True
         ):
             key = self.by_vehicle.get(vid)
             if key is None:
@@ -480,7 +514,14 @@ class Gateway:
             if old is not None and issued <= old.issued:
                 self.counts["setpoints_superseded"] += 1
                 continue
-            self.want[key] = Want(power, until, issued, heard)
+            fcr = (
+                None
+                if droop is None or share <= 0
+                else Fcr(
+                    round(share, 2), droop.nominal_hz, droop.deadband_hz, droop.full_activation_hz
+                )
+            )
+            self.want[key] = Want(power, until, issued, heard, fcr, power - activation * share)
             touched.add(key[0])
         self.counts["setpoints"] += len(batch)
         for sid in touched:
@@ -563,6 +604,31 @@ class Gateway:
             "can_discharge": sum(s.can_discharge for s in self.sessions.values()),
             **dict(self.counts),
         }
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Counts of observations per upper bound (the last: above every bound) and their
+    sum, since the start: what a Prometheus histogram reports."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count of observations <= le) for each bound and "+Inf"."""
+        out, running = [], 0
+        for le, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += n
+            out.append((le, running))
+        return out
 
 
 def _unplugged_copy(s: EvseSession) -> EvseSession:

@@ -5,7 +5,10 @@ a BPT mode, or a station that did not accept ``NotifyAllowedEnergyTransfer``) ne
 negative number of any kind: its profile is ``ChargingOnly`` with a ``limit`` >= 0.
 A session that can discharge gets ``CentralSetpoint`` with a signed ``setpoint`` inside
 ``limit`` and ``dischargeLimit``, and the OCPP 2.1 offline safeguards, so that a station
-that loses the gateway stops discharging on its own.
+that loses the gateway stops discharging on its own. With frequency containment
+(:class:`Fcr`) such a session gets ``LocalFrequency`` instead: its operating point as
+``v2xBaseline`` and the FCR droop as a ``v2xFreqWattCurve``, which the station follows at
+its own frequency measurement, with no round trip.
 """
 
 from __future__ import annotations
@@ -21,6 +24,31 @@ STACK_LEVEL = 1
 # A discharging profile outlives a lost gateway by at most this: the station then drops it
 # (invalidAfterOfflineDuration) and falls back to plain charging.
 MAX_OFFLINE_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Fcr:
+    """A session's share of frequency containment: ``capacity_kw`` at full activation,
+    0 inside ``deadband_hz`` of ``nominal_hz``, linear to full at ±``full_activation_hz``."""
+
+    capacity_kw: float
+    nominal_hz: float = 50.0
+    deadband_hz: float = 0.01
+    full_activation_hz: float = 0.2
+
+
+def freq_watt_curve(fcr: Fcr) -> list[dict[str, float]]:
+    """The droop as OCPP 2.1 ``v2xFreqWattCurve`` points (W on top of ``v2xBaseline``, in
+    frequency order; flat beyond the ends): -capacity at nominal - full activation, 0 over
+    the deadband, +capacity at nominal + full activation (above nominal: absorb)."""
+    w = round(max(0.0, _finite(fcr.capacity_kw)) * 1000.0, 1)
+    f0, db, full = fcr.nominal_hz, fcr.deadband_hz, fcr.full_activation_hz
+    return [
+        {"frequency": round(f0 - full, 4), "power": -w},
+        {"frequency": round(f0 - db, 4), "power": 0.0},
+        {"frequency": round(f0 + db, 4), "power": 0.0},
+        {"frequency": round(f0 + full, 4), "power": w},
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +80,21 @@ def profile_id(evse_id: int) -> int:
 
 
 def set_charging_profile(
-    t: Target, setpoint_kw: float | None, *, now: float, until: float | None, unit: str = "W"
+    t: Target,
+    setpoint_kw: float | None,
+    *,
+    now: float,
+    until: float | None,
+    unit: str = "W",
+    fcr: Fcr | None = None,
 ) -> dict[str, Any]:
     """The ``SetChargingProfileRequest`` payload that makes ``t`` hold ``setpoint_kw``
     (signed, + charges) from ``now`` (platform clock) until ``until``; ``None``: the
     baseline (charge at full power, no end). ``unit`` "A": the same in amperes at the
-    nominal voltage (``watts_per_amp``), for a station that refuses W.
+    nominal voltage (``watts_per_amp``), for a station that refuses W. ``fcr``: the
+    session's share of frequency containment around ``setpoint_kw`` (its operating
+    point), sent as LocalFrequency to a session that can discharge, in W only; any other
+    session gets ``setpoint_kw`` as without it (the central path).
 
     An Absolute schedule starting at ``now``: when it ends the station falls back to its
     default, plain charging, so no setpoint lingers past its validity."""
@@ -68,12 +105,15 @@ def set_charging_profile(
     discharging = False
     if t.version == "2.1" and t.can_discharge and setpoint_kw is not None:
         sp = round(min(max_ch, max(-max_dis, want_w)), 1)
-        period |= {
-            "operationMode": "CentralSetpoint",
-            "setpoint": sp,
-            "limit": round(max_ch, 1),
-            "dischargeLimit": -round(max_dis, 1),
-        }
+        if fcr is not None and fcr.capacity_kw > 0 and unit == "W":
+            period |= {
+                "operationMode": "LocalFrequency",
+                "v2xBaseline": sp,
+                "v2xFreqWattCurve": freq_watt_curve(fcr),
+            }
+        else:
+            period |= {"operationMode": "CentralSetpoint", "setpoint": sp}
+        period |= {"limit": round(max_ch, 1), "dischargeLimit": -round(max_dis, 1)}
         discharging = sp < 0 or max_dis > 0
     else:
         limit = round(min(max_ch, max(0.0, want_w)), 1)

@@ -13,7 +13,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -25,6 +25,10 @@ from broker.settings import Settings, without_password
 from chargers.auth import RedisStations, check_station_id, new_password
 from chargers.gateway import Gateway
 from chargers.ownership import Ownership
+from v2g.commands.serve import Metrics, metrics_endpoint
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 DEFAULT_LISTEN = "127.0.0.1:9000"
 
@@ -64,8 +68,10 @@ async def run_gateway(
     tls: ssl.SSLContext | None,
     bridge_id: str | None,
     heartbeat_s: int,
+    registry: "CollectorRegistry | None" = None,
 ) -> None:
-    """Run the gateway on the fleet's clock until cancelled."""
+    """Run the gateway on the fleet's clock until cancelled; its metrics on ``registry``
+    when given."""
     log = structlog.get_logger("ocpp")
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
     try:
@@ -86,6 +92,10 @@ async def run_gateway(
                 heartbeat_s=heartbeat_s,
                 logger=log,
             )
+            if registry is not None:
+                from chargers.metrics import register_gateway
+
+                register_gateway(gateway, registry)
             log.info(
                 "ocpp_gateway_starting",
                 broker=without_password(settings.broker_url),
@@ -176,6 +186,7 @@ def register(
         heartbeat: Annotated[
             int, typer.Option("--heartbeat", min=1, help="heartbeat interval told to stations, s")
         ] = 60,
+        metrics: Metrics = None,
     ) -> None:
         """Run the OCPP 2.1 / 2.0.1 CSMS gateway: chargers connect to ws://HOST:PORT/{station_id}
         (subprotocol ocpp2.1 or ocpp2.0.1, HTTP Basic auth) and their EV sessions join the
@@ -187,20 +198,26 @@ def register(
         except (ValueError, OSError) as err:
             raise fail(str(err)) from None
         settings = make_settings(
-            broker_url=broker_url, redis_url=redis_url, topic_prefix=topic_prefix, log_format=fmt
+            broker_url=broker_url,
+            redis_url=redis_url,
+            topic_prefix=topic_prefix,
+            log_format=fmt,
+            metrics=metrics,
         )
-        run(
-            run_gateway(
-                settings,
-                host=host,
-                port=port,
-                open_mode=open_mode,
-                tls=tls,
-                bridge_id=bridge_id,
-                heartbeat_s=heartbeat,
-            ),
-            process="ocpp",
-        )
+        with metrics_endpoint(settings.metrics, "ocpp") as registry:
+            run(
+                run_gateway(
+                    settings,
+                    host=host,
+                    port=port,
+                    open_mode=open_mode,
+                    tls=tls,
+                    bridge_id=bridge_id,
+                    heartbeat_s=heartbeat,
+                    registry=registry if settings.metrics else None,
+                ),
+                process="ocpp",
+            )
 
     def station(
         station_id: Annotated[

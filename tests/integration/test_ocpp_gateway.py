@@ -195,6 +195,67 @@ async def test_malformed_calls_get_the_callerror_ocpp_j_names_and_the_station_ca
         # The other station was never disturbed.
         assert (await other.boot()).status == "Accepted"
         assert "cs-2" in gw.stations
+        # Counted by code for the process, with no station id as a label.
+        m = await scrape_gateway(gw)
+        for code in ("OccurrenceConstraintViolation", "NotImplemented", "NotSupported",
+                     "RpcFrameworkError", "FormatViolation"):  # fmt: skip
+            assert metric(m, "v2g_ocpp_call_errors_sent_total", code=code) == 1, code
+        assert not any("cs-" in str(labels) for rows in m.values() for labels, _ in rows)
+
+
+async def scrape_gateway(gw: Gateway) -> Any:
+    """``gw``'s metrics, as ``v2g ocpp --metrics`` serves them, scraped over HTTP once."""
+    import urllib.request
+
+    from broker.metrics import new_registry, serving
+    from chargers.metrics import register_gateway
+    from tests.support.metrics import parse
+    from tests.support.servers import free_port
+
+    registry = new_registry()
+    register_gateway(gw, registry)
+    port = free_port()
+    with serving(f"127.0.0.1:{port}", registry, process="ocpp"):
+
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5.0) as r:
+                return str(r.read().decode())
+
+        return parse(await asyncio.to_thread(get))
+
+
+def metric(samples: Any, name: str, **labels: str) -> float | None:
+    from tests.support.metrics import value
+
+    return value(samples, name, **labels)
+
+
+async def test_the_metrics_count_stations_sessions_profiles_and_the_setpoint_latency(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    async with running_gateway(rt_settings) as (gw, url), station(url, "cs-1", PASSWORD) as cp:
+        await cp.boot()
+        await start_session(cp, evse=1, tx="tx-1", soc=0.5, power_w=11000.0)
+        await until(lambda: gw.sessions and gw.summary()["can_discharge"] == 1, what="BPT")
+        await publish_setpoints(rt_settings, gw, "cs-1.1", -3.0, 60.0)
+        await until(lambda: gw.counts["profile_accepted"] == 1, what="accepted")
+        m = await scrape_gateway(gw)
+        assert metric(m, "v2g_ocpp_stations_connected") == 1
+        assert metric(m, "v2g_ocpp_sessions") == 1
+        assert metric(m, "v2g_ocpp_sessions_bpt") == 1
+        assert metric(m, "v2g_ocpp_profiles_accepted_total") == 1
+        assert metric(m, "v2g_ocpp_profiles_rejected_total") == 0
+        assert metric(m, "v2g_ocpp_setpoints_received_total") == 1
+        assert metric(m, "v2g_ocpp_setpoint_to_profile_seconds_count") == 1
+        assert metric(m, "v2g_ocpp_setpoint_to_profile_seconds_bucket", le="+Inf") == 1
+        assert 0 < (metric(m, "v2g_ocpp_setpoint_to_profile_seconds_sum") or 0) < 10
+        assert metric(m, "v2g_mqtt_connections_up", connection="main") == 1
+        cp.accept_profiles = False
+        await publish_setpoints(rt_settings, gw, "cs-1.1", -2.0, 60.0)
+        await until(lambda: gw.counts["profile_rejected"] == 1, what="rejected")
+        m = await scrape_gateway(gw)
+        assert metric(m, "v2g_ocpp_profiles_rejected_total") == 1
+        assert metric(m, "v2g_ocpp_setpoint_to_profile_seconds_count") == 2
 
 
 async def test_a_session_becomes_a_vehicle_reported_over_the_bridge(
@@ -576,10 +637,13 @@ async def test_a_station_that_reconnects_to_another_gateway_process_is_dropped_b
 async def test_the_commands_as_a_user_runs_them_provision_then_serve_a_station(
     settings: Settings, redis_keys: None, retained_cleanup: None, tmp_path: Any
 ) -> None:
-    """`v2g provision station` then `v2g ocpp`, as processes of this venv's `v2g`."""
+    """`v2g provision station` then `v2g ocpp --metrics`, as processes of this venv's
+    `v2g`."""
     import os
     import signal
+    import urllib.request
 
+    from tests.support.metrics import parse
     from tests.support.processes import VENV_BIN
     from tests.support.servers import free_port
 
@@ -605,16 +669,24 @@ async def test_the_commands_as_a_user_runs_them_provision_then_serve_a_station(
     assert prov.returncode == 0, err
     password = out.decode().strip()
     assert len(password) >= 16 and b"provisioned" in err
-    port = free_port()
+    port, mport = free_port(), free_port()
     log = tmp_path / "ocpp.log"
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
-            v2g, "ocpp", "--listen", f"127.0.0.1:{port}", env=env, stdout=sink, stderr=sink
-        )
+            v2g, "ocpp", "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}",
+            env=env, stdout=sink, stderr=sink,
+        )  # fmt: skip
+
+    def scrape() -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5.0) as r:
+            return parse(r.read().decode())
+
     try:
         await until(lambda: b"ocpp_gateway_listening" in log.read_bytes(), 20, "listening")
         async with station(f"ws://127.0.0.1:{port}", "cs-cli", password, "2.0.1") as cp:
             assert (await cp.boot()).status == "Accepted"
+            samples = await asyncio.to_thread(scrape)
+            assert samples["v2g_ocpp_stations_connected"] == [({}, 1.0)]
         wrong = {"Authorization": basic("cs-cli", "not-the-password")}
         assert (
             await handshake_status(
@@ -692,3 +764,90 @@ async def test_twenty_stations_track_a_discharge_within_5_percent_in_three_steps
         for n, k in zip(names, kinds, strict=True):
             if k != "bpt":
                 assert all(negative_values(p) == [] for p in cps[n].calls("SetChargingProfile"))
+
+
+async def test_fcr_reaches_bpt_stations_as_a_local_frequency_curve_they_follow_with_no_round_trip(
+    rt_settings: Settings, redis_keys: None
+) -> None:
+    """Simulated stations (real OCPP 2.1 / 2.0.1 over real websockets): a SetpointBatch
+    with the FCR extension gives the BPT sessions a LocalFrequency curve, which they
+    follow at their local frequency without another message; the 2.0.1 sessions get the
+    central setpoint as a limit, never a negative value."""
+    import aiomqtt
+    import numpy as np
+
+    from agents.ocpp_stations import build_stations
+    from broker.models import SetpointBatch, from_epoch
+
+    async with running_gateway(rt_settings, open_mode=True, provision=()) as (gw, url):
+        stations = build_stations(url=url, count=4, clock=SimClock(speed=1.0),
+                                  mix="v21bpt=1,v201=1", seed=3, telemetry_interval_s=1.0,
+                                  station_prefix="fcr")  # fmt: skip
+        n_bpt = int(stations.plan.bpt.sum())
+        assert 0 < n_bpt < 4
+        task = asyncio.create_task(stations.run(), name="fcr-stations")
+        try:
+            await until(
+                lambda: (
+                    len(gw.sessions) == 4
+                    and sum(s.can_discharge for s in gw.sessions.values()) == n_bpt
+                ),
+                20,
+                "four sessions, the BPT ones allowed to discharge",
+            )
+            rows = {s.vehicle_id: stations.by_id[k[0]].index for k, s in gw.sessions.items()}
+            vids = sorted(rows)
+            top = stations.fleet.bat.max_charge_kw[[rows[v] for v in vids]]
+            base, share = 0.5 * top, 0.25 * top  # charging whatever the frequency
+
+            async def publish(hz: float) -> None:
+                now = time.time()
+                act = {50.0: 0.0, 49.9: -(0.09 / 0.19)}[hz]
+                batch = SetpointBatch.model_validate_json(
+                    json.dumps({
+                        "bridge_id": gw.bridge_id, "request_id": "r-fcr",
+                        "issued_at": from_epoch(now).isoformat().replace("+00:00", "Z"),
+                        "vehicle_id": vids, "power_kw": list(base + act * share),
+                        "valid_until": [now + 60.0] * 4, "fcr": {"frequency_hz": hz},
+                        "fcr_capacity_kw": list(share),
+                    })
+                )  # fmt: skip
+                async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"sp-{gw.bridge_id}") as c:
+                    topic = rt_settings.topics.bridge_setpoints(gw.bridge_id)
+                    await c.publish(topic, batch.to_json(), qos=1)
+
+            await publish(50.0)
+            await until(lambda: stations.counts["profiles_applied"] == 4, 10, "profiles")
+            assert gw.counts["profiles_local_frequency"] == n_bpt
+            assert stations.counts["frequency_profiles"] == n_bpt
+            bpt = np.array([bool(stations.plan.bpt[rows[v]]) for v in vids])
+            idx = np.array([rows[v] for v in vids])
+            f = stations.fleet
+
+            async def holds(hz: float, act: float) -> None:
+                stations.set_frequency(hz)
+                want = base + act * share
+
+                def ok() -> bool:
+                    got = f.power[idx]
+                    return bool(np.allclose(got[bpt], want[bpt], atol=0.01))
+
+                await until(ok, 3, f"the BPT cars at {hz} Hz")
+
+            before = stations.counts["profiles_received"]
+            for hz, act in ((49.8, -1.0), (50.2, 1.0), (50.005, 0.0), (49.895, -0.5)):
+                await holds(hz, act)
+            assert stations.counts["profiles_received"] == before  # droop at the charger
+            # The 2.0.1 stations hold the central limit and ignore the frequency.
+            assert np.all(f.power[idx[~bpt]] <= base[~bpt] + 0.01)
+            # A new signal with the same operating point: no call, the curve answers it.
+            received = stations.counts["profiles_received"]
+            await publish(49.9)
+            await until(lambda: gw.counts["fcr_held_locally"] >= n_bpt, 5, "held locally")
+            await asyncio.sleep(0.3)
+            assert stations.counts["profiles_received"] == received + (4 - n_bpt)
+            assert sum(stations.violations.values()) == 0
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

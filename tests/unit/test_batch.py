@@ -14,6 +14,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from agents.fleet import SimFleet
 from agents.profiles import generate_fleet
@@ -354,3 +355,33 @@ def test_a_bridge_applies_batched_setpoints_once_and_never_a_superseded_one() ->
     assert fleet.setpoint_until[2] == T0 - 1  # over: the car keeps plain charging
     rt.on_message(aiomqtt.Message(rt.topics.bridge_setpoints("other"), b"{}", 1, False, 1, None))
     assert rt.rejected["schema"] == 1
+
+
+def test_the_fcr_extension_of_a_setpoint_batch_goes_with_its_columns_or_not_at_all() -> None:
+    """Issue 13: ``fcr`` and ``fcr_capacity_kw`` together; without them the JSON is as
+    before (no nulls); the droop is aggregator/scoring.fcr_activation's."""
+    from aggregator.scoring import fcr_activation
+    from broker.models import FcrDroop
+
+    base = {"bridge_id": "gw", "request_id": "r-1", "issued_at": SENT,
+            "vehicle_id": ["a", "b"], "power_kw": [1.0, -2.0],
+            "valid_until": [T0 + 10, T0 + 10]}  # fmt: skip
+    plain = SetpointBatch.model_validate_json(json.dumps(base))
+    assert b"fcr" not in plain.to_json()
+    with_fcr = SetpointBatch.model_validate_json(
+        json.dumps(base | {"fcr": {"frequency_hz": 49.9}, "fcr_capacity_kw": [2.0, 0.0]})
+    )
+    assert SetpointBatch.model_validate_json(with_fcr.to_json()) == with_fcr
+    for bad in (
+        {"fcr": {"frequency_hz": 49.9}},
+        {"fcr_capacity_kw": [1.0, 1.0]},
+        {"fcr": {"frequency_hz": 49.9}, "fcr_capacity_kw": [1.0]},
+        {"fcr": {"frequency_hz": 49.9, "deadband_hz": 0.3}, "fcr_capacity_kw": [1.0, 1.0]},
+        {"fcr": {"frequency_hz": 49.9}, "fcr_capacity_kw": [-1.0, 1.0]},
+    ):
+        with pytest.raises(ValidationError):
+            SetpointBatch.model_validate_json(json.dumps(base | bad))
+    droop = FcrDroop(frequency_hz=50.0)
+    hz = np.linspace(49.5, 50.5, 101)
+    want = fcr_activation(hz)
+    assert [droop.activation(float(f)) for f in hz] == pytest.approx(list(want))

@@ -197,6 +197,25 @@ def test_a_metrics_port_in_use_fails_the_command_before_it_starts() -> None:
     assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ocpp", "--listen", "127.0.0.1:9", "--broker", "mqtt://127.0.0.1:9"],
+        ["web", "--listen", "127.0.0.1:9", "--broker", "mqtt://127.0.0.1:9"],
+    ],
+)
+def test_the_gateway_and_the_web_view_take_metrics_and_fail_on_a_busy_port(
+    command: list[str],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, [*command, "--metrics", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output
+
+
 def test_a_driver_who_leaves_short_is_counted_with_the_energy_they_lacked() -> None:
     """As tests/unit/test_settlement.py drives the settlement: one driver leaves on time
     under target (counted), one leaves early (not the platform's doing: not counted)."""
@@ -232,3 +251,50 @@ def test_the_metric_names_of_a_query_leave_out_functions_labels_and_strings() ->
         " / on() group_left v2g_fleet_vehicles"
     )
     assert metric_names(expr) == {"v2g_messages_refused_total", "v2g_fleet_vehicles"}
+
+
+def test_the_ocpp_gateways_metrics_follow_the_conventions_and_its_histogram_is_cumulative() -> None:
+    """`v2g ocpp --metrics`: names with units, counters in _total, no station or vehicle
+    labels; the setpoint latency as a cumulative histogram."""
+    from typing import Any
+
+    from prometheus_client import CollectorRegistry
+
+    from chargers.gateway import Gateway, Histogram
+    from chargers.metrics import register_gateway
+
+    class NoStations:
+        async def verify(self, station_id: str, password: str) -> Any:
+            raise AssertionError("not called")
+
+    gw = Gateway(
+        settings=Settings(topic_prefix="mt", log_level="warning"),
+        clock=ManualClock(T0),
+        stations=NoStations(),  # type: ignore[arg-type]
+        bridge_id="gw-1",
+    )
+    for seconds in (0.004, 0.03, 0.03, 0.7, 20.0):
+        gw.latency.observe(seconds)
+    gw.counts["profile_rejected"] += 2
+    gw.csms.call_errors["FormatViolation"] += 1
+    registry = CollectorRegistry()
+    register_gateway(gw, registry)
+    m = scrape_registry(registry)
+    assert value(m, "v2g_ocpp_profiles_rejected_total") == 2
+    assert value(m, "v2g_ocpp_call_errors_sent_total", code="FormatViolation") == 1
+    assert value(m, "v2g_ocpp_setpoint_to_profile_seconds_bucket", le="0.01") == 1
+    assert value(m, "v2g_ocpp_setpoint_to_profile_seconds_bucket", le="0.05") == 3
+    assert value(m, "v2g_ocpp_setpoint_to_profile_seconds_bucket", le="10.0") == 4
+    assert value(m, "v2g_ocpp_setpoint_to_profile_seconds_bucket", le="+Inf") == 5
+    assert value(m, "v2g_ocpp_setpoint_to_profile_seconds_count") == 5
+    assert value(m, "v2g_ocpp_stations_connected") == 0
+    for fam in registry.collect():
+        if fam.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
+        if fam.type == "histogram":
+            assert fam.name.endswith("_seconds"), fam.name
+        for s in fam.samples:
+            assert not (FORBIDDEN_LABELS | {"station", "station_id"}) & s.labels.keys()
+    h = Histogram((1.0, 2.0))
+    h.observe(1.0)  # on a bound: counted under it (le is <=)
+    assert h.cumulative() == [("1.0", 1), ("2.0", 1), ("+Inf", 1)]

@@ -14,7 +14,7 @@ from ocpp.messages import get_validator
 
 from broker.models import Telemetry
 from chargers.auth import check_station_id, hash_password, parse_basic, verify_password
-from chargers.profiles import Target, negative_values, set_charging_profile
+from chargers.profiles import Fcr, Target, negative_values, set_charging_profile
 from chargers.sessions import (
     Assumptions,
     EvseSession,
@@ -246,6 +246,37 @@ def test_bpt_setpoint_is_a_signed_central_setpoint_with_offline_safeguards() -> 
     assert prof["maxOfflineDuration"] > 0 and prof["invalidAfterOfflineDuration"] is True
 
 
+def test_fcr_to_a_bpt_session_is_a_local_frequency_curve_with_offline_safeguards() -> None:
+    fcr = Fcr(3.0, nominal_hz=50.0, deadband_hz=0.01, full_activation_hz=0.2)
+    p = set_charging_profile(target("2.1", True), -1.5, now=NOW, until=NOW + 60, fcr=fcr)
+    valid_call("SetChargingProfile", p, "2.1")
+    prof = p["chargingProfile"]
+    period = prof["chargingSchedule"][0]["chargingSchedulePeriod"][0]
+    assert period == {
+        "startPeriod": 0,
+        "operationMode": "LocalFrequency",
+        "v2xBaseline": -1500.0,
+        "v2xFreqWattCurve": [
+            {"frequency": 49.8, "power": -3000.0},
+            {"frequency": 49.99, "power": 0.0},
+            {"frequency": 50.01, "power": 0.0},
+            {"frequency": 50.2, "power": 3000.0},
+        ],
+        "limit": 11000.0,
+        "dischargeLimit": -11000.0,
+    }
+    assert prof["maxOfflineDuration"] > 0 and prof["invalidAfterOfflineDuration"] is True
+    # a session that cannot discharge, or a station that takes A only: the central path
+    for t, unit in ((target("2.1", False), "W"), (target("2.0.1", False), "W")):
+        q = set_charging_profile(t, 1.5, now=NOW, until=NOW + 60, unit=unit, fcr=fcr)
+        assert "LocalFrequency" not in str(q) and negative_values(q) == []
+    a = set_charging_profile(target("2.1", True), -1.5, now=NOW, until=NOW + 60, unit="A", fcr=fcr)
+    assert (
+        a["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]["operationMode"]
+        == "CentralSetpoint"
+    )
+
+
 def test_charge_only_gets_a_zero_limit_for_a_discharge_request() -> None:
     for version in ("2.1", "2.0.1"):
         p = set_charging_profile(target(version, False), -7.4, now=NOW, until=NOW + 60)
@@ -286,6 +317,7 @@ def test_baseline_is_full_power_charging_without_an_end() -> None:
     evse=st.integers(0, 100),
     ttl=st.floats(0.001, 3600),
     unit=st.sampled_from(["W", "A"]),
+    fcr_kw=st.one_of(st.none(), st.floats(0, 1e4)),
 )
 def test_no_session_that_cannot_discharge_ever_gets_a_negative_value(
     version: str,
@@ -297,21 +329,27 @@ def test_no_session_that_cannot_discharge_ever_gets_a_negative_value(
     evse: int,
     ttl: float,
     unit: str,
+    fcr_kw: float | None,
 ) -> None:
     s = EvseSession(station_id="cs", evse_id=evse, version=version, vehicle_id="cs.1")
     s.bpt_modes = ("AC_BPT",) if bpt_modes else ()
     s.bpt_allowed = accepted
     t = Target(version, evse, "tx", s.can_discharge, max_charge, max_discharge)
     until = None if setpoint is None else NOW + ttl
-    p = set_charging_profile(t, setpoint, now=NOW, until=until, unit=unit)
+    fcr = None if fcr_kw is None else Fcr(fcr_kw)
+    p = set_charging_profile(t, setpoint, now=NOW, until=until, unit=unit, fcr=fcr)
     if not s.can_discharge:
         assert negative_values(p) == []
         period = p["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]
         assert period["limit"] >= 0 and "setpoint" not in period
     elif setpoint is not None:
         period = p["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]
-        assert period["operationMode"] == "CentralSetpoint"
-        assert period["dischargeLimit"] <= period["setpoint"] <= period["limit"]
+        if fcr_kw and unit == "W":  # droop at the charger, around the operating point
+            assert period["operationMode"] == "LocalFrequency" and "setpoint" not in period
+            assert period["dischargeLimit"] <= period["v2xBaseline"] <= period["limit"]
+        else:
+            assert period["operationMode"] == "CentralSetpoint"
+            assert period["dischargeLimit"] <= period["setpoint"] <= period["limit"]
     valid_call("SetChargingProfile", p, version)
     assert all(math.isfinite(x) for x in _numbers(p))
 

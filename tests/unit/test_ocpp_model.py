@@ -20,6 +20,7 @@ from agents.ocpp_model import (
     KINDS,
     CarState,
     ProfileRefused,
+    asks_discharge,
     assign_kinds,
     charging_needs,
     has_negative,
@@ -284,3 +285,47 @@ def test_a_negative_power_value_is_found_anywhere_in_a_raw_message() -> None:
     assert has_negative(msg)
     assert has_negative({"scheduleUpdate": {"setpoint": -0.5}})
     assert not has_negative({"scheduleUpdate": {"setpoint": 0, "dischargeLimit": 0}})
+
+
+@given(
+    points=st.lists(
+        st.tuples(st.floats(49.0, 51.0), st.floats(-20_000, 20_000)),
+        min_size=1, max_size=20, unique_by=lambda p: round(p[0], 6),
+    ),
+    hz=st.floats(48.5, 51.5),
+    base=st.floats(-5_000, 5_000),
+)  # fmt: skip
+def test_the_droop_of_many_stations_is_numpys_interpolation_of_each_curve(
+    points: list[tuple[float, float]], hz: float, base: float
+) -> None:
+    """droop_power (vectorised over rows, curves padded) == np.interp of each curve."""
+    from agents.ocpp_model import MAX_CURVE_POINTS, droop_power
+
+    pts = sorted((round(f, 6), p / 1000.0) for f, p in points)
+    fs, ps = [f for f, _ in pts], [p for _, p in pts]
+    pad = MAX_CURVE_POINTS - len(fs)
+    hz_rows = np.array([fs + [fs[-1]] * pad] * 2)
+    kw_rows = np.array([ps + [ps[-1]] * pad, [-p for p in ps] + [-ps[-1]] * pad])
+    got = droop_power(np.array([base, base]) / 1000.0, hz_rows, kw_rows,
+                      np.array([-np.inf, -1.0]), np.array([np.inf, 1.0]), hz)  # fmt: skip
+    want0 = base / 1000.0 + np.interp(hz, fs, ps)
+    want1 = np.clip(base / 1000.0 + np.interp(hz, fs, [-p for p in ps]), -1.0, 1.0)
+    assert got[0] == pytest.approx(want0, abs=1e-9)
+    assert got[1] == pytest.approx(want1, abs=1e-9)
+
+
+def test_a_local_frequency_period_reads_as_a_curve_on_its_baseline() -> None:
+    period = {"start_period": 0, "operation_mode": "LocalFrequency", "v2x_baseline": -1000,
+              "v2x_freq_watt_curve": [{"frequency": 50.2, "power": 3000},
+                                      {"frequency": 49.8, "power": -3000}],
+              "limit": 4000, "discharge_limit": -4000}  # fmt: skip
+    read = read_profile(_profile(period), now=NOW, volts_per_amp=1.0)
+    (order,) = read.orders
+    assert order.mode == "frequency" and order.power_kw == -1.0
+    assert order.curve_hz == (49.8, 50.2) and order.curve_kw == (-3.0, 3.0)
+    assert (order.low_kw, order.high_kw) == (-4.0, 4.0)
+    assert read.negative  # a negative baseline or curve point asks for discharge
+    assert asks_discharge({"v2x_freq_watt_curve": [{"frequency": 50, "power": -1}]})
+    assert not asks_discharge({"v2x_freq_watt_curve": [{"frequency": 50, "power": 1}]})
+    assert has_negative({"chargingSchedulePeriod": [{"v2xBaseline": -5}]})
+    assert has_negative({"v2xFreqWattCurve": [{"frequency": 50.0, "power": -5}]})

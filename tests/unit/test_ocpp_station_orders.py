@@ -168,3 +168,59 @@ def test_a_station_that_cannot_discharge_never_does_whatever_it_is_sent(
         clock.advance(20)
         stations.advance(clock.now())
         assert (stations.fleet.power >= 0).all()
+
+
+def _fcr_curve(capacity_w: float) -> list[dict[str, float]]:
+    """An FCR droop around 50 Hz: 10 mHz deadband, full activation at +/-200 mHz."""
+    return [
+        {"frequency": 49.8, "power": -capacity_w},
+        {"frequency": 49.99, "power": 0.0},
+        {"frequency": 50.01, "power": 0.0},
+        {"frequency": 50.2, "power": capacity_w},
+    ]
+
+
+def test_a_local_frequency_curve_is_followed_at_the_station_with_no_message() -> None:
+    stations, clock = _stations()
+    i = _discharger(stations)
+    st = stations.stations[i]
+    stations.allow_transfer(st, ["AC_BPT", "DC_BPT"], str(st.tx_id))
+    period = {"start_period": 0, "operation_mode": "LocalFrequency", "v2x_baseline": 500.0,
+              "v2x_freq_watt_curve": _fcr_curve(2000.0), "limit": 2000.0,
+              "discharge_limit": -3000.0}  # fmt: skip
+    assert stations.apply_profile(st, _profile(period, duration=600)) == ("Accepted", None)
+    f = stations.fleet
+    # (frequency, kW held): the deadband, half activation both ways, clipped by limit
+    for hz, want in ((50.0, 0.5), (50.005, 0.5), (49.895, -0.5), (50.105, 1.5), (50.3, 2.0)):
+        stations.set_frequency(hz)
+        clock.advance(1)
+        stations.advance(clock.now())
+        assert f.power[i] == pytest.approx(want, abs=1e-6), hz
+    assert stations.counts["frequency_profiles"] == 1
+    # a curve is not moved by UpdateDynamicSchedule; ClearChargingProfile ends it
+    assert stations.update_dynamic(st, 3, {"setpoint": 100.0})[0] == "Rejected"
+    assert stations.clear_profile(st)
+    assert stations.droop is not None and stations.droop.until[i] == -np.inf
+    assert stations.apply_profile(st, _profile(period, duration=600))[0] == "Accepted"
+    stations._session_ended(st, clock.now())  # the next car at this station is not held
+    assert stations.droop.until[i] == -np.inf
+    stations.set_frequency(49.8)
+    clock.advance(1)
+    stations.advance(clock.now())
+    assert f.power[i] >= 0.0
+    assert sum(stations.violations.values()) == 0
+
+
+def test_a_curve_that_discharges_is_refused_by_a_station_that_may_not() -> None:
+    stations, _ = _stations("v21=1")
+    st = stations.stations[0]
+    period = {"start_period": 0, "operation_mode": "LocalFrequency",
+              "v2x_freq_watt_curve": _fcr_curve(1000.0)}  # fmt: skip
+    assert stations.apply_profile(st, _profile(period)) == ("Rejected", "NoDischarge")
+    # a charge-only curve (0..2 kW) is carried out, and never below 0 kW
+    up = [{"frequency": 49.8, "power": 0.0}, {"frequency": 50.2, "power": 2000.0}]
+    ok = {"start_period": 0, "operation_mode": "LocalFrequency", "v2x_freq_watt_curve": up}
+    assert stations.apply_profile(st, _profile(ok, duration=60)) == ("Accepted", None)
+    stations.set_frequency(49.7)
+    stations.advance(T0 + 1)
+    assert stations.fleet.power[0] >= 0.0

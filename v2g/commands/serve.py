@@ -521,13 +521,18 @@ def web(
     broker: Broker = None,
     topic_prefix: Prefix = None,
     log_format: LogFormat = None,
+    metrics: Metrics = None,
 ) -> None:
     """Serve a live view of the fleet in a browser: status, capability, power against the
-    requests, dispatches, refusals; with a token, send, amend and cancel requests."""
+    requests, dispatches, refusals; with a token, send, amend and cancel requests.
+    ``--metrics``: the process's own (process_*, python_*), as for ``v2g broker``."""
     from v2g.web.serve import run_web
 
-    settings = settings_from(broker_url=broker, topic_prefix=topic_prefix, log_format=log_format)
-    run(run_web(settings, listen=listen, token=token or None), process="web")
+    settings = settings_from(
+        broker_url=broker, topic_prefix=topic_prefix, log_format=log_format, metrics=metrics
+    )
+    with metrics_endpoint(settings.metrics, "web"):
+        run(run_web(settings, listen=listen, token=token or None), process="web")
 
 
 def homeassistant_cmd(
