@@ -37,6 +37,7 @@ from aggregator.clockwatch import ClockWatch, behind
 from aggregator.dispatch import Dispatcher, StepOutput
 from aggregator.fleet_state import FleetState, FleetView
 from aggregator.forecast import ForecastModel
+from aggregator.grid_capability import NodeCapabilities, node_capabilities
 from aggregator.grid_state import GridState
 from aggregator.inbox import Inbox, Refusals
 from aggregator.ledger import (
@@ -65,6 +66,7 @@ from broker.models import (
     FleetForecast,
     FleetStatus,
     ForecastPeriod,
+    NodeCapability,
     from_epoch,
     to_epoch,
 )
@@ -102,6 +104,8 @@ class StepPlan:
     updates: list[Outgoing]  # progress, then capability and status (retained)
     status: FleetStatus
     capability: Capability
+    # Each grid node's windows (with a grid, at most once per envelope turn; else empty).
+    node_capabilities: list[NodeCapability]
     ledger: list[tuple[str, Entry]]  # (request id, entry), in the order they are written
     # The availability forecast when one is due, built when the edge can send it (the
     # broker may be away: then it is due again next step): ``forecast()``.
@@ -152,6 +156,8 @@ class ControlStep:
         self.dispatcher = dispatcher or self.new_dispatcher()
         self.forecaster = ForecastModel()
         self.envelopes = Envelopes(step_s=settings.control_step_s)
+        # The nodes' windows once per turn of the envelope's windows, not every step.
+        self.node_caps = NodeCapabilities(len(self.envelopes.windows) * settings.control_step_s)
         self.forecast_at = -math.inf
         # Per-vehicle settlement while requests run: the requests it books for (with when
         # each ends).
@@ -236,7 +242,9 @@ class ControlStep:
         answers = decision.answers + out.results
         # What the fleet offers is what it will deliver: partial followers count for
         # their measured share, as admission counts them.
-        windows = self.envelopes.update(view, now, self.dispatcher.follow_ratio(view.rows))
+        ratio = self.dispatcher.follow_ratio(view.rows)
+        windows = self.envelopes.update(view, now, ratio)
+        node_caps = self._node_capabilities(view, now, ratio)
         # The dispatcher's, for the same view: the step's learning or plan may have them.
         lo, hi = self.dispatcher.ranges(view, now, step_s)
         online, plugged = self.state.counts(now, stale_s)
@@ -276,6 +284,9 @@ class ControlStep:
             Outgoing(t.dispatch_progress(p.request_id), p.to_json(), qos=0) for p in out.progress
         ]
         updates.append(Outgoing(t.fleet_capability, capability.to_json(), qos=1, retain=True))
+        updates += [
+            Outgoing(t.grid_capability(c.node), c.to_json(), qos=1, retain=True) for c in node_caps
+        ]
         updates.append(Outgoing(t.fleet_status, status.to_json(), qos=1, retain=True))
         return StepPlan(
             now=now,
@@ -286,10 +297,27 @@ class ControlStep:
             updates=updates,
             status=status,
             capability=capability,
+            node_capabilities=node_caps,
             ledger=self._ledger(vehicle_books, answers, out, status),
             forecast=self._forecast(now, view, windows),
             applied=applied,
             snapshot=lambda cursor: self.snapshot(now, cursor),
+        )
+
+    def _node_capabilities(
+        self, view: FleetView, now: float, ratio: np.ndarray
+    ) -> list[NodeCapability]:
+        """The grid nodes' windows when due (aggregator/grid_capability.py); [] else."""
+        if self.grid is None or not self.node_caps.due(now):
+            return []
+        return node_capabilities(
+            self.grid.grid,
+            self.grid.vehicle_nodes(view),
+            view,
+            now,
+            self.envelopes.windows,
+            self.grid.in_force(now),
+            ratio,
         )
 
     def apply_grid(self, inbox: Inbox) -> None:
