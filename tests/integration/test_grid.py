@@ -5,6 +5,7 @@ what the simulated cars draw, not what they were told."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import numpy as np
 import pytest
 
 from aggregator.store import RedisStore
-from broker.models import DispatchRequest, GridLimits, GridMeter, LimitInterval, from_epoch
+from broker.models import (
+    DispatchRequest,
+    GridLimits,
+    GridMeter,
+    LimitInterval,
+    NodeCapability,
+    from_epoch,
+)
 from broker.settings import Settings
 from core.clock import SimClock
 from tests.support.harness import HOST, MQTT_PORT, Loop, eventually, running_loop
@@ -38,6 +46,19 @@ def drawn(loop: Loop, node: str) -> float:
 
 def tol(limit: float) -> float:
     return max(0.01 * limit, 1.0)
+
+
+async def node_capability(s: Settings, node: str, test_id: str) -> NodeCapability:
+    """The node's retained capability (or the next one) once it counts vehicles."""
+    async with aiomqtt.Client(HOST, MQTT_PORT, identifier=f"itest-{test_id}-cap") as c:
+        await c.subscribe(s.topics.grid_capability(node), qos=1)
+        async with asyncio.timeout(20.0):
+            async for m in c.messages:
+                assert isinstance(m.payload, bytes)
+                cap = NodeCapability.model_validate_json(m.payload)
+                if cap.vehicles > 0:
+                    return cap
+    raise AssertionError(f"no capability with vehicles on {node}")
 
 
 async def test_two_sites_under_a_feeder_limits_a_node_request_and_a_meter_jump(
@@ -68,6 +89,11 @@ async def test_two_sites_under_a_feeder_limits_a_node_request_and_a_meter_jump(
         by = {n.node: n for n in report.status.nodes}
         assert by["site-a"].import_limit_kw == 40.0 and by["site-a"].over_limit_kw == 0.0
         assert report.status.unknown_node == 0
+        # Each node's capability, retained: site-a's windows within its 40 kW.
+        cap = await node_capability(s, "site-a", test_id)
+        assert cap.node == "site-a" and cap.vehicles <= COUNT
+        assert [w.duration_s for w in cap.windows] == [900.0, 1800.0, 3600.0, 7200.0, 14400.0]
+        assert all(w.min_power_kw <= w.max_power_kw <= 40.0 + tol(40.0) for w in cap.windows)
 
         # A request on site-b: its cars alone hold it.
         rid = f"node-{uuid.uuid4().hex[:8]}"
