@@ -9,7 +9,9 @@ flat out (the 08:30 car park), then one where every car is asked to discharge. M
 :func:`aggregator.grid_alloc.allocate_nested` (the water-filling), the limits and meters
 in force, and, side by side in the same run, the fleet-wide split without a grid
 (:func:`aggregator.allocation.allocate`) as the reference, and the same problem as a
-linear programme (HiGHS, least total |p - wanted|) at the sizes given to ``--lp``.
+linear programme (HiGHS, least total |p - wanted|) at the sizes given to ``--lp``; and
+every node's capability windows (aggregator/grid_capability.py) against one window of the
+fleet's envelope.
 
 Prints a table and writes JSON to bench/results/grid.json, with the run's provenance.
 
@@ -261,6 +263,72 @@ def bench(n: int, nodes: int, with_lp: bool) -> list[Row]:
     return out
 
 
+def _limited(case: dict[str, Any]) -> GridTopology:
+    """The case's tree with its limits written into the topology (static limits)."""
+    grid: GridTopology = case["grid"]
+    return parse_grid(
+        {
+            "nodes": [
+                {
+                    "id": grid.ids[j],
+                    "kind": grid.kinds[j],
+                    **({"parent": grid.ids[int(grid.parent[j])]} if grid.parent[j] >= 0 else {}),
+                    **({"import_kw": float(case["imp"][j])} if np.isfinite(case["imp"][j]) else {}),
+                    **({"export_kw": float(case["exp"][j])} if np.isfinite(case["exp"][j]) else {}),
+                }
+                for j in range(len(grid))
+            ]
+        }
+    )
+
+
+def node_capability(n: int, nodes: int) -> list[Row]:
+    """Every node's capability windows (aggregator/grid_capability.py: the vectorised
+    per-node bound over the five windows, and the models), against one window of the
+    fleet's own envelope (the LP the control step solves each step at this size)."""
+    from agents.fleet import SimFleet
+    from agents.profiles import generate_fleet
+    from agents.telemetry import _reports
+    from aggregator.capability import WINDOWS_S, window
+    from aggregator.fleet_state import FleetState
+    from aggregator.grid_capability import node_capabilities
+    from aggregator.grid_state import GridState
+
+    case = build(n, nodes)
+    grid: GridTopology = case["grid"]
+    fleet = SimFleet(generate_fleet(n, 3), T_NOW, step_s=5.0)
+    fleet.place([grid.ids[j] for j in case["node"].tolist()])
+    state = FleetState()
+    state.apply_arrays(_reports(fleet, T_NOW, None))
+    held = GridState(_limited(case), telemetry_interval_s=5.0)
+    view = state.view(T_NOW, 15.0)
+    g = held.in_force(T_NOW)
+
+    def caps() -> Any:
+        return node_capabilities(held.grid, held.vehicle_nodes(view), view, T_NOW, WINDOWS_S, g)
+
+    took = best_of(caps, 3)
+    ref = best_of(lambda: window(view, T_NOW, WINDOWS_S[0]), 3)
+    published = len(caps())
+    print(
+        f"N={n} nodes={len(grid)} node capabilities: {took * 1e3:.1f} ms for {published}"
+        f" nodes x {len(WINDOWS_S)} windows; one fleet envelope window {ref * 1e3:.1f} ms",
+        file=sys.stderr,
+    )
+    return [
+        row(
+            f"every node's capability, {published} nodes x {len(WINDOWS_S)} windows",
+            n,
+            took * 1e3,
+            ref * 1e3,
+            "ms",
+            "one window of the fleet envelope (LP)",
+            STEP_BUDGET_MS,
+            lower_is_better=True,
+        )
+    ]
+
+
 def control_step(n: int, nodes: int) -> list[Row]:
     """The dispatcher's whole control step (aggregator/dispatch) with the grid under the
     fleet, against the same step without a grid: plain charging (no request; the limits
@@ -279,20 +347,7 @@ def control_step(n: int, nodes: int) -> list[Row]:
     step_s = 5.0
     fleet = SimFleet(generate_fleet(n, 3), T_NOW, step_s=step_s)
     fleet.place([grid.ids[j] for j in case["node"].tolist()])
-    limited = parse_grid(
-        {
-            "nodes": [
-                {
-                    "id": grid.ids[j],
-                    "kind": grid.kinds[j],
-                    **({"parent": grid.ids[int(grid.parent[j])]} if grid.parent[j] >= 0 else {}),
-                    **({"import_kw": float(case["imp"][j])} if np.isfinite(case["imp"][j]) else {}),
-                    **({"export_kw": float(case["exp"][j])} if np.isfinite(case["exp"][j]) else {}),
-                }
-                for j in range(len(grid))
-            ]
-        }
-    )
+    limited = _limited(case)
 
     def run(with_grid: bool, request: bool) -> float:
         state = FleetState()
@@ -343,6 +398,7 @@ def rows(quick: bool = False) -> list[Row]:
     for n, nodes in ((10_000, 100),) if quick else ((10_000, 100), (100_000, 1000)):
         out.extend(bench(n, nodes, with_lp=n <= 10_000))
         out.extend(control_step(n, nodes))
+        out.extend(node_capability(n, nodes))
     return out
 
 
@@ -360,6 +416,7 @@ def main() -> None:
     for n, nodes in _pairs(args.sizes):
         result.extend(bench(n, nodes, with_lp=(n, nodes) in lp))
         result.extend(control_step(n, nodes))
+        result.extend(node_capability(n, nodes))
     stamp = provenance(started)
     print_table(result, stamp)
     write_results(result, args.out, stamp)
