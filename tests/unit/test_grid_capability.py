@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aggregator.capability import WINDOWS_S
 from aggregator.fleet_state import FleetState
 from aggregator.grid import parse_grid
 from aggregator.grid_alloc import subtree_sums
-from aggregator.grid_capability import NodeCapabilities, headroom, node_capabilities
+from aggregator.grid_capability import NodeCapabilities, clip_window, headroom, node_capabilities
 from aggregator.grid_state import GridState
 from broker.models import GridMeter, NodeCapability, from_epoch
 from core.physics import feasible_range
@@ -107,3 +109,20 @@ def test_recomputed_at_most_once_per_turn() -> None:
     assert not due.due(T0 + 0.5)
     assert not due.due(T0 + 2.4)
     assert due.due(T0 + 2.5)
+
+
+finite = st.floats(-500.0, 500.0, allow_nan=False)
+
+
+@given(st.lists(st.tuples(finite, finite, finite, finite), min_size=1, max_size=20))
+def test_a_clipped_window_stays_in_the_vehicles_range_and_the_headroom_when_they_meet(
+    rows: list[tuple[float, float, float, float]],
+) -> None:
+    a, b, c, d = (np.array(col) for col in zip(*rows, strict=True))
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    cap_lo, cap_hi = c, d  # not sorted: a meter alone over a limit gives cap_lo > cap_hi
+    new_lo, new_hi, ok = clip_window(lo, hi, cap_lo, cap_hi)
+    assert (lo - 1e-9 <= new_lo).all() and (new_lo <= new_hi).all() and (new_hi <= hi + 1e-9).all()
+    assert (cap_lo[ok] <= new_lo[ok]).all() and (new_hi[ok] <= cap_hi[ok]).all()
+    assert (new_lo[~ok] == new_hi[~ok]).all()
+    assert np.array_equal(ok, np.maximum(lo, cap_lo) <= np.minimum(hi, cap_hi))
