@@ -70,6 +70,12 @@ def test_a_containment_request_fills_the_fcr_extension_of_the_bridges_batches() 
     assert out.fcr_kw is not None and out.fcr_kw.shape[0] == plugged > OWN
     # The first step tells every plugged-in car: their shares are all of the capacity.
     assert float(out.fcr_kw.sum()) == pytest.approx(held, abs=1e-9)
+    # None over its car's half range for the plan's window (it can move that both ways).
+    now = T0 + STEP
+    view = step.state.view(now, step.settings.stale_s)
+    assert view.rows.tolist() == out.rows.tolist()
+    lo, hi = step.dispatcher.ranges(view, now, step.dispatcher.dispatches["fcr-1"].end - now)
+    assert np.all(out.fcr_kw <= 0.5 * (hi - lo) + 1e-9) and np.all(out.fcr_kw >= 0.0)
     got = batches(step, plan.setpoints)
     assert {b.bridge_id for b in got} == {"br-a", "br-b"}
     share = dict(zip((step.state.ids[r] for r in out.rows.tolist()), out.fcr_kw.tolist(),
