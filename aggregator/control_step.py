@@ -49,6 +49,7 @@ from aggregator.ledger import (
     step_entry,
     vehicles_entry,
 )
+from aggregator.scoring import FCR_DEADBAND_HZ, FCR_FULL_HZ, FCR_NOMINAL_HZ
 from aggregator.settlement import Settlement
 from aggregator.status import fleet_status
 from aggregator.store import Snapshot
@@ -63,6 +64,7 @@ from broker.models import (
     DispatchRejection,
     DispatchResult,
     DispatchSignal,
+    FcrDroop,
     FleetForecast,
     FleetStatus,
     ForecastPeriod,
@@ -269,7 +271,7 @@ class ControlStep:
         capability = Capability(ts=from_epoch(now), windows=windows, vehicles=len(view))
         t = self.topics
         setpoints = self.setpoint_messages(
-            out.rows, out.power_kw, out.valid_until, out.request_id, now
+            out.rows, out.power_kw, out.valid_until, out.request_id, now, out.fcr_hz, out.fcr_kw
         )
         # Released vehicles get a setpoint that is already over: back to plain charging.
         released = out.release_rows
@@ -352,7 +354,9 @@ class ControlStep:
         out = self.dispatcher.follow(samples, now, view)
         if out is None or not out.rows.size:
             return None
-        msgs = self.setpoint_messages(out.rows, out.power_kw, out.valid_until, out.request_id, now)
+        msgs = self.setpoint_messages(
+            out.rows, out.power_kw, out.valid_until, out.request_id, now, out.fcr_hz, out.fcr_kw
+        )
         return out, msgs
 
     def forecast_published(self, now: float) -> None:
@@ -428,10 +432,20 @@ class ControlStep:
 
     # -- setpoints -------------------------------------------------------------------
     def setpoint_messages(
-        self, rows: np.ndarray, power: np.ndarray, until: np.ndarray, request_id: str, now: float
+        self,
+        rows: np.ndarray,
+        power: np.ndarray,
+        until: np.ndarray,
+        request_id: str,
+        now: float,
+        fcr_hz: float | None = None,
+        fcr_kw: np.ndarray | None = None,
     ) -> list[Outgoing]:
         """Setpoints for fleet ``rows``: one ``Setpoint`` per vehicle that talks for itself,
-        one ``SetpointBatch`` per bridge (split at MAX_BATCH_VEHICLES) for the others."""
+        one ``SetpointBatch`` per bridge (split at MAX_BATCH_VEHICLES) for the others.
+        With containment running (``fcr_hz``, ``fcr_kw``: the frequency the setpoints were
+        computed at and each row's share of the capacity), the batches carry the FCR
+        extension, so a bridge can droop at the charger; a vehicle's own Setpoint has none."""
         t = self.topics
         ids = self.state.ids
         issued = from_epoch(now)
@@ -450,6 +464,14 @@ class ControlStep:
             )
         ]
         carried = np.flatnonzero(bridge >= 0)
+        droop = None
+        if fcr_hz is not None and fcr_kw is not None:
+            droop = FcrDroop(
+                frequency_hz=fcr_hz,
+                nominal_hz=FCR_NOMINAL_HZ,
+                deadband_hz=FCR_DEADBAND_HZ,
+                full_activation_hz=FCR_FULL_HZ,
+            )
         if carried.size:
             order = carried[np.argsort(bridge[carried], kind="stable")]
             b_sorted = bridge[order]
@@ -468,6 +490,8 @@ class ControlStep:
                                 list(map(ids.__getitem__, rows[part].tolist())),
                                 power[part],
                                 until[part],
+                                droop,
+                                None if fcr_kw is None or droop is None else fcr_kw[part],
                             ),
                             qos=1,
                         )

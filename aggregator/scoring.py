@@ -22,6 +22,7 @@ MAX_DELAY_S = 300.0  # ... searching delays of 0 to 5 minutes
 
 FLAT = 1e-9  # of the capacity: a signal or response that moves less has no shape to score
 
+FCR_NOMINAL_HZ = 50.0
 FCR_DEADBAND_HZ = 0.010
 FCR_FULL_HZ = 0.200
 FCR_FULL_WITHIN_S = 30.0
@@ -111,7 +112,7 @@ def _mean(xs: list[float]) -> float:
 def fcr_activation(
     frequency_hz: ArrayLike,
     *,
-    nominal_hz: float = 50.0,
+    nominal_hz: float = FCR_NOMINAL_HZ,
     deadband_hz: float = FCR_DEADBAND_HZ,
     full_hz: float = FCR_FULL_HZ,
 ) -> NDArray[np.float64]:

@@ -36,6 +36,7 @@ from broker.models import (
     MAX_VEHICLE_KW,
     SEQ_LIMIT,
     TELEMETRY_FLOAT_COLUMNS,
+    FcrDroop,
     from_epoch,
 )
 from broker.topics import ID_PATTERN, check_id
@@ -330,10 +331,14 @@ def setpoint_batch_payload(
     vehicle_ids: list[str],
     power_kw: NDArray[np.float64],
     valid_until: NDArray[np.float64],
+    fcr: FcrDroop | None = None,
+    fcr_capacity_kw: NDArray[np.float64] | None = None,
 ) -> bytes:
     """``SetpointBatch(bridge_id, request_id, issued_at, vehicle_ids,
     power_kw=np.round(power_kw, 3), valid_until)`` as JSON, formatted directly: validating
-    our own output vehicle by vehicle would cost more than the allocation.
+    our own output vehicle by vehicle would cost more than the allocation. With ``fcr``
+    and ``fcr_capacity_kw`` (both or neither), the FCR extension too (shares rounded to
+    3 decimals); without them the bytes are as before it.
 
     Checked like the model (ValueError otherwise): the ids, 1 to MAX_BATCH_VEHICLES
     vehicles, columns of one length, finite power within +-MAX_VEHICLE_KW, every
@@ -357,14 +362,23 @@ def setpoint_batch_payload(
         raise ValueError(f"valid_until must be epoch seconds in ({EPOCH_MIN_S:g}, {EPOCH_MAX_S:g})")
     if first <= issued.timestamp():
         raise ValueError("every valid_until must be after issued_at")
-    return json.dumps(
-        {
-            "bridge_id": bridge_id,
-            "request_id": request_id,
-            "issued_at": utc_stamp(issued),
-            "vehicle_id": vehicle_ids,
-            "power_kw": power.tolist(),
-            "valid_until": until.tolist(),
-        },
-        separators=(",", ":"),
-    ).encode()
+    body: dict[str, object] = {
+        "bridge_id": bridge_id,
+        "request_id": request_id,
+        "issued_at": utc_stamp(issued),
+        "vehicle_id": vehicle_ids,
+        "power_kw": power.tolist(),
+        "valid_until": until.tolist(),
+    }
+    if (fcr is None) != (fcr_capacity_kw is None):
+        raise ValueError("fcr and fcr_capacity_kw go together: give both or neither")
+    if fcr is not None and fcr_capacity_kw is not None:
+        with np.errstate(over="ignore"):
+            share = np.round(np.asarray(fcr_capacity_kw, dtype=np.float64), 3)
+        if share.shape[0] != n:
+            raise ValueError("fcr_capacity_kw must be as long as vehicle_ids")
+        if not 0.0 <= float(share.min()) <= float(share.max()) <= MAX_VEHICLE_KW:
+            raise ValueError(f"fcr_capacity_kw must be finite and within 0..{MAX_VEHICLE_KW:g} kW")
+        body["fcr"] = fcr.model_dump(mode="json")
+        body["fcr_capacity_kw"] = (share + 0.0).tolist()  # + 0.0: no "-0.0" on the wire
+    return json.dumps(body, separators=(",", ":")).encode()

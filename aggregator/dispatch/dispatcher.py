@@ -31,6 +31,7 @@ from aggregator.dispatch.stack import Stack
 from aggregator.dispatch.tracking import Tracking
 from aggregator.fleet_state import FleetView
 from aggregator.grid_state import GridState
+from aggregator.scoring import FCR_NOMINAL_HZ
 from broker.models import (
     ActiveDispatch,
     AnswerTo,
@@ -40,6 +41,7 @@ from broker.models import (
     DispatchSignal,
     NodeStatus,
     ResultStatus,
+    Service,
 )
 from core.physics import Array
 
@@ -360,7 +362,8 @@ class Dispatcher:
             if moved is not None:
                 head.changed = wire.fleet_changed(now, *moved)
             target = head.allocated_kw
-        sent = self.setpoints.plan(target, max(d.end for d in stack), now, view, steering)
+        end = max(d.end for d in stack)
+        sent = self.setpoints.plan(target, end, now, view, steering)
         out.rows, out.power_kw, out.valid_until = sent.rows, sent.power_kw, sent.valid_until
         out.request_id = head.request_id
         miss = 0.0 if steering is not None else sent.total_kw - target
@@ -369,6 +372,32 @@ class Dispatcher:
             self._out_rows(out, rows)
             miss -= cut
         self.stack.account(stack, len(view), miss)
+        self._fcr_shares(stack, now, view, end, out)
+
+    def _fcr_shares(
+        self, stack: list[Dispatch], now: float, view: FleetView, end: float, out: StepOutput
+    ) -> None:
+        """With containment running, each sent row's share of the capacity held (issue 13),
+        so a bridge can hand the droop to its chargers: the capacity split over the view in
+        proportion to each car's half range for the plan's window (what it can move both
+        ways from the middle). The shares over the view add up to the capacity held, and
+        none exceeds its car's half range (the stack holds no more than the fleet's)."""
+        fcr = [d for d in stack if d.request.service is Service.FREQUENCY_CONTAINMENT]
+        held = sum(d.held_kw for d in fcr)
+        if not fcr or held <= 0.0 or not out.rows.size or not view.rows.size:
+            return
+        lo, hi = self.fleet.ranges(view, now, self.fleet.rest_s(end, now))
+        half = np.maximum(0.5 * (hi - lo), 0.0)
+        total = float(half.sum())
+        if total <= 0.0:
+            return
+        by_row = np.zeros(int(max(int(view.rows.max()), int(out.rows.max()))) + 1)
+        by_row[view.rows] = held * half / total
+        out.fcr_kw = by_row[out.rows]
+        # One grid, one frequency: the highest-priority containment's latest sample (before
+        # the first, the setpoints were computed at no activation: nominal).
+        hz = fcr[0].frequency_hz
+        out.fcr_hz = FCR_NOMINAL_HZ if hz is None else hz
 
     def _out_rows(self, out: StepOutput, rows: NDArray[np.intp]) -> None:
         """The setpoints of these rows, as they stand now, go out."""

@@ -74,6 +74,11 @@ class StepOutput:
     valid_until: Array = field(default_factory=lambda: np.zeros(0))
     request_id: str = ""
     release_rows: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    # Frequency containment running (issue 13): the frequency these setpoints were
+    # computed at, and each row's share of the capacity held (kW at full activation,
+    # like ``rows``), so a bridge can droop at the charger. None without containment.
+    fcr_hz: float | None = None
+    fcr_kw: Array | None = None
     results: list[DispatchResult] = field(default_factory=list)
     progress: list[DispatchProgress] = field(default_factory=list)
 
@@ -123,6 +128,9 @@ class Dispatch:
     # Containment: the open 30-s activation check and the shares of full activation found.
     fcr_check: FcrCheck | None = None
     fcr_shares: list[float] | None = None
+    # The latest frequency sample (containment; None before the first), which the
+    # setpoints carry for a bridge that droops at the charger.
+    frequency_hz: float | None = None
     # A power request's commitment: once answered, allocated_kw is what the fleet holds
     # until the request is amended or the fleet changes; ``changed`` says how it changed.
     committed: bool = False
@@ -217,6 +225,7 @@ _BOOK_FIELDS = (
     "acc_t",
     "fcr_check",
     "fcr_shares",
+    "frequency_hz",
     "committed",
     "changed",
     "lost",

@@ -45,6 +45,7 @@ class Tracking:
             d.signal = sample.value
         else:
             assert sample.frequency_hz is not None
+            d.frequency_hz = sample.frequency_hz
             d.signal = float(fcr_activation(np.array([sample.frequency_hz]))[0])
             self._watch_fcr(d, now, view)
 

@@ -303,13 +303,18 @@ async def test_a_session_becomes_a_vehicle_reported_over_the_bridge(
 
 @contextlib.asynccontextmanager
 async def fleet_with_gateway(
-    settings: Settings, store: Any, test_id: str, stations: tuple[str, ...]
+    settings: Settings,
+    store: Any,
+    test_id: str,
+    stations: tuple[str, ...],
+    *,
+    open_mode: bool = False,
 ) -> AsyncIterator[tuple[Any, Gateway, str]]:
     from tests.support.harness import make_aggregator
 
     clock = SimClock(speed=1.0)
     agg = make_aggregator(settings, clock, store, test_id)
-    async with running_gateway(settings, provision=stations) as (gw, url):
+    async with running_gateway(settings, provision=stations, open_mode=open_mode) as (gw, url):
         task = asyncio.create_task(agg.run(), name="aggregator")
         try:
             yield agg, gw, url
@@ -847,6 +852,83 @@ async def test_fcr_reaches_bpt_stations_as_a_local_frequency_curve_they_follow_w
             await asyncio.sleep(0.3)
             assert stations.counts["profiles_received"] == received + (4 - n_bpt)
             assert sum(stations.violations.values()) == 0
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_an_aggregator_fcr_request_reaches_the_bpt_stations_as_local_frequency(
+    rt_settings: Settings, store: Any, test_id: str, retained_cleanup: None
+) -> None:
+    """The whole path (issue 13): a frequency_containment request to the aggregator fills
+    the FCR extension of its batches to the gateway, whose BPT sessions get LocalFrequency
+    and droop at the charger; the 2.0.1 sessions keep the central path, never negative."""
+    import aiomqtt
+    import numpy as np
+
+    from agents.ocpp_stations import build_stations
+    from broker.models import DispatchRequest, DispatchSignal, Service, from_epoch
+
+    async with fleet_with_gateway(rt_settings, store, test_id, (), open_mode=True) as (
+        agg,
+        gw,
+        url,
+    ):
+        stations = build_stations(url=url, count=4, clock=SimClock(speed=1.0),
+                                  mix="v21bpt=1,v201=1", seed=3, telemetry_interval_s=1.0,
+                                  station_prefix=f"ff-{test_id}")  # fmt: skip
+        n_bpt = int(stations.plan.bpt.sum())
+        assert 0 < n_bpt < 4
+        task = asyncio.create_task(stations.run(), name="fcr-stations")
+        try:
+            await step_where(agg, lambda r: r.status.vehicles_plugged_in == 4, "4 joined", 20)
+            rid = f"fcr-{test_id}"
+            request = DispatchRequest(request_id=rid, service=Service.FREQUENCY_CONTAINMENT,
+                                      capacity_kw=4.0, duration_s=120)  # fmt: skip
+            async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"opf-{test_id}") as op:
+                await op.publish(rt_settings.topics.dispatch_requests, request.to_json(), qos=1)
+                await until(
+                    lambda: stations.counts["frequency_profiles"] >= n_bpt,
+                    10,
+                    "LocalFrequency at the BPT stations",
+                )
+                held = agg.dispatcher.dispatches[rid].held_kw
+                assert held == pytest.approx(4.0)
+                wants = list(gw.want.values())
+                shares = [w.fcr.capacity_kw for w in wants if w.fcr is not None]
+                assert len(wants) == 4 and len(shares) == 4  # every car takes part
+                assert sum(shares) == pytest.approx(held, abs=0.01 * 4)
+                assert gw.counts["profiles_local_frequency"] >= n_bpt
+                # A frequency sample, measured by the stations too: the aggregator's batch
+                # says at which frequency it computed the setpoints.
+                heard = gw.counts["setpoints"]
+                stations.set_frequency(49.8)
+                sample = DispatchSignal(frequency_hz=49.8, ts=from_epoch(time.time()))
+                await op.publish(rt_settings.topics.dispatch_signal(rid), sample.to_json())
+                await until(lambda: gw.counts["setpoints"] > heard, 5, "the signal's batch")
+                bpt = {k for k, st in gw.sessions.items() if st.can_discharge}
+                assert len(bpt) == n_bpt
+
+                def power_of(k: tuple[str, int]) -> float:
+                    return float(stations.fleet.power[stations.by_id[k[0]].index])
+
+                def drooped() -> bool:
+                    # Full activation below nominal: each BPT car at its operating point
+                    # less its share, by its own curve (the gateway's rounding: 0.01 kW).
+                    return all(
+                        (w := gw.want[k]).fcr is not None
+                        and abs(power_of(k) - (w.base_kw - w.fcr.capacity_kw)) <= 0.05
+                        for k in bpt
+                    )
+
+                await until(drooped, 5, "the BPT cars drooped to full activation")
+            assert all(w.fcr is not None for w in gw.want.values())
+            for sid, st in stations.by_id.items():
+                if not bool(stations.plan.bpt[st.index]):
+                    assert stations.fleet.power[st.index] >= -1e-6, sid
+            assert sum(stations.violations.values()) == 0
+            assert np.isfinite(stations.fleet.power).all()
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
