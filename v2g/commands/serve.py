@@ -224,16 +224,17 @@ def aggregator(
         bool,
         typer.Option(
             "--fast-ingest/--no-fast-ingest",
-            help="receive telemetry on a second, lean MQTT connection (broker/fastlink.py):"
-            " ~10x the general client's ingest",
+            help="receive telemetry on a second MQTT 5 connection (broker/fastlink.py on"
+            " broker/mqtt5link.py): ~10x the general client's ingest",
         ),
     ] = True,
     fast_setpoints: Annotated[
         bool,
         typer.Option(
             "--fast-setpoints/--no-fast-setpoints",
-            help="send setpoints on a second, lean publish-only MQTT connection"
-            " (broker/fastpub.py): ~20x the QoS 1 rate of the general client",
+            help="send setpoints on a second, publish-only MQTT 5 connection"
+            " (broker/fastpub.py on broker/mqtt5link.py), a reason code for each:"
+            " 10-25x the QoS 1 rate of the general client",
         ),
     ] = True,
     log_format: LogFormat = None,
