@@ -14,9 +14,11 @@ import aiomqtt
 import numpy as np
 import pytest
 
+from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.store import RedisStore
 from broker.models import (
     DispatchRequest,
+    DispatchResult,
     GridLimits,
     GridMeter,
     LimitInterval,
@@ -241,3 +243,70 @@ async def test_a_stale_meter_warns_and_counts_no_meter(
         assert by["site-a"].headroom_import_kw + by["site-a"].power_kw == pytest.approx(
             40.0, abs=tol(40.0)
         )
+
+
+async def test_a_firming_request_is_booked_per_interval_in_the_ledger_in_redis(
+    settings: Settings,
+    clock: SimClock,
+    store: RedisStore,
+    test_id: str,
+    retained_cleanup: None,
+    tmp_path: Path,
+) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    s = settings.model_copy(update={"grid_file": str(grid)})
+    ledger = RedisLedger(s.redis_url, prefix=s.redis_prefix)
+    rid = f"firm-{uuid.uuid4().hex[:8]}"
+    try:
+        async with running_loop(s, clock, store, test_id, count=COUNT, seed=5) as loop:
+            loop.aggregator.ledger = LedgerWriter(ledger)
+            loop.fleet.place(["site-a" if i % 2 else "site-b" for i in range(COUNT)])
+            await loop.wait_all_online()
+            async with aiomqtt.Client(HOST, MQTT_PORT, identifier=f"itest-{test_id}-pv") as c:
+
+                async def pv() -> None:  # a solar site exporting 150 kW, its meter fresh
+                    meter = GridMeter(ts=from_epoch(clock.now()), power_kw=-150.0)
+                    await c.publish(s.topics.grid_meter("site-b"), meter.to_json(), qos=0)
+
+                await pv()
+                await loop.next_report()
+                firm = DispatchRequest.model_validate(
+                    {
+                        "request_id": rid,
+                        "service": "firming",
+                        "node": "site-b",
+                        "max_kw": -60.0,
+                        "ramp_kw_per_min": 600.0,
+                        "duration_s": 30.0,
+                    }
+                )
+                answer = await request(s, firm)
+                assert answer.status in ("accepted", "partial"), answer
+                done: list[DispatchResult] = []
+                for _ in range(30):
+                    await pv()
+                    report = await loop.next_report()
+                    done += [
+                        a for a in report.results if a.request_id == rid and a.status == "completed"
+                    ]
+                    if done:
+                        break
+                assert done, "the firming request never completed"
+                await loop.next_report()  # the step after: its ledger write has gone out
+            got = await ledger.read(rid)
+    finally:
+        await ledger.close()
+    books = [e for e in got if e["kind"] == "firming"]
+    assert books, [e["kind"] for e in got]
+    assert all(e["node"] == "site-b" for e in books)
+    # The last interval closes at the request's end, before its final answer.
+    kinds = [e["kind"] for e in got]
+    assert kinds.index("firming") < len(kinds) - 1 and kinds[-1] == "answer"
+    span = float(books[-1]["end"]) - float(books[0]["start"])
+    assert 0.0 < span <= 30.0 + 1e-3  # booked from its first step to its end, no further
+    assert all(float(e["baseline_outside_band_kwh"]) >= 0.0 for e in books)
+    assert all(int(e["ramp_violations"]) >= 0 for e in books)
+    total = sum(float(e["outside_band_kwh"]) for e in books)
+    assert done[0].outside_band_kwh is not None
+    assert total == pytest.approx(done[0].outside_band_kwh, abs=1e-3)
