@@ -45,6 +45,7 @@ from aggregator.ledger import (
     Entry,
     answer_entry,
     departure_entry,
+    firming_entry,
     grid_entry,
     step_entry,
     vehicles_entry,
@@ -571,10 +572,14 @@ class ControlStep:
         status: FleetStatus | None = None,
     ) -> list[tuple[str, Entry]]:
         """This step's ledger entries, in order: the books of the interval a request
-        ended in come before its final answer; the grid's nodes (``status``'s) last."""
+        ended in (its vehicles', a firming request's) come before its final answer; the
+        grid's nodes (``status``'s) last."""
+        nodes = self.dispatcher.nodes
+        firming = [] if nodes is None else nodes.take_intervals()
         if not self.books:
             return []
         entries = list(vehicle_books)
+        entries += [(rid, firming_entry(iv)) for rid, iv in firming]
         entries += [(a.request_id, answer_entry(a)) for a in answers]
         n = int(out.rows.shape[0])
         entries += [(p.request_id, step_entry(p, n)) for p in out.progress]

@@ -6,8 +6,10 @@ Entries are flat string maps with a ``kind``: ``answer`` (each answer given: acc
 terms, partial, rejected, completed or cancelled), ``step`` (each control step while the
 request runs: requested, allocated, delivered and baseline kW, energies so far, setpoints
 sent, vehicles, and a signal service's score so far), ``vehicles`` (each settlement
-interval: every vehicle's metered and baseline kWh, as columns) and ``departure`` (a
-driver who unplugged while it ran, with their energy and target). Scaled out, every
+interval: every vehicle's metered and baseline kWh, as columns), ``firming`` (each
+settlement interval of a firming request: energy outside the band and ramp violations,
+with the fleet and on plain charging) and ``departure`` (a driver who unplugged while it
+ran, with their energy and target). Scaled out, every
 entry also has ``term``: the fencing token of the leader that wrote it, checked by Redis
 as it appends (:class:`aggregator.fence.FencedLedger`). Writes never hold up a control step: the service queues them and a
 writer drains the queue; while Redis is away they wait (bounded) and go out, in order,
@@ -31,6 +33,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from aggregator.firming import FirmingInterval
 from aggregator.settlement import Departure, VehicleInterval
 from broker.models import DispatchProgress, DispatchResult, NodeStatus
 from core.errors import TransportError
@@ -104,6 +107,22 @@ def vehicles_entry(iv: VehicleInterval) -> Entry:
             },
             separators=(",", ":"),
         ),
+    }
+
+
+def firming_entry(iv: FirmingInterval) -> Entry:
+    """A ledger entry for one settlement interval of a firming request: its node's energy
+    outside the band and ramp violations, with the fleet and on plain charging."""
+    return {
+        "kind": "firming",
+        "ts": f"{iv.end:.3f}",
+        "start": f"{iv.start:.3f}",
+        "end": f"{iv.end:.3f}",
+        "node": iv.node,
+        "outside_band_kwh": f"{iv.outside_band_kwh:.4f}",
+        "ramp_violations": str(iv.ramp_violations),
+        "baseline_outside_band_kwh": f"{iv.baseline_outside_band_kwh:.4f}",
+        "baseline_ramp_violations": str(iv.baseline_ramp_violations),
     }
 
 

@@ -1,5 +1,7 @@
 """``v2g report REQUEST_ID``: a request's settlement from its ledger, per interval, as a
-table, a CSV and a PNG (requested vs baseline vs delivered)."""
+table, a CSV and a PNG (requested vs baseline vs delivered); for a firming request, its
+node's energy outside the band and ramp violations per settlement interval, with the
+fleet and on plain charging."""
 
 from __future__ import annotations
 
@@ -71,6 +73,39 @@ class VehicleTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class FirmingRow:
+    """One settlement interval of a firming request (a ``firming`` ledger entry): the
+    energy its node's net power spent outside the band and the steps that broke the ramp,
+    with the fleet and with the node's cars on plain charging (the baseline)."""
+
+    start: float
+    end: float
+    node: str
+    outside_band_kwh: float
+    ramp_violations: int
+    baseline_outside_band_kwh: float
+    baseline_ramp_violations: int
+
+
+def firming_rows(entries: list[Entry]) -> list[FirmingRow]:
+    """The ``firming`` entries, in time order."""
+    rows = [
+        FirmingRow(
+            start=float(e["start"]),
+            end=float(e["end"]),
+            node=e.get("node", ""),
+            outside_band_kwh=float(e["outside_band_kwh"]),
+            ramp_violations=int(e["ramp_violations"]),
+            baseline_outside_band_kwh=float(e["baseline_outside_band_kwh"]),
+            baseline_ramp_violations=int(e["baseline_ramp_violations"]),
+        )
+        for e in entries
+        if e.get("kind") == "firming"
+    ]
+    return sorted(rows, key=lambda r: r.start)
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     request_id: str
     answers: list[DispatchResult]
@@ -78,6 +113,7 @@ class Report:
     vehicles: VehicleTotals
     # Per step, when the delivery window opened as that step saw it (NaN if not recorded).
     steps_delivery_start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    firming: list[FirmingRow] = field(default_factory=list)
 
     @property
     def final(self) -> DispatchResult | None:
@@ -108,7 +144,14 @@ def parse(request_id: str, entries: list[Entry]) -> Report:
         vehicles=col("vehicles"),
         setpoints=col("setpoints"),
     )
-    return Report(request_id, answers, steps, vehicle_totals(entries), col("delivery_start"))
+    return Report(
+        request_id,
+        answers,
+        steps,
+        vehicle_totals(entries),
+        col("delivery_start"),
+        firming_rows(entries),
+    )
 
 
 def vehicle_totals(entries: list[Entry]) -> VehicleTotals:
@@ -260,12 +303,33 @@ def table(r: Report, rows: list[Interval]) -> list[str]:
         f" {row.delivered_kwh:>9.3f} {row.baseline_kwh:>9.3f}"
         for row in rows
     ]
+    lines += firming_table(r.firming)
     totals = summary(r)
     lines.append(" ".join(f"{k}={v}" for k, v in totals.items()))
     lines += [
         f"driver left short: {d['vehicle_id']} at {iso(float(d['ts']))},"
         f" {float(d['short_kwh']):.2f} kWh under target"
         for d in r.vehicles.short
+    ]
+    return lines
+
+
+def firming_table(rows: list[FirmingRow]) -> list[str]:
+    """A firming request's settlement intervals: outside the band (kWh) and ramp
+    violations with the fleet, then on plain charging (none: no lines)."""
+    if not rows:
+        return []
+    lines = [
+        f"firming on node {rows[0].node}: per settlement interval, with the fleet and on"
+        " plain charging (the baseline)",
+        f"{'start (UTC)':<24} {'end (UTC)':<24} {'outside kWh':>11} {'ramp viol':>9}"
+        f" {'base out kWh':>12} {'base ramp':>9}",
+    ]
+    lines += [
+        f"{iso(row.start):<24} {iso(row.end):<24} {row.outside_band_kwh:>11.3f}"
+        f" {row.ramp_violations:>9d} {row.baseline_outside_band_kwh:>12.3f}"
+        f" {row.baseline_ramp_violations:>9d}"
+        for row in rows
     ]
     return lines
 
@@ -353,4 +417,17 @@ def summary(r: Report) -> dict[str, float | str | None]:
         "vehicles": len(r.vehicles.vehicle_ids),
         "drivers_unplugged": len(r.vehicles.departures),
         "drivers_short": len(r.vehicles.short),
+        **firming_totals(r.firming),
+    }
+
+
+def firming_totals(rows: list[FirmingRow]) -> dict[str, float | str | None]:
+    """A firming request's totals over its intervals (none: empty)."""
+    if not rows:
+        return {}
+    return {
+        "outside_band_kwh": round(sum(x.outside_band_kwh for x in rows), 4),
+        "ramp_violations": sum(x.ramp_violations for x in rows),
+        "baseline_outside_band_kwh": round(sum(x.baseline_outside_band_kwh for x in rows), 4),
+        "baseline_ramp_violations": sum(x.baseline_ramp_violations for x in rows),
     }

@@ -16,7 +16,9 @@ shortfall otherwise; its progress and result carry ``outside_band_kwh``.
 
 Owns the node requests (scheduled and running) and their books: requested energy,
 delivered energy from the subtree's measured power held between steps, and for firming
-the energy outside the band.
+the energy outside the band; per settlement interval, the energy outside the band and
+the ramp violations with the fleet and with the node's cars on plain charging
+(:mod:`aggregator.firming`), taken by the control step for the ledger.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from numpy.typing import NDArray
 from aggregator.dispatch import answers as wire
 from aggregator.dispatch.ranges import FleetRanges
 from aggregator.dispatch.records import Dispatch
+from aggregator.firming import FirmingBooks, FirmingInterval
 from aggregator.fleet_state import FleetView
 from aggregator.grid_alloc import firming_band, subtree_sums
 from aggregator.grid_state import GridNow, GridState
+from aggregator.settlement import INTERVAL_S
 from broker.models import DispatchProgress, DispatchRequest, DispatchResult, Service, to_epoch
+from core.physics import baseline_power
 
 Floats = NDArray[np.float64]
 
@@ -62,6 +67,10 @@ class NodeRequests:
         # power (meter + measured vehicles) at the last step, for the ramp.
         self.outside_kwh: dict[str, float] = {}
         self.last_net_kw: dict[str, float] = {}
+        # Firming, per settlement interval: each request's books, and the intervals closed
+        # since the control step last took them (for the ledger).
+        self.firming: dict[str, FirmingBooks] = {}
+        self.closed_intervals: list[tuple[str, FirmingInterval]] = []
 
     def _under(self, j: int, vnode: NDArray[np.intp]) -> NDArray[np.bool_]:
         under: NDArray[np.bool_] = (vnode >= j) & (vnode < self.grid.grid.end[j])
@@ -205,6 +214,10 @@ class NodeRequests:
         d.shortfall_kw = short
         self.outside_kwh[d.request_id] = 0.0
         self.last_net_kw.setdefault(d.request_id, np.nan)
+        self.firming.setdefault(
+            d.request_id,
+            FirmingBooks(node, req.min_kw, req.max_kw, req.ramp_kw_per_min, INTERVAL_S),
+        )
         if short <= 1e-6:
             return self.said.result(d.request_id, "accepted", now, vehicles=n)
         binding = why_hi if lo > reach_hi else why_lo
@@ -230,6 +243,7 @@ class NodeRequests:
             self._book(d, now, view, self.grid.vehicle_nodes(view))
         self.outside_kwh.pop(request_id, None)
         self.last_net_kw.pop(request_id, None)
+        self._close_books(request_id, now)
         return self.said.closed(d, now, "cancelled", None, None, reason=wire.CANCELLED)
 
     def _book(self, d: Dispatch, now: float, view: FleetView, vnode: NDArray[np.intp]) -> None:
@@ -253,12 +267,15 @@ class NodeRequests:
         results: list[DispatchResult] = []
         vnode = self.grid.vehicle_nodes(view)
         meter0 = np.nan_to_num(g.meter_kw, nan=0.0)
+        plain: Floats | None = None  # every car's plain-charging power, once a step
         for d in list(self.dispatches.values()):
             if d.state == "active":
                 was_t = d.last_t
                 self._book(d, now, view, vnode)
                 if d.request.service == Service.FIRMING:
-                    self._firming_books(d, now, was_t, meter0)
+                    if plain is None:
+                        plain = baseline_power(view.batteries, view.energy, self.control_step_s)
+                    self._firming_books(d, now, was_t, meter0, plain, vnode)
                 if d.over(now):
                     del self.dispatches[d.request_id]
                     results.append(self._final(d, now))
@@ -298,11 +315,25 @@ class NodeRequests:
         progress = [self._progress(d, now) for d in run]
         return results, progress, (lo, hi)
 
-    def _firming_books(self, d: Dispatch, now: float, was_t: float | None, meter0: Floats) -> None:
+    def _firming_books(
+        self,
+        d: Dispatch,
+        now: float,
+        was_t: float | None,
+        meter0: Floats,
+        plain: Floats,
+        vnode: NDArray[np.intp],
+    ) -> None:
         """The energy outside the band since the last step (the net power then held),
-        and the net power now, for the next step's ramp and books."""
+        and the net power now, for the next step's ramp and books; the interval books
+        beside it, with the baseline's net power (meter + the cars' plain charging)."""
         req = d.request
         j = self.grid.grid.index[str(req.node)]
+        books = self.firming.get(d.request_id)
+        if books is not None:
+            base = float(meter0[j]) + float(plain[self._under(j, vnode)].sum())
+            closed = books.step(min(now, d.end), float(meter0[j]) + d.measured_kw, base)
+            self.closed_intervals += [(d.request_id, iv) for iv in closed]
         net_then = self.last_net_kw.get(d.request_id, np.nan)
         if was_t is not None and np.isfinite(net_then):
             lo = -np.inf if req.min_kw is None else req.min_kw
@@ -326,6 +357,19 @@ class NodeRequests:
             return result
         out = round(self.outside_kwh.pop(d.request_id, 0.0), 4)
         self.last_net_kw.pop(d.request_id, None)
+        self._close_books(d.request_id, d.end)
         result = result.model_copy(update={"outside_band_kwh": out})
         self.said.answers[d.request_id] = result
         return result
+
+    def _close_books(self, request_id: str, end: float) -> None:
+        """A firming request ended at ``end``: its last interval closes."""
+        books = self.firming.pop(request_id, None)
+        last = None if books is None else books.close(end)
+        if last is not None:
+            self.closed_intervals.append((request_id, last))
+
+    def take_intervals(self) -> list[tuple[str, FirmingInterval]]:
+        """The firming intervals closed since the last call, in order (for the ledger)."""
+        out, self.closed_intervals = self.closed_intervals, []
+        return out

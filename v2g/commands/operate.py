@@ -408,7 +408,9 @@ def report(
     """A request's settlement from its ledger in Redis: requested vs baseline vs delivered
     per interval as a table, report.csv and report.png, with the totals, the error, the
     score, and any driver left short; vehicles.csv has each vehicle's metered and
-    baseline kWh over the request."""
+    baseline kWh over the request. A firming request adds its node's energy outside the
+    band and ramp violations per settlement interval, with the fleet and on plain
+    charging (with --json, one {"firming": ...} object per interval before the totals)."""
     from v2g import compose
     from v2g import report as rep
     from v2g.progress import bar
@@ -439,6 +441,9 @@ def report(
         for row in rows:
             fields = dataclasses.asdict(row)
             typer.echo(json.dumps({**fields, "start": rep.iso(row.start), "end": rep.iso(row.end)}))
+        for f in r.firming:  # a firming request's settlement intervals
+            fields = {**dataclasses.asdict(f), "start": rep.iso(f.start), "end": rep.iso(f.end)}
+            typer.echo(json.dumps({"firming": fields}))
         typer.echo(json.dumps({"totals": rep.summary(r), "short": list(r.vehicles.short)}))
         return
     for line in rep.table(r, rows):
