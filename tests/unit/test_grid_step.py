@@ -370,3 +370,18 @@ def test_firming_on_a_node_takes_a_new_duration_but_no_power() -> None:
     longer = d.amend("firm", T0, view, duration_s=1200.0)
     assert longer is not None and longer.status == "accepted", longer
     assert d.nodes is not None and d.nodes.dispatches["firm"].end == pytest.approx(T0 + 1200.0)
+
+
+def test_a_node_request_for_later_takes_its_new_terms_at_its_start() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    later = req(25.0, 300.0, rid="later", node="site-a", start=from_epoch(T0 + 3 * STEP))
+    assert d.submit(later, T0, view).status == "accepted"
+    answer = d.amend("later", T0, view, power_kw=100.0)
+    assert answer is not None and answer.status == "accepted", answer
+    assert (answer.reason or "").startswith("amended; scheduled for")
+    assert "checked at start" in (answer.reason or "")
+    _t, outs = run_loop(fleet, state, d, T0, 5)
+    at_start = [r for o in outs for r in o.results if r.request_id == "later"]
+    assert [r.status for r in at_start] == ["started", "partial"], at_start
+    assert "site-a's import limit" in (at_start[1].reason or "")
