@@ -240,19 +240,14 @@ class Dispatcher:
 
         A running request keeps its books and is admitted afresh for the rest of its
         window; one planned for later is planned again. If the new terms are refused the
-        old ones stand, and the answer says why. None if the request is not running.
+        old ones stand, and the answer says why. One on a node is admitted afresh on its
+        node. None if the request is not running.
         """
         d = self.dispatches.get(request_id)
         if d is None:
             if self.nodes is not None and request_id in self.nodes.dispatches:
-                return self.said.refuse(
-                    request_id,
-                    wire.amendment_refused(
-                        "a request on a node cannot be amended yet: cancel it and send a new one"
-                    ),
-                    now,
-                    "amend",
-                )
+                nd = self.nodes.dispatches[request_id]
+                return self.nodes.amend(nd, now, view, power_kw, duration_s)
             return None
         return self.admission.amend(d, now, view, power_kw, duration_s)
 

@@ -207,12 +207,13 @@ class NodeRequests:
         hi = np.inf if req.max_kw is None else req.max_kw
         reach_lo, reach_hi = meter_kw + bound_lo, meter_kw + bound_hi  # its net power range
         short = max(0.0, lo - reach_hi, reach_lo - hi)
+        if d.state != "active":  # an amendment keeps the time its books were last brought to
+            d.last_t = d.acc_t = now
         d.state = "active"
-        d.last_t = d.acc_t = now
         d.vehicles = n
         d.committed = True
         d.shortfall_kw = short
-        self.outside_kwh[d.request_id] = 0.0
+        self.outside_kwh.setdefault(d.request_id, 0.0)  # an amendment keeps its books
         self.last_net_kw.setdefault(d.request_id, np.nan)
         self.firming.setdefault(
             d.request_id,
@@ -231,6 +232,68 @@ class NodeRequests:
             shortfall_kw=short,
             vehicles=n,
         )
+
+    def amend(
+        self,
+        d: Dispatch,
+        now: float,
+        view: FleetView,
+        power_kw: float | None,
+        duration_s: float | None,
+    ) -> DispatchResult:
+        """Change a node request in flight, as a fleet-wide one is: a running one keeps
+        its books and is admitted afresh on its node (partial names what binds); one for
+        later is checked at its start. If the new terms are refused the old ones stand."""
+        req = d.request
+        update: dict[str, float] = {}
+        if power_kw is not None:
+            update["power_kw"] = power_kw
+        if duration_s is not None:
+            update["duration_s"] = duration_s
+        new_req = req.model_copy(update=update)
+        problem = None
+        if req.service == Service.FIRMING and power_kw is not None:
+            # DispatchAmend carries power and duration only: a firming band is amended
+            # by sending it anew.
+            problem = (
+                "firming takes no power_kw (its band is min_kw/max_kw): amend duration_s,"
+                " or cancel it and send a new one"
+            )
+        problem = problem or wire.problem(
+            new_req.model_copy(update={"node": None, "start": None}), now, self.limits
+        )
+        if problem is None and d.start + new_req.duration_s <= now + self.control_step_s:
+            problem = wire.ends_in_past(new_req.duration_s, now - d.start - new_req.duration_s)
+        vnode = self.grid.vehicle_nodes(view)
+        if problem is None and d.state == "active":
+            under = self._under(self.grid.grid.index[str(req.node)], vnode)
+            if not under.any():
+                problem = f"no vehicle is plugged in under node {req.node}"
+        if problem is not None:
+            return self.said.result(
+                d.request_id, "rejected", now, reason=wire.amendment_refused(problem),
+                remember=False, requested_kw=new_req.power_kw,
+            )  # fmt: skip
+        if d.state == "active" and req.service != Service.FIRMING:
+            # The energy asked and delivered until now, on the terms in force until now
+            # (firming's books are brought on by the step, outside-band energy with them).
+            self._book(d, now, view, vnode)
+        d.request, d.end = new_req, d.start + new_req.duration_s
+        self.said.terms[d.request_id] = new_req
+        if d.state == "active":
+            answer = self.admit(d, now, view)
+            if req.service != Service.FIRMING:
+                d.changed = wire.amended_at(now, d.allocated_kw)
+        else:
+            answer = self.said.result(
+                d.request_id,
+                "accepted",
+                now,
+                reason=wire.checked_at_start(d.start),
+                requested_kw=new_req.power_kw,
+                allocated_kw=new_req.power_kw or 0.0,
+            )
+        return answer.model_copy(update={"reason": wire.amended(answer.reason)})
 
     def running(self) -> list[Dispatch]:
         return [d for d in self.dispatches.values() if d.state == "active"]

@@ -1,6 +1,6 @@
 """The grid under the fleet on real Mosquitto and Redis (issue 11): two sites under one
 feeder, their limits held with no request at all, a request on one site served by its
-cars alone, a meter jump followed within two control steps, a car moving between nodes
+cars alone (and amended on the wire), a meter jump followed within two control steps, a car moving between nodes
 (counted once, under its new node) and a stale meter (a warning, and no meter counted).
 Every power checked is what the simulated cars draw, not what they were told."""
 
@@ -17,6 +17,7 @@ import pytest
 from aggregator.ledger import LedgerWriter, RedisLedger
 from aggregator.store import RedisStore
 from broker.models import (
+    DispatchAmend,
     DispatchRequest,
     DispatchResult,
     GridLimits,
@@ -29,6 +30,7 @@ from broker.settings import Settings
 from core.clock import SimClock
 from tests.support.harness import HOST, MQTT_PORT, Loop, eventually, running_loop
 from tests.support.loop import request
+from v2g import operator
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -107,6 +109,19 @@ async def test_two_sites_under_a_feeder_limits_a_node_request_and_a_meter_jump(
             await loop.next_report()
         assert drawn(loop, "site-b") == pytest.approx(15.0, abs=tol(15.0))
         assert drawn(loop, "site-a") <= 40.0 + tol(40.0)
+        # Amended on the wire: admitted afresh on site-b, and its cars follow.
+        amended = await operator.amend(s, rid, DispatchAmend(power_kw=25.0), timeout_s=10.0)
+        assert amended.status == "accepted" and amended.reason == "amended", amended
+        loop.drain()
+        for _ in range(3):
+            await loop.next_report()
+        assert drawn(loop, "site-b") == pytest.approx(25.0, abs=tol(25.0))
+        amended = await operator.amend(s, rid, DispatchAmend(power_kw=15.0), timeout_s=10.0)
+        assert amended.status == "accepted", amended
+        loop.drain()
+        for _ in range(3):
+            await loop.next_report()
+        assert drawn(loop, "site-b") == pytest.approx(15.0, abs=tol(15.0))
 
         # A meter jump on site-a: 30 kW of other load, 10 kW left for the cars.
         async with aiomqtt.Client(HOST, MQTT_PORT, identifier=f"itest-{test_id}-dso") as c:

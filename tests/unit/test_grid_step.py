@@ -301,3 +301,87 @@ def test_a_node_request_survives_a_restart_on_its_node_only() -> None:
     without = Dispatcher(control_step_s=STEP)
     without.restore(records)
     assert not without.holds("on-a")
+
+
+def test_an_amended_node_request_is_held_at_its_new_power_on_its_node() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    assert d.submit(req(25.0, 300.0, rid="on-a", node="site-a"), T0, view).status == "accepted"
+    t, _ = run_loop(fleet, state, d, T0, 4)
+    assert d.nodes is not None
+    before = d.nodes.dispatches["on-a"].delivered_kwh
+    assert before > 0
+    answer = d.amend("on-a", t, state.view(t, 3 * STEP), power_kw=40.0)
+    assert answer is not None and answer.status == "accepted", answer
+    assert answer.reason == "amended" and answer.allocated_kw == 40.0
+    t, _ = run_loop(fleet, state, d, t, 4)
+    assert drawn(fleet, "site-a") == pytest.approx(40.0, abs=0.5)
+    assert d.nodes.dispatches["on-a"].delivered_kwh > before  # the same books, carried on
+    # The amended terms are now the request's: resending the original is a conflict.
+    again = d.submit(req(25.0, 300.0, rid="on-a", node="site-a"), t, state.view(t, 3 * STEP))
+    assert again.status == "rejected" and "different terms" in (again.reason or "")
+
+
+def test_an_amendment_beyond_the_nodes_headroom_is_partial_and_names_the_node() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    assert d.submit(req(25.0, 300.0, rid="on-a", node="site-a"), T0, view).status == "accepted"
+    t, _ = run_loop(fleet, state, d, T0, 2)
+    answer = d.amend("on-a", t, state.view(t, 3 * STEP), power_kw=100.0)
+    assert answer is not None and answer.status == "partial", answer
+    assert (answer.reason or "").startswith("amended; ")
+    assert "site-a's import limit" in (answer.reason or "")
+    assert answer.allocated_kw == pytest.approx(60.0, abs=0.01)
+    t, _ = run_loop(fleet, state, d, t, 3)
+    assert drawn(fleet, "site-a") <= 60.0 + tol(60.0)
+    # Refused terms leave the old ones standing, and the refusal is not its answer.
+    bad = d.amend("on-a", t, state.view(t, 3 * STEP), duration_s=1.0)
+    assert (
+        bad is not None and bad.status == "rejected" and "cancel it instead" in (bad.reason or "")
+    )
+    assert d.answers["on-a"].status == "partial"
+
+
+def test_an_amended_node_request_runs_to_its_new_end() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    assert d.submit(req(25.0, 60.0, rid="on-a", node="site-a"), T0, view).status == "accepted"
+    t, _ = run_loop(fleet, state, d, T0, 1)
+    answer = d.amend("on-a", t, state.view(t, 3 * STEP), duration_s=180.0)
+    assert answer is not None and answer.status == "accepted", answer
+    ends: list[float] = []
+    while t < T0 + 400.0 and not ends:
+        t, outs = run_loop(fleet, state, d, t, 1)
+        ends += [t for o in outs for r in o.results if r.request_id == "on-a"]
+        if not ends:
+            assert drawn(fleet, "site-a") == pytest.approx(25.0, abs=0.5) or t < T0 + 3 * STEP
+    assert ends and ends[0] >= T0 + 180.0 - STEP  # well past its first end (60 s)
+    (done,) = [r for o in outs for r in o.results if r.request_id == "on-a"]
+    assert done.status == "completed" and "amended at" in (done.reason or "")
+
+
+def test_firming_on_a_node_takes_a_new_duration_but_no_power() -> None:
+    _, state, d, grid = setup()
+    grid.meter("site-b", GridMeter(ts=from_epoch(T0), power_kw=-150.0))
+    view = state.view(T0, 3 * STEP)
+    assert d.submit(firming("firm", "site-b", min_kw=-100.0), T0, view).status == "accepted"
+    bad = d.amend("firm", T0, view, power_kw=10.0)
+    assert bad is not None and bad.status == "rejected" and "min_kw" in (bad.reason or "")
+    longer = d.amend("firm", T0, view, duration_s=1200.0)
+    assert longer is not None and longer.status == "accepted", longer
+    assert d.nodes is not None and d.nodes.dispatches["firm"].end == pytest.approx(T0 + 1200.0)
+
+
+def test_a_node_request_for_later_takes_its_new_terms_at_its_start() -> None:
+    fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    later = req(25.0, 300.0, rid="later", node="site-a", start=from_epoch(T0 + 3 * STEP))
+    assert d.submit(later, T0, view).status == "accepted"
+    answer = d.amend("later", T0, view, power_kw=100.0)
+    assert answer is not None and answer.status == "accepted", answer
+    assert (answer.reason or "").startswith("amended; scheduled for")
+    assert "checked at start" in (answer.reason or "")
+    _t, outs = run_loop(fleet, state, d, T0, 5)
+    at_start = [r for o in outs for r in o.results if r.request_id == "later"]
+    assert [r.status for r in at_start] == ["started", "partial"], at_start
+    assert "site-a's import limit" in (at_start[1].reason or "")
