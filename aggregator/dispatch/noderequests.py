@@ -80,8 +80,9 @@ class NodeRequests:
         """Why a node-targeted request cannot be served (before the general checks)."""
         if req.power_kw is None and req.service != Service.FIRMING:
             return (
-                f"service {req.service.value} on a node is not served yet: node-targeted"
-                " requests take power_kw"
+                f"service {req.service.value} on a node is not served yet: a node takes"
+                " power requests (power_kw) and firming; send it without node to serve it"
+                " with the whole fleet"
             )
         if req.node not in self.grid.grid.index:
             return f"node {req.node!r} is not in the grid file: see 'v2g grid show FILE'"

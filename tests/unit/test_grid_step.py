@@ -385,3 +385,20 @@ def test_a_node_request_for_later_takes_its_new_terms_at_its_start() -> None:
     at_start = [r for o in outs for r in o.results if r.request_id == "later"]
     assert [r.status for r in at_start] == ["started", "partial"], at_start
     assert "site-a's import limit" in (at_start[1].reason or "")
+
+
+def test_a_signal_service_on_a_node_is_refused_and_says_what_a_node_takes() -> None:
+    _fleet, state, d, _ = setup()
+    view = state.view(T0, 3 * STEP)
+    regulation = DispatchRequest(
+        request_id="reg-on-a",
+        service="frequency_regulation",
+        capacity_kw=20.0,
+        duration_s=600.0,
+        node="site-a",
+    )
+    a = d.submit(regulation, T0, view)
+    assert a.status == "rejected"
+    assert "power requests (power_kw) and firming" in (a.reason or "")
+    assert "without node" in (a.reason or "")
+    assert not d.holds("reg-on-a")
