@@ -40,19 +40,9 @@ class Admission:
     def submit(self, req: DispatchRequest, now: float, view: FleetView) -> DispatchResult:
         """Answer a new request; a request_id seen before gets its latest answer again,
         with no second dispatch."""
-        seen = self.said.terms.get(req.request_id)
-        if seen is not None:
-            if seen != req:
-                return self.said.result(
-                    req.request_id,
-                    "rejected",
-                    now,
-                    reason=answers.REUSED_ID,
-                    requested_kw=req.power_kw,
-                    remember=False,
-                )
-            return self.said.answers[req.request_id]
-        self.said.terms[req.request_id] = req
+        again = self.said.seen(req, now)
+        if again is not None:
+            return again
         problem = answers.problem(req, now, self.limits)
         if problem is not None:
             return self.said.result(

@@ -61,6 +61,24 @@ class AnswerBook:
         seen = self.terms.get(req.request_id)
         return seen is not None and seen != req
 
+    def seen(self, req: DispatchRequest, now: float) -> DispatchResult | None:
+        """The answer to a request_id seen before (its latest answer again, or a refusal
+        if the terms differ), or None after noting ``req``'s terms as first seen."""
+        terms = self.terms.get(req.request_id)
+        if terms is None:
+            self.terms[req.request_id] = req
+            return None
+        if terms != req:
+            return self.result(
+                req.request_id,
+                "rejected",
+                now,
+                reason=REUSED_ID,
+                requested_kw=req.power_kw,
+                remember=False,
+            )
+        return self.answers[req.request_id]
+
     def not_running(self, request_id: str) -> str:
         """Why an amendment or cancel of ``request_id`` finds nothing to act on."""
         last = self.answers.get(request_id)

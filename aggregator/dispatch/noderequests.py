@@ -91,19 +91,9 @@ class NodeRequests:
     def submit(self, req: DispatchRequest, now: float, view: FleetView) -> DispatchResult:
         """Answer a request with ``node``: accepted, partial (naming what binds) or
         rejected; one for later is checked at its start."""
-        seen = self.said.terms.get(req.request_id)
-        if seen is not None:
-            if seen != req:
-                return self.said.result(
-                    req.request_id,
-                    "rejected",
-                    now,
-                    reason=wire.REUSED_ID,
-                    requested_kw=req.power_kw,
-                    remember=False,
-                )
-            return self.said.answers[req.request_id]
-        self.said.terms[req.request_id] = req
+        again = self.said.seen(req, now)
+        if again is not None:
+            return again
         why = self.problem(req) or wire.problem(
             req.model_copy(update={"node": None}), now, self.limits
         )
