@@ -126,6 +126,19 @@ def firming_entry(iv: FirmingInterval) -> Entry:
     }
 
 
+def firming_of(e: Entry) -> FirmingInterval:
+    """The interval a ``firming`` entry books (the reverse of :func:`firming_entry`)."""
+    return FirmingInterval(
+        start=float(e["start"]),
+        end=float(e["end"]),
+        node=e.get("node", ""),
+        outside_band_kwh=float(e["outside_band_kwh"]),
+        ramp_violations=int(e["ramp_violations"]),
+        baseline_outside_band_kwh=float(e["baseline_outside_band_kwh"]),
+        baseline_ramp_violations=int(e["baseline_ramp_violations"]),
+    )
+
+
 def departure_entry(d: Departure) -> Entry:
     """A ledger entry for a driver who unplugged while the request ran."""
     return {

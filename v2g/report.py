@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aggregator.ledger import Entry
+from aggregator.firming import FirmingInterval
+from aggregator.ledger import Entry, firming_of
 from broker.models import DispatchResult
 
 if TYPE_CHECKING:
@@ -72,36 +73,9 @@ class VehicleTotals:
         return [d for d in self.departures if d.get("short") == "1"]
 
 
-@dataclass(frozen=True, slots=True)
-class FirmingRow:
-    """One settlement interval of a firming request (a ``firming`` ledger entry): the
-    energy its node's net power spent outside the band and the steps that broke the ramp,
-    with the fleet and with the node's cars on plain charging (the baseline)."""
-
-    start: float
-    end: float
-    node: str
-    outside_band_kwh: float
-    ramp_violations: int
-    baseline_outside_band_kwh: float
-    baseline_ramp_violations: int
-
-
-def firming_rows(entries: list[Entry]) -> list[FirmingRow]:
+def firming_rows(entries: list[Entry]) -> list[FirmingInterval]:
     """The ``firming`` entries, in time order."""
-    rows = [
-        FirmingRow(
-            start=float(e["start"]),
-            end=float(e["end"]),
-            node=e.get("node", ""),
-            outside_band_kwh=float(e["outside_band_kwh"]),
-            ramp_violations=int(e["ramp_violations"]),
-            baseline_outside_band_kwh=float(e["baseline_outside_band_kwh"]),
-            baseline_ramp_violations=int(e["baseline_ramp_violations"]),
-        )
-        for e in entries
-        if e.get("kind") == "firming"
-    ]
+    rows = [firming_of(e) for e in entries if e.get("kind") == "firming"]
     return sorted(rows, key=lambda r: r.start)
 
 
@@ -113,7 +87,7 @@ class Report:
     vehicles: VehicleTotals
     # Per step, when the delivery window opened as that step saw it (NaN if not recorded).
     steps_delivery_start: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    firming: list[FirmingRow] = field(default_factory=list)
+    firming: list[FirmingInterval] = field(default_factory=list)
 
     @property
     def final(self) -> DispatchResult | None:
@@ -314,7 +288,7 @@ def table(r: Report, rows: list[Interval]) -> list[str]:
     return lines
 
 
-def firming_table(rows: list[FirmingRow]) -> list[str]:
+def firming_table(rows: list[FirmingInterval]) -> list[str]:
     """A firming request's settlement intervals: outside the band (kWh) and ramp
     violations with the fleet, then on plain charging (none: no lines)."""
     if not rows:
@@ -421,7 +395,7 @@ def summary(r: Report) -> dict[str, float | str | None]:
     }
 
 
-def firming_totals(rows: list[FirmingRow]) -> dict[str, float | str | None]:
+def firming_totals(rows: list[FirmingInterval]) -> dict[str, float | str | None]:
     """A firming request's totals over its intervals (none: empty)."""
     if not rows:
         return {}
