@@ -29,7 +29,7 @@ def _kw(values: Floats) -> list[float | None]:
 def node_statuses(
     grid: GridTopology,
     alloc: NestedAllocation,
-    vehicle_ids: Sequence[str],
+    held_ids: Sequence[str],
     meter_kw: Floats,
     import_kw: Floats,
     export_kw: Floats,
@@ -37,7 +37,9 @@ def node_statuses(
     """One entry per node, in tree order. ``power_kw`` is the net power of the vehicles
     under the node (its subtree); headroom is what is left to each limit after the meter
     (NaN: 0) and those vehicles, null where there is no limit; ``conflicts`` are the ids
-    of the vehicles *at* the node (not below it) held below their floor by a limit."""
+    of the vehicles *at* the node (not below it) held below their floor by a limit:
+    ``held_ids`` names them, one per ``alloc.conflicts`` in row order (only those: the
+    fleet's ids are not copied every step)."""
     meter0 = np.nan_to_num(meter_kw, nan=0.0)
     net = meter0 + alloc.node_power_kw
     with np.errstate(invalid="ignore"):
@@ -48,8 +50,8 @@ def node_statuses(
     ).astype(np.int64)
     held = np.flatnonzero(alloc.conflicts)
     by_node: dict[int, list[str]] = {}
-    for i, j in zip(held.tolist(), alloc.vehicle_node[held].tolist(), strict=True):
-        by_node.setdefault(j, []).append(vehicle_ids[i])
+    for vid, j in zip(held_ids, alloc.vehicle_node[held].tolist(), strict=True):
+        by_node.setdefault(j, []).append(vid)
     power, meter = _kw(alloc.node_power_kw), _kw(meter_kw)
     imp, exp = _kw(import_kw), _kw(export_kw)
     h_imp, h_exp, over = _kw(head_imp), _kw(head_exp), _kw(alloc.over_limit_kw)

@@ -143,10 +143,9 @@ class GridCap:
         last = self.last
         if last is None:
             return [], 0
-        vehicle_ids = [ids[r] for r in last.rows.tolist()]
         g = last.now
         nodes = node_statuses(
-            self.grid.grid, last.alloc, vehicle_ids, g.meter_kw, g.import_kw, g.export_kw
+            self.grid.grid, last.alloc, self.conflicts(ids), g.meter_kw, g.import_kw, g.export_kw
         )
         return nodes, int((last.vehicle_node < 0).sum())
 
