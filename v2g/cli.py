@@ -15,10 +15,7 @@ from typing import Annotated, Any, cast
 import typer
 from typer.core import TyperGroup
 
-from v2g import ocpp_gateway
 from v2g.commands import operate, serve, tools
-from v2g.commands.options import Broker, LogFormat, Prefix, Redis, settings_from
-from v2g.commands.running import fail, run
 
 # typer exports BadParameter but not its base, click's UsageError (of whichever copy of
 # click this typer carries); every attribute used below is UsageError's own.
@@ -86,22 +83,9 @@ def _options(
 
 
 # Grouped by audience; the order here is the order `v2g --help` lists the commands in.
-serve.register(app)  # the processes: demo, broker, aggregator, agents
+serve.register(app)  # the processes: demo, broker, aggregator, agents, web, homeassistant, ocpp
 operate.register(app)  # a live fleet: dispatch, cancel, amend, status, capability, report, reset
 tools.register(app)  # offline: provision, simulate, grid show
-# `v2g ocpp` (the OCPP gateway) and `v2g provision` as a group (mqtt, station); their work
-# is in v2g/ocpp_gateway.py, which builds them from the option types handed over here.
-ocpp_gateway.register(
-    app,
-    run=run,
-    make_settings=settings_from,
-    fail=fail,
-    broker=Broker,
-    redis=Redis,
-    prefix=Prefix,
-    log_format=LogFormat,
-    provision_mqtt=tools.provision,
-)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import typer
 
 from broker.clocklink import shared_clock
 from broker.settings import check_broker_url, check_redis_url, without_password
-from v2g import logs
+from v2g import logs, ocpp_gateway
 from v2g.commands.options import (
     Broker,
     ClientId,
@@ -85,6 +85,7 @@ def register(app: typer.Typer) -> None:
             "v2g homeassistant --vehicles car-001,car-002 --discovery-prefix homeassistant",
         ),
     )(homeassistant_cmd)
+    app.command("ocpp")(ocpp_cmd)
 
 
 def demo(
@@ -567,3 +568,79 @@ def homeassistant_cmd(
         run_homeassistant(settings, discovery_prefix=discovery_prefix, vehicles=ids),
         process="homeassistant",
     )
+
+
+def ocpp_cmd(
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen", metavar="HOST:PORT", help="where chargers connect: ws://HOST:PORT/{id}"
+        ),
+    ] = ocpp_gateway.DEFAULT_LISTEN,
+    broker_url: Broker = None,
+    redis_url: Redis = None,
+    topic_prefix: Prefix = None,
+    fmt: LogFormat = None,
+    open_mode: Annotated[
+        bool,
+        typer.Option(
+            "--open",
+            help="also accept stations that are not provisioned (a lab; logged loudly);"
+            " a provisioned station still needs its password",
+        ),
+    ] = False,
+    certfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--certfile",
+            help="TLS certificate (PEM): wss://, Security Profile 2",
+            show_default="none: ws://, Security Profile 1",
+        ),
+    ] = None,
+    keyfile: Annotated[
+        Path | None,
+        typer.Option("--keyfile", help="TLS private key (PEM) of --certfile", show_default="none"),
+    ] = None,
+    bridge_id: Annotated[
+        str | None,
+        typer.Option(
+            "--bridge-id",
+            help="this gateway's bridge id on the bus (its MQTT username under an ACL)",
+            show_default="ocpp-HOST-PORT",
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        int, typer.Option("--heartbeat", min=1, help="heartbeat interval told to stations, s")
+    ] = 60,
+    metrics: Metrics = None,
+) -> None:
+    """Run the OCPP 2.1 / 2.0.1 CSMS gateway: chargers connect to ws://HOST:PORT/{station_id}
+    (subprotocol ocpp2.1 or ocpp2.0.1, HTTP Basic auth) and their EV sessions join the
+    fleet as vehicles of one bridge; the aggregator's setpoints go out as
+    SetChargingProfile. Runs in real time (the fleet's clock must be at --speed 1)."""
+    try:
+        host, port = ocpp_gateway.parse_listen(listen)
+        tls = ocpp_gateway.tls_context(certfile, keyfile)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from None
+    settings = settings_from(
+        broker_url=broker_url,
+        redis_url=redis_url,
+        topic_prefix=topic_prefix,
+        log_format=fmt,
+        metrics=metrics,
+    )
+    with metrics_endpoint(settings.metrics, "ocpp") as registry:
+        run(
+            ocpp_gateway.run_gateway(
+                settings,
+                host=host,
+                port=port,
+                open_mode=open_mode,
+                tls=tls,
+                bridge_id=bridge_id,
+                heartbeat_s=heartbeat,
+                registry=registry if settings.metrics else None,
+            ),
+            process="ocpp",
+        )

@@ -6,20 +6,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from broker.settings import check_broker_url
-from v2g import logs
-from v2g.commands.options import url_option
-from v2g.commands.running import fail
+from chargers.auth import check_station_id, new_password
+from v2g import logs, ocpp_gateway
+from v2g.commands.options import Prefix, Redis, settings_from, url_option
+from v2g.commands.running import fail, run
 from v2g.gridcmd import grid_app
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``, in the order ``v2g --help`` lists them."""
-    app.command()(provision)
+    provision_group = typer.Typer(
+        cls=ProvisionGroup,
+        help="Credentials: broker logins (mqtt, the default) and charging stations (station).",
+        no_args_is_help=True,
+        rich_markup_mode=None,
+    )
+    provision_group.command("mqtt")(provision)
+    provision_group.command("station")(station)
+    app.add_typer(provision_group, name="provision")
     app.command()(simulate)
     app.add_typer(grid_app, name="grid")  # v2g grid show FILE
 
@@ -205,3 +215,42 @@ def simulate(
         typer.echo(json.dumps(done.summary, default=str))
     else:
         typer.echo(sim.summary_line(done.summary, out_dir))
+
+
+class ProvisionGroup(TyperGroup):
+    """``v2g provision``: an unknown first word (a flag) means the old form, ``mqtt``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["mqtt", *args]
+        return super().parse_args(ctx, args)
+
+
+def station(
+    station_id: Annotated[
+        str, typer.Argument(metavar="ID", help="the station's id (its URL path and username)")
+    ],
+    password: Annotated[
+        str | None,
+        typer.Option(
+            "--password", help="its password (16-40 characters); default: a generated one"
+        ),
+    ] = None,
+    redis_url: Redis = None,
+    topic_prefix: Prefix = None,
+) -> None:
+    """Register a charging station for `v2g ocpp` (Security Profile 1/2): a salted hash
+    of its password in Redis under the deployment's prefix. A generated password is
+    printed once; run it again to replace the password."""
+    try:
+        check_station_id(station_id)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if password is not None and not 16 <= len(password) <= 40:
+        raise fail("--password: OCPP asks for 16 to 40 characters")
+    settings = settings_from(redis_url=redis_url, topic_prefix=topic_prefix)
+    secret = password or new_password()
+    key = run(ocpp_gateway.provision_station(settings, station_id, secret))
+    typer.echo(f"station {station_id} provisioned ({key})", err=True)
+    if password is None:
+        typer.echo(secret)
