@@ -163,18 +163,16 @@ class MetricsSettings(BaseModel):
         return f"{host}:{port}"
 
 
-def listen_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``PORT`` (host 127.0.0.1) -> (host, port); ValueError saying how to
-    write one. An IPv6 host is written in brackets: ``[::1]:9464``."""
+def listen_address(text: str, *, bare_port: bool = True) -> tuple[str, int]:
+    """``HOST:PORT`` or, with ``bare_port``, ``PORT`` (host 127.0.0.1) -> (host, port);
+    ValueError saying how to write one. An IPv6 host is written in brackets: ``[::1]:9464``."""
     raw = text.strip()
     host, sep, port_text = raw.rpartition(":")
-    if not sep:
+    if not sep and bare_port:
         host, port_text = "127.0.0.1", raw
     host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
+    port = int(port_text) if port_text.isdigit() else -1
     if not host or not 0 <= port <= 65535:
-        raise ValueError(f"{text!r} is not an address to listen on; use HOST:PORT or PORT")
+        form = "HOST:PORT or PORT" if bare_port else "HOST:PORT (an IPv6 host in brackets)"
+        raise ValueError(f"{text!r} is not an address to listen on; use {form}")
     return host, port

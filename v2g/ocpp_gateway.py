@@ -18,6 +18,7 @@ from broker.settings import Settings, without_password
 from chargers.auth import RedisStations
 from chargers.gateway import Gateway
 from chargers.ownership import Ownership
+from core.settings import listen_address
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -26,11 +27,8 @@ DEFAULT_LISTEN = "127.0.0.1:9000"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[::1]:9000``) -> (host, port), or ValueError saying how."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {text!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port); ValueError saying how."""
+    return listen_address(text, bare_port=False)
 
 
 def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext | None:

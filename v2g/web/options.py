@@ -7,15 +7,14 @@ from typing import Annotated
 
 import typer
 
+from core.settings import listen_address
+
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """'127.0.0.1:8080' -> ('127.0.0.1', 8080); ValueError saying what to write."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT; use e.g. {DEFAULT_LISTEN}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port); ValueError saying how."""
+    return listen_address(text, bare_port=False)
 
 
 def _listen(text: str) -> str:
